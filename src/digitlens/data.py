@@ -1,0 +1,280 @@
+"""Datasets by name, as float tensors of shape (N, 1, 28, 28) in [0, 1] with int64 labels.
+
+- ``mnist``: the four canonical IDX files (gzipped or not), found in ``data_dir``, the
+  ``DIGITLENS_DATA`` environment variable, or the cache folder (``DIGITLENS_CACHE`` or
+  ``~/.cache/digitlens/mnist``); when absent they are downloaded from public mirrors into the
+  cache and the SHA-256 of each decompressed file is checked.
+- ``digits``: scikit-learn's bundled 8x8 ``load_digits`` (no download), resized to 28x28 by
+  default so the same models apply.
+
+Images are not normalised here: models carry their own normalisation, so attributions and
+galleries work in pixel space.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import shutil
+import struct
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from digitlens.errors import DigitlensError
+from digitlens.runio import atomic_path
+
+DATASETS = ("mnist", "digits")
+
+#: SHA-256 of each decompressed MNIST file (from the dataset's canonical distribution).
+MNIST_FILES = {
+    "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+}
+
+#: Public mirrors tried in order; each serves ``<mirror><file>.gz``.
+MNIST_MIRRORS = (
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "https://storage.googleapis.com/cvdf-datasets/mnist/",
+)
+
+_IDX_MAGIC = {3: 2051, 1: 2049}  # ndim -> magic number of unsigned-byte IDX files
+
+
+@dataclass
+class DigitDataset:
+    """Images and labels of one split.
+
+    images: float32 tensor of shape (N, 1, H, W) in [0, 1]; labels: int64 tensor of shape (N,).
+    """
+
+    name: str
+    split: str
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass
+class Splits:
+    """The train, validation and test parts of a dataset."""
+
+    train: DigitDataset
+    val: DigitDataset
+    test: DigitDataset
+
+
+def default_cache_dir() -> Path:
+    """The folder downloads go to: ``$DIGITLENS_CACHE/mnist`` or ``~/.cache/digitlens/mnist``."""
+    root = os.environ.get("DIGITLENS_CACHE")
+    return Path(root) / "mnist" if root else Path.home() / ".cache" / "digitlens" / "mnist"
+
+
+def _find_file(folder: Path, stem: str) -> Path | None:
+    for candidate in (folder / stem, folder / f"{stem}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def read_idx(path: str | os.PathLike, expected_ndim: int) -> np.ndarray:
+    """Read an unsigned-byte IDX file (gzipped or not) into a uint8 array.
+
+    Raises a one-line DigitlensError naming the file on a truncated gzip, a wrong magic number
+    or a size that does not match the header.
+    """
+    path = Path(path)
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as fh:
+                raw = fh.read()
+        else:
+            raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DigitlensError(f"{path}: file not found") from None
+    except (EOFError, gzip.BadGzipFile, OSError, ValueError) as exc:
+        raise DigitlensError(f"{path}: corrupt or truncated gzip ({exc})") from None
+    header_len = 4 + 4 * expected_ndim
+    if len(raw) < header_len:
+        raise DigitlensError(f"{path}: file too short for an IDX header ({len(raw)} bytes)")
+    (magic,) = struct.unpack(">I", raw[:4])
+    if magic != _IDX_MAGIC[expected_ndim]:
+        raise DigitlensError(
+            f"{path}: wrong IDX magic number {magic} (expected {_IDX_MAGIC[expected_ndim]} "
+            f"for a {expected_ndim}-d unsigned-byte file)"
+        )
+    dims = struct.unpack(f">{expected_ndim}I", raw[4:header_len])
+    expected = int(np.prod(dims))
+    if len(raw) - header_len != expected:
+        raise DigitlensError(
+            f"{path}: truncated IDX data ({len(raw) - header_len} bytes of data, header says {expected})"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header_len).reshape(dims)
+
+
+def _sha256_of_decompressed(path: Path) -> str:
+    digest = hashlib.sha256()
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    except (EOFError, gzip.BadGzipFile, OSError) as exc:
+        raise DigitlensError(f"{path}: corrupt or truncated gzip ({exc})") from None
+    return digest.hexdigest()
+
+
+def download_mnist(cache_dir: str | os.PathLike | None = None, mirrors: tuple[str, ...] = MNIST_MIRRORS,
+                   timeout: float = 60.0) -> Path:
+    """Download the four MNIST files into ``cache_dir`` (verified by SHA-256); return the folder.
+
+    Files already present with the right checksum are kept. Each file is written to a temporary
+    name and renamed only once its checksum matched, so a failed download leaves nothing behind.
+    """
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    for stem, sha in MNIST_FILES.items():
+        target = cache / f"{stem}.gz"
+        if target.is_file() and _sha256_of_decompressed(target) == sha:
+            continue
+        errors = []
+        for mirror in mirrors:
+            url = f"{mirror.rstrip('/')}/{stem}.gz"
+            try:
+                with atomic_path(target) as tmp:
+                    with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as out:
+                        shutil.copyfileobj(resp, out)
+                    got = _sha256_of_decompressed(tmp)
+                    if got != sha:
+                        raise DigitlensError(f"{url}: wrong SHA-256 {got[:12]}… (expected {sha[:12]}…)")
+                break
+            except (urllib.error.URLError, OSError, DigitlensError) as exc:
+                errors.append(f"{url}: {getattr(exc, 'reason', exc)}")
+        else:
+            raise DigitlensError(f"could not download {stem}.gz from any mirror: " + "; ".join(errors))
+    return cache
+
+
+def locate_mnist(data_dir: str | os.PathLike | None = None, download: bool = True) -> Path:
+    """Return the folder holding the four MNIST files: ``data_dir``, ``$DIGITLENS_DATA``, the cache,
+    or (with ``download=True``) a fresh download into the cache."""
+    if data_dir is not None:
+        folder = Path(data_dir)
+        if not folder.is_dir():
+            raise DigitlensError(f"--data-dir {folder}: folder not found")
+        missing = [s for s in MNIST_FILES if _find_file(folder, s) is None]
+        if missing:
+            raise DigitlensError(f"--data-dir {folder}: missing MNIST file {missing[0]}(.gz)")
+        return folder
+    env = os.environ.get("DIGITLENS_DATA")
+    if env:
+        folder = Path(env)
+        missing = [s for s in MNIST_FILES if _find_file(folder, s) is None]
+        if missing:
+            raise DigitlensError(f"DIGITLENS_DATA={folder}: missing MNIST file {missing[0]}(.gz)")
+        return folder
+    cache = default_cache_dir()
+    if all(_find_file(cache, s) is not None for s in MNIST_FILES):
+        return cache
+    if not download:
+        raise DigitlensError(f"MNIST not found in {cache}; pass --data-dir or set DIGITLENS_DATA")
+    return download_mnist(cache)
+
+
+def load_mnist_split(folder: str | os.PathLike, split: str, verify: bool = False) -> DigitDataset:
+    """Read the ``train`` (60,000) or ``test`` (10,000) split from ``folder``.
+
+    With ``verify=True`` the SHA-256 of each decompressed file is checked first.
+    """
+    folder = Path(folder)
+    prefix = {"train": "train", "test": "t10k"}.get(split)
+    if prefix is None:
+        raise DigitlensError(f"split {split!r}: expected 'train' or 'test'")
+    paths = {}
+    for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"):
+        stem = f"{prefix}-{kind}"
+        found = _find_file(folder, stem)
+        if found is None:
+            raise DigitlensError(f"{folder / stem}: file not found (also tried {stem}.gz)")
+        if verify:
+            got = _sha256_of_decompressed(found)
+            if got != MNIST_FILES[stem]:
+                raise DigitlensError(f"{found}: wrong SHA-256 {got[:12]}… (expected {MNIST_FILES[stem][:12]}…)")
+        paths[kind] = found
+    images = read_idx(paths["images-idx3-ubyte"], 3)
+    labels = read_idx(paths["labels-idx1-ubyte"], 1)
+    if images.shape[0] != labels.shape[0]:
+        raise DigitlensError(
+            f"{paths['labels-idx1-ubyte']}: {labels.shape[0]} labels for {images.shape[0]} images "
+            f"in {paths['images-idx3-ubyte'].name}"
+        )
+    if labels.size and labels.max() > 9:
+        raise DigitlensError(f"{paths['labels-idx1-ubyte']}: label {int(labels.max())} is not a digit 0-9")
+    x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
+    y = torch.from_numpy(labels.astype(np.int64))
+    return DigitDataset("mnist", split, x, y)
+
+
+def load_digits_dataset(size: int = 28) -> DigitDataset:
+    """scikit-learn's 1,797 bundled 8x8 digits, scaled to [0, 1] and resized to ``size`` x ``size``
+    (bilinear, antialiased) unless ``size == 8``."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.from_numpy(bunch.images.astype(np.float32) / 16.0).unsqueeze(1)
+    if size != 8:
+        # torchvision's Resize is not usable beside this torch build; F.interpolate is what it calls.
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        x = x.clamp_(0.0, 1.0)
+    y = torch.from_numpy(bunch.target.astype(np.int64))
+    return DigitDataset("digits", "all", x, y)
+
+
+def split_dataset(ds: DigitDataset, fraction: float, seed: int, names: tuple[str, str]) -> tuple[DigitDataset, DigitDataset]:
+    """Split ``ds`` into two parts, the second holding ``fraction`` of the samples, stratified by
+    label and deterministic by ``seed``."""
+    from sklearn.model_selection import train_test_split
+
+    if not 0.0 < fraction < 1.0:
+        raise DigitlensError(f"split fraction {fraction}: must be between 0 and 1")
+    idx = np.arange(len(ds))
+    keep, held = train_test_split(idx, test_size=fraction, random_state=seed, stratify=ds.labels.numpy())
+    keep, held = np.sort(keep), np.sort(held)
+    return (
+        DigitDataset(ds.name, names[0], ds.images[keep], ds.labels[keep]),
+        DigitDataset(ds.name, names[1], ds.images[held], ds.labels[held]),
+    )
+
+
+def load_splits(name: str, *, data_dir: str | os.PathLike | None = None, val_fraction: float = 0.1,
+                seed: int = 0, size: int = 28, download: bool = True) -> Splits:
+    """Load dataset ``name`` as train / validation / test splits.
+
+    The validation split is held out of the training set, stratified and deterministic by
+    ``seed``. For ``digits`` (no official test split) 25% is held out as test with a fixed seed 0,
+    so every run on ``digits`` is tested on the same images.
+    """
+    if name == "mnist":
+        folder = locate_mnist(data_dir, download=download)
+        full_train = load_mnist_split(folder, "train")
+        test = load_mnist_split(folder, "test")
+    elif name == "digits":
+        everything = load_digits_dataset(size=size)
+        full_train, test = split_dataset(everything, 0.25, 0, ("train", "test"))
+    else:
+        raise DigitlensError(f"--dataset {name!r}: unknown dataset (choose from {', '.join(DATASETS)})")
+    if val_fraction > 0:
+        train, val = split_dataset(full_train, val_fraction, seed, ("train", "val"))
+    else:
+        train, val = full_train, DigitDataset(full_train.name, "val", full_train.images[:0], full_train.labels[:0])
+    return Splits(train, val, test)

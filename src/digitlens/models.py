@@ -1,0 +1,174 @@
+"""Digit classifiers chosen by name: ``cnn`` (the fast default), ``mlp`` and ``vit``.
+
+Every model takes images of shape (N, 1, 28, 28) in [0, 1] (it normalises them itself) and
+returns logits of shape (N, n_classes).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from digitlens.errors import DigitlensError
+
+MODELS = ("cnn", "mlp", "vit")
+
+# MNIST pixel mean and standard deviation; applied inside every model so inputs stay in [0, 1].
+PIXEL_MEAN = 0.1307
+PIXEL_STD = 0.3081
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std with fixed constants."""
+
+    def __init__(self, mean: float = PIXEL_MEAN, std: float = PIXEL_STD):
+        super().__init__()
+        self.mean, self.std = mean, std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+
+class CNN(nn.Module):
+    """A compact CNN with batch norm: conv-conv-pool, conv-conv-pool, global average pool, linear.
+
+    ``widths`` are the channels of the four conv layers.
+    """
+
+    def __init__(self, widths: tuple[int, ...] = (16, 32, 48, 64), n_classes: int = 10, in_channels: int = 1):
+        super().__init__()
+        if len(widths) != 4:
+            raise DigitlensError(f"cnn widths {widths}: expected 4 channel counts")
+        w1, w2, w3, w4 = widths
+        self.normalize = Normalize()
+        self.features = nn.Sequential(
+            _conv_block(in_channels, w1), _conv_block(w1, w2), nn.MaxPool2d(2),
+            _conv_block(w2, w3), _conv_block(w3, w4), nn.MaxPool2d(2),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(w4, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(self.normalize(x))
+        return self.classifier(torch.flatten(self.pool(x), 1))
+
+
+class MLP(nn.Module):
+    """A multi-layer perceptron on the flattened 28x28 image; ``widths`` are the hidden sizes."""
+
+    def __init__(self, widths: tuple[int, ...] = (256, 128), n_classes: int = 10, image_size: int = 28, dropout: float = 0.1):
+        super().__init__()
+        layers: list[nn.Module] = [Normalize(), nn.Flatten()]
+        prev = image_size * image_size
+        for width in widths:
+            layers += [nn.Linear(prev, width), nn.ReLU(inplace=True), nn.Dropout(dropout)]
+            prev = width
+        layers.append(nn.Linear(prev, n_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with separate ``q``, ``k``, ``v`` and ``proj`` linear layers.
+
+    The last attention weights, shape (N, heads, tokens, tokens), are kept in ``self.weights``
+    when ``self.keep_weights`` is True.
+    """
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        if dim % heads:
+            raise DigitlensError(f"vit dim {dim} is not divisible by heads {heads}")
+        self.heads, self.head_dim = heads, dim // heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+        self.keep_weights = False
+        self.weights: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, d = x.shape
+        q = self.q(x).view(n, t, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k(x).view(n, t, self.heads, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(n, t, self.heads, self.head_dim).transpose(1, 2)
+        if self.keep_weights:
+            weights = torch.softmax(q @ k.transpose(-2, -1) * self.head_dim ** -0.5, dim=-1)
+            self.weights = weights
+            out = weights @ v
+        else:
+            out = nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(n, t, d))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, dim: int, heads: int, mlp_dim: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    """A small Vision Transformer: ``patch`` x ``patch`` patches (7x7 tokens for 28x28 and 4x4
+    patches) plus a class token, ``depth`` blocks with separate ``q``, ``k``, ``v`` layers.
+
+    ``forward(x, return_attention=True)`` returns ``(logits, attentions)`` where attentions is a
+    list with one tensor of shape (N, heads, 1 + grid*grid, 1 + grid*grid) per block.
+    """
+
+    def __init__(self, dim: int = 128, depth: int = 4, heads: int = 4, mlp_dim: int = 256, patch: int = 4,
+                 image_size: int = 28, n_classes: int = 10, in_channels: int = 1):
+        super().__init__()
+        if image_size % patch:
+            raise DigitlensError(f"vit patch {patch} does not divide image size {image_size}")
+        self.patch, self.grid = patch, image_size // patch
+        self.normalize = Normalize()
+        self.patch_embed = nn.Conv2d(in_channels, dim, kernel_size=patch, stride=patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, 1 + self.grid * self.grid, dim) * 0.02)
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_dim) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, n_classes)
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False):
+        tokens = self.patch_embed(self.normalize(x)).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1) + self.pos_embed
+        attentions = []
+        for block in self.blocks:
+            block.attn.keep_weights = return_attention
+            tokens = block(tokens)
+            if return_attention:
+                attentions.append(block.attn.weights)
+                block.attn.weights, block.attn.keep_weights = None, False
+        logits = self.head(self.norm(tokens[:, 0]))
+        return (logits, attentions) if return_attention else logits
+
+
+def build_model(name: str, n_classes: int = 10, **kwargs) -> nn.Module:
+    """Build a model by name (``cnn``, ``mlp`` or ``vit``) with optional width arguments."""
+    if name == "cnn":
+        return CNN(n_classes=n_classes, **kwargs)
+    if name == "mlp":
+        return MLP(n_classes=n_classes, **kwargs)
+    if name == "vit":
+        return ViT(n_classes=n_classes, **kwargs)
+    raise DigitlensError(f"--model {name!r}: unknown model (choose from {', '.join(MODELS)})")
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of (trainable) parameters of ``model``."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -278,3 +278,15 @@ def load_splits(name: str, *, data_dir: str | os.PathLike | None = None, val_fra
     else:
         train, val = full_train, DigitDataset(full_train.name, "val", full_train.images[:0], full_train.labels[:0])
     return Splits(train, val, test)
+
+
+def load_splits_for_run(config: dict, data_dir: str | os.PathLike | None = None) -> Splits:
+    """The splits a run was trained on, from its ``config.json`` dict (keys ``dataset``, ``seed``,
+    ``val_fraction``; ``data_dir`` overrides the one recorded in the config)."""
+    return load_splits(
+        config["dataset"],
+        data_dir=data_dir if data_dir is not None else config.get("data_dir"),
+        val_fraction=config.get("val_fraction", 0.1),
+        seed=config.get("seed", 0),
+        size=config.get("image_size", 28),
+    )

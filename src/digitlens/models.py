@@ -172,3 +172,45 @@ def build_model(name: str, n_classes: int = 10, **kwargs) -> nn.Module:
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of (trainable) parameters of ``model``."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def save_model(model: nn.Module, path) -> None:
+    """Write ``model.state_dict()`` to a ``.safetensors`` file atomically."""
+    from safetensors.torch import save_file
+
+    from digitlens.runio import atomic_path
+
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp))
+
+
+def load_model(run_dir) -> nn.Module:
+    """Rebuild the model of a run folder from ``config.json`` (keys ``model``, ``model_kwargs``,
+    ``n_classes``) and load ``model.safetensors``; returned in eval mode."""
+    from pathlib import Path
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from digitlens.runio import read_json, require_run_dir
+
+    run_dir = require_run_dir(run_dir)
+    config = read_json(run_dir / "config.json")
+    for key in ("model", "n_classes"):
+        if key not in config:
+            raise DigitlensError(f"{run_dir / 'config.json'}: missing key {key!r}")
+    model = build_model(config["model"], n_classes=config["n_classes"], **config.get("model_kwargs", {}))
+    weights = Path(run_dir) / "model.safetensors"
+    if not weights.is_file():
+        raise DigitlensError(f"{weights}: file not found (training did not finish; try `digitlens train --resume`)")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as exc:
+        raise DigitlensError(f"{weights}: not a readable safetensors file ({exc})") from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise DigitlensError(f"{weights}: weights do not fit model {config['model']!r} ({first})") from None
+    return model.eval()

@@ -1,0 +1,409 @@
+"""Evaluate a digit classifier: predictions, metrics, insights and figures.
+
+``evaluate_run(run_dir)`` reads a training run folder and adds to it::
+
+    predictions.npz   y_true (N,), y_pred (N,), proba (N, n_classes)
+    metrics.json      see :func:`compute_metrics`
+    insights.md/json  see :mod:`digitlens.insights`
+    figures/*.png|svg one file pair per figure (see :data:`FIGURES`)
+
+``evaluate_model(model, dataset, out_dir=...)`` does the same for any PyTorch model (an
+``nn.Module`` or a TorchScript file) and a dataset, without a training run.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from digitlens import runio
+from digitlens.errors import DigitlensError
+
+#: Stems of the figures written under ``figures/``.
+FIGURES = (
+    "training_curves",
+    "confusion_matrix",
+    "per_digit_metrics",
+    "per_digit_metrics_groups",
+    "prediction_gallery",
+    "misclassified_gallery",
+    "reliability_diagram",
+)
+
+#: Digit groups of the grouped per-digit figure (seed 002 layout) and the ``groups`` task.
+DEFAULT_DIGIT_GROUPS = ((1, 2, 4, 6, 9), (0, 3, 5, 7, 8))
+
+ECE_BINS = 15
+
+#: File formats of every figure (``runio.save_figure``).
+FIGURE_FORMATS = ("png", "svg")
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------
+
+def as_labels(y: Any, name: str = "y") -> np.ndarray:
+    """Integer labels of shape (N,) from labels (N,) or one-hot / scores (N, C) (argmax)."""
+    arr = np.asarray(y)
+    if arr.ndim == 2:
+        arr = arr.argmax(axis=1)
+    if arr.ndim != 1:
+        raise DigitlensError(f"{name}: expected labels of shape (N,) or one-hot (N, C), got shape {arr.shape}")
+    if arr.size and not np.all(np.equal(np.mod(arr, 1), 0)):
+        raise DigitlensError(f"{name}: labels must be whole numbers")
+    return arr.astype(np.int64)
+
+
+def _check_proba(proba: Any, n: int) -> np.ndarray:
+    proba = np.asarray(proba, dtype=np.float64)
+    if proba.ndim != 2 or proba.shape[0] != n:
+        raise DigitlensError(f"proba: expected shape ({n}, n_classes), got {proba.shape}")
+    if proba.size and (proba.min() < -1e-6 or proba.max() > 1 + 1e-6):
+        raise DigitlensError("proba: values must be probabilities in [0, 1] (apply softmax to logits)")
+    return proba
+
+
+def calibration_bins(y_true: Any, proba: Any, n_bins: int = ECE_BINS) -> dict:
+    """Top-label reliability table over ``n_bins`` equal-width confidence bins.
+
+    Returns a dict of lists of length ``n_bins``: ``bin_edges`` (n_bins + 1), ``confidence`` (mean
+    top probability per bin, None when empty), ``accuracy`` (share of correct top labels, None
+    when empty), ``count``; and ``ece`` = sum_b count_b / N * |accuracy_b - confidence_b|.
+
+    A sample falls in bin b when edges[b] < confidence <= edges[b+1] (confidence 0 in bin 0), as
+    in ``sklearn.calibration.calibration_curve``. Written by hand because scikit-learn has no
+    multiclass expected calibration error and ``calibration_curve`` drops the bin counts.
+    """
+    y_true = as_labels(y_true, "y_true")
+    proba = _check_proba(proba, len(y_true))
+    confidence = proba.max(axis=1)
+    correct = (proba.argmax(axis=1) == y_true).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    which = np.searchsorted(edges[1:-1], confidence, side="left")
+    count = np.bincount(which, minlength=n_bins)
+    conf_sum = np.bincount(which, weights=confidence, minlength=n_bins)
+    acc_sum = np.bincount(which, weights=correct, minlength=n_bins)
+    nonempty = count > 0
+    mean_conf = np.divide(conf_sum, count, out=np.zeros(n_bins), where=nonempty)
+    mean_acc = np.divide(acc_sum, count, out=np.zeros(n_bins), where=nonempty)
+    n = max(len(y_true), 1)
+    ece = float(np.sum(count / n * np.abs(mean_acc - mean_conf)))
+    return {
+        "n_bins": n_bins,
+        "bin_edges": edges.tolist(),
+        "confidence": [float(c) if k else None for c, k in zip(mean_conf, nonempty)],
+        "accuracy": [float(a) if k else None for a, k in zip(mean_acc, nonempty)],
+        "count": count.astype(int).tolist(),
+        "ece": ece,
+        "mean_confidence": float(confidence.mean()) if len(y_true) else 0.0,
+    }
+
+
+def expected_calibration_error(y_true: Any, proba: Any, n_bins: int = ECE_BINS) -> float:
+    """Top-label expected calibration error with ``n_bins`` equal-width bins (a float in [0, 1])."""
+    return calibration_bins(y_true, proba, n_bins)["ece"]
+
+
+def most_confused_pairs(confusion: Any, top: int = 10) -> list[dict]:
+    """The off-diagonal cells of a confusion matrix, largest count first (ties: smaller true, then
+    predicted digit), as dicts ``true``, ``predicted``, ``count``, ``share_of_true`` (count / row sum)."""
+    cm = np.asarray(confusion)
+    rows = cm.sum(axis=1)
+    pairs = [
+        (int(cm[t, p]), t, p)
+        for t in range(cm.shape[0]) for p in range(cm.shape[1])
+        if t != p and cm[t, p] > 0
+    ]
+    pairs.sort(key=lambda item: (-item[0], item[1], item[2]))
+    return [
+        {"true": t, "predicted": p, "count": c, "share_of_true": float(c / rows[t]) if rows[t] else 0.0}
+        for c, t, p in pairs[:top]
+    ]
+
+
+def compute_metrics(y_true: Any, y_pred: Any, proba: Any = None, *, n_classes: int | None = None,
+                    top_pairs: int = 10, n_bins: int = ECE_BINS) -> dict:
+    """Classification metrics as a JSON-ready dict.
+
+    Keys: ``n_samples``, ``n_classes``, ``accuracy``, ``n_errors``, ``macro`` and ``weighted``
+    (``precision``, ``recall``, ``f1``), ``per_digit`` (a list with one dict per class:
+    ``digit``, ``precision``, ``recall``, ``f1``, ``accuracy``, ``support``), ``confusion_matrix``
+    (n_classes x n_classes list of lists, rows = true digit), ``most_confused`` (see
+    :func:`most_confused_pairs`), and with ``proba``: ``ece`` and ``calibration`` (see
+    :func:`calibration_bins`).
+
+    Per-digit ``accuracy`` is the one-vs-rest accuracy (TP + TN) / N of "is it this digit?";
+    per-digit recall is the share of that digit's images recognised. Classes are 0..n_classes-1
+    (default: max(10, proba columns, largest label + 1)); a class with no prediction or no support
+    gets precision or recall 0 (scikit-learn's ``zero_division=0``).
+    """
+    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+
+    y_true = as_labels(y_true, "y_true")
+    y_pred = as_labels(y_pred, "y_pred")
+    if y_true.shape != y_pred.shape:
+        raise DigitlensError(f"y_pred: {len(y_pred)} predictions for {len(y_true)} labels")
+    if len(y_true) == 0:
+        raise DigitlensError("y_true: no samples to evaluate")
+    if proba is not None:
+        proba = _check_proba(proba, len(y_true))
+    if n_classes is None:
+        n_classes = max(10, proba.shape[1] if proba is not None else 0, int(max(y_true.max(), y_pred.max())) + 1)
+    labels = np.arange(n_classes)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=labels, average=None, zero_division=0)
+    cm = confusion_matrix(y_true, y_pred, labels=labels)
+    n = len(y_true)
+    tp = np.diag(cm)
+    fp = cm.sum(axis=0) - tp
+    fn = cm.sum(axis=1) - tp
+    one_vs_rest_accuracy = (n - fp - fn) / n
+    summary = {}
+    for average in ("macro", "weighted"):
+        p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, average=average, zero_division=0)
+        summary[average] = {"precision": float(p), "recall": float(r), "f1": float(f)}
+    accuracy = float(accuracy_score(y_true, y_pred))
+    metrics = {
+        "n_samples": int(n),
+        "n_classes": int(n_classes),
+        "accuracy": accuracy,
+        "n_errors": int(np.sum(y_true != y_pred)),
+        "macro": summary["macro"],
+        "weighted": summary["weighted"],
+        "per_digit": [
+            {"digit": int(d), "precision": float(precision[d]), "recall": float(recall[d]), "f1": float(f1[d]),
+             "accuracy": float(one_vs_rest_accuracy[d]), "support": int(support[d])}
+            for d in labels
+        ],
+        "confusion_matrix": cm.astype(int).tolist(),
+        "most_confused": most_confused_pairs(cm, top_pairs),
+    }
+    if proba is not None:
+        calibration = calibration_bins(y_true, proba, n_bins)
+        metrics["ece"] = calibration["ece"]
+        metrics["calibration"] = calibration
+    return metrics
+
+
+def per_digit_arrays(metrics: dict) -> dict[str, np.ndarray]:
+    """``metrics['per_digit']`` as arrays: ``digit``, ``precision``, ``recall``, ``f1``,
+    ``accuracy``, ``support``, each of shape (n_classes,)."""
+    rows = metrics["per_digit"]
+    return {key: np.array([row[key] for row in rows]) for key in rows[0]}
+
+
+# --------------------------------------------------------------------------------------------
+# Prediction
+# --------------------------------------------------------------------------------------------
+
+def load_torchscript(path: str | os.PathLike) -> nn.Module:
+    """Load a TorchScript model file (``torch.jit.save``) on the CPU, in eval mode."""
+    path = Path(path)
+    if not path.is_file():
+        raise DigitlensError(f"--model-file {path}: file not found")
+    try:
+        with warnings.catch_warnings():  # torch 2.13 deprecates TorchScript; users still ship it
+            warnings.simplefilter("ignore", DeprecationWarning)
+            model = torch.jit.load(str(path), map_location="cpu")
+    except (RuntimeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else type(exc).__name__
+        raise DigitlensError(f"--model-file {path}: not a TorchScript model ({first})") from None
+    return model.eval()
+
+
+def _as_module(model: Any) -> nn.Module:
+    if isinstance(model, (str, os.PathLike)):
+        return load_torchscript(model)
+    if not isinstance(model, nn.Module) and not callable(model):
+        raise DigitlensError(f"model: expected a torch.nn.Module or a TorchScript file, got {type(model).__name__}")
+    return model
+
+
+def predict_proba(model: Any, images: torch.Tensor, *, batch_size: int = 1000, progress: bool = False) -> np.ndarray:
+    """Softmax probabilities of ``model`` on ``images`` (N, 1, H, W): float32 array of shape (N, n_classes).
+
+    Runs in batches under ``torch.inference_mode()`` with the model in eval mode (its previous
+    mode is restored). A model returning a tuple (e.g. logits and attentions) uses its first item.
+    """
+    model = _as_module(model)
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    try:
+        device = next(model.parameters()).device  # type: ignore[union-attr]
+    except (StopIteration, AttributeError, TypeError):
+        device = torch.device("cpu")
+    chunks = []
+    starts = range(0, len(images), batch_size)
+    try:
+        with torch.inference_mode(), _progress(progress, len(starts), "predicting") as advance:
+            for start in starts:
+                out = model(images[start:start + batch_size].to(device))
+                if isinstance(out, (tuple, list)):
+                    out = out[0]
+                if not isinstance(out, torch.Tensor) or out.ndim != 2:
+                    raise DigitlensError(
+                        f"model: expected logits of shape (batch, n_classes), got {getattr(out, 'shape', type(out).__name__)}")
+                chunks.append(torch.softmax(out.float(), dim=1).cpu())
+                advance()
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise DigitlensError(f"model: failed on images of shape {tuple(images.shape[1:])} ({first})") from None
+    finally:
+        if was_training and hasattr(model, "train"):
+            model.train()
+    return torch.cat(chunks).numpy() if chunks else np.zeros((0, 10), np.float32)
+
+
+class _progress:
+    """A Rich progress bar over ``total`` steps when ``enabled``; yields an ``advance()`` callable."""
+
+    def __init__(self, enabled: bool, total: int, description: str):
+        self.enabled, self.total, self.description = enabled, total, description
+        self.bar = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda: None
+        from rich.progress import Progress
+
+        self.bar = Progress(transient=True)
+        self.bar.__enter__()
+        task = self.bar.add_task(self.description, total=self.total)
+        return lambda: self.bar.advance(task)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# Writing a full evaluation
+# --------------------------------------------------------------------------------------------
+
+def write_figures(out_dir: Path, *, images: np.ndarray, y_true: np.ndarray, proba: np.ndarray,
+                  history: dict | None = None, groups=DEFAULT_DIGIT_GROUPS) -> list[str]:
+    """Draw every evaluation figure into ``out_dir/figures/`` (PNG + SVG); return the written paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from digitlens import plots
+
+    figures_dir = Path(out_dir) / "figures"
+    y_pred = proba.argmax(axis=1)
+    labels = np.arange(proba.shape[1])
+    displays = {
+        "confusion_matrix": plots.ConfusionMatrixDisplay.from_predictions(y_true, y_pred, labels=labels),
+        "per_digit_metrics": plots.PerDigitMetricsDisplay.from_predictions(y_true, y_pred, labels=labels),
+        "per_digit_metrics_groups": plots.PerDigitMetricsDisplay.from_predictions(
+            y_true, y_pred, labels=labels, groups=groups, metrics=("precision", "recall")),
+        "prediction_gallery": plots.PredictionGalleryDisplay.from_predictions(images, y_true, proba=proba),
+        "misclassified_gallery": plots.MisclassifiedGalleryDisplay.from_predictions(images, y_true, proba=proba),
+        "reliability_diagram": plots.ReliabilityDiagramDisplay.from_predictions(y_true, proba),
+    }
+    if history is not None and len(history.get("epoch", ())):
+        displays = {"training_curves": plots.TrainingCurvesDisplay.from_history(history), **displays}
+    written: list[str] = []
+    for stem, display in displays.items():
+        display.plot()
+        written += [str(p) for p in runio.save_figure(display.figure_, figures_dir / stem, formats=FIGURE_FORMATS)]
+        plt.close(display.figure_)
+    return written
+
+
+def _evaluate(model: Any, images: torch.Tensor, labels: torch.Tensor, out_dir: Path | None, *,
+              history: dict | None, source: dict, progress: bool) -> dict:
+    from digitlens import insights as insights_mod
+
+    proba = predict_proba(model, images, progress=progress)
+    y_true = labels.numpy().astype(np.int64)
+    y_pred = proba.argmax(axis=1).astype(np.int64)
+    metrics = compute_metrics(y_true, y_pred, proba)
+    metrics["source"] = source
+    summary = {"accuracy": metrics["accuracy"], "ece": metrics["ece"], "n_samples": metrics["n_samples"],
+               "n_errors": metrics["n_errors"], "macro_f1": metrics["macro"]["f1"], "source": source}
+    if out_dir is None:
+        summary["metrics"] = metrics
+        return summary
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runio.write_npz(out_dir / "predictions.npz", y_true=y_true, y_pred=y_pred, proba=proba.astype(np.float32))
+    runio.write_json(out_dir / "metrics.json", metrics)
+    found = insights_mod.write_insights(out_dir, metrics, history)
+    figures = write_figures(out_dir, images=images.numpy(), y_true=y_true, proba=proba, history=history)
+    summary.update({
+        "out_dir": str(out_dir),
+        "files": ["predictions.npz", "metrics.json", "insights.md", "insights.json"],
+        "figures": [str(Path(f).relative_to(out_dir)) for f in figures],
+        "insights": found["summary"],
+    })
+    runio.write_json(out_dir / "evaluation.json", summary)
+    return summary
+
+
+def evaluate_run(run_dir: str | os.PathLike, *, model: Any = None, data_dir: str | os.PathLike | None = None,
+                 progress: bool = True) -> dict:
+    """Evaluate a training run on its test split and write predictions, metrics, insights and
+    figures into the run folder.
+
+    ``model``: None (the run's own ``model.safetensors``), a user's ``nn.Module``, or the path of
+    a TorchScript file. Returns a summary dict (also written as ``evaluation.json``) with
+    ``accuracy``, ``ece``, ``n_errors``, ``macro_f1``, ``files``, ``figures`` and ``insights``.
+    """
+    from digitlens import data, models
+    from digitlens.plots.training_curves import read_history
+
+    run_dir = runio.require_run_dir(run_dir)
+    config = runio.read_json(run_dir / "config.json")
+    if "dataset" not in config:
+        raise DigitlensError(f"{run_dir / 'config.json'}: missing key 'dataset'")
+    if model is None:
+        model = models.load_model(run_dir)
+        source = {"model": "run", "run_dir": str(run_dir), "architecture": config.get("model")}
+    else:
+        source = {"model": str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__,
+                  "run_dir": str(run_dir)}
+    test = data.load_splits_for_run(config, data_dir=data_dir).test
+    source["dataset"] = config["dataset"]
+    history_path = run_dir / "history.csv"
+    history = read_history(history_path) if history_path.is_file() else None
+    return _evaluate(model, test.images, test.labels, run_dir, history=history, source=source, progress=progress)
+
+
+def evaluate_model(model: Any, dataset: Any = "digits", *, out_dir: str | os.PathLike | None = None,
+                   data_dir: str | os.PathLike | None = None, history: Any = None, progress: bool = True) -> dict:
+    """Evaluate any model without a training run ("bring your own model").
+
+    ``model``: an ``nn.Module`` taking (N, 1, 28, 28) images in [0, 1] and returning logits, or a
+    TorchScript file path. ``dataset``: a :class:`digitlens.data.DigitDataset` or a dataset name
+    (its test split is used). ``history``: optional training history (dict, DataFrame, or a path to
+    a Keras CSVLogger / history JSON / digitlens history.csv) for the training-curves figure and
+    the overfitting insight. With ``out_dir`` every file of :func:`evaluate_run` is written there;
+    without, nothing is written and the summary carries the full ``metrics`` dict.
+    """
+    from digitlens import data
+    from digitlens.plots.training_curves import normalise_history, read_history
+
+    if isinstance(dataset, str):
+        test = data.load_splits(dataset, data_dir=data_dir, val_fraction=0).test
+        name = dataset
+    elif isinstance(dataset, data.DigitDataset):
+        test, name = dataset, f"{dataset.name}/{dataset.split}"
+    else:
+        raise DigitlensError(f"dataset: expected a dataset name or a DigitDataset, got {type(dataset).__name__}")
+    if isinstance(history, (str, os.PathLike)):
+        history = read_history(history)
+    elif history is not None:
+        history = normalise_history(history)
+    source = {"model": str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__, "dataset": name}
+    return _evaluate(model, test.images, test.labels, Path(out_dir) if out_dir is not None else None,
+                     history=history, source=source, progress=progress)

@@ -1,0 +1,225 @@
+"""Insights derived from a run's metrics and training history, each with the numbers behind it:
+easiest and hardest digits, most-confused pairs, overfitting (whether and from which epoch the
+validation loss diverges), the generalisation gap and calibration.
+
+``derive_insights(metrics, history)`` returns a JSON-ready dict; ``render_markdown`` turns it into
+``insights.md``; ``write_insights(out_dir, ...)`` writes both files.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from digitlens import runio
+
+#: Validation loss must rise for at least this many consecutive epochs while training loss falls...
+DIVERGENCE_PATIENCE = 2
+#: ...or end more than this fraction above its minimum, to count as diverging.
+DIVERGENCE_TOLERANCE = 0.05
+
+
+def rank_digits(metrics: dict, k: int = 3) -> dict:
+    """The ``k`` easiest and hardest digits by per-digit F1 (ties: recall, then digit), each a dict
+    with ``digit``, ``f1``, ``precision``, ``recall``, ``support``; digits with no test images are skipped."""
+    rows = [r for r in metrics["per_digit"] if r["support"] > 0]
+    ordered = sorted(rows, key=lambda r: (-r["f1"], -r["recall"], r["digit"]))
+    keep = ("digit", "f1", "precision", "recall", "support")
+    k = min(k, len(ordered) // 2) if len(ordered) > 1 else len(ordered)
+    return {
+        "easiest": [{key: r[key] for key in keep} for r in ordered[:k]],
+        "hardest": [{key: r[key] for key in keep} for r in reversed(ordered[len(ordered) - k:])],
+    }
+
+
+def detect_overfitting(history: dict[str, np.ndarray], *, patience: int = DIVERGENCE_PATIENCE,
+                       tolerance: float = DIVERGENCE_TOLERANCE) -> dict:
+    """Whether and from which epoch the validation loss diverges.
+
+    The best epoch is the one with the lowest ``val_loss``. The run *diverges* when, after the
+    best epoch, either (a) ``val_loss`` rises on ``patience`` or more consecutive epochs while the
+    training ``loss`` falls on each of them, or (b) the last ``val_loss`` is more than
+    ``tolerance`` (relative) above the minimum. ``from_epoch`` is then the first epoch after the
+    best one. Returns a dict with ``available`` (False without ``loss`` and ``val_loss``),
+    ``diverges``, ``from_epoch``, ``best_epoch``, ``min_val_loss``, ``final_val_loss``,
+    ``final_rise_percent``, ``longest_rise`` (epochs, with training loss falling), ``reasons``,
+    and ``rule`` (this definition in words).
+    """
+    rule = (f"val_loss rises for >= {patience} consecutive epochs after its minimum while training loss "
+            f"falls, or ends > {tolerance:.0%} above its minimum")
+    if "val_loss" not in history or "loss" not in history or len(history["val_loss"]) == 0:
+        return {"available": False, "diverges": None, "rule": rule,
+                "reason": "the history has no loss and val_loss columns"}
+    epoch = np.asarray(history["epoch"])
+    loss = np.asarray(history["loss"], dtype=np.float64)
+    val = np.asarray(history["val_loss"], dtype=np.float64)
+    best = int(np.nanargmin(val))
+    min_val, final_val = float(val[best]), float(val[-1])
+    rise = (final_val - min_val) / abs(min_val) if min_val else 0.0
+    # Longest streak after the best epoch of (val_loss up, train loss down) from one epoch to the next.
+    longest, run, streak_start, longest_start = 0, 0, None, None
+    for i in range(best + 1, len(val)):
+        if val[i] > val[i - 1] and loss[i] < loss[i - 1]:
+            run += 1
+            streak_start = epoch[i] if run == 1 else streak_start
+            if run > longest:
+                longest, longest_start = run, streak_start
+        else:
+            run = 0
+    reasons = []
+    if longest >= patience:
+        reasons.append(f"val_loss rose on {longest} consecutive epochs from epoch {int(longest_start)} "
+                       f"while training loss fell")
+    if rise > tolerance:
+        reasons.append(f"final val_loss {final_val:.4f} is {rise:.1%} above its minimum {min_val:.4f} "
+                       f"(epoch {int(epoch[best])})")
+    diverges = bool(reasons)
+    return {
+        "available": True,
+        "diverges": diverges,
+        "from_epoch": int(epoch[best + 1]) if diverges else None,
+        "best_epoch": int(epoch[best]),
+        "n_epochs": int(len(epoch)),
+        "min_val_loss": min_val,
+        "final_val_loss": final_val,
+        "final_rise_percent": 100.0 * rise,
+        "train_loss_at_best": float(loss[best]),
+        "final_train_loss": float(loss[-1]),
+        "longest_rise": int(longest),
+        "reasons": reasons,
+        "rule": rule,
+    }
+
+
+def generalisation_gap(history: dict[str, np.ndarray] | None, metrics: dict | None = None) -> dict:
+    """Train minus validation accuracy and validation minus train loss at the last epoch, and train
+    accuracy minus test accuracy when ``metrics`` are given; missing columns give None."""
+    gap: dict[str, Any] = {}
+    if history is not None and len(history.get("epoch", ())):
+        last = -1
+        acc, val_acc = history.get("accuracy"), history.get("val_accuracy")
+        loss, val_loss = history.get("loss"), history.get("val_loss")
+        gap["epoch"] = int(history["epoch"][last])
+        gap["train_accuracy"] = float(acc[last]) if acc is not None else None
+        gap["val_accuracy"] = float(val_acc[last]) if val_acc is not None else None
+        gap["accuracy_gap"] = (float(acc[last] - val_acc[last]) if acc is not None and val_acc is not None else None)
+        gap["loss_gap"] = (float(val_loss[last] - loss[last]) if loss is not None and val_loss is not None else None)
+    if metrics is not None:
+        gap["test_accuracy"] = metrics["accuracy"]
+        if gap.get("train_accuracy") is not None:
+            gap["train_minus_test_accuracy"] = gap["train_accuracy"] - metrics["accuracy"]
+    return gap
+
+
+def _calibration_insight(metrics: dict) -> dict | None:
+    if "ece" not in metrics:
+        return None
+    mean_conf = metrics["calibration"]["mean_confidence"]
+    diff = mean_conf - metrics["accuracy"]
+    tendency = "over-confident" if diff > 0.005 else "under-confident" if diff < -0.005 else "well calibrated"
+    return {"ece": metrics["ece"], "mean_confidence": mean_conf, "accuracy": metrics["accuracy"],
+            "confidence_minus_accuracy": diff, "tendency": tendency}
+
+
+def derive_insights(metrics: dict, history: Any = None, *, k: int = 3, top_pairs: int = 5) -> dict:
+    """All insights as a JSON-ready dict with keys ``accuracy``, ``n_errors``, ``n_samples``,
+    ``digits`` (easiest/hardest), ``confused_pairs``, ``overfitting``, ``generalisation_gap``,
+    ``calibration`` and ``summary`` (a list of one-sentence findings with their numbers)."""
+    from digitlens.plots.training_curves import normalise_history
+
+    if history is not None:
+        history = normalise_history(history)
+    digits = rank_digits(metrics, k)
+    pairs = metrics["most_confused"][:top_pairs]
+    overfitting = detect_overfitting(history) if history is not None else {
+        "available": False, "diverges": None, "reason": "no training history"}
+    gap = generalisation_gap(history, metrics)
+    calibration = _calibration_insight(metrics)
+
+    def fmt_digit(r):
+        return f"{r['digit']} (F1 {r['f1']:.3f}, recall {r['recall']:.3f}, n={r['support']})"
+
+    summary = [f"Test accuracy {metrics['accuracy']:.2%}: {metrics['n_errors']:,} errors in "
+               f"{metrics['n_samples']:,} images (macro F1 {metrics['macro']['f1']:.4f})."]
+    if digits["easiest"]:
+        summary.append("Easiest digits: " + ", ".join(fmt_digit(r) for r in digits["easiest"]) + ".")
+        summary.append("Hardest digits: " + ", ".join(fmt_digit(r) for r in digits["hardest"]) + ".")
+    if pairs:
+        summary.append("Most confused: " + ", ".join(
+            f"{p['true']} read as {p['predicted']} ({p['count']}x, {p['share_of_true']:.1%} of the {p['true']}s)"
+            for p in pairs) + ".")
+    else:
+        summary.append("No confusions: every test image was classified correctly.")
+    if overfitting.get("available"):
+        if overfitting["diverges"]:
+            summary.append(
+                f"Overfitting: validation loss diverges from epoch {overfitting['from_epoch']} "
+                f"(minimum {overfitting['min_val_loss']:.4f} at epoch {overfitting['best_epoch']}, "
+                f"final {overfitting['final_val_loss']:.4f}, {overfitting['final_rise_percent']:+.1f}%): "
+                + "; ".join(overfitting["reasons"]) + ".")
+        else:
+            summary.append(
+                f"No overfitting detected over {overfitting['n_epochs']} epochs: validation loss is lowest at "
+                f"epoch {overfitting['best_epoch']} ({overfitting['min_val_loss']:.4f}) and ends at "
+                f"{overfitting['final_val_loss']:.4f} ({overfitting['final_rise_percent']:+.1f}%).")
+    else:
+        summary.append(f"Overfitting not assessed: {overfitting['reason']}.")
+    if gap.get("accuracy_gap") is not None:
+        summary.append(
+            f"Generalisation gap at epoch {gap['epoch']}: train accuracy {gap['train_accuracy']:.2%} vs "
+            f"validation {gap['val_accuracy']:.2%} ({gap['accuracy_gap'] * 100:+.2f} points); "
+            f"test accuracy {gap['test_accuracy']:.2%}"
+            + (f", validation minus train loss {gap['loss_gap']:+.4f}." if gap.get("loss_gap") is not None else "."))
+    if calibration is not None:
+        summary.append(
+            f"Calibration: ECE {calibration['ece']:.4f}; mean confidence {calibration['mean_confidence']:.2%} vs "
+            f"accuracy {calibration['accuracy']:.2%}, so the model is {calibration['tendency']}.")
+    return {
+        "accuracy": metrics["accuracy"],
+        "n_errors": metrics["n_errors"],
+        "n_samples": metrics["n_samples"],
+        "digits": digits,
+        "confused_pairs": pairs,
+        "overfitting": overfitting,
+        "generalisation_gap": gap,
+        "calibration": calibration,
+        "summary": summary,
+    }
+
+
+def render_markdown(insights: dict, title: str = "Insights") -> str:
+    """``insights.md``: the summary sentences, then tables of the digits and confused pairs."""
+    lines = [f"# {title}", ""]
+    lines += [f"- {sentence}" for sentence in insights["summary"]]
+    digits = insights["digits"]
+    if digits["easiest"]:
+        lines += ["", "## Easiest and hardest digits (by F1)", "",
+                  "| | digit | F1 | precision | recall | test images |", "|---|---|---|---|---|---|"]
+        for label in ("easiest", "hardest"):
+            for r in digits[label]:
+                lines.append(f"| {label} | {r['digit']} | {r['f1']:.4f} | {r['precision']:.4f} | "
+                             f"{r['recall']:.4f} | {r['support']} |")
+    if insights["confused_pairs"]:
+        lines += ["", "## Most-confused pairs", "", "| true | predicted as | count | share of true digit |",
+                  "|---|---|---|---|"]
+        for p in insights["confused_pairs"]:
+            lines.append(f"| {p['true']} | {p['predicted']} | {p['count']} | {p['share_of_true']:.2%} |")
+    overfitting = insights["overfitting"]
+    if overfitting.get("available"):
+        lines += ["", "## Overfitting", "", f"Rule: {overfitting['rule']}.", ""]
+        lines.append(f"Diverges: **{'yes' if overfitting['diverges'] else 'no'}**"
+                     + (f", from epoch {overfitting['from_epoch']}" if overfitting["diverges"] else ""))
+    lines.append("")
+    return "\n".join(lines)
+
+
+def write_insights(out_dir: str | os.PathLike, metrics: dict, history: Any = None) -> dict:
+    """Derive the insights and write ``insights.json`` and ``insights.md`` into ``out_dir``; return them."""
+    out_dir = Path(out_dir)
+    found = derive_insights(metrics, history)
+    runio.write_json(out_dir / "insights.json", found)
+    runio.write_text(out_dir / "insights.md", render_markdown(found))
+    return found

@@ -1,0 +1,79 @@
+"""Confusion matrix as counts and row-normalised (share of each true digit), side by side."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from digitlens.errors import DigitlensError
+from digitlens.plots._common import axes_grid
+
+
+class ConfusionMatrixDisplay:
+    """Counts and row-normalised confusion matrices side by side.
+
+    Parameters
+    ----------
+    confusion_matrix : ndarray of shape (n_classes, n_classes); rows are true digits.
+    display_labels : sequence of str of length n_classes, default=None (0..n_classes-1).
+    """
+
+    def __init__(self, *, confusion_matrix, display_labels=None):
+        self.confusion_matrix = np.asarray(confusion_matrix)
+        if self.confusion_matrix.ndim != 2 or self.confusion_matrix.shape[0] != self.confusion_matrix.shape[1]:
+            raise DigitlensError(f"confusion_matrix: expected a square matrix, got shape {self.confusion_matrix.shape}")
+        n = self.confusion_matrix.shape[0]
+        self.display_labels = [str(d) for d in (display_labels if display_labels is not None else range(n))]
+
+    @property
+    def normalized(self) -> np.ndarray:
+        """Row-normalised matrix of shape (n_classes, n_classes); rows with no samples are 0."""
+        rows = self.confusion_matrix.sum(axis=1, keepdims=True)
+        return np.divide(self.confusion_matrix, rows, out=np.zeros(self.confusion_matrix.shape), where=rows > 0)
+
+    @classmethod
+    def from_predictions(cls, y_true, y_pred, *, labels=None, display_labels=None) -> "ConfusionMatrixDisplay":
+        """Compute the matrix with ``sklearn.metrics.confusion_matrix`` (labels default 0..9)."""
+        from sklearn.metrics import confusion_matrix
+
+        from digitlens.evaluate import as_labels
+
+        y_true, y_pred = as_labels(y_true, "y_true"), as_labels(y_pred, "y_pred")
+        if labels is None:
+            labels = np.arange(max(10, int(max(y_true.max(), y_pred.max())) + 1))
+        cm = confusion_matrix(y_true, y_pred, labels=labels)
+        return cls(confusion_matrix=cm, display_labels=display_labels if display_labels is not None else labels)
+
+    def plot(self, ax=None, *, cmap: str = "Blues", title: str | None = None) -> "ConfusionMatrixDisplay":
+        """Draw counts (left) and row-normalised percentages (right). ``ax``: None or a pair of Axes."""
+        fig, axes = axes_grid(ax, 2, figsize=(13, 5.6))
+        n = len(self.display_labels)
+        panels = (
+            (self.confusion_matrix, "Counts", lambda v: f"{int(v)}", "number of images"),
+            (self.normalized * 100, "Row-normalised (% of each true digit)", lambda v: f"{v:.1f}" if v < 99.95 else "100", "% of true digit"),
+        )
+        self.im_ = []
+        fontsize = 9 if n <= 10 else 6
+        for axis, (matrix, name, fmt, bar_label) in zip(axes, panels):
+            vmax = matrix.max() if matrix.max() > 0 else 1
+            im = axis.imshow(matrix, cmap=cmap, vmin=0, vmax=vmax)
+            self.im_.append(im)
+            for i in range(n):
+                for j in range(n):
+                    value = matrix[i, j]
+                    if value == 0 and i != j:
+                        continue
+                    colour = "white" if value > 0.55 * vmax else "black"
+                    axis.text(j, i, fmt(value), ha="center", va="center", color=colour, fontsize=fontsize)
+            axis.set_xticks(range(n), self.display_labels)
+            axis.set_yticks(range(n), self.display_labels)
+            axis.set_xlabel("predicted digit")
+            axis.set_ylabel("true digit")
+            axis.set_title(name)
+            fig.colorbar(im, ax=axis, fraction=0.046, pad=0.04, label=bar_label)
+        total = int(self.confusion_matrix.sum())
+        correct = int(np.trace(self.confusion_matrix))
+        fig.suptitle(title or f"Confusion matrix: {correct:,} of {total:,} correct "
+                              f"({correct / max(total, 1):.2%}); off-diagonal cells are mistakes")
+        fig.tight_layout()
+        self.ax_, self.figure_ = axes, fig
+        return self

@@ -1,0 +1,297 @@
+"""Evaluation: metrics against scikit-learn, ECE against hand-computed and sklearn-derived oracles,
+and the full evaluate stage on a tiny trained run (files, predictions, CLI, bring-your-own model)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sklearn.calibration import calibration_curve
+from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+from typer.testing import CliRunner
+
+from digitlens import data, models, runio
+from digitlens.errors import DigitlensError
+from digitlens.evaluate import (
+    FIGURES,
+    calibration_bins,
+    compute_metrics,
+    evaluate_model,
+    evaluate_run,
+    expected_calibration_error,
+    predict_proba,
+)
+
+LABELS = np.arange(10)
+
+
+def _assert_matches_sklearn(y_true, y_pred, metrics):
+    assert metrics["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred))
+    for average in ("macro", "weighted"):
+        p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=LABELS, average=average, zero_division=0)
+        assert metrics[average] == pytest.approx({"precision": p, "recall": r, "f1": f})
+    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=LABELS, average=None, zero_division=0)
+    per = metrics["per_digit"]
+    assert [row["digit"] for row in per] == list(range(10))
+    np.testing.assert_allclose([row["precision"] for row in per], p)
+    np.testing.assert_allclose([row["recall"] for row in per], r)
+    np.testing.assert_allclose([row["f1"] for row in per], f)
+    assert [row["support"] for row in per] == s.tolist()
+    # one-vs-rest accuracy, naive formula: share of samples where "is digit d" is decided right
+    naive = [np.mean((y_true == d) == (y_pred == d)) for d in range(10)]
+    np.testing.assert_allclose([row["accuracy"] for row in per], naive)
+    cm = confusion_matrix(y_true, y_pred, labels=LABELS)
+    assert metrics["confusion_matrix"] == cm.tolist()
+    assert metrics["n_errors"] == int(np.sum(y_true != y_pred))
+
+
+def test_metrics_equal_sklearn_on_a_realistic_confusion():
+    rng = np.random.default_rng(0)
+    y_true = rng.integers(0, 10, 500)
+    y_pred = np.where(rng.random(500) < 0.85, y_true, rng.integers(0, 10, 500))
+    metrics = compute_metrics(y_true, y_pred)
+    _assert_matches_sklearn(y_true, y_pred, metrics)
+    assert "ece" not in metrics
+    json.dumps(metrics)  # JSON-ready
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 9), st.integers(0, 9)), min_size=1, max_size=120))
+def test_metrics_equal_sklearn_for_random_labels(pairs):
+    y_true = np.array([t for t, _ in pairs])
+    y_pred = np.array([p for _, p in pairs])
+    metrics = compute_metrics(y_true, y_pred)
+    _assert_matches_sklearn(y_true, y_pred, metrics)
+    pairs_out = metrics["most_confused"]
+    counts = [p["count"] for p in pairs_out]
+    assert counts == sorted(counts, reverse=True)
+    cm = np.array(metrics["confusion_matrix"])
+    off_diagonal = cm[~np.eye(10, dtype=bool)]
+    assert counts == sorted(off_diagonal[off_diagonal > 0].tolist(), reverse=True)[:10]
+    for p in pairs_out:
+        assert p["true"] != p["predicted"]
+        assert p["count"] == cm[p["true"], p["predicted"]]
+        assert p["share_of_true"] == pytest.approx(p["count"] / np.sum(y_true == p["true"]))
+
+
+def test_one_hot_labels_are_accepted_like_keras_users_have_them():
+    y_true = np.array([0, 1, 2, 2, 9])
+    y_pred = np.array([0, 1, 1, 2, 9])
+    from_one_hot = compute_metrics(np.eye(10)[y_true], np.eye(10)[y_pred])
+    assert from_one_hot == compute_metrics(y_true, y_pred)
+
+
+def test_ece_on_hand_built_probabilities():
+    # 4 samples, 15 bins of width 1/15.
+    #  conf 0.95 correct, conf 0.95 wrong -> bin 14: acc 0.5, conf 0.95 -> |0.5-0.95| * 2/4 = 0.225
+    #  conf 0.60 correct                  -> bin 8 (0.533, 0.6]: |1-0.6| * 1/4 = 0.100
+    #  conf 0.30 wrong                    -> bin 4 (0.267, 0.333]: |0-0.3| * 1/4 = 0.075
+    proba = np.full((4, 10), 0.0)
+    proba[0, 3], proba[0, 0] = 0.95, 0.05          # predicts 3, true 3
+    proba[1, 5], proba[1, 1] = 0.95, 0.05          # predicts 5, true 1
+    proba[2, 7], proba[2, 2] = 0.60, 0.40          # predicts 7, true 7
+    proba[3, :] = 0.7 / 9
+    proba[3, 4] = 0.30                             # predicts 4, true 0
+    y_true = np.array([3, 1, 7, 0])
+    assert expected_calibration_error(y_true, proba) == pytest.approx(0.225 + 0.100 + 0.075)
+    bins = calibration_bins(y_true, proba)
+    assert bins["count"][14] == 2 and bins["count"][8] == 1 and bins["count"][4] == 1
+    assert sum(bins["count"]) == 4
+    assert bins["accuracy"][14] == pytest.approx(0.5)
+    assert bins["confidence"][8] == pytest.approx(0.6)
+    assert bins["accuracy"][0] is None  # empty bin
+
+
+def test_ece_is_zero_when_confident_and_right_and_one_when_confident_and_wrong():
+    y = np.array([0, 1, 2])
+    assert expected_calibration_error(y, np.eye(10)[y]) == 0.0
+    assert expected_calibration_error(y, np.eye(10)[(y + 1) % 10]) == pytest.approx(1.0)
+
+
+def test_ece_agrees_with_sklearn_calibration_curve():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(2000, 10)) * 3
+    proba = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    y_true = np.where(rng.random(2000) < 0.7, proba.argmax(axis=1), rng.integers(0, 10, 2000))
+    conf, correct = proba.max(axis=1), (proba.argmax(axis=1) == y_true).astype(int)
+    acc_bins, conf_bins = calibration_curve(correct, conf, n_bins=15, strategy="uniform")
+    counts = np.bincount(np.searchsorted(np.linspace(0, 1, 16)[1:-1], conf), minlength=15)
+    oracle = np.sum(counts[counts > 0] / len(conf) * np.abs(acc_bins - conf_bins))
+    metrics = compute_metrics(y_true, proba.argmax(axis=1), proba)
+    assert metrics["ece"] == pytest.approx(oracle)
+    assert [c for c in metrics["calibration"]["count"] if c] == counts[counts > 0].tolist()
+
+
+def test_bad_inputs_give_one_line_errors():
+    with pytest.raises(DigitlensError, match="3 predictions for 2 labels"):
+        compute_metrics([0, 1], [0, 1, 2])
+    with pytest.raises(DigitlensError, match="proba"):
+        compute_metrics([0, 1], [0, 1], np.array([[5.0, -3.0], [0.0, 1.0]]))
+    with pytest.raises(DigitlensError, match="no samples"):
+        compute_metrics([], [])
+
+
+# ---------------------------------------------------------------------------------------------
+# The evaluate stage on a tiny trained run (digits, small MLP, a few epochs: about a second).
+# ---------------------------------------------------------------------------------------------
+
+def make_tiny_run(run_dir, *, epochs: int = 4, seed: int = 0):
+    """A run folder per the contract: config.json, model.safetensors and history.csv."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: one thread is fastest and immune to a busy machine
+    try:
+        return _train_tiny_run(run_dir, epochs, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_tiny_run(run_dir, epochs, seed):
+    torch.manual_seed(seed)
+    config = {"dataset": "digits", "model": "mlp", "model_kwargs": {"widths": [32]}, "n_classes": 10,
+              "seed": seed, "val_fraction": 0.1, "data_dir": None, "epochs": epochs}
+    splits = data.load_splits_for_run(config)
+    model = models.build_model("mlp", n_classes=10, widths=[32])
+    optimiser = torch.optim.Adam(model.parameters(), lr=5e-3)
+    rows = []
+    for epoch in range(1, epochs + 1):
+        model.train()
+        order = torch.randperm(len(splits.train))
+        for start in range(0, len(order), 64):
+            idx = order[start:start + 64]
+            loss = torch.nn.functional.cross_entropy(model(splits.train.images[idx]), splits.train.labels[idx])
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+        model.eval()
+        with torch.no_grad():
+            tr = model(splits.train.images)
+            va = model(splits.val.images)
+        rows.append({"epoch": epoch,
+                     "loss": torch.nn.functional.cross_entropy(tr, splits.train.labels).item(),
+                     "accuracy": (tr.argmax(1) == splits.train.labels).float().mean().item(),
+                     "val_loss": torch.nn.functional.cross_entropy(va, splits.val.labels).item(),
+                     "val_accuracy": (va.argmax(1) == splits.val.labels).float().mean().item(),
+                     "lr": 5e-3, "seconds": 0.1})
+    runio.write_json(run_dir / "config.json", config)
+    models.save_model(model, run_dir / "model.safetensors")
+    with open(run_dir / "history.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def evaluated_run(tmp_path_factory):
+    """A tiny run evaluated through the CLI (`digitlens evaluate RUN`); returns (run_dir, summary)."""
+    from digitlens.cli import app
+
+    run_dir = make_tiny_run(tmp_path_factory.mktemp("runs") / "tiny")
+    result = CliRunner().invoke(app, ["evaluate", str(run_dir), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    summary = runio.read_json(run_dir / "evaluation.json")
+    assert f"accuracy {summary['accuracy']:.4f}" in result.output
+    return run_dir, summary
+
+
+def test_evaluate_run_writes_every_file(evaluated_run):
+    run_dir, summary = evaluated_run
+    for name in ("predictions.npz", "metrics.json", "insights.md", "insights.json", "evaluation.json"):
+        assert (run_dir / name).is_file(), name
+    for stem in FIGURES:
+        for ext in ("png", "svg"):
+            path = run_dir / "figures" / f"{stem}.{ext}"
+            assert path.is_file() and path.stat().st_size > 1000, path
+    assert "Overfitting" in (run_dir / "insights.md").read_text()
+
+
+def test_predictions_match_the_model_and_metrics_match_sklearn(evaluated_run):
+    run_dir, summary = evaluated_run
+    preds = runio.read_npz(run_dir / "predictions.npz")
+    test = data.load_splits("digits").test
+    model = models.load_model(run_dir)
+    with torch.no_grad():
+        logits = model(test.images)
+    np.testing.assert_array_equal(preds["y_true"], test.labels.numpy())
+    np.testing.assert_array_equal(preds["y_pred"], logits.argmax(1).numpy())
+    np.testing.assert_allclose(preds["proba"], torch.softmax(logits, 1).numpy(), atol=1e-5)
+    assert preds["proba"].shape == (len(test), 10)
+    metrics = runio.read_json(run_dir / "metrics.json")
+    _assert_matches_sklearn(preds["y_true"], preds["y_pred"], metrics)
+    assert summary["accuracy"] == pytest.approx(accuracy_score(preds["y_true"], preds["y_pred"]))
+    assert summary["accuracy"] > 0.8  # the tiny model did learn something
+
+
+def test_evaluate_is_deterministic(evaluated_run):
+    run_dir, _ = evaluated_run
+    first = runio.read_npz(run_dir / "predictions.npz")
+    again = evaluate_model(models.load_model(run_dir), "digits", progress=False)
+    assert again["metrics"]["accuracy"] == runio.read_json(run_dir / "metrics.json")["accuracy"]
+    proba = predict_proba(models.load_model(run_dir), data.load_splits("digits").test.images, batch_size=7)
+    np.testing.assert_allclose(proba, first["proba"], atol=1e-6)
+
+
+def test_bring_your_own_module_and_torchscript(evaluated_run, tmp_path, monkeypatch):
+    import digitlens.evaluate
+
+    monkeypatch.setattr(digitlens.evaluate, "FIGURE_FORMATS", ("png",))  # SVG is checked above; save time
+    run_dir, summary = evaluated_run
+    model = models.load_model(run_dir)
+    script = tmp_path / "model.pt"
+    with pytest.warns(DeprecationWarning):  # torch 2.13 deprecates TorchScript; users still have such files
+        torch.jit.script(model).save(str(script))
+
+    class Wrapped(torch.nn.Module):  # returns (logits, extra) like a ViT with attentions
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x), None
+
+    from_module = evaluate_model(Wrapped(model), "digits", progress=False)
+    assert from_module["accuracy"] == pytest.approx(summary["accuracy"])
+    out = tmp_path / "byo"
+    result = CliRunner().invoke(
+        __import__("digitlens.cli", fromlist=["app"]).app,
+        ["evaluate", "--model-file", str(script), "--dataset", "digits", "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert runio.read_json(out / "metrics.json")["accuracy"] == pytest.approx(summary["accuracy"])
+    assert (out / "figures" / "confusion_matrix.png").is_file()
+    assert not (out / "figures" / "training_curves.png").exists()  # no history given
+
+
+def test_evaluate_run_api_with_a_users_module(evaluated_run, monkeypatch):
+    import digitlens.evaluate
+
+    run_dir, summary = evaluated_run
+    monkeypatch.setattr(digitlens.evaluate, "write_figures", lambda *a, **k: [])  # figures checked above
+    again = evaluate_run(run_dir, model=models.load_model(run_dir), progress=False)
+    assert again["accuracy"] == summary["accuracy"]
+    assert again["source"]["model"] == "MLP"
+
+
+def test_cli_evaluate_one_line_errors(evaluated_run, tmp_path):
+    from digitlens.cli import app
+
+    run_dir, summary = evaluated_run
+    runner = CliRunner()
+
+    not_a_run = tmp_path / "empty"
+    not_a_run.mkdir()
+    result = runner.invoke(app, ["evaluate", str(not_a_run)])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(not_a_run) in lines[0]
+
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a model")
+    result = runner.invoke(app, ["evaluate", str(run_dir), "--model-file", str(bad)])
+    assert result.exit_code == 2
+    assert len(result.output.strip().splitlines()) == 1 and "bad.pt" in result.output

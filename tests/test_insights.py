@@ -1,0 +1,113 @@
+"""Insights from constructed metrics and histories: easiest/hardest digits, confused pairs,
+overfitting onset (diverging and not), generalisation gap, and the written files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from digitlens import runio
+from digitlens.evaluate import compute_metrics
+from digitlens.insights import derive_insights, detect_overfitting, generalisation_gap, rank_digits, write_insights
+
+
+def _history(loss, val_loss, accuracy=None, val_accuracy=None):
+    n = len(loss)
+    history = {"epoch": np.arange(1, n + 1), "loss": np.array(loss, float), "val_loss": np.array(val_loss, float)}
+    if accuracy is not None:
+        history["accuracy"] = np.array(accuracy, float)
+        history["val_accuracy"] = np.array(val_accuracy, float)
+    return history
+
+
+def test_rising_validation_loss_while_training_loss_falls_is_overfitting():
+    found = detect_overfitting(_history(loss=[0.9, 0.5, 0.3, 0.2, 0.12, 0.08],
+                                        val_loss=[0.6, 0.4, 0.30, 0.32, 0.35, 0.41]))
+    assert found["diverges"] is True
+    assert found["best_epoch"] == 3 and found["from_epoch"] == 4
+    assert found["min_val_loss"] == pytest.approx(0.30)
+    assert found["longest_rise"] == 3
+    assert found["final_rise_percent"] == pytest.approx((0.41 - 0.30) / 0.30 * 100)
+    assert any("3 consecutive epochs from epoch 4" in r for r in found["reasons"])
+
+
+def test_steadily_falling_validation_loss_is_not_overfitting():
+    found = detect_overfitting(_history(loss=[0.9, 0.5, 0.3, 0.2], val_loss=[0.6, 0.4, 0.3, 0.25]))
+    assert found["diverges"] is False and found["from_epoch"] is None
+    assert found["best_epoch"] == 4 and found["final_rise_percent"] == 0.0
+
+
+def test_a_one_epoch_bump_within_tolerance_is_noise():
+    # rises once (0.250 -> 0.255, +2%) and recovers only partly: below both thresholds
+    found = detect_overfitting(_history(loss=[0.5, 0.3, 0.2, 0.15, 0.1], val_loss=[0.4, 0.3, 0.25, 0.255, 0.252]))
+    assert found["diverges"] is False
+    assert found["longest_rise"] == 1
+
+
+def test_ending_well_above_the_minimum_counts_even_without_a_streak():
+    # zig-zag: never two rises in a row, but ends 20% above the minimum
+    found = detect_overfitting(_history(loss=[0.5, 0.3, 0.2, 0.15, 0.1, 0.05],
+                                        val_loss=[0.4, 0.25, 0.28, 0.27, 0.31, 0.30]))
+    assert found["diverges"] is True and found["from_epoch"] == 3
+    assert found["longest_rise"] == 1
+    assert found["final_rise_percent"] == pytest.approx(20.0)
+
+
+def test_validation_loss_rising_while_training_loss_also_rises_is_not_the_streak_rule():
+    found = detect_overfitting(_history(loss=[0.5, 0.3, 0.31, 0.32], val_loss=[0.4, 0.3, 0.302, 0.304]))
+    assert found["longest_rise"] == 0 and found["diverges"] is False
+
+
+def test_history_without_validation_is_reported_as_not_assessed():
+    assert detect_overfitting({"epoch": np.arange(1, 4), "loss": np.ones(3)})["available"] is False
+
+
+def test_generalisation_gap_numbers():
+    history = _history([0.5, 0.2], [0.4, 0.3], accuracy=[0.9, 0.99], val_accuracy=[0.88, 0.97])
+    gap = generalisation_gap(history, {"accuracy": 0.96})
+    assert gap["accuracy_gap"] == pytest.approx(0.02)
+    assert gap["loss_gap"] == pytest.approx(0.1)
+    assert gap["train_minus_test_accuracy"] == pytest.approx(0.03)
+
+
+def _metrics_with_known_hard_digit():
+    # digit 8 is read as 3 in 4 of its 10 images and 5 as 3 in 2 of 10; everything else right
+    y_true = np.repeat(np.arange(10), 10)
+    y_pred = y_true.copy()
+    y_pred[80:84] = 3
+    y_pred[50:52] = 3
+    proba = np.eye(10)[y_pred] * 0.9 + 0.01
+    return compute_metrics(y_true, y_pred, proba)
+
+
+def test_easiest_and_hardest_digits_come_from_the_metrics():
+    digits = rank_digits(_metrics_with_known_hard_digit(), k=3)
+    hardest = [r["digit"] for r in digits["hardest"]]
+    assert hardest[0] == 8 and hardest[1] == 3 and hardest[2] == 5
+    assert digits["hardest"][0]["recall"] == pytest.approx(0.6)
+    assert {r["digit"] for r in digits["easiest"]} <= {0, 1, 2, 4, 6, 7, 9}
+    assert all(r["f1"] == 1.0 for r in digits["easiest"])
+
+
+def test_summary_sentences_carry_the_numbers(tmp_path):
+    metrics = _metrics_with_known_hard_digit()
+    history = _history([0.9, 0.5, 0.3, 0.2, 0.1], [0.6, 0.4, 0.3, 0.33, 0.36],
+                       accuracy=[0.7, 0.8, 0.9, 0.95, 0.99], val_accuracy=[0.7, 0.8, 0.88, 0.87, 0.86])
+    found = write_insights(tmp_path, metrics, history)
+    text = " ".join(found["summary"])
+    assert "8 read as 3 (4x, 40.0% of the 8s)" in text
+    assert "5 read as 3 (2x, 20.0% of the 5s)" in text
+    assert "diverges from epoch 4" in text and "epoch 3" in text
+    assert "Hardest digits: 8 (F1 " in text
+    assert "94.00%" in text  # test accuracy
+    assert found["overfitting"]["from_epoch"] == 4
+    saved = runio.read_json(tmp_path / "insights.json")
+    assert saved["summary"] == found["summary"]
+    markdown = (tmp_path / "insights.md").read_text()
+    assert "| 8 | 3 | 4 | 40.00% |" in markdown and "Diverges: **yes**, from epoch 4" in markdown
+
+
+def test_insights_without_history_say_so():
+    found = derive_insights(_metrics_with_known_hard_digit(), None)
+    assert found["overfitting"]["available"] is False
+    assert any("Overfitting not assessed" in s for s in found["summary"])

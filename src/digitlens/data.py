@@ -124,8 +124,11 @@ def read_idx(path: str | os.PathLike, expected_ndim: int) -> np.ndarray:
 
 def _sha256_of_decompressed(path: Path) -> str:
     digest = hashlib.sha256()
-    opener = gzip.open if path.suffix == ".gz" else open
     try:
+        # Decide by the gzip magic bytes, not the suffix: a download is checked under a temporary name.
+        with open(path, "rb") as fh:
+            is_gzip = fh.read(2) == b"\x1f\x8b"
+        opener = gzip.open if is_gzip else open
         with opener(path, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(chunk)
@@ -134,13 +137,14 @@ def _sha256_of_decompressed(path: Path) -> str:
     return digest.hexdigest()
 
 
-def download_mnist(cache_dir: str | os.PathLike | None = None, mirrors: tuple[str, ...] = MNIST_MIRRORS,
+def download_mnist(cache_dir: str | os.PathLike | None = None, mirrors: tuple[str, ...] | None = None,
                    timeout: float = 60.0) -> Path:
     """Download the four MNIST files into ``cache_dir`` (verified by SHA-256); return the folder.
 
     Files already present with the right checksum are kept. Each file is written to a temporary
     name and renamed only once its checksum matched, so a failed download leaves nothing behind.
     """
+    mirrors = MNIST_MIRRORS if mirrors is None else mirrors
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     for stem, sha in MNIST_FILES.items():

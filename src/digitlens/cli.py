@@ -72,5 +72,56 @@ def evaluate_command(
     typer.echo(f"wrote {summary['out_dir']}/metrics.json, insights.md and {len(summary['figures'])} figure files")
 
 
+@app.command("adapt")
+@one_line_errors
+def adapt_command(
+    run_dir: Path = typer.Argument(..., help="Base run folder (runs/NAME) with a trained ViT."),
+    task: str = typer.Option("groups", "--task", help="groups (is the digit in {1,2,4,6,9}?) or digits (sklearn digits)."),
+    ranks: str = typer.Option("4,8,64", "--ranks", help="Comma-separated LoRA ranks."),
+    seeds: str = typer.Option("0,1", "--seeds", help="Comma-separated seeds."),
+    targets: str = typer.Option("q,v", "--targets", help="Comma-separated linear layer names to adapt."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs per adapter (default 3)."),
+    n_train: Optional[int] = typer.Option(None, "--n-train", help="Training images drawn from the task's train split (0 = all)."),
+    n_test: Optional[int] = typer.Option(None, "--n-test", help="Test images (0 = all)."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder with the MNIST IDX files."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Print one line per epoch."),
+) -> None:
+    """Train LoRA adapters (PEFT) per rank and seed plus head-only and full fine-tuning baselines."""
+    from digitlens.adapt import adapt_run
+
+    results = adapt_run(run_dir, task=task, ranks=_int_list(ranks, "--ranks"), seeds=_int_list(seeds, "--seeds"),
+                        targets=[t.strip() for t in targets.split(",") if t.strip()], epochs=epochs, n_train=n_train,
+                        n_test=n_test, data_dir=data_dir, progress=progress)
+    typer.echo(results["markdown"])
+
+
+@app.command("subspace")
+@one_line_errors
+def subspace_command(
+    run_dir: Optional[Path] = typer.Argument(None, help="Run folder whose adapters to analyse (or use --base/--adapter)."),
+    task: str = typer.Option("groups", "--task", help="Which adapt/TASK of the run folder."),
+    base: Optional[Path] = typer.Option(None, "--base", help="Base model weights (.safetensors) of any model."),
+    adapter: Optional[list[Path]] = typer.Option(None, "--adapter", help="PEFT LoRA adapter folder; repeat to compare."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default RUN_DIR/subspace/TASK)."),
+) -> None:
+    """Subspace similarity, amplification, spectra and intruder dimensions of LoRA adapters."""
+    from digitlens.subspace import analyse_adapters, analyse_run
+
+    if run_dir is not None:
+        summary = analyse_run(run_dir, task=task, out_dir=out, progress=True)
+    elif base is not None and adapter and out is not None:
+        summary = analyse_adapters(base, adapter, out, progress=True)
+    else:
+        raise DigitlensError("subspace: give RUN_DIR, or --base FILE --adapter DIR [--adapter DIR] --out DIR")
+    typer.echo(summary["markdown"])
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise DigitlensError(f"{option} {text!r}: expected comma-separated integers like 4,8,64") from None
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

@@ -1,0 +1,176 @@
+"""Figures of the LoRA subspace study: phi(i, j) heatmaps with one shared colour bar (the LoRA
+paper's figures 3, 4 and 8 / seed 003), singular-value spectra of dW, and the amplification
+table (the paper's Table 7)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from digitlens.plots._common import pyplot
+
+
+class SubspaceSimilarityDisplay:
+    """A grid of phi(i, j) heatmaps sharing one colour scale and one colour bar.
+
+    Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", figures 3, 4 and 8.
+
+    Parameters
+    ----------
+    phis : list of lists of ndarray of shape (n_i, n_j), or None for an empty panel; rows x columns.
+    titles : list of lists of str, default=None, one title per panel.
+    row_labels : list of str, default=None, written left of each row.
+    value_label : str, default="phi(i, j)", colour bar label.
+    """
+
+    def __init__(self, *, phis, titles=None, row_labels=None, value_label: str = "phi(i, j)",
+                 xlabel: str = "j", ylabel: str = "i"):
+        self.phis = [list(row) for row in phis]
+        self.titles = titles
+        self.row_labels = row_labels
+        self.value_label = value_label
+        self.xlabel, self.ylabel = xlabel, ylabel
+
+    def plot(self, *, title: str | None = None, cmap: str = "magma", vmin=None, vmax=None,
+             panel_size=(2.6, 3.2)) -> "SubspaceSimilarityDisplay":
+        """Draw every panel with ``imshow`` (i downwards, j rightwards, 1-based), one colour bar;
+        keeps ``figure_``, ``axes_`` (2-D ndarray) and ``images_``."""
+        plt = pyplot()
+        n_rows, n_cols = len(self.phis), max(len(r) for r in self.phis)
+        values = [p[np.isfinite(p)] for row in self.phis for p in row if p is not None]
+        values = np.concatenate(values) if values else np.zeros(1)
+        vmin = float(values.min()) if vmin is None else vmin
+        vmax = float(values.max()) if vmax is None else vmax
+        if vmax <= vmin:
+            vmax = vmin + 1e-6
+        # No layout engine: constrained layout costs seconds per figure on a slow CPU; the figure
+        # is saved with bbox_inches="tight", which trims the margins.
+        fig, axes = plt.subplots(n_rows, n_cols, squeeze=False,
+                                 figsize=(panel_size[0] * n_cols + 1.2, panel_size[1] * n_rows + 0.6))
+        fig.subplots_adjust(wspace=0.35, hspace=0.45)
+        images = []
+        cmap_obj = plt.get_cmap(cmap).with_extremes(bad="#dddddd")
+        for r, row in enumerate(self.phis):
+            for c in range(n_cols):
+                ax = axes[r, c]
+                panel = row[c] if c < len(row) else None
+                if panel is None:
+                    ax.set_visible(False)
+                    continue
+                n_i, n_j = panel.shape
+                im = ax.imshow(np.ma.masked_invalid(panel), cmap=cmap_obj, vmin=vmin, vmax=vmax, aspect="auto",
+                               interpolation="nearest", extent=(0.5, n_j + 0.5, n_i + 0.5, 0.5))
+                images.append(im)
+                ax.set_xticks(_index_ticks(n_j))
+                ax.set_yticks(_index_ticks(n_i))
+                ax.set_xlabel(self.xlabel)
+                if c == 0:
+                    ylabel = self.ylabel if not self.row_labels else f"{self.row_labels[r]}\n{self.ylabel}"
+                    ax.set_ylabel(ylabel)
+                if self.titles and self.titles[r][c]:
+                    ax.set_title(self.titles[r][c], fontsize=9)
+        self.colorbar_ = fig.colorbar(images[0], ax=axes.ravel().tolist(), shrink=0.9, fraction=0.04, pad=0.03,
+                                      label=self.value_label)
+        if title:
+            fig.suptitle(title)
+        self.figure_, self.axes_, self.images_ = fig, axes, images
+        return self
+
+
+def _index_ticks(n: int) -> list[int]:
+    """About five 1-based tick positions from 1 to n."""
+    if n <= 8:
+        return list(range(1, n + 1))
+    step = max(1, int(round(n / 4 / 4)) * 4) if n > 16 else max(1, n // 4)
+    ticks = list(range(step, n + 1, step))
+    return [1] + [t for t in ticks if t > 1]
+
+
+def save_phi_pair(phis, titles, dim: int, stem, *, row_labels=None, title: str = "", xlabel="j", ylabel="i") -> list:
+    """Save two figures of the same panels: raw phi (``stem``) and chance-corrected phi
+    (``stem`` + ``_corrected``), each with one shared colour bar; return the written paths."""
+    from digitlens.runio import save_figure
+    from digitlens.subspace import chance_corrected
+
+    plt = pyplot()
+    written = []
+    raw = SubspaceSimilarityDisplay(phis=phis, titles=titles, row_labels=row_labels, value_label="phi(i, j)",
+                                    xlabel=xlabel, ylabel=ylabel)
+    raw.plot(title=f"{title}\nraw phi; chance level E[phi] = max(i, j) / d, d = {dim}")
+    written += save_figure(raw.figure_, stem)
+    plt.close(raw.figure_)
+    corrected = [[None if p is None else chance_corrected(p, dim) for p in row] for row in phis]
+    corr = SubspaceSimilarityDisplay(phis=corrected, titles=titles, row_labels=row_labels, xlabel=xlabel,
+                                     ylabel=ylabel, value_label="(phi - E) / (1 - E)   (0 = chance)")
+    corr.plot(title=f"{title}\nchance-corrected phi (grey: undefined, max(i, j) = d)", cmap="magma")
+    written += save_figure(corr.figure_, f"{stem}_corrected")
+    plt.close(corr.figure_)
+    return written
+
+
+def plot_phi_w_panels(module: str, phis, titles, dim: int, stem) -> list:
+    """The seed-003 figure for one module: phi(W, A_k, i, j) for each adapter k plus a random
+    Gaussian A (last entry of ``phis``), i over W's top right-singular directions, one shared
+    colour bar; raw and chance-corrected versions."""
+    panel_titles = [f"phi(W, A, i, j)\n{t}" for t in titles] + [f"random Gaussian A\n(r={phis[-1].shape[1]})"]
+    return save_phi_pair([list(phis)], [panel_titles], dim, stem,
+                         title=f"{module}: W's top-i right-singular directions vs the adapter's A (top-j)",
+                         ylabel="i (W direction)", xlabel="j (A direction)")
+
+
+def plot_spectra(modules: list[dict], stem) -> list:
+    """Singular values of dW = scale * B A, one panel per adapter, one line per module (log
+    scale), effective rank in the legend."""
+    from digitlens.runio import save_figure
+
+    plt = pyplot()
+    adapters = [a["adapter"] for a in modules[0]["adapters"]]
+    fig, axes = plt.subplots(1, len(adapters), figsize=(4.2 * len(adapters), 3.8), squeeze=False)
+    fig.subplots_adjust(wspace=0.3)
+    cmap = plt.get_cmap("viridis")
+    for k, label in enumerate(adapters):
+        ax = axes[0, k]
+        for m, mod in enumerate(modules):
+            entry = mod["adapters"][k]
+            s = np.asarray(entry["singular_values"])
+            s = np.where(s > 0, s, np.nan)
+            ax.plot(np.arange(1, len(s) + 1), s, marker="o" if len(s) <= 16 else None, ms=3,
+                    color=cmap(m / max(1, len(modules) - 1)),
+                    label=f"{mod['module']} (eff. rank {entry['effective_rank']:.1f})")
+        ax.set_yscale("log")
+        ax.set_xlabel("singular value index")
+        ax.set_ylabel("singular value of dW")
+        ax.set_title(f"{label} (r={modules[0]['adapters'][k]['rank']})", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.suptitle("Singular-value spectrum of the LoRA update dW = (alpha / r) B A")
+    written = save_figure(fig, stem)
+    plt.close(fig)
+    return written
+
+
+def plot_amplification_table(modules: list[dict], stem) -> list:
+    """The paper's Table 7 as a figure: per module and adapter, ||U^T W V^T||_F for dW's, W's own
+    and random top-r directions, ||W||_F, ||dW||_F and the amplification factor."""
+    from digitlens.runio import save_figure
+
+    plt = pyplot()
+    header = ["module", "adapter", "r", "||U'WV'|| dW dirs", "W dirs", "random", "||W||_F", "||dW||_F",
+              "amplification"]
+    rows = []
+    for mod in modules:
+        for ad in mod["adapters"]:
+            amp = ad["amplification"]
+            rows.append([mod["module"], ad["adapter"], str(ad["rank"]), f"{amp['proj_dW']:.3f}", f"{amp['proj_W']:.3f}",
+                         f"{amp['proj_random']:.3f}", f"{amp['norm_W']:.2f}", f"{amp['norm_dW']:.3f}",
+                         f"{amp['amplification']:.1f}"])
+    fig, ax = plt.subplots(figsize=(11, 0.28 * len(rows) + 1.2))
+    ax.axis("off")
+    table = ax.table(cellText=rows, colLabels=header, loc="center", cellLoc="right", colLoc="right")
+    table.auto_set_font_size(False)
+    table.set_fontsize(7.5)
+    table.auto_set_column_width(list(range(len(header))))
+    ax.set_title("Amplification factor ||dW||_F / ||U^T W V^T||_F (U, V: top-r singular vectors of dW);\n"
+                 "same projection for W's own top-r and random directions (Hu et al. 2021, Table 7)", fontsize=10)
+    written = save_figure(fig, stem)
+    plt.close(fig)
+    return written

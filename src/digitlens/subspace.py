@@ -1,0 +1,603 @@
+"""What LoRA adapters change in a model's weights: subspace similarity, amplification, spectra.
+
+All linear algebra is float64 numpy. The measures follow Hu et al. 2021, "LoRA: Low-Rank
+Adaptation of Large Language Models" (section 7 and appendix H), plus effective rank (Roy &
+Vetterli 2007) and intruder dimensions (Shuttleworth et al. 2024, "LoRA vs Full Fine-tuning:
+An Illusion of Equivalence").
+
+- ``phi_matrix(U, V)``: normalised subspace similarity
+  ``phi(i, j) = ||U[:i]^T-span . V[:j]-span||_F^2 / min(i, j)`` for every i, j at once, where U
+  and V hold orthonormal directions as ROWS (e.g. ``Vh`` of an SVD: right-singular vectors).
+  For random subspaces of R^d, ``E[phi(i, j)] = max(i, j) / d`` (``chance_phi``); the
+  chance-corrected value is ``(phi - E) / (1 - E)`` (0 = chance, 1 = one subspace contains the
+  other).
+- ``amplification(W, delta_W)``: ``||dW||_F / ||U^T W V^T||_F`` with U, V the top-r singular
+  vectors of dW, and the same projection for W's own top-r directions and random directions
+  (the paper's Table 7).
+- ``analyse_adapters(base, [adapter dirs], out)`` works on any PEFT LoRA adapter: modules are
+  matched to base weights by name; ``analyse_run(run_dir, task)`` runs it on a digitlens run's
+  adapters (``runs/BASE/adapt/TASK/r{rank}_s{seed}``) and writes ``runs/BASE/subspace/``.
+
+Reading adapters needs only ``safetensors`` and ``adapter_config.json``; PEFT is not imported.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from digitlens.errors import DigitlensError
+from digitlens.runio import read_json, require_run_dir, save_figure, write_json, write_text
+
+# PEFT prefixes a module's name with these when it saves an adapter.
+_PEFT_PREFIXES = ("base_model.model.",)
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
+
+
+# --------------------------------------------------------------------------------------------
+# Measures on plain matrices
+# --------------------------------------------------------------------------------------------
+
+def right_singular_vectors(matrix) -> np.ndarray:
+    """Right-singular vectors of ``matrix`` (float64) as rows, strongest first: ndarray of shape
+    (min(m, n), n)."""
+    matrix = np.asarray(matrix, dtype=np.float64)
+    _, _, vh = np.linalg.svd(matrix, full_matrices=False)
+    return vh
+
+
+def phi_matrix(u_rows, v_rows, max_i: int | None = None, max_j: int | None = None) -> np.ndarray:
+    """Normalised subspace similarity for all (i, j): ndarray of shape (max_i, max_j) with
+    ``out[i-1, j-1] = ||u_rows[:i] @ v_rows[:j].T||_F^2 / min(i, j)``.
+
+    ``u_rows`` (shape (p, d)) and ``v_rows`` (shape (q, d)) hold orthonormal directions as rows.
+    One product, squared, a 2-D cumulative sum and a division: no loop over (i, j).
+    """
+    u_rows = np.asarray(u_rows, dtype=np.float64)
+    v_rows = np.asarray(v_rows, dtype=np.float64)
+    if u_rows.ndim != 2 or v_rows.ndim != 2 or u_rows.shape[1] != v_rows.shape[1]:
+        raise DigitlensError(f"phi: direction matrices of shapes {u_rows.shape} and {v_rows.shape} "
+                             "do not live in the same space (need (p, d) and (q, d))")
+    max_i = u_rows.shape[0] if max_i is None else min(max_i, u_rows.shape[0])
+    max_j = v_rows.shape[0] if max_j is None else min(max_j, v_rows.shape[0])
+    overlap_sq = (u_rows[:max_i] @ v_rows[:max_j].T) ** 2
+    cumulative = overlap_sq.cumsum(axis=0).cumsum(axis=1)
+    i = np.arange(1, max_i + 1)[:, None]
+    j = np.arange(1, max_j + 1)[None, :]
+    return cumulative / np.minimum(i, j)
+
+
+def phi(a, b, max_i: int | None = None, max_j: int | None = None) -> np.ndarray:
+    """``phi(A, B, i, j)`` with the right-singular vectors of matrices ``a`` (shape (r_a, d)) and
+    ``b`` (shape (r_b, d)): ndarray of shape (max_i, max_j), default (rank a, rank b)."""
+    return phi_matrix(right_singular_vectors(a), right_singular_vectors(b), max_i, max_j)
+
+
+def chance_phi(shape: tuple[int, int], dim: int) -> np.ndarray:
+    """Expected phi of two random subspaces of R^dim: ``max(i, j) / dim``, ndarray of ``shape``."""
+    i = np.arange(1, shape[0] + 1)[:, None]
+    j = np.arange(1, shape[1] + 1)[None, :]
+    return np.maximum(i, j) / float(dim)
+
+
+def chance_corrected(phi_values: np.ndarray, dim: int) -> np.ndarray:
+    """``(phi - E) / (1 - E)`` with ``E = max(i, j) / dim``; NaN where E = 1 (no room for chance)."""
+    expected = chance_phi(phi_values.shape, dim)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = (phi_values - expected) / (1.0 - expected)
+    out[expected >= 1.0] = np.nan
+    return out
+
+
+def phi_summary(phi_values: np.ndarray, dim: int) -> dict:
+    """Raw, chance and chance-corrected phi at (1, 1), at (k, k) with k = min(shape) and the mean
+    over the grid: a flat dict of floats."""
+    expected = chance_phi(phi_values.shape, dim)
+    corrected = chance_corrected(phi_values, dim)
+    k = min(phi_values.shape)
+    out = {"dim": int(dim), "shape": list(phi_values.shape)}
+    for label, (ii, jj) in (("1_1", (0, 0)), ("k_k", (k - 1, k - 1))):
+        out[f"phi_{label}"] = float(phi_values[ii, jj])
+        out[f"chance_{label}"] = float(expected[ii, jj])
+        out[f"corrected_{label}"] = _finite_or_none(corrected[ii, jj])
+    out["k"] = int(k)
+    out["phi_mean"] = float(phi_values.mean())
+    out["chance_mean"] = float(expected.mean())
+    out["corrected_mean"] = _finite_or_none(np.nanmean(corrected)) if np.isfinite(corrected).any() else None
+    return out
+
+
+def _finite_or_none(value) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def effective_rank(singular_values) -> float:
+    """Entropy effective rank (Roy & Vetterli 2007): ``exp(-sum p log p)`` with ``p = s / sum(s)``."""
+    s = np.asarray(singular_values, dtype=np.float64)
+    s = s[s > 0]
+    if s.size == 0:
+        return 0.0
+    p = s / s.sum()
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def random_orthonormal(dim: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k random orthonormal columns in R^dim (QR of a Gaussian matrix): ndarray of shape (dim, k)."""
+    q, r = np.linalg.qr(rng.standard_normal((dim, k)))
+    return q * np.sign(np.diag(r))
+
+
+def amplification(weight, delta, rank: int | None = None, seed: int = 0) -> dict:
+    """The paper's Table 7 for one weight matrix: how strongly ``delta`` amplifies directions of
+    ``weight`` (both of shape (out, in)).
+
+    Returns a dict of floats: ``norm_W``, ``norm_dW``, ``proj_dW`` = ||U^T W V^T||_F with U, V the
+    top-``rank`` left/right singular vectors of dW (default rank: dW's numerical rank),
+    ``proj_W`` (same with W's own top directions), ``proj_random`` (random orthonormal U, V),
+    ``amplification`` = norm_dW / proj_dW, and the factors one would get for W's own and random
+    directions (norm_dW / proj_W, norm_dW / proj_random).
+    """
+    w = np.asarray(weight, dtype=np.float64)
+    dw = np.asarray(delta, dtype=np.float64)
+    if w.shape != dw.shape:
+        raise DigitlensError(f"amplification: weight shape {w.shape} and update shape {dw.shape} differ")
+    u_d, s_d, vh_d = np.linalg.svd(dw, full_matrices=False)
+    if rank is None:
+        rank = int((s_d > s_d[0] * 1e-10).sum()) if s_d.size and s_d[0] > 0 else 1
+    u_w, _, vh_w = np.linalg.svd(w, full_matrices=False)
+    rng = np.random.default_rng(seed)
+    u_r = random_orthonormal(w.shape[0], rank, rng)
+    v_r = random_orthonormal(w.shape[1], rank, rng)
+    norm_dw = float(np.linalg.norm(dw))
+
+    def projected(u, vh):
+        return float(np.linalg.norm(u.T @ w @ vh.T))
+
+    proj_dw = projected(u_d[:, :rank], vh_d[:rank])
+    proj_w = projected(u_w[:, :rank], vh_w[:rank])
+    proj_random = projected(u_r, v_r.T)
+    return {
+        "rank": int(rank),
+        "norm_W": float(np.linalg.norm(w)),
+        "norm_dW": norm_dw,
+        "proj_dW": proj_dw,
+        "proj_W": proj_w,
+        "proj_random": proj_random,
+        "amplification": norm_dw / proj_dw if proj_dw > 0 else float("inf"),
+        "amplification_W_dirs": norm_dw / proj_w if proj_w > 0 else float("inf"),
+        "amplification_random_dirs": norm_dw / proj_random if proj_random > 0 else float("inf"),
+    }
+
+
+def intruder_dimensions(base_weight, adapted_weight, top_k: int = 10, threshold: float = 0.5) -> dict:
+    """Intruder dimensions (Shuttleworth et al. 2024): among the top-``top_k`` left-singular vectors
+    of the adapted weight, those whose largest |cosine| with every left-singular vector of the
+    base weight is below ``threshold``.
+
+    Returns ``{"count", "top_k", "threshold", "max_abs_cosine": list of top_k floats}``.
+    """
+    u_base, _, _ = np.linalg.svd(np.asarray(base_weight, dtype=np.float64), full_matrices=False)
+    u_new, _, _ = np.linalg.svd(np.asarray(adapted_weight, dtype=np.float64), full_matrices=False)
+    top_k = min(top_k, u_new.shape[1])
+    best = np.abs(u_new[:, :top_k].T @ u_base).max(axis=1)
+    return {"count": int((best < threshold).sum()), "top_k": int(top_k), "threshold": float(threshold),
+            "max_abs_cosine": best.tolist()}
+
+
+# --------------------------------------------------------------------------------------------
+# Reading PEFT LoRA adapters and base weights (no PEFT import)
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class LoraModule:
+    """One adapted linear layer: ``delta = scale * B @ A``; A of shape (r, in), B of shape (out, r)."""
+
+    name: str
+    lora_a: np.ndarray
+    lora_b: np.ndarray
+    scale: float
+    fan_in_fan_out: bool = False
+
+    @property
+    def rank(self) -> int:
+        return int(self.lora_a.shape[0])
+
+    @property
+    def delta(self) -> np.ndarray:
+        """scale * B @ A as float64, shape (out, in)."""
+        return self.scale * (self.lora_b @ self.lora_a)
+
+
+@dataclass
+class LoraAdapter:
+    """A PEFT LoRA adapter read from a folder: its config and its modules by (stripped) name."""
+
+    path: Path
+    config: dict
+    modules: dict[str, LoraModule] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return self.path.name
+
+
+def _strip_peft_prefix(name: str) -> str:
+    for prefix in _PEFT_PREFIXES:
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
+
+
+def _pattern_value(patterns: dict, name: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: first key that matches the end of ``name``."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def read_lora_adapter(adapter_dir) -> LoraAdapter:
+    """Read a PEFT LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``)
+    into float64 numpy arrays; raise a one-line DigitlensError if it is not one."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    adapter_dir = Path(adapter_dir)
+    config_path = adapter_dir / "adapter_config.json"
+    weights_path = adapter_dir / "adapter_model.safetensors"
+    if not adapter_dir.is_dir():
+        raise DigitlensError(f"--adapter {adapter_dir}: folder not found")
+    config = read_json(config_path)
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise DigitlensError(f"{config_path}: peft_type {config.get('peft_type')!r} is not a LoRA adapter")
+    if not weights_path.is_file():
+        raise DigitlensError(f"{weights_path}: file not found (only .safetensors adapters are read)")
+    try:
+        tensors = _load_safetensors_float64(weights_path)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise DigitlensError(f"{weights_path}: not a readable safetensors file ({exc})") from None
+    pairs: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in tensors.items():
+        match = _LORA_KEY.match(key)
+        if match:
+            pairs.setdefault(_strip_peft_prefix(match["module"]), {})[match["which"]] = value
+    if not pairs:
+        raise DigitlensError(f"{weights_path}: no '*.lora_A.weight' / '*.lora_B.weight' tensors found")
+    adapter = LoraAdapter(adapter_dir, config)
+    default_alpha = float(config.get("lora_alpha", config.get("r", 8)))
+    for name, pair in sorted(pairs.items()):
+        if set(pair) != {"A", "B"}:
+            raise DigitlensError(f"{weights_path}: module {name!r} has lora_{next(iter(pair))} but not its partner")
+        a, b = pair["A"], pair["B"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise DigitlensError(f"{weights_path}: module {name!r}: lora_A {a.shape} and lora_B {b.shape} "
+                                 "are not a (r, in) / (out, r) pair (conv LoRA is not supported)")
+        rank = a.shape[0]
+        alpha = float(_pattern_value(config.get("alpha_pattern"), name, default_alpha))
+        scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+        adapter.modules[name] = LoraModule(name, a, b, scale, bool(config.get("fan_in_fan_out", False)))
+    return adapter
+
+
+def _load_safetensors_float64(path: Path) -> dict[str, np.ndarray]:
+    """All tensors of a safetensors file as float64 numpy arrays (bfloat16 via torch)."""
+    from safetensors import safe_open
+
+    out = {}
+    with safe_open(str(path), framework="pt") as fh:
+        for key in fh.keys():
+            out[key] = fh.get_tensor(key).double().numpy()
+    return out
+
+
+def load_base_weights(base_path) -> dict[str, np.ndarray]:
+    """Every tensor of a base-model ``.safetensors`` file as float64 numpy arrays by name."""
+    from safetensors import SafetensorError
+
+    base_path = Path(base_path)
+    if not base_path.is_file():
+        raise DigitlensError(f"--base {base_path}: file not found")
+    try:
+        return _load_safetensors_float64(base_path)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise DigitlensError(f"--base {base_path}: not a readable safetensors file ({exc})") from None
+
+
+def match_base_weight(base: dict[str, np.ndarray], module: LoraModule, base_label: str = "base") -> np.ndarray:
+    """The base weight of ``module`` in (out, in) orientation, found by name (exact, else the one
+    key whose module path ends with the adapter's or vice versa); one-line error on no match,
+    several matches or a shape that does not fit the LoRA update."""
+    name = module.name
+    candidates = [f"{name}.weight", f"{name}.base_layer.weight"]
+    key = next((c for c in candidates if c in base), None)
+    if key is None:
+        suffix_hits = [k for k in base if k.endswith(".weight")
+                       and (k[:-7].endswith("." + name) or name.endswith("." + k[:-7]))]
+        if len(suffix_hits) == 1:
+            key = suffix_hits[0]
+        elif len(suffix_hits) > 1:
+            raise DigitlensError(f"{base_label}: adapter module {name!r} matches several base weights "
+                                 f"({', '.join(sorted(suffix_hits)[:3])})")
+        else:
+            raise DigitlensError(f"{base_label}: no weight named {name + '.weight'!r} for adapter module "
+                                 f"{name!r} (base has e.g. {', '.join(sorted(base)[:3])})")
+    weight = base[key]
+    if module.fan_in_fan_out:
+        weight = weight.T
+    expected = (module.lora_b.shape[0], module.lora_a.shape[1])
+    if weight.shape != expected:
+        raise DigitlensError(f"{base_label}: weight {key!r} has shape {tuple(weight.shape)} but adapter module "
+                             f"{name!r} changes a {expected} matrix (lora_B {module.lora_b.shape} @ lora_A "
+                             f"{module.lora_a.shape})")
+    return weight
+
+
+# --------------------------------------------------------------------------------------------
+# Analyses writing tables and figures
+# --------------------------------------------------------------------------------------------
+
+def analyse_adapters(base_path, adapter_dirs, out_dir, *, random_seed: int = 0, intruder_top_k: int = 10,
+                     intruder_threshold: float = 0.5, modules: list[str] | None = None,
+                     progress: bool = False, base_weights: dict | None = None, figures: bool = True) -> dict:
+    """Analyse PEFT LoRA adapters of any model against its base weights; write JSON and figures.
+
+    ``adapter_dirs``: one or more adapter folders (all adapting the same base). For every adapted
+    module of the first adapter: singular-value spectrum and effective rank of dW, amplification
+    (Table 7), intruder dimensions of W + dW, and phi(W, A_k) for each adapter k plus a random
+    Gaussian A (the seed-003 four-panel figure). With two or more adapters, phi(A_1, A_k) per
+    module. Writes ``out_dir/subspace.json``, ``out_dir/summary.md`` and (with ``figures``)
+    ``out_dir/figures/``; returns the summary dict.
+    """
+    out_dir = Path(out_dir)
+    adapter_dirs = [Path(p) for p in adapter_dirs]
+    if not adapter_dirs:
+        raise DigitlensError("--adapter: give at least one adapter folder")
+    base = base_weights if base_weights is not None else load_base_weights(base_path)
+    adapters = [read_lora_adapter(p) for p in adapter_dirs]
+    labels = _unique_labels(adapters)
+    names = list(adapters[0].modules)
+    if modules:
+        missing = [m for m in modules if m not in adapters[0].modules]
+        if missing:
+            raise DigitlensError(f"--module {missing[0]!r}: not in {adapter_dirs[0]} "
+                                 f"(has {', '.join(names[:4])}{', ...' if len(names) > 4 else ''})")
+        names = list(modules)
+    for adapter in adapters[1:]:
+        absent = [n for n in names if n not in adapter.modules]
+        if absent:
+            raise DigitlensError(f"--adapter {adapter.path}: has no module {absent[0]!r} that "
+                                 f"{adapters[0].path} adapts")
+    base_label = str(base_path)
+    rng = np.random.default_rng(random_seed)
+    module_results = []
+    for name in names:
+        if progress:
+            print(f"subspace: {name}", flush=True)
+        weight = match_base_weight(base, adapters[0].modules[name], base_label)
+        for adapter in adapters[1:]:
+            match_base_weight(base, adapter.modules[name], base_label)
+        module_results.append(_analyse_module(name, weight, [a.modules[name] for a in adapters], labels, rng,
+                                              intruder_top_k, intruder_threshold,
+                                              out_dir / "figures" if figures else None))
+    summary = {
+        "base": str(base_path),
+        "adapters": [str(p) for p in adapter_dirs],
+        "labels": labels,
+        "chance_note": "for random subspaces E[phi(i, j)] = max(i, j) / d; corrected = (phi - E) / (1 - E)",
+        "modules": module_results,
+    }
+    _write_outputs(out_dir, summary, figures)
+    return summary
+
+
+def _unique_labels(adapters: list[LoraAdapter]) -> list[str]:
+    labels = [a.label for a in adapters]
+    if len(set(labels)) != len(labels):
+        labels = [f"{i + 1}:{a.path.parent.name}/{a.label}" for i, a in enumerate(adapters)]
+    return labels
+
+
+def _analyse_module(name, weight, lora_modules: list[LoraModule], labels, rng, top_k, threshold, fig_dir) -> dict:
+    """All measures for one module; writes its phi(W, A) figure; returns a JSON-ready dict."""
+    d_in = weight.shape[1]
+    w_rows = right_singular_vectors(weight)
+    per_adapter = []
+    phis_w = []
+    for label, module in zip(labels, lora_modules):
+        delta = module.delta
+        s = np.linalg.svd(delta, compute_uv=False)
+        phi_w = phi_matrix(w_rows, right_singular_vectors(module.lora_a))
+        phis_w.append(phi_w)
+        per_adapter.append({
+            "adapter": label,
+            "rank": module.rank,
+            "scale": module.scale,
+            "singular_values": s[: max(module.rank, 1)].tolist(),
+            "effective_rank": effective_rank(s[: module.rank]),
+            "amplification": amplification(weight, delta, rank=module.rank,
+                                           seed=int(rng.integers(2 ** 31))),
+            "intruders": intruder_dimensions(weight, weight + delta, top_k=top_k, threshold=threshold),
+            "phi_W_A": phi_summary(phi_w, d_in),
+        })
+    random_rank = max(m.rank for m in lora_modules)
+    random_a = rng.standard_normal((random_rank, d_in))
+    phi_random = phi_matrix(w_rows, right_singular_vectors(random_a))
+    result = {"module": name, "shape": list(weight.shape), "d_in": int(d_in), "adapters": per_adapter,
+              "phi_W_random": phi_summary(phi_random, d_in)}
+    if len(lora_modules) > 1:
+        first = right_singular_vectors(lora_modules[0].lora_a)
+        result["phi_between"] = [
+            {"a": labels[0], "b": labels[k], **phi_summary(phi_matrix(first, right_singular_vectors(m.lora_a)), d_in)}
+            for k, m in enumerate(lora_modules[1:], start=1)
+        ]
+    if fig_dir is not None:
+        from digitlens.plots.subspace import plot_phi_w_panels
+
+        stem = fig_dir / f"phi_W_vs_A__{_safe(name)}"
+        plot_phi_w_panels(name, phis_w + [phi_random], [_rank_title(l, m.rank) for l, m in zip(labels, lora_modules)],
+                          d_in, stem)
+        result["figure"] = str(stem.with_suffix(".png"))
+    return result
+
+
+def _rank_title(label: str, rank: int) -> str:
+    return f"{label} (r={rank})"
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", name)  # no dots: save_figure replaces the suffix
+
+
+def _write_outputs(out_dir: Path, summary: dict, figures: bool) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if figures:
+        from digitlens.plots.subspace import plot_amplification_table, plot_spectra
+
+        fig_dir = out_dir / "figures"
+        plot_spectra(summary["modules"], fig_dir / "dW_spectra")
+        plot_amplification_table(summary["modules"], fig_dir / "amplification")
+    summary["markdown"] = summary_markdown(summary)
+    write_text(out_dir / "summary.md", summary["markdown"])
+    write_json(out_dir / "subspace.json", summary)
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def summary_markdown(summary: dict) -> str:
+    """Markdown tables of a summary: per module and adapter, phi(W, A) at (k, k) raw / chance /
+    corrected, amplification (Table 7), effective rank and intruder count."""
+    lines = ["| module | adapter | r | phi(W,A) k,k | chance | corrected | ||dW||_F | ||U^T W V^T|| dW | W dirs | random "
+             "| amplification | eff. rank | intruders |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for mod in summary["modules"]:
+        for ad in mod["adapters"]:
+            p, amp = ad["phi_W_A"], ad["amplification"]
+            lines.append(
+                f"| {mod['module']} | {ad['adapter']} | {ad['rank']} | {_fmt(p['phi_k_k'])} | {_fmt(p['chance_k_k'])} "
+                f"| {_fmt(p['corrected_k_k'])} | {_fmt(amp['norm_dW'])} | {_fmt(amp['proj_dW'])} | {_fmt(amp['proj_W'])} "
+                f"| {_fmt(amp['proj_random'])} | {_fmt(amp['amplification'], 1)} | {_fmt(ad['effective_rank'], 2)} "
+                f"| {ad['intruders']['count']}/{ad['intruders']['top_k']} |")
+        p = mod["phi_W_random"]
+        lines.append(f"| {mod['module']} | random Gaussian A | {p['shape'][1]} | {_fmt(p['phi_k_k'])} | "
+                     f"{_fmt(p['chance_k_k'])} | {_fmt(p['corrected_k_k'])} | | | | | | | |")
+    between = [(m["module"], b) for m in summary["modules"] for b in m.get("phi_between", [])]
+    if between:
+        lines += ["", "| module | phi(A_a, A_b) | i=j=1 | chance | corrected | i=j=k | chance | corrected |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, b in between:
+            lines.append(f"| {name} | {b['a']} vs {b['b']} | {_fmt(b['phi_1_1'])} | {_fmt(b['chance_1_1'])} | "
+                         f"{_fmt(b['corrected_1_1'])} | {_fmt(b['phi_k_k'])} (k={b['k']}) | {_fmt(b['chance_k_k'])} | "
+                         f"{_fmt(b['corrected_k_k'])} |")
+    lines += ["", summary.get("chance_note", ""), ""]
+    return "\n".join(lines)
+
+
+def analyse_run(run_dir, task: str = "groups", *, out_dir=None, seed_for_ranks: int | None = None,
+                figures: bool = True, progress: bool = False, **kwargs) -> dict:
+    """The LoRA study of a digitlens run's adapters (``runs/BASE/adapt/TASK/``): everything of
+    :func:`analyse_adapters` for the ranks of one seed (phi(W_q, A_r) for every r plus a random
+    A: the seed-003 figure), phi(A_r, A_r') between the smallest-but-one and the largest rank
+    (paper figure 3, r = 8 vs 64 by default), phi between two seeds at the same rank (figure 4),
+    and intruder dimensions of full fine-tuning as a reference. Writes
+    ``runs/BASE/subspace/TASK/`` (``subspace.json``, ``summary.md``, ``figures/``); returns the
+    summary dict."""
+    run_dir = require_run_dir(run_dir)
+    adapt_dir = run_dir / "adapt" / task
+    results = read_json(adapt_dir / "results.json") if (adapt_dir / "results.json").is_file() else None
+    if results is None:
+        raise DigitlensError(f"{adapt_dir}: no results.json (run `digitlens adapt {run_dir} --task {task}` first)")
+    out_dir = Path(out_dir) if out_dir is not None else run_dir / "subspace" / task
+    lora_rows = [r for r in results["rows"] if r["method"] == "lora"]
+    ranks = sorted({r["rank"] for r in lora_rows})
+    seeds = sorted({r["seed"] for r in lora_rows})
+    seed = seeds[0] if seed_for_ranks is None else seed_for_ranks
+    dirs = {(r["rank"], r["seed"]): run_dir / r["adapter_dir"] for r in lora_rows}
+    for path in dirs.values():
+        if not path.is_dir():
+            raise DigitlensError(f"{path}: adapter folder listed in {adapt_dir / 'results.json'} is missing")
+    base_path = run_dir / "model.safetensors"
+    base = load_base_weights(base_path)
+    summary = analyse_adapters(base_path, [dirs[(r, seed)] for r in ranks], out_dir, figures=figures,
+                               progress=progress, base_weights=base, **kwargs)
+    adapters = {key: read_lora_adapter(path) for key, path in dirs.items()}
+    names = [m["module"] for m in summary["modules"]]
+    comparisons = []
+    if len(ranks) >= 2:
+        small = ranks[-2] if len(ranks) > 2 else ranks[0]
+        comparisons.append(("ranks", f"phi(A_r={small}, A_r={ranks[-1]}), seed {seed}",
+                            adapters[(small, seed)], adapters[(ranks[-1], seed)], f"rank{small}_vs_rank{ranks[-1]}"))
+    if len(seeds) >= 2:
+        for rank in ranks:
+            comparisons.append(("seeds", f"phi(A_r={rank} seed {seeds[0]}, A_r={rank} seed {seeds[1]})",
+                                adapters[(rank, seeds[0])], adapters[(rank, seeds[1])],
+                                f"seed{seeds[0]}_vs_seed{seeds[1]}_rank{rank}"))
+    summary["comparisons"] = []
+    for kind, title, first, second, stem in comparisons:
+        grid = {}
+        entry = {"kind": kind, "title": title, "modules": []}
+        for name in names:
+            p = phi_matrix(right_singular_vectors(first.modules[name].lora_a),
+                           right_singular_vectors(second.modules[name].lora_a))
+            grid[name] = p
+            entry["modules"].append({"module": name, **phi_summary(p, first.modules[name].lora_a.shape[1])})
+        if figures:
+            dim = first.modules[names[0]].lora_a.shape[1]
+            entry["figures"] = _plot_module_grid(grid, dim, title, out_dir / "figures" / f"phi_{stem}")
+        summary["comparisons"].append(entry)
+    full = [r for r in results["rows"] if r["method"] == "full" and r.get("adapter_dir")]
+    if full:
+        full_weights = load_base_weights(run_dir / full[0]["adapter_dir"] / "model.safetensors")
+        top_k = kwargs.get("intruder_top_k", 10)
+        threshold = kwargs.get("intruder_threshold", 0.5)
+        summary["full_finetuning_intruders"] = [
+            {"module": name, **intruder_dimensions(base[f"{name}.weight"], full_weights[f"{name}.weight"], top_k, threshold)}
+            for name in names if f"{name}.weight" in full_weights]
+    summary["task"] = task
+    summary["markdown"] = summary_markdown(summary) + _comparisons_markdown(summary)
+    write_text(out_dir / "summary.md", summary["markdown"])
+    write_json(out_dir / "subspace.json", summary)
+    return summary
+
+
+def _plot_module_grid(grid: dict[str, np.ndarray], dim: int, title: str, stem) -> list[str]:
+    """phi heatmaps with one row per target (last part of the module name, e.g. q, v) and one
+    column per layer, raw and chance-corrected."""
+    from digitlens.plots.subspace import save_phi_pair
+
+    targets, layers = [], []
+    for name in grid:
+        layer, _, target = name.rpartition(".")
+        if target not in targets:
+            targets.append(target)
+        if layer not in layers:
+            layers.append(layer)
+    phis = [[grid.get(f"{layer}.{target}") for layer in layers] for target in targets]
+    titles = [[f"{layer}.{target}" for layer in layers] for target in targets]
+    return [str(p) for p in save_phi_pair(phis, titles, dim, stem, row_labels=targets, title=title)]
+
+
+def _comparisons_markdown(summary: dict) -> str:
+    lines = []
+    for comp in summary.get("comparisons", []):
+        lines += [f"### {comp['title']}", "", "| module | phi(1,1) | chance | corrected | phi(k,k) | k | chance | corrected "
+                  "| mean phi | mean chance |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for m in comp["modules"]:
+            lines.append(f"| {m['module']} | {_fmt(m['phi_1_1'])} | {_fmt(m['chance_1_1'])} | {_fmt(m['corrected_1_1'])} "
+                         f"| {_fmt(m['phi_k_k'])} | {m['k']} | {_fmt(m['chance_k_k'])} | {_fmt(m['corrected_k_k'])} "
+                         f"| {_fmt(m['phi_mean'])} | {_fmt(m['chance_mean'])} |")
+        lines.append("")
+    intruders = summary.get("full_finetuning_intruders")
+    if intruders:
+        lines += ["### Intruder dimensions of full fine-tuning (reference for the LoRA rows above)", "",
+                  "| module | intruders among top-k |", "|---|---|"]
+        lines += [f"| {m['module']} | {m['count']}/{m['top_k']} |" for m in intruders]
+        lines.append("")
+    return "\n".join(lines)

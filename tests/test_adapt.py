@@ -1,0 +1,118 @@
+"""LoRA adaptation with PEFT on a tiny ViT run (digits), checked against PEFT itself, naive
+per-digit counts and the subspace analysis of the adapters it wrote."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from digitlens.errors import DigitlensError
+from digitlens.models import build_model, save_model
+from digitlens.runio import read_npz, write_json
+
+TINY_VIT = {"dim": 16, "depth": 1, "heads": 2, "mlp_dim": 32, "patch": 7}
+
+
+@pytest.fixture(scope="module")
+def adapted_run(tmp_path_factory):
+    """A tiny ViT 'run' on digits (untrained weights suffice for the mechanics) adapted to the
+    groups task at ranks 2 and 4, two seeds, with both baselines."""
+    from digitlens.adapt import adapt_run
+
+    run = tmp_path_factory.mktemp("runs") / "tiny_vit"
+    torch.manual_seed(0)
+    save_model(build_model("vit", n_classes=10, **TINY_VIT), run / "model.safetensors")
+    write_json(run / "config.json", {"dataset": "digits", "model": "vit", "model_kwargs": TINY_VIT, "n_classes": 10,
+                                     "seed": 0, "val_fraction": 0.1, "data_dir": None, "epochs": 1})
+    results = adapt_run(run, task="groups", ranks=(2, 4), seeds=(0, 1), epochs=1, n_train=256, n_test=200,
+                        progress=False)
+    return run, results
+
+
+def test_adapt_writes_peft_adapters_and_a_table(adapted_run):
+    run, results = adapted_run
+    for rank in (2, 4):
+        for seed in (0, 1):
+            folder = run / "adapt" / "groups" / f"r{rank}_s{seed}"
+            config = json.loads((folder / "adapter_config.json").read_text())
+            assert config["r"] == rank and sorted(config["target_modules"]) == ["q", "v"]
+            assert (folder / "adapter_model.safetensors").is_file()
+    methods = [(r["method"], r["rank"]) for r in results["summary"]]
+    assert methods == [("lora", 2), ("lora", 4), ("head_only", 0), ("full", 0)]
+    by_method = {(r["method"], r["rank"]): r for r in results["summary"]}
+    dim, head = TINY_VIT["dim"], TINY_VIT["dim"] * 2 + 2
+    # LoRA on q and v of one block: 2 modules x r x (in + out), plus the new 2-class head.
+    assert by_method[("lora", 4)]["trainable_params"] == 2 * 4 * (dim + dim) + head
+    assert by_method[("head_only", 0)]["trainable_params"] == head
+    assert by_method[("full", 0)]["trainable_params"] == results["total_params"]
+    assert "| LoRA | 4 |" in (run / "adapt" / "groups" / "results.md").read_text()
+    assert (run / "adapt" / "groups" / "figures" / "per_digit_groups_r2.png").is_file()
+
+
+def test_peft_round_trip_reproduces_the_saved_predictions(adapted_run):
+    from peft import PeftModel
+
+    from digitlens.adapt import _fresh_base, _task_data, load_adapted_model, predict
+
+    run, results = adapted_run
+    config = json.loads((run / "config.json").read_text())
+    _, _, test_x, _, _, _ = _task_data(config, "groups", None, 256, 200)
+    saved = read_npz(run / "adapt" / "groups" / "predictions.npz")
+    model = load_adapted_model(run, run / "adapt" / "groups" / "r4_s1")
+    assert isinstance(model, PeftModel)
+    np.testing.assert_array_equal(predict(model, test_x), saved["lora_r4_s1"])
+    # Loaded by hand with PEFT: same logits; the adapter really changes the base's q/v outputs.
+    by_hand = PeftModel.from_pretrained(_fresh_base(run, 2, seed=0), str(run / "adapt" / "groups" / "r4_s1")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(by_hand(test_x[:16]), model(test_x[:16]))
+        with by_hand.disable_adapter():
+            q_base = by_hand.base_model.model.blocks[0].attn.q(torch.ones(1, TINY_VIT["dim"]))
+        q_adapted = by_hand.base_model.model.blocks[0].attn.q(torch.ones(1, TINY_VIT["dim"]))
+    assert not torch.allclose(q_base, q_adapted)
+
+
+def test_per_digit_group_metrics_match_counts():
+    from digitlens.adapt import GROUP_POSITIVE, per_digit_group_metrics
+
+    digits = np.array([1, 1, 1, 1, 0, 0, 3, 3, 2, 2])
+    truth = np.isin(digits, GROUP_POSITIVE).astype(int)
+    pred = np.array([1, 1, 1, 0, 1, 0, 0, 0, 1, 0])
+    m = per_digit_group_metrics(digits, truth, pred)
+    # Digit 1 (group 1): 3 of 4 put into group 1; predicted group 1 among {1s, 0s, 3s}: 3 ones + one 0.
+    assert m["recall"][1] == pytest.approx(3 / 4) and m["precision"][1] == pytest.approx(3 / 4)
+    # Digit 0 (group 0): 1 of 2 zeros kept in group 0; predicted 0 among {0s, 1s, 2s}: zero, 1, 2 -> 1/3.
+    assert m["recall"][0] == pytest.approx(1 / 2) and m["precision"][0] == pytest.approx(1 / 3)
+    assert m["support"][:4] == [2, 4, 2, 2]
+
+
+def test_subspace_of_the_run_matches_peft_merged_weights(adapted_run):
+    from digitlens.adapt import load_adapted_model
+    from digitlens.subspace import analyse_run, load_base_weights, read_lora_adapter
+
+    run, _ = adapted_run
+    summary = analyse_run(run, task="groups", figures=False)
+    assert [m["module"] for m in summary["modules"]] == ["blocks.0.attn.q", "blocks.0.attn.v"]
+    assert [c["kind"] for c in summary["comparisons"]] == ["ranks", "seeds", "seeds"]
+    assert (run / "subspace" / "groups" / "subspace.json").is_file()
+    # dW read by digitlens.subspace equals PEFT's merged weight minus the base weight.
+    merged = load_adapted_model(run, run / "adapt" / "groups" / "r2_s0").merge_and_unload()
+    base = load_base_weights(run / "model.safetensors")
+    delta = read_lora_adapter(run / "adapt" / "groups" / "r2_s0").modules["blocks.0.attn.v"].delta
+    np.testing.assert_allclose(merged.blocks[0].attn.v.weight.detach().double().numpy() - base["blocks.0.attn.v.weight"],
+                               delta, atol=1e-6)
+    assert summary["full_finetuning_intruders"][0]["top_k"] == 10
+
+
+def test_bad_arguments_are_one_line_errors(adapted_run):
+    from digitlens.adapt import adapt_run
+
+    run, _ = adapted_run
+    with pytest.raises(DigitlensError, match="--task 'colours'"):
+        adapt_run(run, task="colours")
+    with pytest.raises(DigitlensError, match="--targets q,qkv: .* no linear layer named 'qkv'"):
+        adapt_run(run, task="digits", targets=("q", "qkv"), progress=False)
+    with pytest.raises(DigitlensError, match="--ranks 64: larger than the model width 16"):
+        adapt_run(run, task="digits", ranks=(64,), progress=False)

@@ -1,0 +1,180 @@
+"""Subspace analysis against independent oracles: the naive double loop, identical and orthogonal
+subspaces, the random expectation, a constructed amplification factor, and PEFT adapters of a
+model digitlens did not train."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from digitlens import subspace
+from digitlens.errors import DigitlensError
+
+
+def naive_phi(u_rows, v_rows):
+    """The definition, one (i, j) at a time."""
+    out = np.zeros((u_rows.shape[0], v_rows.shape[0]))
+    for i in range(1, u_rows.shape[0] + 1):
+        for j in range(1, v_rows.shape[0] + 1):
+            out[i - 1, j - 1] = np.linalg.norm(u_rows[:i] @ v_rows[:j].T, "fro") ** 2 / min(i, j)
+    return out
+
+
+def test_phi_matches_naive_double_loop():
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((7, 40)), rng.standard_normal((12, 40))
+    expected = naive_phi(subspace.right_singular_vectors(a), subspace.right_singular_vectors(b))
+    got = subspace.phi(a, b)
+    assert got.shape == (7, 12)
+    np.testing.assert_allclose(got, expected, atol=1e-12, rtol=0)
+
+
+def test_phi_identical_subspaces_is_one_and_orthogonal_is_zero():
+    rng = np.random.default_rng(1)
+    q, _ = np.linalg.qr(rng.standard_normal((30, 30)))
+    basis = q.T  # orthonormal rows
+    # Same 6-dimensional span, different basis: phi(6, 6) = 1, and nested prefixes give 1 too.
+    mixed = np.linalg.qr(rng.standard_normal((6, 6)))[0] @ basis[:6]
+    assert subspace.phi(basis[:6], mixed)[5, 5] == pytest.approx(1.0, abs=1e-12)
+    np.testing.assert_allclose(subspace.phi_matrix(basis[:8], basis[:8]), np.ones((8, 8)), atol=1e-12)
+    np.testing.assert_allclose(subspace.phi_matrix(basis[:5], basis[5:12]), 0.0, atol=1e-12)
+
+
+def test_phi_random_subspaces_match_chance_level():
+    rng = np.random.default_rng(2)
+    d, draws = 48, 300
+    total = np.zeros((6, 10))
+    for _ in range(draws):
+        total += subspace.phi(rng.standard_normal((6, d)), rng.standard_normal((10, d)))
+    mean = total / draws
+    expected = subspace.chance_phi((6, 10), d)
+    # Standard error of each mean is below 0.01 here; a wrong normalisation (min vs max) is off by > 0.1.
+    np.testing.assert_allclose(mean, expected, atol=0.03)
+    assert np.nanmax(np.abs(subspace.chance_corrected(mean, d))) < 0.05
+
+
+def test_chance_corrected_maps_chance_to_zero_and_identity_to_one():
+    d = 20
+    expected = subspace.chance_phi((4, 5), d)
+    np.testing.assert_allclose(subspace.chance_corrected(expected, d), 0.0, atol=1e-12)
+    np.testing.assert_allclose(subspace.chance_corrected(np.ones((4, 5)), d), 1.0, atol=1e-12)
+    assert np.isnan(subspace.chance_corrected(np.ones((2, 2)), 2)[1, 1])
+
+
+def test_amplification_on_constructed_matrices():
+    rng = np.random.default_rng(3)
+    d = 16
+    u = np.linalg.qr(rng.standard_normal((d, d)))[0]
+    v = np.linalg.qr(rng.standard_normal((d, d)))[0]
+    sigma = np.linspace(10.0, 0.5, d)
+    w = u @ np.diag(sigma) @ v.T
+    # dW = 3 * u_k v_k^T along W's direction k: U^T W V^T = sigma_k, amplification = 3 / sigma_k.
+    k = 11
+    delta = 3.0 * np.outer(u[:, k], v[:, k])
+    result = subspace.amplification(w, delta)
+    assert result["rank"] == 1
+    assert result["norm_dW"] == pytest.approx(3.0)
+    assert result["proj_dW"] == pytest.approx(sigma[k])
+    assert result["amplification"] == pytest.approx(3.0 / sigma[k])
+    assert result["proj_W"] == pytest.approx(sigma[0])  # W's own top direction
+    assert result["norm_W"] == pytest.approx(np.sqrt((sigma ** 2).sum()))
+    # Random unit directions: E[(u^T W v)^2] = ||W||_F^2 / d^2, so far below the top singular value.
+    assert result["proj_random"] < sigma[0] / 2
+
+
+def test_effective_rank_and_intruders():
+    assert subspace.effective_rank([2.0, 2.0, 2.0, 0.0]) == pytest.approx(3.0)
+    assert subspace.effective_rank([5.0]) == pytest.approx(1.0)
+    rng = np.random.default_rng(4)
+    d = 12
+    u = np.linalg.qr(rng.standard_normal((d, d)))[0]
+    w = u @ np.diag(np.linspace(5, 1, d)) @ u.T
+    same = subspace.intruder_dimensions(w, w * 1.01, top_k=5)
+    assert same["count"] == 0
+    # A strong update along (u0 + u1) / sqrt(2) turns the (u0, u1) plane by ~45 degrees: the top two
+    # singular vectors of the result are intruders (|cos| ~ 0.707 < 0.8), the third is still u2.
+    new = (u[:, 0] + u[:, 1]) / np.sqrt(2)
+    shifted = subspace.intruder_dimensions(w, w + 50 * np.outer(new, new), top_k=3, threshold=0.8)
+    assert shifted["count"] == 2
+    np.testing.assert_allclose(shifted["max_abs_cosine"], [np.sqrt(0.5), np.sqrt(0.5), 1.0], atol=0.01)
+
+
+class TinyMLP(torch.nn.Module):
+    """A model digitlens did not train, with other module names than the ViT."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = torch.nn.ModuleDict({"fc_in": torch.nn.Linear(24, 32), "fc_out": torch.nn.Linear(32, 24)})
+        self.classifier = torch.nn.Linear(24, 3)
+
+    def forward(self, x):
+        return self.classifier(torch.relu(self.encoder["fc_out"](torch.relu(self.encoder["fc_in"](x)))))
+
+
+def _peft_adapter(tmp_path, rank: int, seed: int):
+    """Base weights and a PEFT LoRA adapter (random nonzero B, as after training) on TinyMLP."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = TinyMLP()
+    base_path = tmp_path / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(base_path))
+    torch.manual_seed(seed)
+    model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=4, target_modules=["fc_in", "fc_out"],
+                                            init_lora_weights="gaussian"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    out = tmp_path / f"adapter_r{rank}_s{seed}"
+    model.save_pretrained(str(out))
+    return base_path, out, model
+
+
+def test_analyse_adapters_on_a_foreign_peft_model(tmp_path):
+    base_path, adapter_a, peft_model = _peft_adapter(tmp_path, rank=4, seed=0)
+    _, adapter_b, _ = _peft_adapter(tmp_path, rank=8, seed=1)
+    summary = subspace.analyse_adapters(base_path, [adapter_a, adapter_b], tmp_path / "out", figures=False)
+    names = [m["module"] for m in summary["modules"]]
+    assert names == ["encoder.fc_in", "encoder.fc_out"]
+    # The delta that was read back equals PEFT's own merged update.
+    fc_in = peft_model.base_model.model.encoder["fc_in"]
+    peft_delta = fc_in.get_delta_weight("default").detach().double().numpy()
+    read = subspace.read_lora_adapter(adapter_a).modules["encoder.fc_in"]
+    np.testing.assert_allclose(read.delta, peft_delta, rtol=0, atol=1e-6)  # float32 product in PEFT
+    assert read.scale == pytest.approx(4 / 4)
+    first = summary["modules"][0]["adapters"][0]
+    assert first["rank"] == 4 and len(first["singular_values"]) == 4
+    assert first["phi_W_A"]["chance_k_k"] == pytest.approx(4 / 24)
+    assert summary["modules"][0]["phi_between"][0]["shape"] == [4, 8]
+    saved = json.loads((tmp_path / "out" / "subspace.json").read_text())
+    assert saved["labels"] == ["adapter_r4_s0", "adapter_r8_s1"]
+    assert "| encoder.fc_out | adapter_r8_s1 | 8 |" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def test_analyse_adapters_writes_figures(tmp_path):
+    base_path, adapter_a, _ = _peft_adapter(tmp_path, rank=4, seed=0)
+    subspace.analyse_adapters(base_path, [adapter_a], tmp_path / "out", modules=["encoder.fc_in"])
+    figures = sorted(p.name for p in (tmp_path / "out" / "figures").glob("*.png"))
+    assert "phi_W_vs_A__encoder_fc_in.png" in figures and "phi_W_vs_A__encoder_fc_in_corrected.png" in figures
+    assert "amplification.png" in figures and "dW_spectra.png" in figures
+
+
+def test_name_and_shape_mismatch_give_one_line_errors(tmp_path):
+    base_path, adapter, _ = _peft_adapter(tmp_path, rank=2, seed=0)
+    wrong_names = tmp_path / "other.safetensors"
+    save_file({"layers.0.weight": torch.zeros(32, 24)}, str(wrong_names))
+    with pytest.raises(DigitlensError, match=r"other.safetensors: no weight named 'encoder.fc_in.weight' for adapter module") as info:
+        subspace.analyse_adapters(wrong_names, [adapter], tmp_path / "o1")
+    assert "\n" not in str(info.value)
+    wrong_shape = tmp_path / "shape.safetensors"
+    save_file({"encoder.fc_in.weight": torch.zeros(32, 25), "encoder.fc_out.weight": torch.zeros(24, 32)},
+              str(wrong_shape))
+    with pytest.raises(DigitlensError, match=r"has shape \(32, 25\) but adapter module 'encoder.fc_in'"):
+        subspace.analyse_adapters(wrong_shape, [adapter], tmp_path / "o2")
+    with pytest.raises(DigitlensError, match="adapter_config.json: file not found"):
+        subspace.analyse_adapters(base_path, [tmp_path], tmp_path / "o3")

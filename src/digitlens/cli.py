@@ -72,6 +72,31 @@ def evaluate_command(
     typer.echo(f"wrote {summary['out_dir']}/metrics.json, insights.md and {len(summary['figures'])} figure files")
 
 
+@app.command("report")
+@one_line_errors
+def report_command(
+    run_dir: Path = typer.Argument(..., help="Run folder to report on (runs/NAME)."),
+    compare: Optional[Path] = typer.Option(None, "--compare", help="A second run folder to show side by side."),
+) -> None:
+    """Write RUN_DIR/report.html: one self-contained page with every figure, table and insight."""
+    from digitlens.report import write_report
+
+    typer.echo(f"wrote {write_report(run_dir, compare=compare)}")
+
+
+@app.command("demo")
+@one_line_errors
+def demo_command(
+    dataset: str = typer.Option("digits", "--dataset", help="digits (embedded, no download) or mnist."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder with the MNIST IDX files."),
+    out_root: Path = typer.Option(Path("runs"), "--out", help="Folder that receives the demo's run folders."),
+) -> None:
+    """Train a CNN and a ViT, evaluate, explain, run the LoRA study and write the reports."""
+    from digitlens.demo import run_demo
+
+    run_demo(out_root, dataset=dataset, data_dir=data_dir)
+
+
 @app.command("adapt")
 @one_line_errors
 def adapt_command(

@@ -1,0 +1,436 @@
+"""Assemble the report of one run (or two, side by side) and write ``report.html``.
+
+The report is one self-contained HTML file: figures are embedded as base64 PNG data URIs and
+the stylesheet is inlined, so it opens offline and can be mailed as is.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import fnmatch
+import html
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from digitlens.errors import DigitlensError
+from digitlens.report import readings as R
+from digitlens.report.collect import RunData, collect_run
+from digitlens.runio import write_text
+
+TEMPLATES = Path(__file__).with_name("templates")
+
+# Report sections in reading order: (id, title).
+SECTIONS = (
+    ("overview", "Overview"),
+    ("training", "Training"),
+    ("evaluation", "Confusion matrix and per-digit metrics"),
+    ("galleries", "Galleries"),
+    ("explanations", "Per-digit heatmaps and faithfulness"),
+    ("filters", "Filters and activations"),
+    ("lora", "LoRA study"),
+    ("insights", "Insights"),
+)
+
+
+@dataclass(frozen=True)
+class FigureSpec:
+    """Where a known figure goes: glob patterns on its path in the run, section, reading kind, caption."""
+
+    patterns: tuple[str, ...]
+    section: str
+    kind: str | None
+    caption: str
+
+
+# Known figures, in the order they appear within their section. A figure matching no entry
+# still appears, in the section of its folder (FOLDER_SECTIONS), with a caption from its name.
+CATALOGUE = (
+    FigureSpec(("figures/*curve*", "figures/*history*", "figures/*loss*", "figures/*training*"),
+               "training", "training", "Accuracy and loss per epoch, training against validation"),
+    FigureSpec(("figures/*confusion*norm*",), "evaluation", "confusion", "Confusion matrix, row-normalised"),
+    FigureSpec(("figures/*confusion*",), "evaluation", "confusion", "Confusion matrix"),
+    FigureSpec(("figures/*per_digit*group*", "figures/*group*"), "evaluation", "per_digit_groups",
+               "Per-digit precision, recall and F1 by digit group"),
+    FigureSpec(("figures/*per_digit*", "figures/*per_class*", "figures/*metrics*"), "evaluation", "per_digit",
+               "Per-digit precision, recall, F1 and accuracy"),
+    FigureSpec(("figures/*reliab*", "figures/*calibrat*"), "evaluation", "reliability",
+               "Reliability diagram: confidence against accuracy"),
+    FigureSpec(("figures/*misclass*", "figures/*mistake*", "figures/*error*"), "galleries", "misclassified",
+               "Misclassified test images, most confident mistakes first"),
+    FigureSpec(("figures/*gallery*", "figures/*prediction*", "figures/*sample*"), "galleries", "predictions",
+               "Predictions on test images"),
+    FigureSpec(("explain/figures/*overlay*mis*", "explain/figures/*mis*overlay*"), "galleries", "overlay_mis",
+               "Why the mistakes happened: misclassified images with their heatmaps"),
+    FigureSpec(("explain/figures/*overlay*",), "galleries", "overlay", "Images with their heatmaps"),
+    FigureSpec(("explain/figures/*filter*", "explain/figures/*kernel*", "explain/figures/*patch_embed*",
+                "explain/figures/*feature*", "explain/figures/*activation*"), "filters", "filters",
+               "Filters and activations"),
+    FigureSpec(("explain/figures/*faithful*", "explain/figures/*deletion*", "explain/figures/*insertion*",
+                "explain/figures/*sanity*", "explain/figures/*random*"), "explanations", "faithfulness",
+               "How faithful each explanation method is"),
+    FigureSpec(("explain/figures/*compar*", "explain/figures/*vs*", "explain/figures/*diff*"), "explanations",
+               "heatmap_compare", "Per-digit maps side by side, on one colour scale"),
+    FigureSpec(("explain/figures/*",), "explanations", "heatmap", "Per-digit maps"),
+    FigureSpec(("adapt/**",), "lora", "adapt", "LoRA adaptation"),
+    FigureSpec(("subspace/**",), "lora", "subspace", "Subspace analysis"),
+)
+
+FOLDER_SECTIONS = {"figures": "evaluation", "explain": "explanations", "adapt": "lora", "subspace": "lora"}
+
+
+def _match(rel: str, pattern: str) -> bool:
+    # fnmatch's "*" already crosses "/", so "adapt/**" matches any depth.
+    return fnmatch.fnmatch(rel, pattern)
+
+
+def classify(rel: Path) -> tuple[int, FigureSpec | None, str]:
+    """(catalogue position, spec or None, section id) of a figure path relative to its run."""
+    rel_s = rel.as_posix()
+    for i, spec in enumerate(CATALOGUE):
+        if any(_match(rel_s, p) for p in spec.patterns):
+            return i, spec, spec.section
+    return len(CATALOGUE), None, FOLDER_SECTIONS.get(rel.parts[0], "evaluation")
+
+
+def humanise(stem: str) -> str:
+    """``per_digit_saliency`` -> ``Per digit saliency``."""
+    words = re.sub(r"[_\-]+", " ", stem).strip()
+    return words[:1].upper() + words[1:]
+
+
+def figure_caption(rel: Path, spec: FigureSpec | None) -> str:
+    """Caption of a figure: the catalogue's, plus what its file name adds (method, rank, task)."""
+    name = humanise(rel.stem)
+    if spec is None:
+        return name
+    if spec.kind in ("heatmap", "heatmap_compare", "filters", "faithfulness", "adapt", "subspace", "overlay", "overlay_mis"):
+        sub = "/".join(rel.parts[1:-1]).replace("figures", "").strip("/")
+        detail = f"{sub}/{rel.stem}" if sub else rel.stem
+        return f"{spec.caption}: {humanise(detail)}"
+    return spec.caption
+
+
+def data_uri(png: Path) -> str:
+    """The PNG at ``png`` as a ``data:image/png;base64,...`` URI."""
+    raw = png.read_bytes()
+    if not raw.startswith(b"\x89PNG\r\n\x1a\n"):
+        raise DigitlensError(f"{png}: not a PNG file")
+    return "data:image/png;base64," + base64.b64encode(raw).decode("ascii")
+
+
+# --------------------------------------------------------------------------- tables
+
+
+@dataclass
+class Table:
+    title: str
+    columns: list[str]
+    rows: list[list[str]]
+    caption: str = ""
+    run: str = ""
+    numeric: list[bool] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.numeric:
+            self.numeric = [False] + [True] * (len(self.columns) - 1)
+
+
+def per_digit_table(run: RunData) -> Table | None:
+    p = R.prediction_summary(run)
+    if not p:
+        return None
+    rows = [[str(d), f"{p['precision'][d]:.3f}", f"{p['recall'][d]:.3f}", f"{p['f1'][d]:.3f}",
+             f"{p['per_digit_accuracy'][d]:.3f}", f"{int(p['support'][d]):,}"] for d in p["labels"]]
+    hard = int(np.argmin(p["f1"]))
+    return Table("Per-digit metrics", ["Digit", "Precision", "Recall", "F1", "Accuracy (one-vs-rest)", "Support"], rows,
+                 f"Digit {hard} has the lowest F1 ({p['f1'][hard]:.3f}); the macro F1 over all digits is {p['f1'].mean():.3f}.",
+                 run.name)
+
+
+def per_digit_diff_table(a: RunData, b: RunData) -> Table | None:
+    """Per-digit precision, recall and F1 of two runs with the F1 difference (b - a)."""
+    pa, pb = R.prediction_summary(a), R.prediction_summary(b)
+    if not pa or not pb or pa["labels"] != pb["labels"]:
+        return None
+    rows = []
+    for d in pa["labels"]:
+        rows.append([str(d), f"{pa['precision'][d]:.3f}", f"{pb['precision'][d]:.3f}", f"{pa['recall'][d]:.3f}",
+                     f"{pb['recall'][d]:.3f}", f"{pa['f1'][d]:.3f}", f"{pb['f1'][d]:.3f}", f"{pb['f1'][d] - pa['f1'][d]:+.3f}"])
+    delta = pb["f1"] - pa["f1"]
+    up, down = int(np.argmax(delta)), int(np.argmin(delta))
+    caption = (f"{b.name} gains most on digit {up} (F1 {delta[up]:+.3f}) and "
+               + (f"loses most on digit {down} (F1 {delta[down]:+.3f})." if delta[down] < 0 else f"is at least as good on every digit."))
+    columns = ["Digit", f"Precision {a.name}", f"Precision {b.name}", f"Recall {a.name}", f"Recall {b.name}",
+               f"F1 {a.name}", f"F1 {b.name}", "F1 difference"]
+    return Table("Per-digit metrics compared", columns, rows, caption)
+
+
+def confused_pairs_table(run: RunData, top: int = 5) -> Table | None:
+    p = R.prediction_summary(run)
+    if not p or p["most_confused"] is None:
+        return None
+    off = p["confusion"].copy()
+    np.fill_diagonal(off, 0)
+    order = np.argsort(off, axis=None)[::-1][:top]
+    rows = []
+    for flat in order:
+        t, q = np.unravel_index(flat, off.shape)
+        if off[t, q] == 0:
+            break
+        rows.append([f"{t} → {q}", f"{int(off[t, q]):,}", f"{off[t, q] / max(p['support'][t], 1) * 100:.1f}%"])
+    return Table("Most-confused pairs", ["True → predicted", "Images", "Share of true digit"], rows,
+                 "", run.name)
+
+
+def overview_facts(run: RunData) -> dict[str, Any]:
+    """Headline numbers of a run (used by the overview table and by the comparison)."""
+    cfg = run.config
+    h = R.history_summary(run) or {}
+    p = R.prediction_summary(run) or {}
+    facts: dict[str, Any] = {
+        "Dataset": cfg.get("dataset"),
+        "Model": cfg.get("model"),
+        "Parameters": R.dig(cfg, "n_parameters", "parameters", "num_parameters"),
+        "Epochs": cfg.get("epochs", h.get("epochs")),
+        "Seed": cfg.get("seed"),
+        "Training time (s)": h.get("seconds"),
+        "Best validation accuracy": h.get("best_val_accuracy"),
+        "Test accuracy": p.get("accuracy", R.dig(run.metrics or {}, "accuracy")),
+        "Macro F1": float(np.mean(p["f1"])) if p else R.dig(run.metrics or {}, "macro.f1", "macro_f1", "f1_macro"),
+        "Expected calibration error": R.ece_of(run),
+        "Test images": p.get("n"),
+        "Mistakes": (p["n"] - p["correct"]) if p else None,
+    }
+    if p and p.get("most_confused"):
+        t, q, c = p["most_confused"]
+        facts["Most-confused pair"] = f"{t} → {q} ({c})"
+    best = best_explain_method(run)
+    if best:
+        facts["Most faithful explanation"] = best
+    return {k: v for k, v in facts.items() if v is not None}
+
+
+PERCENT_FACTS = {"Best validation accuracy", "Test accuracy"}
+NO_DIFF_FACTS = {"Seed"}
+
+
+def fmt_fact(key: str, value: Any) -> str:
+    if key in PERCENT_FACTS and isinstance(value, (int, float)):
+        return R.pct(value, 2)
+    if key == "Training time (s)" and isinstance(value, (int, float)):
+        return f"{value:.1f}"
+    return R.num(value, 4) if isinstance(value, float) else R.num(value)
+
+
+def best_explain_method(run: RunData) -> str | None:
+    em = run.explain_metrics or {}
+    ranking = R.dig(em, "faithfulness.ranking", "ranking")
+    if isinstance(ranking, list) and ranking:
+        first = ranking[0]
+        return first if isinstance(first, str) else R.dig(first, "method", "name")
+    return R.dig(em, "most_faithful", "best_method")
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class Panel:
+    run: str
+    uri: str
+    path: str
+    reading: list[str]
+
+
+@dataclass
+class Figure:
+    id: str
+    caption: str
+    panels: list[Panel]
+
+
+@dataclass
+class Section:
+    id: str
+    title: str
+    intro: list[str] = field(default_factory=list)
+    tables: list[Table] = field(default_factory=list)
+    figures: list[Figure] = field(default_factory=list)
+    html_blocks: list[str] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.tables or self.figures or self.html_blocks or (self.intro and self.id == "overview"))
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def faithfulness_table(run: RunData) -> Table | None:
+    """One row per explanation method (best first, random order last) from ``explain_metrics.json``."""
+    f = R.faithfulness_of(run)
+    if not f:
+        return None
+    ranking = list(f.get("ranking") or [])
+    names = ranking + [m for m in f["methods"] if m not in ranking and m != "random"]
+    if "random" in f["methods"]:
+        names.append("random")
+    rows = []
+    for m in names:
+        v = f["methods"][m]
+        sanity = v.get("passes_sanity_check")
+        rows.append([R.label(m), str(v.get("rank", "—")), f"{v['deletion_auc']:.3f}", f"{v['insertion_auc']:.3f}",
+                     f"{v['insertion_minus_deletion']:.3f}", "—" if m == "random" else ("yes" if v.get("beats_random") else "no"),
+                     R.num(v.get("spearman_fully_randomised"), 2) if "spearman_fully_randomised" in v else "—",
+                     "—" if sanity is None else ("passes" if sanity else "fails")])
+    ig = R.dig(run.explain_metrics or {}, "integrated_gradients")
+    caption = (f"Deletion AUC: lower is better; insertion AUC: higher is better; over {f.get('n_images', '?')} test images "
+               f"with the patches removed or revealed in attribution order.")
+    if isinstance(ig, dict) and "completeness_rel_error_mean" in ig:
+        caption += (f" Integrated gradients used {ig.get('mean_steps', float('nan')):.1f} steps per image on average, "
+                    f"with a mean completeness error of {ig['completeness_rel_error_mean'] * 100:.2f}%.")
+    return Table("Faithfulness of each explanation method",
+                 ["Method", "Rank", "Deletion AUC", "Insertion AUC", "Insertion − deletion", "Beats random",
+                  "Rank corr. after randomisation", "Sanity check"], rows, caption, run.name)
+
+
+def _section_tables(section: str, run: RunData) -> list[Table]:
+    tables: list[Table] = []
+    if section == "evaluation":
+        tables += [t for t in (per_digit_table(run), confused_pairs_table(run)) if t]
+    elif section == "explanations":
+        table = faithfulness_table(run)
+        if table:
+            tables.append(table)
+    return tables
+
+
+def _section_blocks(section: str, run: RunData, label_runs: bool) -> list[str]:
+    """HTML blocks: the stages' own Markdown tables (LoRA results, subspace summary) and insights."""
+    prefix = f"<h3>{html.escape(run.name)}</h3>\n" if label_runs else ""
+    blocks = []
+    if section == "lora":
+        for task in run.adapt_results:
+            md = run.run_dir / "adapt" / task / "results.md"
+            if md.is_file():
+                blocks.append(prefix + f"<h3>LoRA against baselines, task “{html.escape(task)}”</h3>\n"
+                              + markdown_to_html(md.read_text()))
+        for md in sorted((run.run_dir / "subspace").glob("**/summary.md")) if (run.run_dir / "subspace").is_dir() else []:
+            task = md.parent.name
+            blocks.append(prefix + f"<h3>Subspace analysis, task “{html.escape(task)}”</h3>\n"
+                          + "<div class=\"table-wrap\">" + markdown_to_html(md.read_text()) + "</div>")
+    elif section == "insights" and run.insights_md:
+        blocks.append(prefix + markdown_to_html(run.insights_md))
+    return blocks
+
+
+def markdown_to_html(text: str) -> str:
+    """``insights.md`` (Markdown with pipe tables) as HTML, headings shifted below the report's h2."""
+    from markdown_it import MarkdownIt
+
+    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(text)
+    # The file's "# Insights" duplicates the section title; its other headings move down two levels.
+    body = re.sub(r"<h1>.*?</h1>\n?", "", body, count=1)
+    return re.sub(r"<(/?)h([1-4])>", lambda m: f"<{m.group(1)}h{min(int(m.group(2)) + 2, 6)}>", body)
+
+
+def build_sections(runs: list[RunData]) -> list[Section]:
+    """The report's sections for one run, or two runs side by side; empty sections dropped."""
+    sections = {sid: Section(sid, title) for sid, title in SECTIONS}
+    # Figures: one slot per relative path; panels from every run that has it.
+    slots: dict[str, tuple[int, FigureSpec | None, str, Path]] = {}
+    for run in runs:
+        for rel in run.figures:
+            key = rel.as_posix()
+            if key not in slots:
+                pos, spec, sid = classify(rel)
+                slots[key] = (pos, spec, sid, rel)
+    for key, (pos, spec, sid, rel) in sorted(slots.items(), key=lambda kv: (kv[1][0], kv[0])):
+        panels = []
+        for run in runs:
+            if rel in run.figures:
+                panels.append(Panel(run.name, data_uri(run.figure_path(rel)), key,
+                                    R.reading(spec.kind if spec else None, run, str(rel.with_suffix("")))))
+        sections[sid].figures.append(Figure(_slug("fig-" + key), figure_caption(rel, spec), panels))
+    diff = per_digit_diff_table(*runs) if len(runs) == 2 else None
+    if diff:
+        sections["evaluation"].tables.append(diff)
+    for run in runs:
+        for sid, _ in SECTIONS:
+            tables = _section_tables(sid, run)
+            if diff and sid == "evaluation":  # the comparison table replaces the two per-run ones
+                tables = [t for t in tables if t.title != "Per-digit metrics"]
+            sections[sid].tables += tables
+            sections[sid].html_blocks += _section_blocks(sid, run, len(runs) > 1)
+    overview = sections["overview"]
+    overview.tables.append(overview_table(runs))
+    return [s for s in sections.values() if not s.empty]
+
+
+def overview_table(runs: list[RunData]) -> Table:
+    facts = [overview_facts(r) for r in runs]
+    keys: list[str] = []
+    for f in facts:
+        keys += [k for k in f if k not in keys]
+    columns = [""] + [r.name for r in runs]
+    if len(runs) == 2:
+        columns.append("Difference")
+    rows = []
+    for key in keys:
+        row = [key] + [fmt_fact(key, f.get(key)) if key in f else "—" for f in facts]
+        if len(runs) == 2:
+            a, b = facts[0].get(key), facts[1].get(key)
+            numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b))
+            if numeric and a != b and key not in NO_DIFF_FACTS:
+                d = b - a
+                row.append(f"{d * 100:+.2f} pts" if key in PERCENT_FACTS else f"{d:+.1f}" if key == "Training time (s)"
+                           else f"{d:+,}" if isinstance(d, int) else f"{d:+.4f}")
+            else:
+                row.append("")
+        rows.append(row)
+    title = "Runs compared" if len(runs) == 2 else "Run at a glance"
+    caption = ""
+    if len(runs) == 2 and all("Test accuracy" in f for f in facts):
+        a, b = facts[0]["Test accuracy"], facts[1]["Test accuracy"]
+        better = runs[1].name if b > a else runs[0].name
+        caption = (f"{better} is more accurate on the test split by {abs(b - a) * 100:.2f} points "
+                   f"({R.pct(max(a, b), 2)} against {R.pct(min(a, b), 2)}). Difference: second run minus first.")
+    return Table(title, columns, rows, caption)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def render(runs: list[RunData], sections: list[Section]) -> str:
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+                             autoescape=jinja2.select_autoescape(["html"]), trim_blocks=True, lstrip_blocks=True)
+    css = (TEMPLATES / "report.css").read_text()
+    title = f"digitlens report: {runs[0].name}" + (f" vs {runs[1].name}" if len(runs) > 1 else "")
+    return env.get_template("report.html").render(
+        title=title, css=css, runs=runs, sections=sections, compare=len(runs) > 1,
+        generated=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
+    )
+
+
+def write_report(run_dir: str | Path, *, compare: str | Path | None = None, out: str | Path | None = None) -> Path:
+    """Write ``run_dir/report.html`` (or ``out``): one self-contained HTML file for the run,
+    with ``compare`` (another run folder) side by side when given. Returns the path written."""
+    runs = [collect_run(run_dir)]
+    if compare is not None:
+        other = collect_run(compare)
+        if other.run_dir.resolve() == runs[0].run_dir.resolve():
+            raise DigitlensError(f"--compare {compare}: is the same run as {run_dir}")
+        if other.name == runs[0].name:  # two folders with one name: tell them apart in the columns
+            other.name = f"{other.run_dir.resolve().parent.name}/{other.name}"
+        runs.append(other)
+    sections = build_sections(runs)
+    target = Path(out) if out is not None else runs[0].run_dir / "report.html"
+    return write_text(target, render(runs, sections))

@@ -1,0 +1,487 @@
+"""Numbers behind the report: per-run summaries and the two-line readings under each figure.
+
+Every reading is computed from the run's own files (history, predictions, stage JSONs); a
+reading function returns an empty list when the numbers it needs are not there, never a
+canned sentence.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from digitlens.report.collect import RunData
+
+
+def pct(value: float | None, digits: int = 1) -> str:
+    """``0.9912`` -> ``"99.1%"``; values above 1 are taken as already in percent."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    value = float(value)
+    return f"{value * 100 if abs(value) <= 1.0 else value:.{digits}f}%"
+
+
+def num(value: Any, digits: int = 3) -> str:
+    """A number for a table cell: ints with thousands separators, floats to ``digits`` places."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if isinstance(value, (int, np.integer)):
+        return f"{int(value):,}"
+    if isinstance(value, (float, np.floating)):
+        if math.isnan(value):
+            return "n/a"
+        if value != 0 and (abs(value) >= 1e5 or abs(value) < 10 ** (-digits)):
+            return f"{value:.{digits}g}"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def dig(obj: Any, *paths: str, default: Any = None) -> Any:
+    """The first of several dotted key paths present in nested dicts (``"macro.f1"``)."""
+    for path in paths:
+        cur = obj
+        ok = True
+        for key in path.split("."):
+            if isinstance(cur, dict) and key in cur:
+                cur = cur[key]
+            else:
+                ok = False
+                break
+        if ok and cur is not None:
+            return cur
+    return default
+
+
+# --------------------------------------------------------------------------- training
+
+
+def history_summary(run: RunData) -> dict | None:
+    """Best epochs and the overfitting point from ``history.csv``; ``None`` without history."""
+    rows = run.history
+    if not rows:
+        return None
+    epochs = [int(r.get("epoch", i + 1)) for i, r in enumerate(rows)]
+    out: dict[str, Any] = {"epochs": len(rows), "last_epoch": epochs[-1]}
+    out["seconds"] = sum(r.get("seconds", 0.0) for r in rows) if any("seconds" in r for r in rows) else None
+    val_acc = [r.get("val_accuracy") for r in rows]
+    if all(v is not None for v in val_acc):
+        best = int(np.argmax(val_acc))
+        out.update(best_val_accuracy=val_acc[best], best_val_accuracy_epoch=epochs[best],
+                   train_accuracy_at_best=rows[best].get("accuracy"), final_val_accuracy=val_acc[-1])
+    val_loss = [r.get("val_loss") for r in rows]
+    if all(v is not None for v in val_loss):
+        low = int(np.argmin(val_loss))
+        out.update(min_val_loss=val_loss[low], min_val_loss_epoch=epochs[low], final_val_loss=val_loss[-1])
+        out["val_loss_rise"] = (val_loss[-1] - val_loss[low]) / val_loss[low] if val_loss[low] > 0 else None
+    if rows[-1].get("loss") is not None:
+        out["final_loss"] = rows[-1]["loss"]
+    if rows[-1].get("accuracy") is not None:
+        out["final_accuracy"] = rows[-1]["accuracy"]
+    return out
+
+
+def reading_training(run: RunData) -> list[str]:
+    h = history_summary(run)
+    if not h:
+        return []
+    lines = []
+    if "best_val_accuracy" in h:
+        line = f"Validation accuracy peaked at {pct(h['best_val_accuracy'], 2)} in epoch {h['best_val_accuracy_epoch']}"
+        if h.get("train_accuracy_at_best") is not None:
+            line += f" (training accuracy then {pct(h['train_accuracy_at_best'], 2)})"
+        line += f" and ended at {pct(h['final_val_accuracy'], 2)} after {h['epochs']} epochs."
+        lines.append(line)
+    if "min_val_loss" in h:
+        rise = h.get("val_loss_rise") or 0.0
+        if h["min_val_loss_epoch"] < h["last_epoch"] and rise > 0.02:
+            lines.append(f"Validation loss was lowest in epoch {h['min_val_loss_epoch']} ({h['min_val_loss']:.4f}) and "
+                         f"rose {rise * 100:.0f}% by the last epoch: the model started to overfit.")
+        else:
+            lines.append(f"Validation loss was lowest in epoch {h['min_val_loss_epoch']} ({h['min_val_loss']:.4f}) and did "
+                         f"not rise after it by more than 2%: no sign of overfitting.")
+    if h.get("seconds"):
+        lines[-1:] = [lines[-1] + f" Training took {h['seconds']:.1f} s."] if lines else [f"Training took {h['seconds']:.1f} s."]
+    return lines
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def prediction_summary(run: RunData) -> dict | None:
+    """Accuracy, per-digit scores (scikit-learn), confusion and mistakes from ``predictions.npz``."""
+    pred = run.predictions
+    if not pred or "y_true" not in pred or "y_pred" not in pred:
+        return None
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    y_true = np.asarray(pred["y_true"]).astype(int)
+    y_pred = np.asarray(pred["y_pred"]).astype(int)
+    n_classes = int(run.config.get("n_classes", max(y_true.max(), y_pred.max()) + 1))
+    labels = list(range(n_classes))
+    cm = confusion_matrix(y_true, y_pred, labels=labels)
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    off = cm.copy()
+    np.fill_diagonal(off, 0)
+    pair = np.unravel_index(int(np.argmax(off)), off.shape)
+    out = {
+        "n": int(y_true.size), "correct": int((y_true == y_pred).sum()), "accuracy": float((y_true == y_pred).mean()),
+        "labels": labels, "confusion": cm, "precision": precision, "recall": recall, "f1": f1, "support": support,
+        # one-vs-rest accuracy of "is it digit d?": (TP + TN) / N
+        "per_digit_accuracy": (y_true.size - (cm.sum(0) - np.diag(cm)) - (cm.sum(1) - np.diag(cm))) / y_true.size,
+        "most_confused": (int(pair[0]), int(pair[1]), int(off[pair])) if off.max() > 0 else None,
+    }
+    proba = pred.get("proba")
+    if proba is not None and proba.ndim == 2 and proba.shape[0] == y_true.size:
+        conf = proba.max(1)
+        out["mean_confidence"] = float(conf.mean())
+        wrong = np.flatnonzero(y_true != y_pred)
+        if wrong.size:
+            worst = wrong[np.argmax(conf[wrong])]
+            out["worst_mistake"] = (int(y_true[worst]), int(y_pred[worst]), float(conf[worst]))
+            out["mean_confidence_wrong"] = float(conf[wrong].mean())
+        right = np.flatnonzero(y_true == y_pred)
+        if right.size:
+            out["mean_confidence_right"] = float(conf[right].mean())
+    return out
+
+
+def ece_of(run: RunData) -> float | None:
+    value = dig(run.metrics or {}, "ece", "expected_calibration_error", "calibration.ece")
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def reading_confusion(run: RunData) -> list[str]:
+    p = prediction_summary(run)
+    if not p:
+        return []
+    lines = [f"{p['correct']:,} of {p['n']:,} test images are classified correctly ({pct(p['accuracy'], 2)}); "
+             f"the {p['n'] - p['correct']:,} mistakes are the off-diagonal cells."]
+    if p["most_confused"]:
+        t, q, c = p["most_confused"]
+        lines.append(f"The most frequent confusion is a true {t} read as {q} ({c} image{'s' if c != 1 else ''}, "
+                     f"{c / max(p['support'][t], 1) * 100:.1f}% of the {t}s).")
+    else:
+        lines.append("There is no confusion at all: every test image lies on the diagonal.")
+    return lines
+
+
+def reading_per_digit(run: RunData) -> list[str]:
+    p = prediction_summary(run)
+    if not p:
+        return []
+    f1 = p["f1"]
+    hard, easy = int(np.argmin(f1)), int(np.argmax(f1))
+    lines = [f"Hardest digit: {hard} (F1 {f1[hard]:.3f}, precision {p['precision'][hard]:.3f}, recall {p['recall'][hard]:.3f}); "
+             f"easiest: {easy} (F1 {f1[easy]:.3f})."]
+    low_recall = int(np.argmin(p["recall"]))
+    lines.append(f"Lowest recall is for {low_recall} ({p['recall'][low_recall]:.3f}: "
+                 f"{int(p['support'][low_recall] - p['confusion'][low_recall, low_recall])} of its {int(p['support'][low_recall])} "
+                 f"images missed); F1 spreads over {f1.max() - f1.min():.3f} between digits.")
+    return lines
+
+
+def reading_groups(run: RunData) -> list[str]:
+    """Mean precision and recall per digit group (the groups of ``evaluate.DEFAULT_DIGIT_GROUPS``)."""
+    from digitlens.evaluate import DEFAULT_DIGIT_GROUPS
+
+    p = prediction_summary(run)
+    if not p:
+        return []
+    parts = []
+    for group in DEFAULT_DIGIT_GROUPS:
+        g = [d for d in group if d < len(p["labels"])]
+        worst = min(g, key=lambda d: p["recall"][d])
+        parts.append(f"digits {', '.join(map(str, g))}: mean precision {np.mean(p['precision'][g]):.3f}, "
+                     f"mean recall {np.mean(p['recall'][g]):.3f} (lowest recall {worst}: {p['recall'][worst]:.3f})")
+    return [f"Group {i + 1}, {part}." for i, part in enumerate(parts)]
+
+
+def reading_reliability(run: RunData) -> list[str]:
+    p = prediction_summary(run)
+    ece = ece_of(run)
+    lines = []
+    if ece is not None:
+        lines.append(f"Expected calibration error is {ece:.4f}: on average, confidence and accuracy differ by {ece * 100:.2f} points.")
+    if p and "mean_confidence" in p:
+        gap = p["mean_confidence"] - p["accuracy"]
+        lines.append(f"Mean confidence {pct(p['mean_confidence'], 2)} against accuracy {pct(p['accuracy'], 2)}: "
+                     f"the model is {'over' if gap > 0 else 'under'}confident by {abs(gap) * 100:.2f} points overall.")
+    return lines
+
+
+def reading_predictions(run: RunData) -> list[str]:
+    p = prediction_summary(run)
+    if not p or "mean_confidence" not in p:
+        return reading_confusion(run)[:1]
+    lines = [f"Correct predictions carry a mean confidence of {pct(p.get('mean_confidence_right'), 1)}"
+             + (f", mistakes {pct(p['mean_confidence_wrong'], 1)}." if "mean_confidence_wrong" in p else ".")]
+    lines.append(f"Accuracy over the whole test split is {pct(p['accuracy'], 2)} ({p['correct']:,} of {p['n']:,}).")
+    return lines
+
+
+def reading_misclassified(run: RunData) -> list[str]:
+    p = prediction_summary(run)
+    if not p:
+        return []
+    wrong = p["n"] - p["correct"]
+    if not wrong:
+        return ["No test image is misclassified."]
+    lines = [f"{wrong:,} test images ({pct(wrong / p['n'], 2)}) are misclassified, most confident first."]
+    if "worst_mistake" in p:
+        t, q, c = p["worst_mistake"]
+        lines.append(f"The most confident mistake reads a {t} as {q} with {pct(c, 1)} confidence.")
+    return lines
+
+
+# --------------------------------------------------------------------------- explanations
+
+
+def faithfulness_of(run: RunData) -> dict | None:
+    """``explain_metrics.json``'s faithfulness block: ``methods`` (name -> AUCs...), ``ranking``."""
+    block = dig(run.explain_metrics or {}, "faithfulness")
+    return block if isinstance(block, dict) and isinstance(block.get("methods"), dict) else None
+
+
+def label(method: str) -> str:
+    return method.replace("_", " ")
+
+
+def method_of(stem: str, run: RunData) -> str | None:
+    """The explanation method a figure name refers to (longest known method name in ``stem``)."""
+    methods = dig(run.explain_metrics or {}, "methods", default=[]) or []
+    found = [m for m in methods if m in stem]
+    return max(found, key=len) if found else None
+
+
+def reading_faithfulness(run: RunData, stem: str = "") -> list[str]:
+    f = faithfulness_of(run)
+    if not f:
+        return []
+    rows = {m: v for m, v in f["methods"].items() if m != "random"}
+    ranking = f.get("ranking") or sorted(rows, key=lambda m: -rows[m]["insertion_minus_deletion"])
+    best, worst = ranking[0], ranking[-1]
+    rnd = f["methods"].get("random", {})
+    line = (f"Most faithful: {label(best)} (insertion − deletion AUC {rows[best]['insertion_minus_deletion']:.3f}); "
+            f"least: {label(worst)} ({rows[worst]['insertion_minus_deletion']:.3f})")
+    if "insertion_minus_deletion" in rnd:
+        line += f"; a random patch order scores {rnd['insertion_minus_deletion']:.3f}"
+    lines = [line + f", over {f.get('n_images', '?')} test images."]
+    beats = [m for m in rows if rows[m].get("beats_random")]
+    passes = [m for m in rows if rows[m].get("passes_sanity_check")]
+    second = f"{len(beats)} of {len(rows)} methods beat the random order on both curves"
+    if any("passes_sanity_check" in v for v in rows.values()):
+        second += (f"; after re-initialising every layer, only {', '.join(map(label, passes)) or 'none'} "
+                   f"change{'s' if len(passes) == 1 else ''} enough to pass the randomisation sanity check")
+    lines.append(second + ".")
+    return lines
+
+
+def map_stats(run: RunData, method: str) -> dict | None:
+    """Concentration of the saved per-digit maps of ``method`` (``explain/maps_<method>.npz``)."""
+    path = run.run_dir / "explain" / f"maps_{method}.npz"
+    if not path.is_file():
+        return None
+    from digitlens.runio import read_npz
+
+    maps = read_npz(path).get("maps")
+    if maps is None or maps.ndim != 3:
+        return None
+    flat = maps.reshape(maps.shape[0], -1)
+    k = max(1, flat.shape[1] // 10)
+    top = np.sort(flat, axis=1)[:, ::-1][:, :k].sum(1) / np.maximum(flat.sum(1), 1e-12)
+    mean_map = maps.mean(0)
+    r, c = np.unravel_index(int(np.argmax(mean_map)), mean_map.shape)
+    return {"top_share": top, "k": k, "cells": flat.shape[1], "peak": (int(r), int(c)), "grid": maps.shape[1:]}
+
+
+def reading_heatmap(run: RunData, stem: str = "") -> list[str]:
+    method = method_of(stem, run)
+    if method is None:
+        return []
+    lines = []
+    f = faithfulness_of(run)
+    if f and method in f["methods"]:
+        row = f["methods"][method]
+        ranking = f.get("ranking") or []
+        line = (f"{label(method).capitalize()} ranks {ranking.index(method) + 1 if method in ranking else '?'} of "
+                f"{len(ranking)} for faithfulness (insertion − deletion {row['insertion_minus_deletion']:.3f})")
+        if "passes_sanity_check" in row:
+            line += (f" and {'passes' if row['passes_sanity_check'] else 'fails'} the randomisation check "
+                     f"(rank correlation {row.get('spearman_fully_randomised', float('nan')):.2f} with a re-initialised model)")
+        lines.append(line + ".")
+    st = map_stats(run, method)
+    if st:
+        t = st["top_share"]
+        hi, lo = int(np.argmax(t)), int(np.argmin(t))
+        lines.append(f"The top {st['k']} of {st['cells']} patches hold {t[hi] * 100:.0f}% of the attribution for digit {hi} "
+                     f"(most focused) and {t[lo] * 100:.0f}% for digit {lo} (most spread); averaged over digits the "
+                     f"strongest patch is row {st['peak'][0]}, column {st['peak'][1]}.")
+    return lines
+
+
+def reading_heatmap_compare(run: RunData, stem: str = "") -> list[str]:
+    return reading_heatmap(run, stem)[:1] or reading_faithfulness(run)[:1]
+
+
+def reading_filters(run: RunData, stem: str = "") -> list[str]:
+    """Norms of the first-layer kernels (the 4-D weight with one input channel) from the weights."""
+    path = run.run_dir / "model.safetensors"
+    if not path.is_file():
+        return []
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as fh:
+        names = [n for n in fh.keys() if n.endswith("weight") and len(fh.get_slice(n).get_shape()) == 4
+                 and fh.get_slice(n).get_shape()[1] == 1]
+        if not names:
+            return []
+        name = "patch_embed.weight" if "patch_embed.weight" in names else sorted(names)[0]
+        w = fh.get_tensor(name).astype(np.float64)
+    norms = np.sqrt((w.reshape(w.shape[0], -1) ** 2).sum(1))
+    flat = int((norms < 0.1 * norms.max()).sum())
+    lines = [f"The first layer ({name}) has {w.shape[0]} kernels of {w.shape[2]}×{w.shape[3]} pixels; their norms range "
+             f"from {norms.min():.2f} to {norms.max():.2f} (median {np.median(norms):.2f})."]
+    lines.append(f"{flat} kernel{'s are' if flat != 1 else ' is'} nearly flat (norm under 10% of the largest)"
+                 + (": the layer has spare capacity." if flat else ": every kernel is in use."))
+    return lines
+
+
+def reading_overlay(run: RunData, stem: str = "") -> list[str]:
+    lines = reading_predictions(run)
+    method = method_of(stem, run)
+    return ([f"Heatmaps by {label(method)}."] if method else []) + lines[:1]
+
+
+def reading_overlay_mis(run: RunData, stem: str = "") -> list[str]:
+    return reading_misclassified(run)
+
+
+# --------------------------------------------------------------------------- LoRA study
+
+
+def lora_summary(run: RunData, task: str | None = None) -> tuple[str, dict] | None:
+    if not run.adapt_results:
+        return None
+    task = task if task in run.adapt_results else next(iter(run.adapt_results))
+    return task, run.adapt_results[task]
+
+
+def reading_adapt(run: RunData, stem: str = "") -> list[str]:
+    task = next((t for t in run.adapt_results if f"adapt/{t}/" in stem), None)
+    found = lora_summary(run, task)
+    if not found:
+        return []
+    task, res = found
+    rows = res.get("summary") or []
+    lora = [r for r in rows if r.get("method") == "lora"]
+    if not lora:
+        return []
+    m = re.search(r"_r(\d+)$", stem)
+    if m and isinstance(res.get("per_digit"), dict):
+        key = next((k for k in res["per_digit"] if k.startswith(f"lora_r{m.group(1)}_")), None)
+        if key:
+            pd = res["per_digit"][key]
+            rec = np.asarray(pd["recall"])
+            prec = np.asarray(pd["precision"])
+            lo, plo = int(np.argmin(rec)), int(np.argmin(prec))
+            return [f"With r = {m.group(1)}, the digit put least often into its own group is {pd['digit'][lo]} "
+                    f"(recall {rec[lo]:.3f}); the group that others leak into most is that of {pd['digit'][plo]} "
+                    f"(precision {prec[plo]:.3f}).",
+                    f"Recall ranges from {rec.min():.3f} to {rec.max():.3f} over the ten digits."]
+    best = max(lora, key=lambda r: r["accuracy_mean"])
+    small = min(lora, key=lambda r: r["rank"])
+    line = (f"On task “{task}”, LoRA r = {small['rank']} reaches {pct(small['accuracy_mean'], 2)} with "
+            f"{small['trainable_params']:,} trainable parameters ({small['trainable_fraction'] * 100:.2f}% of the model); "
+            f"the best rank, r = {best['rank']}, {pct(best['accuracy_mean'], 2)}.")
+    others = {r["method"]: r for r in rows if r.get("method") in ("head_only", "full")}
+    second = ", ".join(f"{'head only' if k == 'head_only' else 'full fine-tuning'} {pct(v['accuracy_mean'], 2)} "
+                       f"({v['trainable_params']:,} parameters)" for k, v in others.items())
+    return [line] + ([f"Baselines: {second}."] if second else [])
+
+
+def _subspace_summary(run: RunData, stem: str) -> dict | None:
+    for rel, js in run.subspace.items():
+        if isinstance(js, dict) and "modules" in js and (Path(rel).parent.name in stem or len(run.subspace) == 1):
+            return js
+    return next((js for js in run.subspace.values() if isinstance(js, dict) and "modules" in js), None)
+
+
+def reading_subspace(run: RunData, stem: str = "") -> list[str]:
+    js = _subspace_summary(run, stem)
+    if not js:
+        return []
+    modules = js["modules"]
+    name = stem.rsplit("/", 1)[-1]
+    module = next((m for m in modules if m.get("module", "").replace(".", "_") in name), None)
+    if "amplification" in name or "spectra" in name or module is None:
+        amps = [(m["module"], a["rank"], a["amplification"]) for m in modules for a in m.get("adapters", [])
+                if isinstance(a.get("amplification"), dict)]
+        key = "amplification" if amps and "amplification" in amps[0][2] else None
+        if not amps or key is None:
+            ranks = sorted({a["rank"] for m in modules for a in m.get("adapters", [])})
+            eff = [a.get("effective_rank") for m in modules for a in m.get("adapters", []) if a.get("effective_rank")]
+            return [f"{len(modules)} adapted modules, ranks {', '.join(map(str, ranks))}; effective rank of ΔW between "
+                    f"{min(eff):.1f} and {max(eff):.1f}."] if eff else []
+        by_rank: dict[int, list[float]] = {}
+        for _, r, a in amps:
+            if isinstance(a.get(key), (int, float)) and math.isfinite(a[key]):
+                by_rank.setdefault(r, []).append(a[key])
+        return ["Mean amplification factor ‖ΔW‖ / ‖UᵀWVᵀ‖ per rank: "
+                + ", ".join(f"r = {r}: {np.mean(v):.1f}" for r, v in sorted(by_rank.items())) + "."]
+    lines = []
+    for a in module.get("adapters", []):
+        phi = a.get("phi_W_A")
+        if isinstance(phi, dict) and "phi_k_k" in phi:
+            lines.append(f"r = {a['rank']}: phi = {phi['phi_k_k']:.3f} at i = j = {phi.get('k', a['rank'])} against "
+                         f"chance {phi.get('chance_k_k', float('nan')):.3f}")
+    rnd = module.get("phi_W_random")
+    if lines and isinstance(rnd, dict) and "phi_k_k" in rnd:
+        lines.append(f"random A: {rnd['phi_k_k']:.3f} (chance {rnd.get('chance_k_k', float('nan')):.3f})")
+    return [f"{module['module']}: " + "; ".join(lines) + "."] if lines else []
+
+
+# --------------------------------------------------------------------------- registry
+
+Reading = Callable[[RunData], list]
+
+READINGS: dict[str, Reading] = {
+    "training": reading_training,
+    "confusion": reading_confusion,
+    "per_digit": reading_per_digit,
+    "per_digit_groups": reading_groups,
+    "reliability": reading_reliability,
+    "predictions": reading_predictions,
+    "misclassified": reading_misclassified,
+    "faithfulness": reading_faithfulness,
+    "heatmap": reading_heatmap,
+    "heatmap_compare": reading_heatmap_compare,
+    "filters": reading_filters,
+    "overlay": reading_overlay,
+    "overlay_mis": reading_overlay_mis,
+    "adapt": reading_adapt,
+    "subspace": reading_subspace,
+}
+
+# Readings that depend on which figure (method, rank, module) take its path as well.
+NEEDS_PATH = {"faithfulness", "heatmap", "heatmap_compare", "filters", "overlay", "overlay_mis", "adapt", "subspace"}
+
+
+def reading(kind: str | None, run: RunData, path: str = "") -> list[str]:
+    """The reading lines of figure kind ``kind`` (at ``path`` in the run, without suffix) for
+    ``run``; empty when the kind is unknown or its numbers are missing."""
+    func = READINGS.get(kind or "")
+    if func is None:
+        return []
+    try:
+        lines = func(run, path) if kind in NEEDS_PATH else func(run)
+        return [line for line in lines if line][:3]
+    except (KeyError, IndexError, TypeError, ValueError, ZeroDivisionError):
+        # A stage's JSON of an unexpected shape must not break the whole report: the figure
+        # stays, without a reading.
+        return []

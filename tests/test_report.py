@@ -1,0 +1,236 @@
+"""The HTML report: self-contained, sections only for stages that ran, readings from the run's numbers.
+
+Run folders here are written by hand with known numbers, so the oracles are independent of the
+training and evaluation code: numpy argmax over the history, scikit-learn's confusion matrix.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from digitlens import DigitlensError
+from digitlens.report import write_report
+from digitlens.runio import write_json, write_npz
+
+
+class ReportParser(HTMLParser):
+    """Collects image sources, section ids, TOC links, external references and visible text."""
+
+    def __init__(self):
+        super().__init__()
+        self.images, self.sections, self.toc, self.external = [], [], [], []
+        self.text: list[str] = []
+        self._in_toc = False
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img":
+            self.images.append(attrs.get("src", ""))
+        if tag == "section":
+            self.sections.append(attrs.get("id"))
+        if tag == "nav":
+            self._in_toc = True
+        if tag == "a" and self._in_toc:
+            self.toc.append(attrs.get("href"))
+        for key in ("src", "href"):
+            value = attrs.get(key) or ""
+            if re.match(r"^(https?:)?//", value):
+                self.external.append(value)
+        if tag in ("link", "script"):
+            self.external.append(f"<{tag}>")
+
+    def handle_endtag(self, tag):
+        if tag == "nav":
+            self._in_toc = False
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def parse(path: Path) -> ReportParser:
+    parser = ReportParser()
+    parser.feed(path.read_text())
+    parser.text_all = re.sub(r"\s+", " ", " ".join(parser.text))
+    return parser
+
+
+def _png(path: Path, seed: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from digitlens.runio import save_figure
+
+    fig, ax = plt.subplots(figsize=(2, 1.5))
+    ax.plot(np.random.default_rng(seed).random(5))
+    ax.set_title(path.name)
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def make_run(root: Path, name: str, *, val_accuracy, val_loss, y_true, y_pred, figures=(), extra=None) -> Path:
+    """A run folder with a history, predictions and metrics of the given numbers."""
+    run = root / name
+    run.mkdir(parents=True)
+    write_json(run / "config.json", {"dataset": "digits", "model": name, "model_kwargs": {}, "n_classes": 10,
+                                     "seed": 0, "val_fraction": 0.1, "data_dir": None, "epochs": len(val_accuracy)})
+    with open(run / "history.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds"])
+        for epoch, (acc, loss) in enumerate(zip(val_accuracy, val_loss), start=1):
+            writer.writerow([epoch, loss * 0.9, min(acc + 0.01, 1.0), loss, acc, 0.01, 1.5])
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    proba = np.full((y_true.size, 10), 0.02, dtype=np.float32)
+    proba[np.arange(y_true.size), y_pred] = 0.82
+    write_npz(run / "predictions.npz", y_true=y_true, y_pred=y_pred, proba=proba)
+    write_json(run / "metrics.json", {"accuracy": float((y_true == y_pred).mean()), "ece": 0.0123})
+    (run / "insights.md").write_text("# Insights\n\n- Hardest digit: **nine**.\n\n| a | b |\n|---|---|\n| 1 | 2 |\n")
+    for i, rel in enumerate(figures):
+        _png(run / rel, i)
+    for rel, obj in (extra or {}).items():
+        write_json(run / rel, obj)
+    return run
+
+
+@pytest.fixture
+def labels():
+    rng = np.random.default_rng(0)
+    y_true = np.repeat(np.arange(10), 20)
+    y_pred = y_true.copy()
+    wrong = rng.choice(np.flatnonzero(y_true == 9), 7, replace=False)
+    y_pred[wrong] = 4                                   # 9 -> 4 seven times: the most-confused pair
+    y_pred[np.flatnonzero(y_true == 3)[:3]] = 5         # 3 -> 5 three times
+    return y_true, y_pred
+
+
+FIGS = ("figures/training_curves", "figures/confusion_matrix", "figures/misclassified_gallery",
+        "figures/prediction_gallery", "figures/zz_brand_new_figure")
+
+
+def test_report_is_self_contained_and_reads_the_numbers(tmp_path, labels):
+    from sklearn.metrics import confusion_matrix
+
+    val_acc = [0.80, 0.93, 0.951, 0.947, 0.949]
+    val_loss = [0.60, 0.25, 0.21, 0.19, 0.26]
+    run = make_run(tmp_path, "cnn", val_accuracy=val_acc, val_loss=val_loss, y_true=labels[0], y_pred=labels[1],
+                   figures=FIGS)
+    out = write_report(run)
+    assert out == run / "report.html"
+    page = parse(out)
+
+    # one file: every image is an embedded PNG equal to the file on disk; nothing external
+    assert not page.external
+    assert len(page.images) == len(FIGS)
+    on_disk = {(run / f"{f}.png").read_bytes() for f in FIGS}
+    for src in page.images:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1]) in on_disk
+
+    # sections only for what the run holds; TOC = sections
+    assert page.sections[:4] == ["overview", "training", "evaluation", "galleries"]
+    assert "explanations" not in page.sections and "lora" not in page.sections
+    assert page.toc == [f"#{s}" for s in page.sections]
+
+    # readings computed from the numbers (oracles: numpy on the history, sklearn on predictions)
+    best = int(np.argmax(val_acc))
+    assert f"Validation accuracy peaked at {val_acc[best] * 100:.2f}% in epoch {best + 1}" in page.text_all
+    low = int(np.argmin(val_loss))
+    rise = (val_loss[-1] - val_loss[low]) / val_loss[low] * 100
+    assert f"lowest in epoch {low + 1} (0.1900) and rose {rise:.0f}%" in page.text_all
+    cm = confusion_matrix(*labels, labels=range(10))
+    np.fill_diagonal(cm, 0)
+    t, p = np.unravel_index(np.argmax(cm), cm.shape)
+    assert (t, p) == (9, 4)
+    assert f"a true {t} read as {p} ({cm[t, p]} images" in page.text_all
+    n_right = int((labels[0] == labels[1]).sum())
+    assert f"{n_right:,} of {labels[0].size:,} test images are classified correctly" in page.text_all
+    # a figure no catalogue knows still appears, with a caption from its name; insights rendered
+    assert "Zz brand new figure" in page.text_all
+    assert "Hardest digit: nine" in page.text_all and "<table" in out.read_text()
+
+
+def test_later_stages_add_their_sections(tmp_path, labels):
+    methods = {"saliency": (0.16, 0.23, 0.10, True), "occlusion": (0.12, 0.34, 0.76, False),
+               "gradcam": (0.15, 0.29, -0.03, True)}
+    faith = {"n_images": 100, "methods": {m: {"deletion_auc": d, "insertion_auc": i, "insertion_minus_deletion": i - d,
+                                                "beats_random": True, "spearman_fully_randomised": r,
+                                                "passes_sanity_check": ok}
+                                            for m, (d, i, r, ok) in methods.items()}}
+    faith["methods"]["random"] = {"deletion_auc": 0.18, "insertion_auc": 0.19, "insertion_minus_deletion": 0.01}
+    faith["ranking"] = sorted(methods, key=lambda m: -(methods[m][1] - methods[m][0]))
+    extra = {"explain/explain_metrics.json": {"methods": list(methods), "faithfulness": faith},
+             "adapt/groups/results.json": {"task": "groups", "summary": [
+                 {"method": "lora", "rank": 4, "accuracy_mean": 0.97, "trainable_params": 1234, "trainable_fraction": 0.01},
+                 {"method": "lora", "rank": 8, "accuracy_mean": 0.98, "trainable_params": 2468, "trainable_fraction": 0.02}]}}
+    run = make_run(tmp_path, "vit", val_accuracy=[0.5, 0.6], val_loss=[1.0, 0.9], y_true=labels[0], y_pred=labels[1],
+                   figures=("explain/figures/per_digit_occlusion", "explain/figures/faithfulness",
+                            "adapt/groups/figures/accuracy_vs_params", "subspace/groups/figures/amplification"),
+                   extra=extra)
+    (run / "adapt/groups/results.md").write_text("| method | r | accuracy |\n|---|---|---|\n| LoRA | 4 | 0.9700 |\n")
+    maps = np.full((10, 7, 7), 1 / 49)
+    maps[3] = 0
+    maps[3, 2, 5] = 1.0                                  # digit 3: all attribution on one patch
+    write_npz(run / "explain/maps_occlusion.npz", maps=maps)
+    page = parse(write_report(run))
+    assert {"explanations", "lora"} <= set(page.sections)
+    text = page.text_all
+    # faithfulness: best = largest insertion - deletion, computed here independently
+    best = max(methods, key=lambda m: methods[m][1] - methods[m][0])
+    assert best == "occlusion"
+    assert f"Most faithful: occlusion (insertion − deletion AUC {0.34 - 0.12:.3f})" in text
+    assert "only saliency, gradcam change enough to pass" in text
+    # the per-digit map reading: rank among methods and the most focused digit from the saved maps
+    assert "Occlusion ranks 1 of 3 for faithfulness" in text and "fails the randomisation check" in text
+    assert "hold 100% of the attribution for digit 3" in text
+    # LoRA: the stage's own table and a reading from results.json
+    assert "LoRA r = 4 reaches 97.00% with 1,234 trainable parameters" in text
+    assert "0.9700" in text
+
+
+def test_compare_puts_runs_side_by_side(tmp_path, labels):
+    y_true, y_pred = labels
+    a = make_run(tmp_path, "cnn", val_accuracy=[0.9, 0.95], val_loss=[0.3, 0.2], y_true=y_true, y_pred=y_pred,
+                 figures=FIGS[:2])
+    b = make_run(tmp_path, "vit", val_accuracy=[0.8, 0.9], val_loss=[0.5, 0.4], y_true=y_true, y_pred=y_true,
+                 figures=FIGS[:1])
+    out = write_report(a, compare=b)
+    page = parse(out)
+    html = out.read_text()
+    acc_a, acc_b = (y_true == y_pred).mean(), 1.0
+    assert f"{(acc_b - acc_a) * 100:+.2f} pts" in page.text_all
+    assert "Per-digit metrics compared" in page.text_all
+    # the shared figure twice (one panel per run), the CNN-only one once
+    assert len(page.images) == 3
+    assert html.count('class="panels panels-2"') == 1
+
+
+def test_bad_input_is_one_line(tmp_path, labels):
+    with pytest.raises(DigitlensError, match="run folder not found"):
+        write_report(tmp_path / "nope")
+    run = make_run(tmp_path, "cnn", val_accuracy=[0.9], val_loss=[0.3], y_true=labels[0], y_pred=labels[1])
+    with pytest.raises(DigitlensError, match="same run"):
+        write_report(run, compare=run)
+    (run / "history.csv").write_text("epoch,loss\n1,abc\n")
+    with pytest.raises(DigitlensError, match=r"history.csv: line 2: column 'loss'"):
+        write_report(run)
+
+
+def test_cli_report(tmp_path, labels):
+    from digitlens.cli import app
+
+    run = make_run(tmp_path, "cnn", val_accuracy=[0.9], val_loss=[0.3], y_true=labels[0], y_pred=labels[1])
+    result = CliRunner().invoke(app, ["report", str(run)])
+    assert result.exit_code == 0, result.output
+    assert (run / "report.html").is_file()
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "missing")])
+    assert result.exit_code == 2
+    assert "run folder not found" in result.output

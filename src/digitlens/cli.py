@@ -42,6 +42,34 @@ def main() -> None:
 # Commands are added below, one function per command, each calling one API function.
 
 
+@app.command("train")
+@one_line_errors
+def train_command(
+    out: Path = typer.Option(..., "--out", help="Run folder to create (runs/NAME)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="mnist or digits (default digits; with --resume: the run's)."),
+    model: Optional[str] = typer.Option(None, "--model", help="cnn (default), mlp or vit."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs (default: the fast per-model setting, 1 for cnn on mnist)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default 0)."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder with the MNIST IDX files."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the killed run in --out from its last checkpoint."),
+    width: Optional[list[int]] = typer.Option(None, "--width", help="Repeat for each width: cnn 3 channel counts, mlp hidden sizes, vit one embedding dim."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size (default per model)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate of the one-cycle schedule."),
+    augment: Optional[int] = typer.Option(None, "--augment", help="Random shifts of up to this many pixels (0 = off)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: torch's)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Train a digit classifier; write config.json, history.csv, checkpoints/ and model.safetensors."""
+    from digitlens.train import train, width_kwargs
+
+    summary = train(out, dataset=dataset, model=model, epochs=epochs, seed=seed, data_dir=data_dir, resume=resume,
+                    progress=progress, model_kwargs=width_kwargs(model, width), batch_size=batch_size, lr=lr,
+                    augment=augment, threads=threads)
+    final = summary["final"]
+    typer.echo(f"wrote {summary['run_dir']}: {summary['epochs']} epochs, val_accuracy {final['val_accuracy']}, "
+               f"{summary['train_seconds']:.1f} s of training")
+
+
 @app.command("evaluate")
 @one_line_errors
 def evaluate_command(

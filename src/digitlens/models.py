@@ -29,32 +29,38 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
-def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+def _conv_block(c_in: int, c_out: int, kernel: int = 3, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2, bias=False),
+                         nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
 
 
 class CNN(nn.Module):
-    """A compact CNN with batch norm: conv-conv-pool, conv-conv-pool, global average pool, linear.
+    """A compact CNN with batch norm, built for speed on a CPU (about 29k parameters):
+    a 5x5 stride-2 conv (28x28 -> 14x14), a 3x3 conv and max-pool (-> 7x7), a 3x3 conv and
+    max-pool (-> 3x3), then one linear layer on the flattened 3x3 maps.
 
-    ``widths`` are the channels of the four conv layers.
+    ``widths`` are the channels of the three conv layers. The 28x28 input is never convolved at
+    full resolution with many channels; that is where a plain CNN spends most of its time.
     """
 
-    def __init__(self, widths: tuple[int, ...] = (16, 32, 48, 64), n_classes: int = 10, in_channels: int = 1):
+    def __init__(self, widths: tuple[int, ...] = (16, 32, 64), n_classes: int = 10, in_channels: int = 1,
+                 image_size: int = 28):
         super().__init__()
-        if len(widths) != 4:
-            raise DigitlensError(f"cnn widths {widths}: expected 4 channel counts")
-        w1, w2, w3, w4 = widths
+        if len(widths) != 3:
+            raise DigitlensError(f"cnn widths {tuple(widths)}: expected 3 channel counts")
+        w1, w2, w3 = (int(w) for w in widths)
         self.normalize = Normalize()
         self.features = nn.Sequential(
-            _conv_block(in_channels, w1), _conv_block(w1, w2), nn.MaxPool2d(2),
-            _conv_block(w2, w3), _conv_block(w3, w4), nn.MaxPool2d(2),
+            _conv_block(in_channels, w1, kernel=5, stride=2),
+            _conv_block(w1, w2), nn.MaxPool2d(2),
+            _conv_block(w2, w3), nn.MaxPool2d(2),
         )
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Linear(w4, n_classes)
+        side = ((image_size + 1) // 2) // 4
+        self.classifier = nn.Linear(w3 * side * side, n_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(self.normalize(x))
-        return self.classifier(torch.flatten(self.pool(x), 1))
+        return self.classifier(torch.flatten(x, 1))
 
 
 class MLP(nn.Module):

@@ -1,0 +1,207 @@
+"""How fast does a digit classifier reach a given MNIST test accuracy on this CPU?
+
+Trains, in one invocation and each in its own fresh process (so peak memory is per model):
+  ref       the PyTorch-examples MNIST CNN exactly as users copy it (conv32-conv64-maxpool-dropout-
+            fc128-dropout-fc10, Adadelta lr 1.0, StepLR gamma 0.7, batch 64, a DataLoader over a
+            TensorDataset normalised with 0.1307/0.3081), tested after each epoch;
+  cnn       digitlens' default ``cnn`` with its default epochs (what `digitlens train` runs);
+  cnn-long  the same ``cnn`` with ``--epochs-long`` epochs (the 99.4% configuration);
+  vit       digitlens' ``vit`` with its default epochs.
+digitlens models are tested ``--evals-per-epoch`` times per epoch; evaluation time is not counted.
+All models train on the full 60,000 training images and are tested on the 10,000 test images.
+
+Prints a markdown table: parameters, training seconds to reach 98.5% / 99.0% / 99.4% test accuracy,
+best accuracy, samples/s and peak RSS.
+
+    python benchmarks/train_speed.py [--data-dir DIR] [--epochs-ref 3] [--models ref,cnn,cnn-long,vit] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import resource
+import sys
+import time
+
+TARGETS = (0.985, 0.990, 0.994)
+
+
+def _load(data_dir, quick):
+    from digitlens.data import load_mnist_split, locate_mnist
+
+    folder = locate_mnist(data_dir, download=False)
+    train, test = load_mnist_split(folder, "train"), load_mnist_split(folder, "test")
+    x, y, xt, yt = train.images, train.labels, test.images, test.labels
+    if quick:
+        x, y, xt, yt = x[:3000], y[:3000], xt[:1000], yt[:1000]
+    return x, y, xt, yt
+
+
+def _reference(x, y, xt, yt, epochs, trace):
+    """The PyTorch-examples MNIST CNN and training loop (examples/mnist/main.py), unchanged in substance."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(1, 32, 3, 1)
+            self.conv2 = nn.Conv2d(32, 64, 3, 1)
+            self.dropout1 = nn.Dropout(0.25)
+            self.dropout2 = nn.Dropout(0.5)
+            self.fc1 = nn.Linear(9216, 128)
+            self.fc2 = nn.Linear(128, 10)
+
+        def forward(self, x):
+            x = F.relu(self.conv1(x))
+            x = F.relu(self.conv2(x))
+            x = F.max_pool2d(x, 2)
+            x = self.dropout1(x)
+            x = torch.flatten(x, 1)
+            x = F.relu(self.fc1(x))
+            x = self.dropout2(x)
+            return F.log_softmax(self.fc2(x), dim=1)
+
+    torch.manual_seed(1)
+    norm = lambda t: (t - 0.1307) / 0.3081  # noqa: E731  transforms.Normalize((0.1307,), (0.3081,))
+    loader = DataLoader(TensorDataset(norm(x), y), batch_size=64, shuffle=True)
+    test_loader = DataLoader(TensorDataset(norm(xt), yt), batch_size=1000)
+    model = Net()
+    optimizer = torch.optim.Adadelta(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.7)
+    seconds = 0.0
+    for _ in range(epochs):
+        tic = time.perf_counter()
+        model.train()
+        for data, target in loader:
+            optimizer.zero_grad()
+            loss = F.nll_loss(model(data), target)
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+        seconds += time.perf_counter() - tic
+        model.eval()
+        correct = 0
+        with torch.no_grad():
+            for data, target in test_loader:
+                correct += int((model(data).argmax(1) == target).sum())
+        trace.append((seconds, correct / len(yt)))
+    return model, seconds, len(y) * epochs
+
+
+def _digitlens(model_name, x, y, xt, yt, epochs, evals_per_epoch, hyper_overrides, model_kwargs, trace):
+    import torch
+
+    from digitlens import train as T
+
+    hyper = T.resolve_hyper(model_name, "mnist", hyper_overrides)
+    epochs = epochs or T.DEFAULT_EPOCHS[("mnist", model_name)]
+    torch.manual_seed(0)
+    model = T.prepare_model(model_name, 10, model_kwargs, hyper)
+    bs = int(hyper["batch_size"])
+    per_epoch = T.steps_per_epoch(len(y), bs)
+    optimizer, scheduler = T.make_optimizer(model, hyper, per_epoch * epochs)
+    eval_at = {round(per_epoch * (i + 1) / evals_per_epoch) - 1 for i in range(evals_per_epoch)}
+    clock = {"paused": 0.0, "start": 0.0}
+
+    def on_batch(step, _loss):
+        if step in eval_at:
+            now = time.perf_counter()
+            _, acc = T.evaluate_loss_accuracy(model, xt, yt)
+            model.train()
+            trace.append((now - clock["start"] - clock["paused"], acc))
+            clock["paused"] += time.perf_counter() - now
+
+    clock["start"] = time.perf_counter()
+    for epoch in range(epochs):
+        T.train_one_epoch(model, x, y, optimizer, scheduler, batch_size=bs, seed=0, epoch=epoch,
+                          label_smoothing=float(hyper["label_smoothing"]), augment=int(hyper["augment"]),
+                          on_batch=on_batch)
+    seconds = time.perf_counter() - clock["start"] - clock["paused"]
+    return model, seconds, per_epoch * bs * epochs
+
+
+def _child(row, args, queue):
+    import torch
+
+    torch.set_num_threads(args.threads)
+    x, y, xt, yt = _load(args.data_dir, args.quick)
+    trace: list[tuple[float, float]] = []
+    overrides = json.loads(args.hyper) if args.hyper else {}
+    kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    if row == "ref":
+        model, seconds, samples = _reference(x, y, xt, yt, args.epochs_ref, trace)
+    elif row == "cnn-long":
+        model, seconds, samples = _digitlens("cnn", x, y, xt, yt, args.epochs_long, args.evals_per_epoch,
+                                             overrides, kwargs, trace)
+    else:
+        model, seconds, samples = _digitlens(row, x, y, xt, yt, args.epochs or None, args.evals_per_epoch,
+                                             overrides if row == "cnn" or args.models == row else {}, kwargs if args.models == row else {}, trace)
+    params = sum(p.numel() for p in model.parameters())
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    queue.put({"row": row, "params": params, "seconds": seconds, "samples": samples, "trace": trace,
+               "peak_mib": peak_kib / 1024})
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data-dir", default=os.environ.get("DIGITLENS_DATA"),
+                        help="folder with the MNIST IDX files (default: $DIGITLENS_DATA)")
+    parser.add_argument("--epochs-ref", type=int, default=3, help="epochs of the PyTorch-examples reference")
+    parser.add_argument("--epochs-long", type=int, default=8, help="epochs of the cnn-long row")
+    parser.add_argument("--epochs", type=int, default=0, help="epochs of the cnn/vit rows (default: digitlens' default)")
+    parser.add_argument("--models", default="ref,cnn,cnn-long,vit", help="rows, comma-separated: ref,cnn,cnn-long,vit,mlp")
+    parser.add_argument("--evals-per-epoch", type=int, default=4, help="test evaluations per epoch of digitlens models")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--hyper", default="", help='JSON overrides of the cnn hyper-parameters, e.g. \'{"lr": 0.2}\'')
+    parser.add_argument("--model-kwargs", default="", help="JSON model kwargs when a single model row is run")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 3,000 training and 1,000 test images, 1 epoch each")
+    parser.add_argument("--json", default="", help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.epochs_ref, args.epochs_long, args.epochs = 1, 1, args.epochs or 1
+        args.evals_per_epoch = min(args.evals_per_epoch, 2)
+    if not args.data_dir:
+        parser.error("--data-dir: give the MNIST folder or set DIGITLENS_DATA")
+
+    ctx = mp.get_context("spawn")
+    results = []
+    for row in [r.strip() for r in args.models.split(",") if r.strip()]:
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_child, args=(row, args, queue))
+        proc.start()
+        result = queue.get()
+        proc.join()
+        results.append(result)
+        trace = ", ".join(f"{s:.1f}s:{a * 100:.2f}" for s, a in result["trace"])
+        print(f"[{row}] {result['seconds']:.1f} s, test accuracy over time: {trace}", file=sys.stderr, flush=True)
+
+    load = os.getloadavg()
+    print(f"\nMNIST, {args.threads} threads, torch {__import__('torch').__version__}, "
+          f"load average at the end {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}{' (QUICK smoke test)' if args.quick else ''}\n")
+    header = ["model", "params", "epochs", "train s"] + [f"s to {t * 100:.1f}%" for t in TARGETS] + \
+             ["best test acc", "samples/s", "peak RSS MiB"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---" for _ in header) + "|")
+    for r in results:
+        reached = []
+        for target in TARGETS:
+            first = next((s for s, a in r["trace"] if a >= target), None)
+            reached.append("not reached" if first is None else f"{first:.1f}")
+        best = max(a for _, a in r["trace"])
+        epochs = r["samples"] / (3000 if args.quick else 60000)
+        print(f"| {r['row']} | {r['params']:,} | {epochs:.0f} | {r['seconds']:.1f} | " + " | ".join(reached) +
+              f" | {best * 100:.2f}% | {r['samples'] / r['seconds']:,.0f} | {r['peak_mib']:.0f} |")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Models: output shapes, the ViT's attention weights, saving and loading."""
+
+import pytest
+import torch
+
+from digitlens.errors import DigitlensError
+from digitlens.models import ViT, build_model, count_parameters, load_model, save_model
+from digitlens.runio import write_json
+
+
+@pytest.mark.parametrize("name", ["cnn", "mlp", "vit"])
+@pytest.mark.parametrize("n_classes", [10, 3])
+def test_logits_shape(name, n_classes):
+    torch.manual_seed(0)
+    model = build_model(name, n_classes=n_classes).eval()
+    x = torch.rand(5, 1, 28, 28)
+    assert model(x).shape == (5, n_classes)
+
+
+def test_cnn_widths_change_parameter_count():
+    small = build_model("cnn", widths=(8, 16, 24))
+    default = build_model("cnn")
+    assert count_parameters(small) < count_parameters(default)
+    with pytest.raises(DigitlensError, match="widths"):
+        build_model("cnn", widths=(8, 16))
+
+
+def test_unknown_model_is_one_line_error():
+    with pytest.raises(DigitlensError, match="unknown model") as info:
+        build_model("resnet")
+    assert "\n" not in str(info.value)
+
+
+def test_vit_default_width_allows_rank_64_lora():
+    model = ViT()
+    assert model.blocks[0].attn.q.in_features >= 128
+
+
+def _naive_attention(block, tokens):
+    """softmax(q k^T / sqrt(head_dim)) computed by hand from the block's q and k layers."""
+    attn = block.attn
+    h = block.norm1(tokens)
+    n, t, d = h.shape
+    q = (h @ attn.q.weight.T + attn.q.bias).view(n, t, attn.heads, attn.head_dim).permute(0, 2, 1, 3)
+    k = (h @ attn.k.weight.T + attn.k.bias).view(n, t, attn.heads, attn.head_dim).permute(0, 2, 1, 3)
+    scores = torch.einsum("nhid,nhjd->nhij", q, k) / attn.head_dim ** 0.5
+    return torch.exp(scores - scores.amax(-1, keepdim=True)) / torch.exp(scores - scores.amax(-1, keepdim=True)).sum(-1, keepdim=True)
+
+
+def test_vit_returns_attention_of_every_block():
+    torch.manual_seed(0)
+    model = ViT(dim=32, depth=3, heads=4, mlp_dim=64).eval()
+    x = torch.rand(4, 1, 28, 28)
+    block_inputs = []
+    hooks = [b.register_forward_pre_hook(lambda mod, args: block_inputs.append(args[0].detach())) for b in model.blocks]
+    with torch.no_grad():
+        logits_plain = model(x)
+        block_inputs.clear()
+        logits, attentions = model(x, return_attention=True)
+    for hook in hooks:
+        hook.remove()
+    assert len(attentions) == 3
+    for block, tokens, weights in zip(model.blocks, block_inputs, attentions):
+        assert weights.shape == (4, 4, 1 + 7 * 7, 1 + 7 * 7)
+        torch.testing.assert_close(weights.sum(-1), torch.ones(4, 4, 50), atol=1e-5, rtol=0)
+        assert (weights >= 0).all()
+        with torch.no_grad():
+            torch.testing.assert_close(weights, _naive_attention(block, tokens), atol=1e-5, rtol=1e-4)
+    # The explicit softmax path and the fused scaled_dot_product_attention path agree.
+    torch.testing.assert_close(logits, logits_plain, atol=1e-5, rtol=1e-4)
+    # Asking for attention once does not leave the model keeping weights.
+    assert all(b.attn.weights is None and not b.attn.keep_weights for b in model.blocks)
+
+
+def test_vit_separate_qkv_layers():
+    model = ViT(dim=32, depth=2, heads=2, mlp_dim=32)
+    for block in model.blocks:
+        for name in ("q", "k", "v", "proj"):
+            layer = getattr(block.attn, name)
+            assert isinstance(layer, torch.nn.Linear) and layer.weight.shape == (32, 32)
+
+
+@pytest.mark.parametrize("name,kwargs", [("cnn", {"widths": [8, 16, 24]}), ("vit", {"dim": 32, "depth": 1, "heads": 2, "mlp_dim": 32})])
+def test_save_and_load_model_round_trip(tmp_path, name, kwargs):
+    torch.manual_seed(1)
+    model = build_model(name, n_classes=10, **kwargs).eval()
+    write_json(tmp_path / "config.json", {"model": name, "n_classes": 10, "model_kwargs": kwargs})
+    save_model(model, tmp_path / "model.safetensors")
+    loaded = load_model(tmp_path)
+    x = torch.rand(3, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))

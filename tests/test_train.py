@@ -1,0 +1,184 @@
+"""Training: the run folder's files, reproducibility, resuming a killed run, bad arguments."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from sklearn.metrics import accuracy_score
+from typer.testing import CliRunner
+
+from digitlens.cli import app
+from digitlens.data import load_splits
+from digitlens.errors import DigitlensError
+from digitlens.models import load_model
+from digitlens.runio import read_json
+from digitlens.train import HISTORY_COLUMNS, random_shift, train
+
+# A small, fast configuration on sklearn's digits; one thread so runs are bitwise reproducible
+# whatever the machine.
+FAST = dict(dataset="digits", model="cnn", model_kwargs={"widths": [4, 8, 8]}, batch_size=64, threads=1,
+            progress=False)
+
+
+def _weights(run_dir: Path) -> dict:
+    return load_file(str(run_dir / "model.safetensors"))
+
+
+def _assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_run_folder_files(tmp_path):
+    out = tmp_path / "run"
+    summary = train(out, epochs=2, seed=3, **FAST)
+    config = read_json(out / "config.json")
+    for key in ("dataset", "model", "model_kwargs", "n_classes", "seed", "val_fraction", "data_dir", "epochs",
+                "batch_size", "optimizer", "lr", "schedule", "versions"):
+        assert key in config, key
+    assert config["seed"] == 3 and config["epochs"] == 2 and config["n_classes"] == 10
+    assert set(config["versions"]) >= {"torch", "numpy", "sklearn", "python", "digitlens"}
+
+    with open(out / "history.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert tuple(rows[0].keys()) == HISTORY_COLUMNS
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert all(float(r["seconds"]) > 0 and 0 <= float(r["val_accuracy"]) <= 1 for r in rows)
+
+    # One checkpoint per epoch, loadable without pickle.
+    for epoch in (1, 2):
+        state = torch.load(out / "checkpoints" / f"epoch_{epoch:03d}.pt", weights_only=True)
+        assert state["epoch"] == epoch and {"model", "optimizer", "scheduler", "torch_rng"} <= set(state)
+    assert (out / "train_summary.json").is_file() and summary["epochs"] == 2
+
+    # history's val_accuracy of the last epoch is the saved model's accuracy on the validation split,
+    # recomputed independently with scikit-learn.
+    model = load_model(out)
+    val = load_splits("digits", val_fraction=config["val_fraction"], seed=3).val
+    with torch.no_grad():
+        predicted = model(val.images).argmax(1).numpy()
+    assert float(rows[-1]["val_accuracy"]) == pytest.approx(accuracy_score(val.labels.numpy(), predicted), abs=1e-12)
+
+
+def test_default_cnn_learns_digits(tmp_path):
+    summary = train(tmp_path / "run", dataset="digits", model="cnn", threads=1, progress=False)
+    assert summary["final"]["val_accuracy"] > 0.9
+
+
+def test_same_seed_same_weights_other_seed_other_weights(tmp_path):
+    train(tmp_path / "a", epochs=2, seed=0, **FAST)
+    train(tmp_path / "b", epochs=2, seed=0, **FAST)
+    train(tmp_path / "c", epochs=2, seed=1, **FAST)
+    _assert_same_weights(_weights(tmp_path / "a"), _weights(tmp_path / "b"))
+    a, c = _weights(tmp_path / "a"), _weights(tmp_path / "c")
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_resume_after_kill_gives_identical_weights(tmp_path):
+    """Start a real training process, SIGKILL it once its first checkpoint exists, resume, and compare
+    with an uninterrupted run: the weights must be bitwise equal."""
+    epochs = 8
+    killed = tmp_path / "killed"
+    code = ("from digitlens.train import train; "
+            f"train({str(killed)!r}, epochs={epochs}, seed=5, dataset='digits', model='vit', "
+            "model_kwargs={'dim': 16, 'depth': 1, 'heads': 2, 'mlp_dim': 16}, batch_size=64, threads=1, progress=False)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first = killed / "checkpoints" / "epoch_001.pt"
+    deadline = time.monotonic() + 120
+    while not first.exists():
+        if proc.poll() is not None:
+            pytest.fail(f"training process exited early: {proc.stderr.read().decode()[-500:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("no checkpoint after 120 s")
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed / "model.safetensors").exists(), "the run finished before it was killed"
+    done_before = sorted(p.name for p in (killed / "checkpoints").glob("epoch_*.pt"))
+    assert 1 <= len(done_before) < epochs
+
+    summary = train(killed, resume=True, progress=False)
+    assert summary["resumed_from_epoch"] == len(done_before)
+
+    whole = tmp_path / "whole"
+    train(whole, epochs=epochs, seed=5, dataset="digits", model="vit",
+          model_kwargs={"dim": 16, "depth": 1, "heads": 2, "mlp_dim": 16}, batch_size=64, threads=1, progress=False)
+    _assert_same_weights(_weights(killed), _weights(whole))
+    with open(killed / "history.csv") as fh_a, open(whole / "history.csv") as fh_b:
+        rows_a, rows_b = list(csv.DictReader(fh_a)), list(csv.DictReader(fh_b))
+    assert [r["val_loss"] for r in rows_a] == [r["val_loss"] for r in rows_b]
+
+
+def test_refusals(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(DigitlensError, match="no run to resume"):
+        train(out, resume=True, **FAST)
+    train(out, epochs=1, **FAST)
+    with pytest.raises(DigitlensError, match="already holds a finished run"):
+        train(out, epochs=1, **FAST)
+    with pytest.raises(DigitlensError, match="model='cnn', not 'mlp'"):
+        train(out, resume=True, model="mlp", progress=False)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("x")
+    with pytest.raises(DigitlensError, match="not empty"):
+        train(tmp_path / "junk", epochs=1, **FAST)
+    # A started run whose checkpoints are gone cannot be resumed.
+    started = tmp_path / "started"
+    train(started, epochs=1, **FAST)
+    (started / "model.safetensors").unlink()
+    for ckpt in (started / "checkpoints").iterdir():
+        ckpt.unlink()
+    with pytest.raises(DigitlensError, match="no checkpoint"):
+        train(started, resume=True, progress=False)
+    with pytest.raises(DigitlensError, match="pass --resume"):
+        train(started, epochs=1, **FAST)
+    with pytest.raises(DigitlensError, match="unknown hyper-parameter 'learning_rate'"):
+        train(tmp_path / "x", learning_rate=0.1, progress=False)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--model", "resnet"], "--model 'resnet': unknown model"),
+    (["--dataset", "cifar"], "--dataset 'cifar': unknown dataset"),
+    (["--epochs", "0"], "--epochs 0"),
+])
+def test_cli_bad_arguments_exit_2_with_one_line(tmp_path, args, needle):
+    result = CliRunner().invoke(app, ["train", "--out", str(tmp_path / "run"), "--no-progress", *args])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and lines[0].startswith("error:")
+
+
+def test_cli_trains_then_refuses_a_second_run(tmp_path):
+    out = tmp_path / "run"
+    runner = CliRunner()
+    result = runner.invoke(app, ["train", "--out", str(out), "--epochs", "1", "--width", "4", "--width", "8",
+                                 "--width", "8", "--threads", "1", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert read_json(out / "config.json")["model_kwargs"] == {"widths": [4, 8, 8]}
+    result = runner.invoke(app, ["train", "--out", str(out), "--no-progress"])
+    assert result.exit_code == 2 and "already holds a finished run" in result.stderr
+
+
+def test_random_shift_matches_naive_shift():
+    x = torch.rand(6, 1, 28, 28)
+    gen = torch.Generator().manual_seed(0)
+    shifted = random_shift(x, 2, gen)
+    gen = torch.Generator().manual_seed(0)
+    dy = torch.randint(0, 5, (6,), generator=gen)
+    dx = torch.randint(0, 5, (6,), generator=gen)
+    padded = np.pad(x.numpy(), ((0, 0), (0, 0), (2, 2), (2, 2)))
+    for i in range(6):
+        expected = padded[i, :, dy[i]:dy[i] + 28, dx[i]:dx[i] + 28]
+        np.testing.assert_array_equal(shifted[i].numpy(), expected)

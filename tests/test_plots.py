@@ -18,6 +18,7 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support  #
 
 from digitlens import runio  # noqa: E402
 from digitlens.errors import DigitlensError  # noqa: E402
+from digitlens.plots.prediction_gallery import format_confidence  # noqa: E402
 from digitlens.plots import (  # noqa: E402
     ConfusionMatrixDisplay,
     MisclassifiedGalleryDisplay,
@@ -209,7 +210,7 @@ def test_prediction_gallery_titles_and_colours(predictions):
     assert len(display.ax_) == 12
     for i, axis in enumerate(display.ax_):
         title = axis.title
-        assert title.get_text() == f"true {y_true[i]}\npred {y_pred[i]} ({proba[i, y_pred[i]]:.0%})"
+        assert title.get_text() == f"true {y_true[i]}\npred {y_pred[i]} ({format_confidence(proba[i, y_pred[i]])})"
         expected = "#1a7f37" if y_true[i] == y_pred[i] else "#cf222e"
         assert matplotlib.colors.to_hex(title.get_color()) == expected
         np.testing.assert_array_equal(axis.images[0].get_array(), images[i])
@@ -234,7 +235,12 @@ def test_misclassified_gallery_shows_most_confident_mistakes_first(predictions):
     assert np.all(display.y_true != display.y_pred)
     assert f"of {len(wrong)} errors" in display.figure_._suptitle.get_text()
     first = display.ax_[0].title.get_text()
-    assert first == f"true {y_true[expected[0]]}\npred {y_pred[expected[0]]} ({confidence[expected[0]]:.0%})"
+    assert first == f"true {y_true[expected[0]]}\npred {y_pred[expected[0]]} ({format_confidence(confidence[expected[0]])})"
+
+
+def test_confidences_near_one_keep_their_decimals():
+    assert format_confidence(0.9997) == "99.97%" and format_confidence(0.5) == "50%"
+    assert format_confidence(0.999999) == ">99.99%"
 
 
 def test_misclassified_gallery_with_labels_only_and_with_no_mistakes():

@@ -43,8 +43,11 @@ class ConfusionMatrixDisplay:
         cm = confusion_matrix(y_true, y_pred, labels=labels)
         return cls(confusion_matrix=cm, display_labels=display_labels if display_labels is not None else labels)
 
-    def plot(self, ax=None, *, cmap: str = "Blues", title: str | None = None) -> "ConfusionMatrixDisplay":
-        """Draw counts (left) and row-normalised percentages (right). ``ax``: None or a pair of Axes."""
+    def plot(self, ax=None, *, cmap: str = "Blues", gamma: float = 0.4, title: str | None = None) -> "ConfusionMatrixDisplay":
+        """Draw counts (left) and row-normalised percentages (right). ``ax``: None or a pair of
+        Axes; ``gamma``: exponent of the colour scale (1 = linear; smaller shows rare mistakes)."""
+        from matplotlib.colors import PowerNorm
+
         fig, axes = axes_grid(ax, 2, figsize=(13, 5.6))
         n = len(self.display_labels)
         panels = (
@@ -55,21 +58,23 @@ class ConfusionMatrixDisplay:
         fontsize = 9 if n <= 10 else 6
         for axis, (matrix, name, fmt, bar_label) in zip(axes, panels):
             vmax = matrix.max() if matrix.max() > 0 else 1
-            im = axis.imshow(matrix, cmap=cmap, vmin=0, vmax=vmax)
+            # A power colour scale (gamma < 1) keeps the few mistakes visible next to a full diagonal.
+            im = axis.imshow(matrix, cmap=cmap, norm=PowerNorm(gamma, vmin=0, vmax=vmax))
             self.im_.append(im)
             for i in range(n):
                 for j in range(n):
                     value = matrix[i, j]
                     if value == 0 and i != j:
                         continue
-                    colour = "white" if value > 0.55 * vmax else "black"
+                    colour = "white" if (value / vmax) ** gamma > 0.6 else "black"
                     axis.text(j, i, fmt(value), ha="center", va="center", color=colour, fontsize=fontsize)
             axis.set_xticks(range(n), self.display_labels)
             axis.set_yticks(range(n), self.display_labels)
             axis.set_xlabel("predicted digit")
             axis.set_ylabel("true digit")
             axis.set_title(name)
-            fig.colorbar(im, ax=axis, fraction=0.046, pad=0.04, label=bar_label)
+            fig.colorbar(im, ax=axis, fraction=0.046, pad=0.04,
+                         label=bar_label + (f" (colour: power {gamma:g} scale)" if gamma != 1 else ""))
         total = int(self.confusion_matrix.sum())
         correct = int(np.trace(self.confusion_matrix))
         fig.suptitle(title or f"Confusion matrix: {correct:,} of {total:,} correct "

@@ -109,7 +109,7 @@ class PerDigitMetricsDisplay:
                      else "Per-digit precision, recall, F1 and one-vs-rest accuracy")
         fig.suptitle(title, y=0.995)
         handles, labels = axes[0].get_legend_handles_labels()
-        top = 1 - 0.62 / fig.get_figheight()
+        top = 1 - 0.5 / fig.get_figheight()
         fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 1 - 0.3 / fig.get_figheight()),
                    ncols=len(self.metrics), fontsize=9, frameon=False)
         fig.tight_layout(rect=(0, 0, 1, top))

@@ -9,6 +9,14 @@ from digitlens.errors import DigitlensError
 from digitlens.plots._common import CORRECT_COLOUR, WRONG_COLOUR, as_image_stack, axes_grid
 
 
+def format_confidence(confidence: float) -> str:
+    """A probability as a percentage: whole percent below 99%, two decimals above (99.97%), and
+    ">99.99%" rather than a rounded "100%" that no softmax reaches."""
+    if confidence >= 0.99995:
+        return ">99.99%"
+    return f"{confidence:.2%}" if confidence >= 0.99 else f"{confidence:.0%}"
+
+
 def _predictions_from(y_true, y_pred, proba, confidence):
     """(y_true, y_pred, confidence) arrays of shape (N,) from labels and probabilities or scores."""
     from digitlens.evaluate import as_labels
@@ -89,7 +97,7 @@ class PredictionGalleryDisplay:
             colour = CORRECT_COLOUR if right else WRONG_COLOUR
             text = f"true {self.y_true[i]}\npred {self.y_pred[i]}"
             if self.confidence is not None:
-                text += f" ({self.confidence[i]:.0%})"
+                text += f" ({format_confidence(self.confidence[i])})"
             axis.set_title(text, color=colour, fontsize=8.5, fontweight="normal" if right else "bold")
             for spine in axis.spines.values():
                 spine.set_edgecolor(colour)

@@ -3,7 +3,6 @@ and the full evaluate stage on a tiny trained run (files, predictions, CLI, brin
 
 from __future__ import annotations
 
-import csv
 import json
 
 import numpy as np
@@ -140,50 +139,16 @@ def test_bad_inputs_give_one_line_errors():
 # The evaluate stage on a tiny trained run (digits, small MLP, a few epochs: about a second).
 # ---------------------------------------------------------------------------------------------
 
-def make_tiny_run(run_dir, *, epochs: int = 4, seed: int = 0):
-    """A run folder per the contract: config.json, model.safetensors and history.csv."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+def make_tiny_run(run_dir):
+    """A real run folder from ``digitlens.train.train``: digits, a 32-unit MLP, 3 epochs (< 1 s)."""
+    from digitlens.train import train
+
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model: one thread is fastest and immune to a busy machine
-    try:
-        return _train_tiny_run(run_dir, epochs, seed)
+    try:  # one thread is fastest for a tiny model and immune to a busy machine
+        train(run_dir, dataset="digits", model="mlp", epochs=3, seed=0, progress=False,
+              model_kwargs={"widths": [32]}, threads=1)
     finally:
         torch.set_num_threads(threads)
-
-
-def _train_tiny_run(run_dir, epochs, seed):
-    torch.manual_seed(seed)
-    config = {"dataset": "digits", "model": "mlp", "model_kwargs": {"widths": [32]}, "n_classes": 10,
-              "seed": seed, "val_fraction": 0.1, "data_dir": None, "epochs": epochs}
-    splits = data.load_splits_for_run(config)
-    model = models.build_model("mlp", n_classes=10, widths=[32])
-    optimiser = torch.optim.Adam(model.parameters(), lr=5e-3)
-    rows = []
-    for epoch in range(1, epochs + 1):
-        model.train()
-        order = torch.randperm(len(splits.train))
-        for start in range(0, len(order), 64):
-            idx = order[start:start + 64]
-            loss = torch.nn.functional.cross_entropy(model(splits.train.images[idx]), splits.train.labels[idx])
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-        model.eval()
-        with torch.no_grad():
-            tr = model(splits.train.images)
-            va = model(splits.val.images)
-        rows.append({"epoch": epoch,
-                     "loss": torch.nn.functional.cross_entropy(tr, splits.train.labels).item(),
-                     "accuracy": (tr.argmax(1) == splits.train.labels).float().mean().item(),
-                     "val_loss": torch.nn.functional.cross_entropy(va, splits.val.labels).item(),
-                     "val_accuracy": (va.argmax(1) == splits.val.labels).float().mean().item(),
-                     "lr": 5e-3, "seconds": 0.1})
-    runio.write_json(run_dir / "config.json", config)
-    models.save_model(model, run_dir / "model.safetensors")
-    with open(run_dir / "history.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
     return run_dir
 
 
@@ -265,6 +230,16 @@ def test_bring_your_own_module_and_torchscript(evaluated_run, tmp_path, monkeypa
     assert runio.read_json(out / "metrics.json")["accuracy"] == pytest.approx(summary["accuracy"])
     assert (out / "figures" / "confusion_matrix.png").is_file()
     assert not (out / "figures" / "training_curves.png").exists()  # no history given
+
+
+def test_keras_history_file_feeds_the_overfitting_insight(evaluated_run, tmp_path):
+    run_dir, _ = evaluated_run
+    log = tmp_path / "training.log"  # Keras CSVLogger: 0-based epochs, alphabetical columns
+    log.write_text("epoch,accuracy,loss,val_accuracy,val_loss\n"
+                   "0,0.90,0.40,0.91,0.30\n1,0.95,0.20,0.93,0.25\n2,0.97,0.10,0.92,0.27\n3,0.99,0.05,0.92,0.29\n")
+    summary = evaluate_model(models.load_model(run_dir), "digits", history=log, progress=False)
+    overfitting = [s for s in summary["insights"] if s.startswith("Overfitting")]
+    assert overfitting and "diverges from epoch 3" in overfitting[0] and "epoch 2" in overfitting[0]
 
 
 def test_evaluate_run_api_with_a_users_module(evaluated_run, monkeypatch):

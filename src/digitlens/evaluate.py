@@ -334,6 +334,7 @@ def _evaluate(model: Any, images: torch.Tensor, labels: torch.Tensor, out_dir: P
                "n_errors": metrics["n_errors"], "macro_f1": metrics["macro"]["f1"], "source": source}
     if out_dir is None:
         summary["metrics"] = metrics
+        summary["insights"] = insights_mod.derive_insights(metrics, history)["summary"]
         return summary
     out_dir.mkdir(parents=True, exist_ok=True)
     runio.write_npz(out_dir / "predictions.npz", y_true=y_true, y_pred=y_pred, proba=proba.astype(np.float32))
@@ -388,7 +389,8 @@ def evaluate_model(model: Any, dataset: Any = "digits", *, out_dir: str | os.Pat
     (its test split is used). ``history``: optional training history (dict, DataFrame, or a path to
     a Keras CSVLogger / history JSON / digitlens history.csv) for the training-curves figure and
     the overfitting insight. With ``out_dir`` every file of :func:`evaluate_run` is written there;
-    without, nothing is written and the summary carries the full ``metrics`` dict.
+    without, nothing is written and the summary carries the full ``metrics`` dict and the
+    ``insights`` sentences.
     """
     from digitlens import data
     from digitlens.plots.training_curves import normalise_history, read_history

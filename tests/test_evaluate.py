@@ -4,6 +4,7 @@ and the full evaluate stage on a tiny trained run (files, predictions, CLI, brin
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -270,3 +271,25 @@ def test_cli_evaluate_one_line_errors(evaluated_run, tmp_path):
     result = runner.invoke(app, ["evaluate", str(run_dir), "--model-file", str(bad)])
     assert result.exit_code == 2
     assert len(result.output.strip().splitlines()) == 1 and "bad.pt" in result.output
+
+
+@pytest.mark.mnist
+@pytest.mark.skipif(not os.environ.get("DIGITLENS_DATA"), reason="DIGITLENS_DATA is not set (folder with the MNIST .gz files)")
+def test_cli_evaluates_a_torchscript_file_on_mnist_without_a_run(evaluated_run, tmp_path, monkeypatch):
+    import digitlens.evaluate
+    from digitlens.cli import app
+
+    monkeypatch.setattr(digitlens.evaluate, "FIGURE_FORMATS", ("png",))
+    run_dir, _ = evaluated_run
+    script = tmp_path / "digits_mlp.pt"
+    with pytest.warns(DeprecationWarning):
+        torch.jit.script(models.load_model(run_dir)).save(str(script))
+    out = tmp_path / "mnist_eval"
+    result = CliRunner().invoke(app, ["evaluate", "--model-file", str(script), "--dataset", "mnist",
+                                      "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    preds = runio.read_npz(out / "predictions.npz")
+    assert preds["proba"].shape == (10000, 10)
+    metrics = runio.read_json(out / "metrics.json")
+    _assert_matches_sklearn(preds["y_true"], preds["y_pred"], metrics)
+    assert sum(row["support"] for row in metrics["per_digit"]) == 10000

@@ -93,6 +93,7 @@ def test_three_history_formats_give_the_same_curves(tmp_path):
     for history in histories:
         display = TrainingCurvesDisplay.from_history(history).plot()
         assert display.best_epoch == 3  # lowest val_loss
+        assert display.diverges_from == 4  # val_loss rises on epochs 4 and 5 while loss falls
         drawn.append({k: line.get_ydata() for k, line in display.lines_.items()})
         assert list(display.lines_["loss"].get_xdata()) == [1, 2, 3, 4, 5]
     for other in drawn[1:]:
@@ -123,7 +124,7 @@ def test_history_from_dict_dataframe_like_and_old_keras_names():
 def test_training_curves_without_validation_and_on_given_axes():
     fig, axes = plt.subplots(1, 2)
     display = TrainingCurvesDisplay.from_history({"loss": [1.0, 0.5], "accuracy": [0.5, 0.8]}).plot(ax=axes)
-    assert display.best_epoch is None and display.figure_ is fig
+    assert display.best_epoch is None and display.diverges_from is None and display.figure_ is fig
     assert set(display.lines_) == {"loss", "accuracy"}
 
 

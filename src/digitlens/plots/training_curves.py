@@ -149,24 +149,33 @@ class TrainingCurvesDisplay:
     epoch : ndarray of shape (n_epochs,), 1-based.
     loss, val_loss, accuracy, val_accuracy : ndarray of shape (n_epochs,) or None.
     best_epoch : int or None, the epoch number (not index) to mark, default=None.
+    diverges_from : int or None, first epoch of a diverging validation loss (shaded), default=None.
     """
 
-    def __init__(self, *, epoch, loss=None, val_loss=None, accuracy=None, val_accuracy=None, best_epoch=None):
+    def __init__(self, *, epoch, loss=None, val_loss=None, accuracy=None, val_accuracy=None, best_epoch=None,
+                 diverges_from=None):
         self.epoch = np.asarray(epoch)
         self.loss, self.val_loss = loss, val_loss
         self.accuracy, self.val_accuracy = accuracy, val_accuracy
         self.best_epoch = best_epoch
+        self.diverges_from = diverges_from
 
     @classmethod
     def from_history(cls, history: Any) -> "TrainingCurvesDisplay":
-        """Build from a history dict / DataFrame / Keras History, or a path to a history file."""
+        """Build from a history dict / DataFrame / Keras History, or a path to a history file.
+        The best epoch and the start of a diverging validation loss follow
+        :func:`digitlens.insights.detect_overfitting`."""
+        from digitlens.insights import detect_overfitting
+
         if isinstance(history, (str, os.PathLike)):
             history = read_history(history)
         else:
             history = normalise_history(history)
         best = best_epoch_index(history)
+        overfitting = detect_overfitting(history)
         return cls(epoch=history["epoch"], **{k: history.get(k) for k in CURVES},
-                   best_epoch=int(history["epoch"][best]) if best is not None else None)
+                   best_epoch=int(history["epoch"][best]) if best is not None else None,
+                   diverges_from=overfitting.get("from_epoch") if overfitting.get("diverges") else None)
 
     def plot(self, ax=None, *, title: str | None = None) -> "TrainingCurvesDisplay":
         """Draw accuracy (left) and loss (right). ``ax``: None or a pair of Axes."""
@@ -193,13 +202,16 @@ class TrainingCurvesDisplay:
                     axis.plot([self.best_epoch], [value], marker="*", ms=14, color="#d62728", zorder=5)
                     axis.annotate(f"val {text}", (self.best_epoch, value), textcoords="offset points",
                                   xytext=(6, 8 if name == "accuracy" else -14), fontsize=9, color="#d62728")
+            if self.diverges_from is not None and name == "loss":
+                axis.axvspan(self.diverges_from - 0.5, self.epoch[-1] + 0.5, color="#d62728", alpha=0.08,
+                             label=f"val loss diverging (from epoch {self.diverges_from})")
             axis.set_xlabel("epoch")
             axis.set_ylabel(name)
             axis.set_title(f"{name.capitalize()}: train vs validation")
             axis.grid(alpha=0.3)
             if len(self.epoch) <= 20:
                 axis.set_xticks(self.epoch)
-            axis.legend(loc="lower right" if name == "accuracy" else "upper right", fontsize=9)
+            axis.legend(loc="best", fontsize=9)
         if title:
             fig.suptitle(title)
         fig.tight_layout()

@@ -1,0 +1,212 @@
+"""Attribution methods by name, one ``attribute`` verb each, returning maps shaped like the input.
+
+Gradient and perturbation methods go through Captum (Simonyan et al. 2014 saliency, Shrikumar
+et al. 2016 input x gradient, Sundararajan et al. 2017 integrated gradients, Zeiler & Fergus
+2014 occlusion, Selvaraju et al. 2017 Grad-CAM). Captum has no attention maps for vision
+transformers, so last-layer class-token attention and attention rollout (Abnar & Zuidema 2020)
+are written here by hand, in a few lines each.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from digitlens.errors import DigitlensError
+
+GRADIENT_METHODS = ("saliency", "input_x_gradient", "integrated_gradients", "occlusion", "gradcam")
+ATTENTION_METHODS = ("attention", "attention_rollout")
+METHODS = GRADIENT_METHODS + ATTENTION_METHODS
+# Grad-CAM needs a conv layer with spatial structure; on the ViT only ``patch_embed`` qualifies
+# (a 7x7 map of patch embeddings, coarse and rarely informative), so it is not a ViT default.
+DEFAULT_METHODS_CNN = ("saliency", "input_x_gradient", "integrated_gradients", "occlusion", "gradcam")
+DEFAULT_METHODS_VIT = ("saliency", "input_x_gradient", "integrated_gradients", "occlusion", "attention",
+                       "attention_rollout")
+
+
+def is_attention_model(model: nn.Module) -> bool:
+    """True when ``model(x, return_attention=True)`` is supported (the digitlens ViT)."""
+    import inspect
+
+    try:
+        return "return_attention" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def default_methods(model: nn.Module) -> tuple[str, ...]:
+    """The methods explained by default: the ViT list for attention models, else the CNN list."""
+    return DEFAULT_METHODS_VIT if is_attention_model(model) else DEFAULT_METHODS_CNN
+
+
+def parse_methods(methods, model: nn.Module) -> tuple[str, ...]:
+    """Validate a list (or comma-separated string) of method names; None -> the defaults."""
+    if methods is None:
+        return default_methods(model)
+    if isinstance(methods, str):
+        methods = [m.strip() for m in methods.split(",") if m.strip()]
+    methods = tuple(methods)
+    if not methods:
+        raise DigitlensError("--methods: empty list")
+    for name in methods:
+        if name not in METHODS:
+            raise DigitlensError(f"--methods {name!r}: unknown method (choose from {', '.join(METHODS)})")
+        if name in ATTENTION_METHODS and not is_attention_model(model):
+            raise DigitlensError(f"--methods {name!r}: needs a transformer model with attention maps (e.g. --model vit)")
+    return methods
+
+
+def prepare_model(model: nn.Module) -> nn.Module:
+    """A frozen eval-mode copy: parameters do not require gradients, so every backward pass
+    computes input gradients only (Captum's tutorials leave weight gradients on, which costs time)."""
+    frozen = copy.deepcopy(model).eval()
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    return frozen
+
+
+def last_conv_layer(model: nn.Module) -> nn.Module:
+    """The last ``nn.Conv2d`` of ``model`` (Grad-CAM's default layer)."""
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise DigitlensError("gradcam: the model has no nn.Conv2d layer")
+    return convs[-1]
+
+
+def find_layer(model: nn.Module, name: str | None) -> nn.Module:
+    """The sub-module called ``name`` (as in ``model.named_modules()``), or the last conv layer."""
+    if name is None:
+        return last_conv_layer(model)
+    modules = dict(model.named_modules())
+    if name not in modules:
+        raise DigitlensError(f"--gradcam-layer {name!r}: no such layer (e.g. {', '.join(list(modules)[1:6])})")
+    return modules[name]
+
+
+@dataclass
+class IGInfo:
+    """What the adaptive integrated gradients did: per-image steps used and completeness errors."""
+
+    steps: list = field(default_factory=list)
+    abs_delta: list = field(default_factory=list)
+    rel_error: list = field(default_factory=list)
+
+
+def _targets(target, n: int) -> torch.Tensor:
+    if isinstance(target, int):
+        return torch.full((n,), target, dtype=torch.long)
+    return torch.as_tensor(target, dtype=torch.long).reshape(-1)
+
+
+def integrated_gradients(model, images, target, *, n_steps=None, tolerance=0.02, start_steps=8, max_steps=128,
+                         internal_batch_size=512, method="gausslegendre", baseline=0.0, info: IGInfo | None = None):
+    """Captum's IntegratedGradients from a black (``baseline``) image; returns (N, C, H, W).
+
+    With ``n_steps=None`` the number of steps is chosen per image from the completeness error
+    ``|sum(attr) - (f(x) - f(baseline))| / |f(x) - f(baseline)|`` (Captum's convergence delta):
+    start with ``start_steps`` and double for the images whose error exceeds ``tolerance``, up to
+    ``max_steps``. ``internal_batch_size`` bounds the memory of the scaled-input batch.
+    """
+    from captum.attr import IntegratedGradients
+
+    ig = IntegratedGradients(model)
+    target = _targets(target, images.shape[0])
+    base = torch.full_like(images, float(baseline))
+    kwargs = dict(baselines=base, target=target, internal_batch_size=internal_batch_size, method=method,
+                  return_convergence_delta=True)
+    steps = n_steps or start_steps
+    attr, delta = ig.attribute(images, n_steps=steps, **kwargs)
+    with torch.no_grad():
+        gap = (model(images) - model(base)).gather(1, target[:, None])[:, 0]
+    scale = gap.abs().clamp_min(1e-3)
+    used = torch.full((images.shape[0],), steps, dtype=torch.long)
+    if n_steps is None:
+        todo = (delta.abs() / scale > tolerance).nonzero()[:, 0]
+        while todo.numel() and steps < max_steps:
+            steps *= 2
+            kwargs.update(baselines=base[todo], target=target[todo])
+            a, d = ig.attribute(images[todo], n_steps=steps, **kwargs)
+            attr[todo], delta[todo], used[todo] = a, d, steps
+            todo = todo[(d.abs() / scale[todo] > tolerance).nonzero()[:, 0]]
+    if info is not None:
+        info.steps += used.tolist()
+        info.abs_delta += delta.abs().tolist()
+        info.rel_error += (delta.abs() / scale).tolist()
+    return attr
+
+
+def class_token_attention(model, images, *, rollout=False):
+    """Class-token attention of a ViT as a map shaped like the images, (N, 1, H, W).
+
+    ``rollout=False``: the last block's attention from the class token to each patch, averaged
+    over heads. ``rollout=True``: attention rollout (Abnar & Zuidema 2020): average heads, add
+    the identity for the residual path (0.5 A + 0.5 I), renormalise rows and multiply the blocks
+    from first to last; the class-token row gives the map. Hand-written: Captum has no ViT
+    attention maps.
+    """
+    with torch.no_grad():
+        _, attentions = model(images, return_attention=True)
+    mats = [a.mean(dim=1) for a in attentions]  # (N, T, T) per block
+    if rollout:
+        cls_row = attention_rollout(mats)[:, 0, 1:]
+    else:
+        cls_row = mats[-1][:, 0, 1:]
+    n_patches = cls_row.shape[1]
+    grid = int(round(n_patches ** 0.5))
+    if grid * grid != n_patches:
+        raise DigitlensError(f"attention: {n_patches} patch tokens do not form a square grid")
+    patch_map = cls_row.reshape(-1, 1, grid, grid)
+    return F.interpolate(patch_map, size=images.shape[-2:], mode="nearest")
+
+
+def attention_rollout(attention_mats) -> torch.Tensor:
+    """Rollout of head-averaged attention matrices [(N, T, T) per block]: returns (N, T, T)."""
+    result = None
+    for a in attention_mats:
+        eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+        a = 0.5 * a + 0.5 * eye
+        a = a / a.sum(dim=-1, keepdim=True)
+        result = a if result is None else a @ result
+    return result
+
+
+def attribute(model: nn.Module, images: torch.Tensor, target, method: str = "saliency", *,
+              gradcam_layer: str | None = None, occlusion_window: int = 4, ig_info: IGInfo | None = None,
+              **ig_kwargs) -> torch.Tensor:
+    """Attribution of ``method`` for ``images`` (N, C, H, W) towards class ``target`` (int or (N,));
+    returns a tensor of shape (N, C, H, W) (signed, except saliency, Grad-CAM and attention, which
+    are non-negative).
+
+    ``model`` should be in eval mode; :func:`prepare_model` makes a fast frozen copy.
+    """
+    from captum.attr import InputXGradient, LayerAttribution, LayerGradCam, Occlusion, Saliency
+
+    images = images.detach()
+    n = images.shape[0]
+    if method == "saliency":
+        return Saliency(model).attribute(images.requires_grad_(), target=_targets(target, n), abs=True)
+    if method == "input_x_gradient":
+        return InputXGradient(model).attribute(images.requires_grad_(), target=_targets(target, n))
+    if method == "integrated_gradients":
+        return integrated_gradients(model, images, target, info=ig_info, **ig_kwargs)
+    if method == "occlusion":
+        c = images.shape[1]
+        w = occlusion_window
+        return Occlusion(model).attribute(images, sliding_window_shapes=(c, w, w), strides=(c, w, w), baselines=0.0,
+                                          target=_targets(target, n), perturbations_per_eval=8)
+    if method == "gradcam":
+        layer = find_layer(model, gradcam_layer)
+        cam = LayerGradCam(model, layer).attribute(images.requires_grad_(), target=_targets(target, n),
+                                                    relu_attributions=True)
+        cam = LayerAttribution.interpolate(cam.detach(), tuple(images.shape[-2:]), interpolate_mode="bilinear")
+        return cam.expand(-1, images.shape[1], -1, -1) / images.shape[1]
+    if method in ATTENTION_METHODS:
+        if not is_attention_model(model):
+            raise DigitlensError(f"method {method!r}: the model has no attention maps (needs return_attention)")
+        cam = class_token_attention(model, images, rollout=method == "attention_rollout")
+        return cam.expand(-1, images.shape[1], -1, -1) / images.shape[1]
+    raise DigitlensError(f"method {method!r}: unknown (choose from {', '.join(METHODS)})")

@@ -1,0 +1,365 @@
+"""``explain_model`` (any nn.Module, from Python) and ``explain_run`` (a run folder -> ``explain/``)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from digitlens.errors import DigitlensError
+from digitlens.explain.aggregate import PerDigitMaps, group_names, normalise_maps, pool_to_grid
+from digitlens.explain.faithfulness import (cascading_randomisation, curve_auc, patch_order,
+                                            perturbation_curves, random_order)
+from digitlens.explain.methods import attribute, parse_methods, prepare_model
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    disable=not enabled, transient=False)
+
+
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted labels (N,) and class probabilities (N, n_classes) in batches."""
+    preds, probs = [], []
+    with torch.no_grad():
+        for start in range(0, images.shape[0], batch_size):
+            p = torch.softmax(model(images[start:start + batch_size]), dim=1)
+            probs.append(p.numpy())
+            preds.append(p.argmax(1).numpy())
+    return np.concatenate(preds), np.concatenate(probs)
+
+
+def _targets_for(group_by: str, labels: np.ndarray, preds: np.ndarray) -> np.ndarray:
+    return labels if group_by == "true" else preds
+
+
+def _subset(n_total: int, size: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.permutation(n_total)[:min(size, n_total)])
+
+
+def _abs_maps(model, images, targets, method, batch_size, **kw) -> np.ndarray:
+    """Per-image |attribution| summed over channels, (N, H, W), computed in batches."""
+    out = []
+    for start in range(0, images.shape[0], batch_size):
+        sl = slice(start, start + batch_size)
+        a = attribute(model, images[sl], torch.as_tensor(targets[sl]), method, **kw)
+        out.append(a.detach().abs().sum(1).numpy())
+    return np.concatenate(out) if out else np.zeros((0, *images.shape[-2:]))
+
+
+def faithfulness(model: nn.Module, images: torch.Tensor, targets: np.ndarray, methods, *, grid: int = 7,
+                 batch_size: int = 256, seed: int = 0, sanity_size: int = 64, method_kwargs=None) -> dict:
+    """Deletion / insertion AUCs per method and for a random order, on ``images``; and the
+    cascading randomisation check on the first ``sanity_size`` of them. Returns a JSON-able dict."""
+    method_kwargs = method_kwargs or {}
+    n = images.shape[0]
+    result = {"n_images": int(n), "grid": grid, "sanity_n_images": int(min(sanity_size, n)), "methods": {}}
+    curves = {}
+    orders = {m: patch_order(pool_to_grid(_abs_maps(model, images, targets, m, batch_size, **method_kwargs.get(m, {})), grid))
+              for m in methods}
+    orders["random"] = random_order(n, grid * grid, seed)
+    for name, order in orders.items():
+        dele = perturbation_curves(model, images, targets, order, grid, mode="deletion")
+        ins = perturbation_curves(model, images, targets, order, grid, mode="insertion")
+        curves[name] = {"deletion": dele.mean(0).tolist(), "insertion": ins.mean(0).tolist()}
+        result["methods"][name] = {"deletion_auc": curve_auc(dele), "insertion_auc": curve_auc(ins)}
+    rnd = result["methods"]["random"]
+    for name, row in result["methods"].items():
+        row["insertion_minus_deletion"] = row["insertion_auc"] - row["deletion_auc"]
+        row["beats_random"] = bool(row["deletion_auc"] < rnd["deletion_auc"] and row["insertion_auc"] > rnd["insertion_auc"])
+    result["curves"] = curves
+    if sanity_size > 0:
+        sub = slice(0, min(sanity_size, n))
+        sanity_kwargs = {m: dict(method_kwargs.get(m, {})) for m in methods}
+        if "integrated_gradients" in sanity_kwargs:
+            sanity_kwargs["integrated_gradients"].setdefault("max_steps", 32)
+
+        def map_fn(m_):
+            return {m: _abs_maps(m_, images[sub], targets[sub], m, batch_size, **sanity_kwargs[m]).reshape(-1, images.shape[-2] * images.shape[-1])
+                    for m in methods}
+
+        stages = cascading_randomisation(model, map_fn, seed=seed)
+        result["randomisation"] = {
+            "layers": [name for name, _ in stages],
+            "spearman": {m: [float(np.mean(c[m])) for _, c in stages] for m in methods},
+        }
+        for m in methods:
+            final = result["randomisation"]["spearman"][m][-1]
+            result["methods"][m]["spearman_fully_randomised"] = final
+            result["methods"][m]["passes_sanity_check"] = bool(abs(final) < 0.5)
+    ranked = sorted(methods, key=lambda m: -result["methods"][m]["insertion_minus_deletion"])
+    result["ranking"] = ranked
+    for i, m in enumerate(ranked):
+        result["methods"][m]["rank"] = i + 1
+    return result
+
+
+def explain_model(model: nn.Module, images, labels, *, methods=None, group_by: str = "true", grid: int = 7,
+                  batch_size: int = 250, n_classes: int | None = None, progress: bool = False,
+                  faithfulness_size: int = 200, sanity_size: int = 64, seed: int = 0,
+                  gradcam_layer: str | None = None, ig_tolerance: float = 0.02, ig_n_steps: int | None = None) -> dict:
+    """Explain a model on images (N, C, H, W) in [0, 1] with labels (N,).
+
+    Returns a dict with ``maps`` {method: ndarray (n_groups, grid, grid), sums to 1 per group},
+    ``pixel_maps`` {method: (n_groups, H, W) mean |attribution|}, ``counts`` (n_groups,),
+    ``group_names``, ``y_pred``, ``proba``, ``seconds`` {method: s}, ``integrated_gradients``
+    (completeness summary) and ``faithfulness`` (see :func:`faithfulness`; skipped when
+    ``faithfulness_size`` is 0).
+    """
+    torch.manual_seed(seed)
+    images = torch.as_tensor(images, dtype=torch.float32)
+    labels_np = np.asarray(labels, dtype=np.int64)
+    if images.ndim != 4 or images.shape[0] != labels_np.shape[0]:
+        raise DigitlensError(f"images of shape {tuple(images.shape)}: expected (N, C, H, W) matching {labels_np.shape[0]} labels")
+    frozen = prepare_model(model)
+    methods = parse_methods(methods, frozen)
+    y_pred, proba = predict(frozen, images)
+    n_classes = n_classes or proba.shape[1]
+    names = group_names(group_by, n_classes)
+    targets = _targets_for(group_by, labels_np, y_pred)
+    method_kwargs = {"gradcam": {"gradcam_layer": gradcam_layer},
+                     "integrated_gradients": {"tolerance": ig_tolerance, "n_steps": ig_n_steps}}
+    out = {"methods": list(methods), "group_by": group_by, "group_names": names, "grid": grid,
+           "target": "true label" if group_by == "true" else "predicted label",
+           "n_images": int(images.shape[0]), "maps": {}, "pixel_maps": {}, "seconds": {},
+           "y_true": labels_np, "y_pred": y_pred, "proba": proba}
+    with _progress(progress) as bar:
+        for method in methods:
+            agg = PerDigitMaps(frozen, method, grid=grid, group_by=group_by, n_classes=n_classes,
+                               **method_kwargs.get(method, {}))
+            task = bar.add_task(f"{method:<22}", total=images.shape[0])
+            t0 = time.perf_counter()
+            for start in range(0, images.shape[0], batch_size):
+                sl = slice(start, start + batch_size)
+                agg.update(images[sl], torch.as_tensor(labels_np[sl]), torch.as_tensor(y_pred[sl]))
+                bar.advance(task, images[sl].shape[0])
+            out["seconds"][method] = time.perf_counter() - t0
+            out["maps"][method] = agg.maps()
+            out["pixel_maps"][method] = agg.pixel_maps()
+            out["counts"] = agg.counts_.copy()
+            if method == "integrated_gradients":
+                info = agg.ig_info
+                rel = np.asarray(info.rel_error)
+                out["integrated_gradients"] = {
+                    "tolerance": ig_tolerance, "n_steps": ig_n_steps or "adaptive",
+                    "mean_steps": float(np.mean(info.steps)), "max_steps": int(np.max(info.steps)),
+                    "completeness_abs_error_mean": float(np.mean(info.abs_delta)),
+                    "completeness_rel_error_mean": float(rel.mean()),
+                    "completeness_rel_error_median": float(np.median(rel)),
+                    "completeness_rel_error_p95": float(np.quantile(rel, 0.95)),
+                    "fraction_above_tolerance": float((rel > ig_tolerance).mean()),
+                }
+    if faithfulness_size > 0:
+        idx = _subset(images.shape[0], faithfulness_size, seed)
+        t0 = time.perf_counter()
+        out["faithfulness"] = faithfulness(frozen, images[idx], targets[idx], methods, grid=grid, seed=seed,
+                                           sanity_size=sanity_size, batch_size=batch_size,
+                                           method_kwargs=method_kwargs)
+        out["faithfulness"]["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def load_run_split(run_dir, split: str = "test", data_dir=None):
+    """The images and labels of ``split`` ('train', 'val' or 'test') of the run's dataset.
+
+    For MNIST's test split only the test files are read (keeps memory low)."""
+    from digitlens.data import load_mnist_split, load_splits_for_run, locate_mnist
+    from digitlens.runio import read_json, require_run_dir
+
+    run_dir = require_run_dir(run_dir)
+    config = read_json(Path(run_dir) / "config.json")
+    if split not in ("train", "val", "test"):
+        raise DigitlensError(f"--split {split!r}: choose train, val or test")
+    if config.get("dataset") == "mnist" and split == "test":
+        folder = locate_mnist(data_dir if data_dir is not None else config.get("data_dir"))
+        return load_mnist_split(folder, "test")
+    return getattr(load_splits_for_run(config, data_dir=data_dir), split)
+
+
+def _save_maps(explain_dir: Path, result: dict) -> dict:
+    from digitlens.runio import write_npz
+
+    files = {}
+    for method in result["methods"]:
+        path = write_npz(explain_dir / f"maps_{method}.npz", maps=result["maps"][method],
+                         pixel_maps=result["pixel_maps"][method], counts=result["counts"],
+                         group_names=np.asarray(result["group_names"]))
+        files[method] = path.name
+    return files
+
+
+def load_maps(run_dir, method: str) -> dict:
+    """The saved per-group maps of ``method`` in ``run_dir/explain/``: dict of ndarrays
+    (maps (G, grid, grid), pixel_maps (G, H, W), counts (G,), group_names (G,))."""
+    from digitlens.runio import read_npz
+
+    return read_npz(Path(run_dir) / "explain" / f"maps_{method}.npz")
+
+
+def _overlay_examples(frozen, images, y_true, y_pred, proba, method, method_kwargs, n=8, seed=0):
+    """Per-image attributions for a prediction gallery and a misclassified gallery."""
+    rng = np.random.default_rng(seed)
+    correct = np.flatnonzero(y_true == y_pred)
+    wrong = np.flatnonzero(y_true != y_pred)
+    chosen = np.sort(rng.permutation(correct)[:n]) if correct.size else correct
+    # most confident mistakes first: the most surprising ones
+    wrong = wrong[np.argsort(-proba[wrong, y_pred[wrong]])][:n]
+    galleries = {}
+    for name, idx in (("predictions", chosen), ("misclassified", wrong)):
+        if idx.size == 0:
+            continue
+        x = images[idx]
+        pred_map = _abs_maps(frozen, x, y_pred[idx], method, len(idx), **method_kwargs)
+        true_map = _abs_maps(frozen, x, y_true[idx], method, len(idx), **method_kwargs) if name == "misclassified" else None
+        galleries[name] = dict(images=x[:, 0].numpy(), heatmaps=pred_map, second_heatmaps=true_map,
+                               y_true=y_true[idx], y_pred=y_pred[idx], proba=proba[idx, y_pred[idx]], indices=idx)
+    return galleries
+
+
+def write_figures(run_dir: Path, result: dict, model: nn.Module, images: torch.Tensor, *, image_index: int = 0,
+                  overlay_method: str | None = None, method_kwargs=None) -> list[str]:
+    """All figures of the explain stage under ``run_dir/explain/figures/``; returns their PNG names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from digitlens.plots.faithfulness import FaithfulnessDisplay
+    from digitlens.plots.filters import FeatureMapsDisplay, FiltersDisplay
+    from digitlens.plots.heatmaps import PerDigitMapsComparisonDisplay, PerDigitMapsDisplay
+    from digitlens.plots.overlays import AttributionOverlayDisplay
+    from digitlens.runio import save_figure
+
+    fig_dir = run_dir / "explain" / "figures"
+    written = []
+    name = run_dir.name
+
+    def save(display, stem):
+        save_figure(display.figure_, fig_dir / stem)
+        plt.close(display.figure_)
+        written.append(f"{stem}.png")
+
+    for method in result["methods"]:
+        disp = PerDigitMapsDisplay(maps=result["maps"][method], group_names=result["group_names"],
+                                   title=f"{name}: {method} per {'digit' if result['group_by'] != 'correct' else 'group'}"
+                                         f" ({result['group_by']} label, n={result['n_images']})")
+        save(disp.plot(), f"per_digit_{method}")
+    frozen = prepare_model(model)
+    overlay_method = overlay_method or next((m for m in ("integrated_gradients", "saliency") if m in result["methods"]),
+                                            result["methods"][0])
+    galleries = _overlay_examples(frozen, images, result["y_true"], result["y_pred"], result["proba"], overlay_method,
+                                  (method_kwargs or {}).get(overlay_method, {}))
+    for gname, g in galleries.items():
+        title = (f"{name}: why these predictions ({overlay_method})" if gname == "predictions"
+                 else f"{name}: misclassified, most confident first ({overlay_method})")
+        disp = AttributionOverlayDisplay(images=g["images"], heatmaps=g["heatmaps"], second_heatmaps=g["second_heatmaps"],
+                                         y_true=g["y_true"], y_pred=g["y_pred"], proba=g["proba"], title=title)
+        save(disp.plot(), f"overlays_{gname}")
+    save(FiltersDisplay.from_model(model).plot(), "filters_first_layer")
+    fm = FeatureMapsDisplay.from_model(model, images[image_index:image_index + 1])
+    if fm is not None:
+        save(fm.plot(), "feature_maps")
+    if "faithfulness" in result:
+        save(FaithfulnessDisplay(metrics=result["faithfulness"], title=f"{name}: how faithful is each method").plot(),
+             "faithfulness")
+    return written
+
+
+def _json_summary(result: dict) -> dict:
+    keep = ("methods", "group_by", "group_names", "grid", "target", "n_images", "seconds", "integrated_gradients",
+            "faithfulness")
+    summary = {k: result[k] for k in keep if k in result}
+    summary["counts"] = result["counts"].tolist()
+    return summary
+
+
+def explain_run(run_dir, *, methods=None, group_by: str = "true", grid: int = 7, data_dir=None, split: str = "test",
+                batch_size: int = 250, progress: bool = True, compare=None, compare_methods: bool = False,
+                faithfulness_size: int = 200, sanity_size: int = 64, gradcam_layer: str | None = None,
+                ig_tolerance: float = 0.02, image_index: int = 0, figures: bool = True, seed: int = 0) -> dict:
+    """Explain the model of ``run_dir`` on a whole split and write ``run_dir/explain/``:
+    ``maps_<method>.npz`` (maps (G, grid, grid), pixel_maps, counts, group_names), ``manifest.json``,
+    ``explain_metrics.json`` and ``figures/``. ``compare`` (another run folder) adds side-by-side
+    figures with the difference; ``compare_methods`` compares the first two methods.
+    Returns the summary written to ``explain_metrics.json`` plus ``files``.
+    """
+    from digitlens.models import load_model
+    from digitlens.runio import write_json
+
+    run_dir = Path(run_dir)
+    model = load_model(run_dir)
+    data = load_run_split(run_dir, split, data_dir)
+    result = explain_model(model, data.images, data.labels.numpy(), methods=methods, group_by=group_by, grid=grid,
+                           batch_size=batch_size, progress=progress, faithfulness_size=faithfulness_size,
+                           sanity_size=sanity_size, seed=seed, gradcam_layer=gradcam_layer, ig_tolerance=ig_tolerance)
+    explain_dir = run_dir / "explain"
+    map_files = _save_maps(explain_dir, result)
+    figs = []
+    method_kwargs = {"gradcam": {"gradcam_layer": gradcam_layer}, "integrated_gradients": {"tolerance": ig_tolerance}}
+    if figures:
+        if not 0 <= image_index < len(data):
+            raise DigitlensError(f"--image-index {image_index}: must be between 0 and {len(data) - 1}")
+        figs = write_figures(run_dir, result, model, data.images, image_index=image_index, method_kwargs=method_kwargs)
+    if compare is not None or compare_methods:
+        figs += _write_comparisons(run_dir, result, compare, compare_methods, data_dir=data_dir, split=split,
+                                   batch_size=batch_size, progress=progress, gradcam_layer=gradcam_layer,
+                                   ig_tolerance=ig_tolerance)
+    summary = _json_summary(result)
+    summary.update(run=str(run_dir), split=split, dataset=data.name,
+                   files={"maps": map_files, "figures": figs, "metrics": "explain_metrics.json"})
+    write_json(explain_dir / "explain_metrics.json", summary)
+    manifest = {k: summary[k] for k in ("run", "split", "dataset", "methods", "group_by", "group_names", "grid",
+                                         "target", "n_images", "counts", "files")}
+    manifest["map_arrays"] = {"maps": "(n_groups, grid, grid), each map sums to 1",
+                              "pixel_maps": "(n_groups, H, W), mean |attribution| per group",
+                              "counts": "(n_groups,) images per group", "group_names": "(n_groups,)"}
+    write_json(explain_dir / "manifest.json", manifest)
+    return summary
+
+
+def _write_comparisons(run_dir: Path, result: dict, compare, compare_methods: bool, **kw) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from digitlens.models import load_model
+    from digitlens.plots.heatmaps import PerDigitMapsComparisonDisplay
+    from digitlens.runio import save_figure
+
+    fig_dir = run_dir / "explain" / "figures"
+    written = []
+    pairs = []
+    if compare_methods:
+        if len(result["methods"]) < 2:
+            raise DigitlensError("--compare-methods: give at least two --methods")
+        a, b = result["methods"][:2]
+        pairs.append((f"{a}_vs_{b}", result["maps"][a], result["maps"][b], f"{run_dir.name}: {a}", f"{run_dir.name}: {b}"))
+    if compare is not None:
+        other = Path(compare)
+        other_model = load_model(other)
+        other_methods = [m for m in result["methods"] if m in parse_methods(None, prepare_model(other_model))
+                         or m in ("saliency", "input_x_gradient", "integrated_gradients", "occlusion")]
+        if not other_methods:
+            raise DigitlensError(f"--compare {other}: no method applies to both runs")
+        data = load_run_split(other, kw["split"], kw["data_dir"])
+        other_result = explain_model(other_model, data.images, data.labels.numpy(), methods=other_methods,
+                                     group_by=result["group_by"], grid=result["grid"], batch_size=kw["batch_size"],
+                                     progress=kw["progress"], faithfulness_size=0, gradcam_layer=kw["gradcam_layer"],
+                                     ig_tolerance=kw["ig_tolerance"])
+        for m in other_methods:
+            pairs.append((f"{m}_{run_dir.name}_vs_{other.name}", result["maps"][m], other_result["maps"][m],
+                          f"{run_dir.name}: {m}", f"{other.name}: {m}"))
+    for stem, maps_a, maps_b, name_a, name_b in pairs:
+        disp = PerDigitMapsComparisonDisplay(maps_a=maps_a, maps_b=maps_b, name_a=name_a, name_b=name_b,
+                                             group_names=result["group_names"]).plot()
+        save_figure(disp.figure_, fig_dir / f"compare_{stem}")
+        plt.close(disp.figure_)
+        written.append(f"compare_{stem}.png")
+    return written

@@ -1,0 +1,366 @@
+"""Explanations against oracles: Captum called directly, a linear model, hand-written formulas."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from captum.attr import (InputXGradient, IntegratedGradients, LayerAttribution, LayerGradCam, Occlusion,
+                         Saliency)
+from scipy.stats import spearmanr
+from torch import nn
+
+from digitlens.data import load_splits
+from digitlens.errors import DigitlensError
+from digitlens.explain import (PerDigitMaps, attention_rollout, attribute, cascading_randomisation,
+                               class_token_attention, curve_auc, explain_model, patch_order, perturbation_curves,
+                               pool_to_grid, prepare_model, random_order, spearman_rows)
+from digitlens.explain.faithfulness import randomisation_units
+from digitlens.models import build_model
+
+
+def _train(model, x, y, epochs=3, seed=0):
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(epochs):
+        model.train()
+        perm = torch.randperm(len(y))
+        for i in range(0, len(y), 64):
+            idx = perm[i:i + 64]
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_splits("digits")
+
+
+@pytest.fixture(scope="module")
+def tiny_cnn(digits):
+    torch.manual_seed(0)
+    return _train(build_model("cnn", widths=(4, 8, 8)), digits.train.images[:600], digits.train.labels[:600])
+
+
+@pytest.fixture(scope="module")
+def batch(digits):
+    return digits.test.images[:40], digits.test.labels[:40]
+
+
+def _linear_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10)).eval()
+
+
+# --- equal to Captum called directly ---------------------------------------------------------
+
+def test_saliency_and_input_x_gradient_equal_captum(tiny_cnn, batch):
+    x, y = batch
+    frozen = prepare_model(tiny_cnn)
+    ours = attribute(frozen, x, y, "saliency")
+    theirs = Saliency(tiny_cnn).attribute(x.clone().requires_grad_(), target=y)
+    torch.testing.assert_close(ours, theirs)
+    ours = attribute(frozen, x, y, "input_x_gradient")
+    theirs = InputXGradient(tiny_cnn).attribute(x.clone().requires_grad_(), target=y)
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_integrated_gradients_fixed_steps_equal_captum(tiny_cnn, batch):
+    x, y = batch
+    ours = attribute(prepare_model(tiny_cnn), x, y, "integrated_gradients", n_steps=20)
+    theirs = IntegratedGradients(tiny_cnn).attribute(x, baselines=torch.zeros_like(x), target=y, n_steps=20)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
+
+
+def test_occlusion_equal_captum(tiny_cnn, batch):
+    x, y = batch[0][:4], batch[1][:4]
+    ours = attribute(prepare_model(tiny_cnn), x, y, "occlusion")
+    theirs = Occlusion(tiny_cnn).attribute(x, sliding_window_shapes=(1, 4, 4), strides=(1, 4, 4), baselines=0.0,
+                                           target=y)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
+
+
+def test_gradcam_equal_captum_on_last_conv(tiny_cnn, batch):
+    x, y = batch
+    ours = attribute(prepare_model(tiny_cnn), x, y, "gradcam")
+    last_conv = tiny_cnn.features[3][0]
+    cam = LayerGradCam(tiny_cnn, last_conv).attribute(x.clone().requires_grad_(), target=y, relu_attributions=True)
+    theirs = LayerAttribution.interpolate(cam.detach(), (28, 28), interpolate_mode="bilinear")
+    assert ours.shape == x.shape
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
+    # a named layer is honoured
+    named = attribute(prepare_model(tiny_cnn), x, y, "gradcam", gradcam_layer="features.0.0")
+    assert not torch.allclose(named, ours)
+
+
+# --- a model whose right answer is known by hand ---------------------------------------------
+
+def test_linear_model_saliency_is_abs_weights_and_ixg_is_x_times_w():
+    model = _linear_model()
+    x = torch.rand(6, 1, 28, 28)
+    target = torch.tensor([0, 1, 2, 3, 4, 9])
+    w = model[1].weight.detach()[target].reshape(6, 1, 28, 28)
+    torch.testing.assert_close(attribute(prepare_model(model), x, target, "saliency"), w.abs())
+    torch.testing.assert_close(attribute(prepare_model(model), x, target, "input_x_gradient"), x * w)
+    # integrated gradients from a black image is exactly x * w for a linear model
+    torch.testing.assert_close(attribute(prepare_model(model), x, target, "integrated_gradients"), x * w,
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_adaptive_integrated_gradients_meets_completeness_tolerance(tiny_cnn, batch):
+    from digitlens.explain.methods import IGInfo
+
+    x, y = batch[0][:12], batch[1][:12]
+    frozen = prepare_model(tiny_cnn)
+    info = IGInfo()
+    attr = attribute(frozen, x, y, "integrated_gradients", tolerance=0.01, max_steps=512, ig_info=info)
+    with torch.no_grad():
+        gap = (frozen(x) - frozen(torch.zeros_like(x))).gather(1, y[:, None])[:, 0]
+    rel = (attr.sum(dim=(1, 2, 3)) - gap).abs() / gap.abs().clamp_min(1e-3)
+    assert len(info.steps) == len(x)
+    converged = np.asarray(info.steps) < 512
+    assert (rel.numpy()[converged] <= 0.01 + 1e-6).all()
+    np.testing.assert_allclose(np.asarray(info.rel_error), rel.numpy(), rtol=1e-3, atol=1e-5)
+    assert len(set(info.steps)) > 1  # the number of steps is chosen per image
+
+
+# --- per-digit maps --------------------------------------------------------------------------
+
+def test_per_digit_maps_sum_to_one_and_match_naive_formula(tiny_cnn, digits):
+    x, y = digits.test.images[:120], digits.test.labels[:120]
+    maps = PerDigitMaps(tiny_cnn, "saliency").attribute(x, y, batch_size=120)
+    assert maps.shape == (10, 7, 7)
+    np.testing.assert_allclose(maps.sum(axis=(1, 2)), 1.0)
+    per_image = Saliency(tiny_cnn).attribute(x.clone().requires_grad_(), target=y).abs().sum(1).numpy()
+    for digit in range(10):
+        mean = per_image[y.numpy() == digit].mean(axis=0)
+        pooled = mean.reshape(7, 4, 7, 4).sum(axis=(1, 3))
+        np.testing.assert_allclose(maps[digit], pooled / pooled.sum(), rtol=1e-5, atol=1e-9)
+
+
+def test_streaming_in_batches_equals_all_at_once(tiny_cnn, digits):
+    x, y = digits.test.images[:40], digits.test.labels[:40]
+    for method in ("saliency", "gradcam"):
+        once = PerDigitMaps(tiny_cnn, method, grid=4).attribute(x, y, batch_size=40)
+        streamed = PerDigitMaps(tiny_cnn, method, grid=4).attribute(x, y, batch_size=7)
+        np.testing.assert_allclose(streamed, once, rtol=1e-6, atol=1e-12)
+
+
+def test_group_by_predicted_and_correct_counts(tiny_cnn, digits):
+    x, y = digits.test.images[:100], digits.test.labels[:100]
+    pred = tiny_cnn(x).argmax(1).numpy()
+    agg = PerDigitMaps(tiny_cnn, "saliency", group_by="predicted")
+    agg.attribute(x, y)
+    np.testing.assert_array_equal(agg.counts_, np.bincount(pred, minlength=10))
+    agg = PerDigitMaps(tiny_cnn, "saliency", group_by="correct")
+    maps = agg.attribute(x, y)
+    assert maps.shape == (2, 7, 7) and agg.group_names == ["incorrect", "correct"]
+    n_correct = int((pred == y.numpy()).sum())
+    np.testing.assert_array_equal(agg.counts_, [100 - n_correct, n_correct])
+
+
+def test_pool_to_grid_sums_patches_and_rejects_bad_grid():
+    maps = np.arange(2 * 28 * 28, dtype=float).reshape(2, 28, 28)
+    np.testing.assert_allclose(pool_to_grid(maps, 7), maps.reshape(2, 7, 4, 7, 4).sum(axis=(2, 4)))
+    with pytest.raises(DigitlensError, match="--grid"):
+        pool_to_grid(maps, 0)
+
+
+def test_bad_method_and_group_by_raise_one_line_errors(tiny_cnn):
+    with pytest.raises(DigitlensError, match="unknown method"):
+        PerDigitMaps(tiny_cnn, "lime")
+    with pytest.raises(DigitlensError, match="transformer"):
+        PerDigitMaps(tiny_cnn, "attention")
+    with pytest.raises(DigitlensError, match="--group-by"):
+        PerDigitMaps(tiny_cnn, "saliency", group_by="colour")
+
+
+# --- ViT attention ---------------------------------------------------------------------------
+
+def test_rollout_on_hand_made_attention_stack_equals_formula():
+    rng = np.random.default_rng(0)
+    mats = []
+    for _ in range(3):
+        a = rng.random((2, 5, 5))
+        mats.append(a / a.sum(-1, keepdims=True))
+    expected = np.stack([np.eye(5)] * 2)
+    for a in mats:  # naive formula, one image at a time
+        a_hat = 0.5 * a + 0.5 * np.eye(5)
+        a_hat = a_hat / a_hat.sum(-1, keepdims=True)
+        expected = np.stack([a_hat[i] @ expected[i] for i in range(2)])
+    got = attention_rollout([torch.tensor(a) for a in mats]).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-10)
+    np.testing.assert_allclose(got.sum(-1), 1.0)
+
+
+class _FixedAttention(nn.Module):
+    """Returns a given attention stack (N, heads, 1+4, 1+4) per block: a 2x2 patch grid."""
+
+    def __init__(self, stack):
+        super().__init__()
+        self.stack = stack
+
+    def forward(self, x, return_attention=False):
+        logits = torch.zeros(x.shape[0], 10)
+        return (logits, self.stack) if return_attention else logits
+
+
+def test_class_token_attention_maps_follow_the_formula():
+    torch.manual_seed(0)
+    stack = [torch.softmax(torch.randn(3, 2, 5, 5), -1) for _ in range(2)]
+    model = _FixedAttention(stack)
+    x = torch.zeros(3, 1, 8, 8)
+    last = class_token_attention(model, x)
+    expected = stack[-1].mean(1)[:, 0, 1:].reshape(3, 1, 2, 2).repeat_interleave(4, 2).repeat_interleave(4, 3)
+    torch.testing.assert_close(last, expected)
+    rolled = class_token_attention(model, x, rollout=True)
+    expected = attention_rollout([a.mean(1) for a in stack])[:, 0, 1:].reshape(3, 1, 2, 2)
+    torch.testing.assert_close(rolled, expected.repeat_interleave(4, 2).repeat_interleave(4, 3))
+
+
+def test_vit_attention_methods_run_per_digit():
+    torch.manual_seed(0)
+    vit = build_model("vit", dim=16, depth=2, heads=2, mlp_dim=32).eval()
+    x, y = torch.rand(12, 1, 28, 28), torch.arange(12) % 10
+    for method in ("attention", "attention_rollout"):
+        maps = PerDigitMaps(vit, method).attribute(x, y, batch_size=5)
+        assert maps.shape == (10, 7, 7)
+        np.testing.assert_allclose(maps.sum(axis=(1, 2)), 1.0)
+
+
+# --- faithfulness ----------------------------------------------------------------------------
+
+def test_deletion_of_oracle_order_is_below_random_for_known_model():
+    # two classes: logit_0 = w . x, logit_1 = 0, so p_0 = sigmoid(w . x); removing the patches with
+    # the largest contribution w * x first is the best possible deletion order.
+    torch.manual_seed(0)
+    lin = nn.Linear(28 * 28, 2, bias=False)
+    with torch.no_grad():
+        lin.weight[0] = torch.randn(28 * 28) * 0.05
+        lin.weight[1] = 0.0
+    model = nn.Sequential(nn.Flatten(), lin).eval()
+    x = torch.rand(8, 1, 28, 28)
+    contribution = (x[:, 0] * lin.weight[0].reshape(28, 28)).detach().numpy()
+    oracle = patch_order(pool_to_grid(contribution, 7))
+    rand = random_order(8, 49, seed=1)
+    target = torch.zeros(8, dtype=torch.long)
+    del_oracle = perturbation_curves(model, x, target, oracle, 7, mode="deletion")
+    del_random = perturbation_curves(model, x, target, rand, 7, mode="deletion")
+    assert del_oracle.shape == (8, 50)
+    assert (del_oracle <= del_random + 1e-9).all()
+    assert curve_auc(del_oracle) < curve_auc(del_random)
+    ins_oracle = perturbation_curves(model, x, target, oracle, 7, mode="insertion")
+    ins_random = perturbation_curves(model, x, target, rand, 7, mode="insertion")
+    assert curve_auc(ins_oracle) > curve_auc(ins_random)
+    # both curves start / end at the full image and the black image
+    np.testing.assert_allclose(del_oracle[:, 0], ins_oracle[:, -1], rtol=1e-6)
+    np.testing.assert_allclose(del_oracle[:, -1], 0.5, rtol=1e-6)
+
+
+def test_curve_auc_is_trapezoid_area():
+    curves = np.array([[1.0, 0.5, 0.0], [1.0, 1.0, 1.0]])
+    assert curve_auc(curves) == pytest.approx((0.5 + 1.0) / 2)
+
+
+def test_spearman_rows_equal_scipy():
+    rng = np.random.default_rng(0)
+    a, b = rng.random((4, 30)), rng.random((4, 30))
+    b[0] = a[0] * 2  # perfect rank agreement
+    a[1, :10] = 0.0  # ties
+    expected = [spearmanr(a[i], b[i])[0] for i in range(4)]
+    np.testing.assert_allclose(spearman_rows(a, b), expected, rtol=1e-10)
+
+
+def test_cascading_randomisation_top_down(tiny_cnn, batch):
+    x, y = batch[0][:16], batch[1][:16]
+    names = [u[0] for u in randomisation_units(tiny_cnn)]
+    assert names == ["classifier", "features.3", "features.1", "features.0"]
+    vit_names = [u[0] for u in randomisation_units(build_model("vit", dim=16, depth=2, heads=2, mlp_dim=32))]
+    assert vit_names == ["head", "norm", "blocks.1", "blocks.0", "patch_embed", "embeddings"]
+
+    def map_fn(m):
+        return {"input": x[:, 0].reshape(16, -1).numpy(),
+                "saliency": attribute(m, x, y, "saliency").reshape(16, -1).numpy()}
+
+    before = {k: v.clone() for k, v in tiny_cnn.state_dict().items()}
+    stages = cascading_randomisation(prepare_model(tiny_cnn), map_fn)
+    assert [s[0] for s in stages] == names
+    for _, corr in stages:  # a "method" that ignores the model never changes
+        np.testing.assert_allclose(corr["input"], 1.0)
+    assert stages[-1][1]["saliency"].mean() < 0.9
+    after = tiny_cnn.state_dict()  # the trained model itself is untouched
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_explain_model_faithfulness_ranks_and_beats_random(tiny_cnn, digits):
+    x, y = digits.test.images[:40], digits.test.labels[:40]
+    out = explain_model(tiny_cnn, x, y.numpy(), methods=["saliency", "gradcam"], faithfulness_size=20,
+                        sanity_size=6, batch_size=25)
+    f = out["faithfulness"]
+    assert f["n_images"] == 20 and sorted(f["ranking"]) == ["gradcam", "saliency"]
+    assert set(f["methods"]) == {"saliency", "gradcam", "random"}
+    assert f["methods"]["random"]["deletion_auc"] > min(f["methods"][m]["deletion_auc"] for m in ("saliency", "gradcam"))
+    assert len(f["randomisation"]["spearman"]["saliency"]) == len(f["randomisation"]["layers"])
+    np.testing.assert_array_equal(out["counts"], np.bincount(y.numpy(), minlength=10))
+
+
+# --- the run folder and the command line -----------------------------------------------------
+
+def _write_run(path, model, name, model_kwargs):
+    from digitlens.models import save_model
+    from digitlens.runio import write_json
+
+    path.mkdir(parents=True)
+    write_json(path / "config.json", {"dataset": "digits", "model": name, "model_kwargs": model_kwargs,
+                                      "n_classes": 10, "seed": 0, "val_fraction": 0.1, "data_dir": None, "epochs": 1})
+    save_model(model, path / "model.safetensors")
+    return path
+
+
+def test_explain_run_writes_maps_manifest_metrics_and_figures(tiny_cnn, tmp_path):
+    from digitlens.explain import explain_run, load_maps
+    from digitlens.runio import read_json
+
+    run = _write_run(tmp_path / "cnn", tiny_cnn, "cnn", {"widths": [4, 8, 8]})
+    summary = explain_run(run, methods="saliency,gradcam", progress=False, faithfulness_size=20, sanity_size=4,
+                          compare_methods=True)
+    explain = run / "explain"
+    manifest = read_json(explain / "manifest.json")
+    assert manifest["methods"] == ["saliency", "gradcam"] and manifest["n_images"] == 450
+    assert sum(manifest["counts"]) == 450
+    maps = load_maps(run, "gradcam")
+    assert maps["maps"].shape == (10, 7, 7) and maps["pixel_maps"].shape == (10, 28, 28)
+    np.testing.assert_allclose(maps["maps"].sum(axis=(1, 2)), 1.0)
+    metrics = read_json(explain / "explain_metrics.json")
+    assert metrics["faithfulness"]["n_images"] == 20 and metrics["faithfulness"]["sanity_n_images"] == 4
+    for fig in ("per_digit_saliency", "per_digit_gradcam", "overlays_predictions", "filters_first_layer",
+                "feature_maps", "faithfulness", "compare_saliency_vs_gradcam"):
+        assert (explain / "figures" / f"{fig}.png").stat().st_size > 1000, fig
+        assert f"{fig}.png" in summary["files"]["figures"]
+
+
+def test_explain_command_and_one_line_errors(tiny_cnn, tmp_path):
+    from typer.testing import CliRunner
+
+    from digitlens.cli import app
+
+    torch.manual_seed(1)
+    vit = build_model("vit", dim=16, depth=1, heads=2, mlp_dim=16).eval()
+    run_a = _write_run(tmp_path / "a", vit, "vit", {"dim": 16, "depth": 1, "heads": 2, "mlp_dim": 16})
+    run_b = _write_run(tmp_path / "b", tiny_cnn, "cnn", {"widths": [4, 8, 8]})
+    runner = CliRunner()
+    result = runner.invoke(app, ["explain", str(run_a), "--methods", "saliency,attention_rollout", "--compare",
+                                 str(run_b), "--faithfulness-size", "0", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    figures = run_a / "explain" / "figures"
+    assert (figures / "per_digit_attention_rollout.png").is_file()
+    assert (figures / "compare_saliency_a_vs_b.png").is_file()  # only methods that apply to both runs
+    assert not (run_a / "explain" / "explain_metrics.json").read_text().count("faithfulness")
+    result = runner.invoke(app, ["explain", str(run_b), "--methods", "attention"])
+    assert result.exit_code == 2
+    assert "error: --methods 'attention': needs a transformer" in result.output
+    result = runner.invoke(app, ["explain", str(tmp_path / "missing")])
+    assert result.exit_code == 2 and "run folder not found" in result.output

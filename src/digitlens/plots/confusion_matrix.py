@@ -8,6 +8,20 @@ from digitlens.errors import DigitlensError
 from digitlens.plots._common import axes_grid
 
 
+def _power_ticks(vmax: float, gamma: float, n: int = 6) -> list[float]:
+    """Colour-bar ticks evenly spaced in colour (not value) under a power scale, rounded to two
+    significant digits, so they do not crowd at the top."""
+    ticks = []
+    for fraction in np.linspace(0, 1, n):
+        value = float(vmax * fraction ** (1 / gamma))
+        if value > 0:
+            digits = 1 - int(np.floor(np.log10(value)))
+            value = round(value, digits)
+        if value <= vmax and value not in ticks:
+            ticks.append(value)
+    return ticks
+
+
 class ConfusionMatrixDisplay:
     """Counts and row-normalised confusion matrices side by side.
 
@@ -47,6 +61,7 @@ class ConfusionMatrixDisplay:
         """Draw counts (left) and row-normalised percentages (right). ``ax``: None or a pair of
         Axes; ``gamma``: exponent of the colour scale (1 = linear; smaller shows rare mistakes)."""
         from matplotlib.colors import PowerNorm
+        from matplotlib.ticker import FuncFormatter
 
         fig, axes = axes_grid(ax, 2, figsize=(13, 5.6))
         n = len(self.display_labels)
@@ -57,7 +72,7 @@ class ConfusionMatrixDisplay:
         self.im_ = []
         fontsize = 9 if n <= 10 else 6
         for axis, (matrix, name, fmt, bar_label) in zip(axes, panels):
-            vmax = matrix.max() if matrix.max() > 0 else 1
+            vmax = 100.0 if name.startswith("Row") else (matrix.max() if matrix.max() > 0 else 1)
             # A power colour scale (gamma < 1) keeps the few mistakes visible next to a full diagonal.
             im = axis.imshow(matrix, cmap=cmap, norm=PowerNorm(gamma, vmin=0, vmax=vmax))
             self.im_.append(im)
@@ -73,8 +88,11 @@ class ConfusionMatrixDisplay:
             axis.set_xlabel("predicted digit")
             axis.set_ylabel("true digit")
             axis.set_title(name)
-            fig.colorbar(im, ax=axis, fraction=0.046, pad=0.04,
-                         label=bar_label + (f" (colour: power {gamma:g} scale)" if gamma != 1 else ""))
+            bar = fig.colorbar(im, ax=axis, fraction=0.046, pad=0.04,
+                               label=bar_label + (f" (colour: power {gamma:g} scale)" if gamma != 1 else ""))
+            if gamma != 1:
+                bar.set_ticks(_power_ticks(vmax, gamma))
+                bar.ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
         total = int(self.confusion_matrix.sum())
         correct = int(np.trace(self.confusion_matrix))
         fig.suptitle(title or f"Confusion matrix: {correct:,} of {total:,} correct "

@@ -99,8 +99,8 @@ def _digitlens(model_name, x, y, xt, yt, epochs, evals_per_epoch, hyper_override
 
     from digitlens import train as T
 
-    hyper = T.resolve_hyper(model_name, "mnist", hyper_overrides)
     epochs = epochs or T.DEFAULT_EPOCHS[("mnist", model_name)]
+    hyper = T.resolve_hyper(model_name, "mnist", hyper_overrides, epochs)
     torch.manual_seed(0)
     model = T.prepare_model(model_name, 10, model_kwargs, hyper)
     bs = int(hyper["batch_size"])
@@ -141,7 +141,7 @@ def _child(row, args, queue):
                                              overrides, kwargs, trace)
     else:
         model, seconds, samples = _digitlens(row, x, y, xt, yt, args.epochs or None, args.evals_per_epoch,
-                                             overrides if row == "cnn" or args.models == row else {}, kwargs if args.models == row else {}, trace)
+                                             overrides, kwargs, trace)
     params = sum(p.numel() for p in model.parameters())
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     queue.put({"row": row, "params": params, "seconds": seconds, "samples": samples, "trace": trace,
@@ -153,13 +153,13 @@ def main(argv=None) -> int:
     parser.add_argument("--data-dir", default=os.environ.get("DIGITLENS_DATA"),
                         help="folder with the MNIST IDX files (default: $DIGITLENS_DATA)")
     parser.add_argument("--epochs-ref", type=int, default=3, help="epochs of the PyTorch-examples reference")
-    parser.add_argument("--epochs-long", type=int, default=8, help="epochs of the cnn-long row")
+    parser.add_argument("--epochs-long", type=int, default=6, help="epochs of the cnn-long row")
     parser.add_argument("--epochs", type=int, default=0, help="epochs of the cnn/vit rows (default: digitlens' default)")
     parser.add_argument("--models", default="ref,cnn,cnn-long,vit", help="rows, comma-separated: ref,cnn,cnn-long,vit,mlp")
     parser.add_argument("--evals-per-epoch", type=int, default=4, help="test evaluations per epoch of digitlens models")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--hyper", default="", help='JSON overrides of the cnn hyper-parameters, e.g. \'{"lr": 0.2}\'')
-    parser.add_argument("--model-kwargs", default="", help="JSON model kwargs when a single model row is run")
+    parser.add_argument("--hyper", default="", help='JSON hyper-parameter overrides for every digitlens row, e.g. \'{"lr": 0.2}\'')
+    parser.add_argument("--model-kwargs", default="", help="JSON model kwargs for every digitlens row")
     parser.add_argument("--quick", action="store_true", help="smoke test: 3,000 training and 1,000 test images, 1 epoch each")
     parser.add_argument("--json", default="", help="also write the results to this JSON file")
     args = parser.parse_args(argv)

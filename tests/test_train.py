@@ -182,3 +182,14 @@ def test_random_shift_matches_naive_shift():
     for i in range(6):
         expected = padded[i, :, dy[i]:dy[i] + 28, dx[i]:dx[i] + 28]
         np.testing.assert_array_equal(shifted[i].numpy(), expected)
+
+
+def test_long_cnn_runs_on_mnist_use_the_long_settings_unless_overridden():
+    from digitlens.train import LONG_RUN_HYPER, resolve_hyper
+
+    short = resolve_hyper("cnn", "mnist", {}, 1)
+    long = resolve_hyper("cnn", "mnist", {}, 6)
+    assert short["batch_size"] == 128 and short["augment"] == 0
+    assert {k: long[k] for k in LONG_RUN_HYPER["cnn"]} == LONG_RUN_HYPER["cnn"]
+    assert resolve_hyper("cnn", "mnist", {"batch_size": 64}, 6)["batch_size"] == 64
+    assert resolve_hyper("cnn", "digits", {}, 6)["augment"] == 0

@@ -65,9 +65,9 @@ def train_command(
     summary = train(out, dataset=dataset, model=model, epochs=epochs, seed=seed, data_dir=data_dir, resume=resume,
                     progress=progress, model_kwargs=width_kwargs(model, width), batch_size=batch_size, lr=lr,
                     augment=augment, threads=threads)
-    final = summary["final"]
-    typer.echo(f"wrote {summary['run_dir']}: {summary['epochs']} epochs, val_accuracy {final['val_accuracy']}, "
-               f"{summary['train_seconds']:.1f} s of training")
+    val_accuracy = summary["final"]["val_accuracy"]
+    typer.echo(f"wrote {summary['run_dir']}: {summary['epochs']} epochs, {summary['train_seconds']:.1f} s of training"
+               + (f", val_accuracy {val_accuracy:.4f}" if val_accuracy == val_accuracy else ""))
 
 
 @app.command("evaluate")

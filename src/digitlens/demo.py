@@ -27,12 +27,18 @@ from digitlens.runio import read_json, write_json
 SETTINGS: dict[str, dict[str, Any]] = {
     "digits": {
         "train": {"cnn": {"epochs": 12}, "vit": {"epochs": 30}},
-        "explain": {"faithfulness_size": 200, "sanity_size": 32},
+        "explain": {"cnn": {"methods": ("saliency", "input_x_gradient", "integrated_gradients", "gradcam"),
+                            "faithfulness_size": 200, "sanity_size": 32},
+                    "vit": {"methods": ("saliency", "integrated_gradients", "attention", "attention_rollout"),
+                            "faithfulness_size": 200, "sanity_size": 32}},
         "adapt": {"task": "groups", "ranks": (4, 8, 64), "seeds": (0, 1), "epochs": 3},
     },
     "mnist": {
         "train": {"cnn": {"epochs": 3}, "vit": {"epochs": 4}},
-        "explain": {"faithfulness_size": 500, "sanity_size": 64},
+        "explain": {"cnn": {"methods": ("saliency", "input_x_gradient", "integrated_gradients", "gradcam"),
+                            "faithfulness_size": 500, "sanity_size": 64},
+                    "vit": {"methods": ("saliency", "integrated_gradients", "attention", "attention_rollout"),
+                            "faithfulness_size": 500, "sanity_size": 64}},
         "adapt": {"task": "groups", "ranks": (4, 8, 64), "seeds": (0, 1), "epochs": 2},
     },
 }
@@ -40,7 +46,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
 # A smaller version for tests: same steps, tiny epochs and study sizes.
 FAST = {
     "train": {"cnn": {"epochs": 2}, "vit": {"epochs": 2, "model_kwargs": {"dim": 32, "depth": 1, "heads": 2, "mlp_dim": 64}}},
-    "explain": {"faithfulness_size": 32, "sanity_size": 8, "methods": ("saliency", "gradcam")},
+    "explain": {"cnn": {"faithfulness_size": 32, "sanity_size": 8, "methods": ("saliency",)},
+                "vit": {"faithfulness_size": 32, "sanity_size": 8, "methods": ("saliency",)}},
     "adapt": {"task": "groups", "ranks": (2, 4), "seeds": (0, 1), "epochs": 1, "n_train": 200, "n_test": 100,
               "baselines": False},
 }
@@ -108,12 +115,6 @@ def _print_summary(console, result: dict) -> None:
             table.add_row(row["method"], str(row["rank"] or "—"), f"{row['trainable_params']:,}",
                           f"{row['accuracy'] * 100:.2f}%")
         console.print(table)
-    for step in result["steps"]:
-        if step["status"] != "done":
-            console.print(f"[yellow]skipped[/]: {step['step']} ({step['status']})")
-    if not result["reports"]:
-        console.print(f"[bold yellow]Done in {result['seconds']:.0f} s, but no report could be written.[/]")
-        return
     console.print(f"[bold green]Done in {result['seconds']:.0f} s.[/] Open the report: [bold]{result['reports'][0]}[/]")
     for extra in result["reports"][1:]:
         console.print(f"  and {extra}")
@@ -137,12 +138,8 @@ def run_demo(out_root: str | Path = "runs", *, dataset: str = "digits", data_dir
     steps: list[dict] = []
     started = time.perf_counter()
 
-    def step(label: str, func: Callable[[], Any], needs: Any = True) -> Any:
+    def step(label: str, func: Callable[[], Any]) -> Any:
         console.rule(f"[bold]{len(steps) + 1}. {label}")
-        if needs is None:  # TEMPORARY while the stages land: a missing stage is skipped, visibly
-            steps.append({"step": label, "seconds": 0.0, "status": "stage not installed yet"})
-            console.print(f"[yellow]skipped[/] {label}: stage not installed yet")
-            return None
         t0 = time.perf_counter()
         value = func()
         seconds = time.perf_counter() - t0
@@ -150,46 +147,30 @@ def run_demo(out_root: str | Path = "runs", *, dataset: str = "digits", data_dir
         console.print(f"[green]✓[/] {label} [dim]({seconds:.1f} s)[/]")
         return value
 
-    import importlib
-
-    def stage(name):  # TEMPORARY while the stages land
-        try:
-            return importlib.import_module(f"digitlens.{name}")
-        except ImportError:
-            return None
-
-    train, evaluate, explain, subspace, adapt = (stage(n) for n in ("train", "evaluate", "explain", "subspace", "adapt"))
+    from digitlens import adapt, evaluate, explain, subspace, train
     from digitlens.report import write_report
 
     for name in ("cnn", "vit"):
         kwargs = dict(settings["train"][name])
         step(f"Train the {name.upper()} on {dataset}",
-             lambda: train.train(runs[name], dataset=dataset, model=name, data_dir=data_dir, progress=progress, **kwargs), train)
+             lambda: train.train(runs[name], dataset=dataset, model=name, data_dir=data_dir, progress=progress, **kwargs))
         step(f"Evaluate the {name.upper()}",
-             lambda: evaluate.evaluate_run(runs[name], data_dir=data_dir, progress=progress),
-             evaluate if (runs[name] / "config.json").is_file() else None)
-    explain_kwargs = dict(settings["explain"])
+             lambda: evaluate.evaluate_run(runs[name], data_dir=data_dir, progress=progress))
+    explain_kwargs = settings["explain"]
     step("Explain the CNN (per-digit maps, overlays, filters, faithfulness)",
-         lambda: explain.explain_run(runs["cnn"], data_dir=data_dir, progress=progress, **explain_kwargs),
-         explain if (runs["cnn"] / "predictions.npz").is_file() else None)
+         lambda: explain.explain_run(runs["cnn"], data_dir=data_dir, progress=progress, **explain_kwargs["cnn"]))
     step("Explain the ViT, side by side with the CNN",
          lambda: explain.explain_run(runs["vit"], data_dir=data_dir, progress=progress, compare=runs["cnn"],
-                                     **explain_kwargs),
-         explain if (runs["vit"] / "predictions.npz").is_file() else None)
+                                     **explain_kwargs["vit"]))
     adapt_kwargs = dict(settings["adapt"])
     ranks = ", ".join(map(str, adapt_kwargs["ranks"]))
     step(f"LoRA study on the ViT (r = {ranks})",
-         lambda: adapt.adapt_run(runs["vit"], data_dir=data_dir, progress=progress, **adapt_kwargs),
-         adapt if (runs["vit"] / "model.safetensors").is_file() else None)
+         lambda: adapt.adapt_run(runs["vit"], data_dir=data_dir, progress=progress, **adapt_kwargs))
     step("Subspace analysis of the adapters",
-         lambda: subspace.analyse_run(runs["vit"], task=adapt_kwargs["task"]),
-         subspace if (runs["vit"] / "adapt").is_dir() else None)
+         lambda: subspace.analyse_run(runs["vit"], task=adapt_kwargs["task"]))
     reports = []
-    have = {k: (v / "config.json").is_file() for k, v in runs.items()}
-    reports.append(step("Write the ViT report", lambda: write_report(runs["vit"]), True if have["vit"] else None))
-    reports.insert(0, step("Write the CNN report, ViT side by side", lambda: write_report(runs["cnn"], compare=runs["vit"]),
-                           True if all(have.values()) else None))
-    reports = [r for r in reports if r is not None]
+    reports.append(step("Write the ViT report", lambda: write_report(runs["vit"])))
+    reports.insert(0, step("Write the CNN report, ViT side by side", lambda: write_report(runs["cnn"], compare=runs["vit"])))
 
     result = {"dataset": dataset, "fast": fast, "runs": {k: str(v) for k, v in runs.items()},
               "reports": [str(r) for r in reports], "steps": steps,

@@ -76,7 +76,16 @@ CATALOGUE = (
     FigureSpec(("explain/figures/*compar*", "explain/figures/*vs*", "explain/figures/*diff*"), "explanations",
                "heatmap_compare", "Per-digit maps side by side, on one colour scale"),
     FigureSpec(("explain/figures/*",), "explanations", "heatmap", "Per-digit maps"),
+    FigureSpec(("adapt/*accuracy_vs_param*",), "lora", "adapt", "LoRA against baselines: test accuracy and trainable parameters"),
+    FigureSpec(("adapt/*per_digit*",), "lora", "adapt", "Per-digit precision and recall of the groups task"),
     FigureSpec(("adapt/**",), "lora", "adapt", "LoRA adaptation"),
+    FigureSpec(("subspace/*seed003*",), "lora", "subspace",
+               "The LoRA paper's figure (Hu et al. 2021): phi(W_q, A_r) for every rank and a random A"),
+    FigureSpec(("subspace/*phi_W_vs_A*",), "lora", "subspace", "phi(W, A_r) per projection"),
+    FigureSpec(("subspace/*rank*_vs_rank*",), "lora", "subspace", "phi between adapters of two ranks (paper figure 3)"),
+    FigureSpec(("subspace/*seed*_vs_seed*",), "lora", "subspace", "phi between two seeds at one rank (paper figure 4)"),
+    FigureSpec(("subspace/*amplification*",), "lora", "subspace", "Amplification factor (paper table 7)"),
+    FigureSpec(("subspace/*spectr*",), "lora", "subspace", "Singular values and effective rank of ΔW"),
     FigureSpec(("subspace/**",), "lora", "subspace", "Subspace analysis"),
 )
 
@@ -108,10 +117,11 @@ def figure_caption(rel: Path, spec: FigureSpec | None) -> str:
     name = humanise(rel.stem)
     if spec is None:
         return name
-    if spec.kind in ("heatmap", "heatmap_compare", "filters", "faithfulness", "adapt", "subspace", "overlay", "overlay_mis"):
-        sub = "/".join(rel.parts[1:-1]).replace("figures", "").strip("/")
-        detail = f"{sub}/{rel.stem}" if sub else rel.stem
-        return f"{spec.caption}: {humanise(detail)}"
+    if spec.kind in ("adapt", "subspace"):
+        task = rel.parts[1] if len(rel.parts) > 2 else ""
+        return f"{spec.caption} — task “{task}”, {rel.stem.replace('_', ' ')}"
+    if spec.kind in ("heatmap", "heatmap_compare", "filters", "faithfulness", "overlay", "overlay_mis"):
+        return f"{spec.caption} — {rel.stem.replace('_', ' ')}"
     return spec.caption
 
 
@@ -311,9 +321,11 @@ def _section_tables(section: str, run: RunData) -> list[Table]:
     return tables
 
 
-def _section_blocks(section: str, run: RunData, label_runs: bool) -> list[str]:
-    """HTML blocks: the stages' own Markdown tables (LoRA results, subspace summary) and insights."""
-    prefix = f"<h3>{html.escape(run.name)}</h3>\n" if label_runs else ""
+def _section_blocks(section: str, run: RunData, run_index: int | None) -> list[str]:
+    """HTML blocks: the stages' own Markdown tables (LoRA results, subspace summary) and insights;
+    ``run_index`` (1 or 2) tags them with the run's name in a comparison."""
+    prefix = (f'<p><span class="run-tag run-{run_index}">{html.escape(run.name)}</span></p>\n'
+              if run_index else "")
     blocks = []
     if section == "lora":
         for task in run.adapt_results:
@@ -361,13 +373,13 @@ def build_sections(runs: list[RunData]) -> list[Section]:
     diff = per_digit_diff_table(*runs) if len(runs) == 2 else None
     if diff:
         sections["evaluation"].tables.append(diff)
-    for run in runs:
+    for index, run in enumerate(runs, start=1):
         for sid, _ in SECTIONS:
             tables = _section_tables(sid, run)
             if diff and sid == "evaluation":  # the comparison table replaces the two per-run ones
                 tables = [t for t in tables if t.title != "Per-digit metrics"]
             sections[sid].tables += tables
-            sections[sid].html_blocks += _section_blocks(sid, run, len(runs) > 1)
+            sections[sid].html_blocks += _section_blocks(sid, run, index if len(runs) > 1 else None)
     overview = sections["overview"]
     overview.tables.append(overview_table(runs))
     return [s for s in sections.values() if not s.empty]

@@ -412,38 +412,70 @@ def _subspace_summary(run: RunData, stem: str) -> dict | None:
     return next((js for js in run.subspace.values() if isinstance(js, dict) and "modules" in js), None)
 
 
+def _phi_line(entries: list[dict], corrected: bool) -> str:
+    """Mean phi at i = j = k over modules (raw or chance-corrected) with the chance level."""
+    if corrected:
+        return f"corrected {np.mean([e['corrected_k_k'] for e in entries]):+.3f}"
+    return f"{np.mean([e['phi_k_k'] for e in entries]):.3f} (chance {np.mean([e['chance_k_k'] for e in entries]):.3f})"
+
+
 def reading_subspace(run: RunData, stem: str = "") -> list[str]:
     js = _subspace_summary(run, stem)
     if not js:
         return []
     modules = js["modules"]
     name = stem.rsplit("/", 1)[-1]
-    module = next((m for m in modules if m.get("module", "").replace(".", "_") in name), None)
-    if "amplification" in name or "spectra" in name or module is None:
-        amps = [(m["module"], a["rank"], a["amplification"]) for m in modules for a in m.get("adapters", [])
-                if isinstance(a.get("amplification"), dict)]
-        key = "amplification" if amps and "amplification" in amps[0][2] else None
-        if not amps or key is None:
-            ranks = sorted({a["rank"] for m in modules for a in m.get("adapters", [])})
-            eff = [a.get("effective_rank") for m in modules for a in m.get("adapters", []) if a.get("effective_rank")]
-            return [f"{len(modules)} adapted modules, ranks {', '.join(map(str, ranks))}; effective rank of ΔW between "
-                    f"{min(eff):.1f} and {max(eff):.1f}."] if eff else []
-        by_rank: dict[int, list[float]] = {}
-        for _, r, a in amps:
-            if isinstance(a.get(key), (int, float)) and math.isfinite(a[key]):
-                by_rank.setdefault(r, []).append(a[key])
-        return ["Mean amplification factor ‖ΔW‖ / ‖UᵀWVᵀ‖ per rank: "
-                + ", ".join(f"r = {r}: {np.mean(v):.1f}" for r, v in sorted(by_rank.items())) + "."]
+    corrected = name.endswith("_corrected")
+    base = name[: -len("_corrected")] if corrected else name
+    what = "chance-corrected phi" if corrected else "phi"
+    picked = None
+    if base.startswith("phi_W_vs_A__"):
+        proj = base[len("phi_W_vs_A__"):]
+        picked = [m for m in modules if m["module"].replace(".", "_").endswith(proj)]
+    elif base.startswith("phi_W_vs_A"):   # the seed-003 figure: the first q projection, as in the paper
+        picked = [next((m for m in modules if m["module"].endswith(".q")), modules[0])]
+    if picked:
+        ranks = sorted({a["rank"] for m in picked for a in m.get("adapters", [])})
+        parts = []
+        for r in ranks:
+            entries = [a["phi_W_A"] for m in picked for a in m["adapters"] if a["rank"] == r and "phi_W_A" in a]
+            if entries:
+                parts.append(f"r = {r}: {_phi_line(entries, corrected)}")
+        rnd = [m["phi_W_random"] for m in picked if isinstance(m.get("phi_W_random"), dict)]
+        where = picked[0]["module"] if len(picked) == 1 else f"{len(picked)} modules (mean)"
+        lines = [f"{where}, {what} between W's and A's top-k directions at i = j = k: " + "; ".join(parts) + "."]
+        if rnd:
+            lines.append(f"A random Gaussian A gives {_phi_line(rnd, corrected)}: an adapter above that line "
+                         "shares directions with W beyond chance.")
+        return lines
+    m = re.match(r"phi_(rank|seed)(\d+)_vs_(?:rank|seed)(\d+)(?:_rank(\d+))?$", base)
+    if m:
+        kind = "ranks" if m.group(1) == "rank" else "seeds"
+        comps = [c for c in js.get("comparisons", []) if c.get("kind") == kind
+                 and (kind == "ranks" or f"A_r={m.group(4)} " in c.get("title", ""))]
+        if comps:
+            entries = comps[0]["modules"]
+            first = (f"{comps[0]['title']}: top direction phi(1, 1) = {np.mean([e['phi_1_1'] for e in entries]):.3f} "
+                     f"against chance {np.mean([e['chance_1_1'] for e in entries]):.3f}, averaged over {len(entries)} modules.")
+            return [first, f"At i = j = k: {_phi_line(entries, corrected)}."]
+        return []
+    amps: dict[int, list[float]] = {}
+    eff: dict[int, list[float]] = {}
+    for mod in modules:
+        for a in mod.get("adapters", []):
+            value = (a.get("amplification") or {}).get("amplification")
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                amps.setdefault(a["rank"], []).append(value)
+            if isinstance(a.get("effective_rank"), (int, float)):
+                eff.setdefault(a["rank"], []).append(a["effective_rank"])
     lines = []
-    for a in module.get("adapters", []):
-        phi = a.get("phi_W_A")
-        if isinstance(phi, dict) and "phi_k_k" in phi:
-            lines.append(f"r = {a['rank']}: phi = {phi['phi_k_k']:.3f} at i = j = {phi.get('k', a['rank'])} against "
-                         f"chance {phi.get('chance_k_k', float('nan')):.3f}")
-    rnd = module.get("phi_W_random")
-    if lines and isinstance(rnd, dict) and "phi_k_k" in rnd:
-        lines.append(f"random A: {rnd['phi_k_k']:.3f} (chance {rnd.get('chance_k_k', float('nan')):.3f})")
-    return [f"{module['module']}: " + "; ".join(lines) + "."] if lines else []
+    if amps:
+        lines.append("Mean amplification factor ‖ΔW‖ / ‖UᵀWVᵀ‖ per rank: "
+                     + ", ".join(f"r = {r}: {np.mean(v):.2f}" for r, v in sorted(amps.items())) + ".")
+    if eff:
+        lines.append("Mean effective rank of ΔW: " + ", ".join(f"{np.mean(v):.1f} of r = {r}" for r, v in sorted(eff.items()))
+                     + f", over {len(modules)} modules.")
+    return lines
 
 
 # --------------------------------------------------------------------------- registry

@@ -1,0 +1,75 @@
+"""``digitlens demo`` (fast settings): every stage runs, the summary matches the run folders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from demo_cache import fast_demo
+
+from digitlens import DigitlensError
+from digitlens.demo import FAST, run_demo
+from digitlens.runio import read_npz
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return fast_demo(tmp_path_factory)
+
+
+def test_every_stage_runs_and_writes_its_files(demo):
+    assert [s["status"] for s in demo["steps"]] == ["done"] * len(demo["steps"])
+    labels = " | ".join(s["step"] for s in demo["steps"])
+    for stage in ("Train the CNN", "Train the VIT", "Evaluate", "Explain the CNN", "Explain the ViT", "LoRA study",
+                  "Subspace", "report"):
+        assert stage in labels
+    cnn, vit = Path(demo["runs"]["cnn"]), Path(demo["runs"]["vit"])
+    for run in (cnn, vit):
+        for rel in ("config.json", "history.csv", "model.safetensors", "predictions.npz", "metrics.json",
+                    "insights.md", "explain/explain_metrics.json", "report.html"):
+            assert (run / rel).is_file(), rel
+    ranks = FAST["adapt"]["ranks"]
+    for rank in ranks:
+        assert (vit / "adapt/groups" / f"r{rank}_s0" / "adapter_config.json").is_file()
+    assert (vit / "subspace/groups/subspace.json").is_file()
+    assert demo["reports"][0] == str(cnn / "report.html")
+
+
+def test_summary_is_read_from_the_runs(demo):
+    from sklearn.metrics import accuracy_score, confusion_matrix
+
+    for name, run in demo["runs"].items():
+        pred = read_npz(Path(run) / "predictions.npz")
+        row = demo["summary"]["models"][name]
+        assert row["accuracy"] == pytest.approx(accuracy_score(pred["y_true"], pred["y_pred"]))
+        cm = confusion_matrix(pred["y_true"], pred["y_pred"], labels=range(10))
+        np.fill_diagonal(cm, 0)
+        assert row["most_confused"].endswith(f"({cm.max()})")
+        ranking = json.loads((Path(run) / "explain/explain_metrics.json").read_text())["faithfulness"]["ranking"]
+        assert row["most_faithful"] == ranking[0]
+    lora = [r for r in demo["summary"]["lora"] if r["method"] == "lora"]
+    assert sorted(r["rank"] for r in lora) == sorted(FAST["adapt"]["ranks"])
+    results = json.loads((Path(demo["runs"]["vit"]) / "adapt/groups/results.json").read_text())
+    for row in lora:
+        accs = [r["accuracy"] for r in results["rows"] if r["method"] == "lora" and r["rank"] == row["rank"]]
+        assert row["accuracy"] == pytest.approx(np.mean(accs))
+
+
+def test_the_cnn_report_covers_both_models(demo):
+    html = Path(demo["reports"][0]).read_text()
+    for section in ('id="training"', 'id="evaluation"', 'id="galleries"', 'id="explanations"', 'id="filters"',
+                    'id="lora"', 'id="insights"'):
+        assert section in html
+    assert "Runs compared" in html and "Per-digit metrics compared" in html
+
+
+def test_refuses_a_folder_it_did_not_write(tmp_path):
+    (tmp_path / "demo-digits").mkdir()
+    (tmp_path / "demo-digits" / "precious.txt").write_text("keep me")
+    with pytest.raises(DigitlensError, match="not written by `digitlens demo`"):
+        run_demo(tmp_path, progress=False)
+    assert (tmp_path / "demo-digits" / "precious.txt").read_text() == "keep me"
+    with pytest.raises(DigitlensError, match="--dataset 'fashion'"):
+        run_demo(tmp_path, dataset="fashion", progress=False)

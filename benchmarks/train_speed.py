@@ -102,7 +102,7 @@ def _digitlens(model_name, x, y, xt, yt, epochs, evals_per_epoch, hyper_override
     epochs = epochs or T.DEFAULT_EPOCHS[("mnist", model_name)]
     hyper = T.resolve_hyper(model_name, "mnist", hyper_overrides, epochs)
     torch.manual_seed(0)
-    model = T.prepare_model(model_name, 10, model_kwargs, hyper)
+    model = T.prepare_model(model_name, 10, T.full_model_kwargs(model_name, model_kwargs), hyper)
     bs = int(hyper["batch_size"])
     per_epoch = T.steps_per_epoch(len(y), bs)
     optimizer, scheduler = T.make_optimizer(model, hyper, per_epoch * epochs)

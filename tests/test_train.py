@@ -166,7 +166,7 @@ def test_cli_trains_then_refuses_a_second_run(tmp_path):
     result = runner.invoke(app, ["train", "--out", str(out), "--epochs", "1", "--width", "4", "--width", "8",
                                  "--width", "8", "--threads", "1", "--no-progress"])
     assert result.exit_code == 0, result.output
-    assert read_json(out / "config.json")["model_kwargs"] == {"widths": [4, 8, 8]}
+    assert read_json(out / "config.json")["model_kwargs"]["widths"] == [4, 8, 8]
     result = runner.invoke(app, ["train", "--out", str(out), "--no-progress"])
     assert result.exit_code == 2 and "already holds a finished run" in result.stderr
 
@@ -193,3 +193,15 @@ def test_long_cnn_runs_on_mnist_use_the_long_settings_unless_overridden():
     assert {k: long[k] for k in LONG_RUN_HYPER["cnn"]} == LONG_RUN_HYPER["cnn"]
     assert resolve_hyper("cnn", "mnist", {"batch_size": 64}, 6)["batch_size"] == 64
     assert resolve_hyper("cnn", "digits", {}, 6)["augment"] == 0
+
+
+def test_config_pins_the_full_architecture(tmp_path):
+    from digitlens.models import ViT
+    from digitlens.train import DEFAULT_MODEL_KWARGS, full_model_kwargs
+
+    kwargs = full_model_kwargs("vit", {"heads": 2})
+    assert kwargs["heads"] == 2 and kwargs["depth"] == DEFAULT_MODEL_KWARGS["vit"]["depth"]
+    assert kwargs["dim"] >= 128 and kwargs["patch"] == 4
+    assert len(ViT(**kwargs).blocks) == kwargs["depth"]
+    with pytest.raises(DigitlensError, match="no argument 'depthh'"):
+        full_model_kwargs("vit", {"depthh": 2})

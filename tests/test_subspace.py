@@ -160,7 +160,8 @@ def test_analyse_adapters_writes_figures(tmp_path):
     base_path, adapter_a, _ = _peft_adapter(tmp_path, rank=4, seed=0)
     subspace.analyse_adapters(base_path, [adapter_a], tmp_path / "out", modules=["encoder.fc_in"])
     figures = sorted(p.name for p in (tmp_path / "out" / "figures").glob("*.png"))
-    assert "phi_W_vs_A__encoder_fc_in.png" in figures and "phi_W_vs_A__encoder_fc_in_corrected.png" in figures
+    assert "phi_W_vs_A__fc_in.png" in figures and "phi_W_vs_A__fc_in_corrected.png" in figures
+    assert "phi_W_vs_A_seed003.png" in figures and "phi_W_vs_A_seed003_corrected.png" in figures
     assert "amplification.png" in figures and "dW_spectra.png" in figures
 
 

@@ -41,7 +41,7 @@ GROUP_NAMES = ("in {1, 2, 4, 6, 9}", "in {0, 3, 5, 7, 8}")
 
 #: Defaults chosen so that adapt + subspace for ranks 4, 8, 64 and two seeds stays within a few
 #: minutes on 2 CPU cores for the default ViT (see benchmarks/subspace_speed.py).
-DEFAULTS = {"epochs": 3, "n_train": 3000, "n_test": 2000, "batch_size": 64, "lora_alpha": 8,
+DEFAULTS = {"epochs": 2, "n_train": 1500, "n_test": 1000, "batch_size": 64, "lora_alpha": 8,
             "lr_lora": 2e-3, "lr_head": 5e-3, "lr_full": 3e-4, "weight_decay": 0.0}
 
 

@@ -133,7 +133,7 @@ def adapt_command(
     ranks: str = typer.Option("4,8,64", "--ranks", help="Comma-separated LoRA ranks."),
     seeds: str = typer.Option("0,1", "--seeds", help="Comma-separated seeds."),
     targets: str = typer.Option("q,v", "--targets", help="Comma-separated linear layer names to adapt."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs per adapter (default 3)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs per adapter (default 2)."),
     n_train: Optional[int] = typer.Option(None, "--n-train", help="Training images drawn from the task's train split (0 = all)."),
     n_test: Optional[int] = typer.Option(None, "--n-test", help="Test images (0 = all)."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder with the MNIST IDX files."),

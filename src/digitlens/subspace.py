@@ -375,23 +375,28 @@ def analyse_adapters(base_path, adapter_dirs, out_dir, *, random_seed: int = 0, 
                                  f"{adapters[0].path} adapts")
     base_label = str(base_path)
     rng = np.random.default_rng(random_seed)
-    module_results = []
+    module_results, panels = [], {}
     for name in names:
         if progress:
             print(f"subspace: {name}", flush=True)
         weight = match_base_weight(base, adapters[0].modules[name], base_label)
         for adapter in adapters[1:]:
             match_base_weight(base, adapter.modules[name], base_label)
-        module_results.append(_analyse_module(name, weight, [a.modules[name] for a in adapters], labels, rng,
-                                              intruder_top_k, intruder_threshold,
-                                              out_dir / "figures" if figures else None))
+        result, panels[name] = _analyse_module(name, weight, [a.modules[name] for a in adapters], labels, rng,
+                                               intruder_top_k, intruder_threshold)
+        module_results.append(result)
     summary = {
         "base": str(base_path),
         "adapters": [str(p) for p in adapter_dirs],
         "labels": labels,
         "chance_note": "for random subspaces E[phi(i, j)] = max(i, j) / d; corrected = (phi - E) / (1 - E)",
         "modules": module_results,
+        "figures": [],
     }
+    if figures:
+        ranks = [a.modules[names[0]].rank for a in adapters]
+        summary["figures"] = _plot_phi_w(panels, labels, ranks, {m["module"]: m["d_in"] for m in module_results},
+                                         out_dir / "figures")
     _write_outputs(out_dir, summary, figures)
     return summary
 
@@ -403,8 +408,8 @@ def _unique_labels(adapters: list[LoraAdapter]) -> list[str]:
     return labels
 
 
-def _analyse_module(name, weight, lora_modules: list[LoraModule], labels, rng, top_k, threshold, fig_dir) -> dict:
-    """All measures for one module; writes its phi(W, A) figure; returns a JSON-ready dict."""
+def _analyse_module(name, weight, lora_modules: list[LoraModule], labels, rng, top_k, threshold):
+    """All measures for one module: (JSON-ready dict, list of phi(W, A_k) arrays + the random one)."""
     d_in = weight.shape[1]
     w_rows = right_singular_vectors(weight)
     per_adapter = []
@@ -436,14 +441,43 @@ def _analyse_module(name, weight, lora_modules: list[LoraModule], labels, rng, t
             {"a": labels[0], "b": labels[k], **phi_summary(phi_matrix(first, right_singular_vectors(m.lora_a)), d_in)}
             for k, m in enumerate(lora_modules[1:], start=1)
         ]
-    if fig_dir is not None:
-        from digitlens.plots.subspace import plot_phi_w_panels
+    return result, phis_w + [phi_random]
 
-        stem = fig_dir / f"phi_W_vs_A__{_safe(name)}"
-        plot_phi_w_panels(name, phis_w + [phi_random], [_rank_title(l, m.rank) for l, m in zip(labels, lora_modules)],
-                          d_in, stem)
-        result["figure"] = str(stem.with_suffix(".png"))
-    return result
+
+def _target_groups(names: list[str], max_layers: int) -> dict[str, list[str]]:
+    """Modules grouped by their last name part (q, v, q_proj, ...), at most ``max_layers`` evenly
+    spaced modules per group (first and last included)."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(name.rpartition(".")[2], []).append(name)
+    for target, members in groups.items():
+        if len(members) > max_layers:
+            keep = np.unique(np.linspace(0, len(members) - 1, max_layers).round().astype(int))
+            groups[target] = [members[k] for k in keep]
+    return groups
+
+
+def _plot_phi_w(panels: dict, labels, ranks, dims: dict, fig_dir: Path, max_layers: int = 6) -> list[str]:
+    """phi(W, A_k, i, j) figures: one per target (rows: layers, columns: adapters + random A), and
+    the seed-003 four-panel figure for the last layer of the first target named like a query."""
+    from digitlens.plots.subspace import plot_phi_w_panels
+
+    titles = [_rank_title(label, rank) for label, rank in zip(labels, ranks)]
+    groups = _target_groups(list(panels), max_layers)
+    written = []
+    for target, members in groups.items():
+        by_dim = {dims[m] for m in members}
+        if len(by_dim) != 1:  # rectangular layers of different widths: one figure per module
+            for m in members:
+                written += plot_phi_w_panels([m], [panels[m]], titles, dims[m], fig_dir / f"phi_W_vs_A__{_safe(m)}")
+            continue
+        written += plot_phi_w_panels(members, [panels[m] for m in members], titles, by_dim.pop(),
+                                     fig_dir / f"phi_W_vs_A__{_safe(target)}")
+    query = next((t for t in groups if t.lower() in ("q", "q_proj", "query", "wq")), next(iter(groups)))
+    seed_module = groups[query][-1]
+    written += plot_phi_w_panels([seed_module], [panels[seed_module]], titles, dims[seed_module],
+                                 fig_dir / "phi_W_vs_A_seed003")
+    return [str(p) for p in written if str(p).endswith(".png")]
 
 
 def _rank_title(label: str, rank: int) -> str:
@@ -460,8 +494,9 @@ def _write_outputs(out_dir: Path, summary: dict, figures: bool) -> None:
         from digitlens.plots.subspace import plot_amplification_table, plot_spectra
 
         fig_dir = out_dir / "figures"
-        plot_spectra(summary["modules"], fig_dir / "dW_spectra")
-        plot_amplification_table(summary["modules"], fig_dir / "amplification")
+        written = plot_spectra(summary["modules"], fig_dir / "dW_spectra")
+        written += plot_amplification_table(summary["modules"], fig_dir / "amplification")
+        summary["figures"] += [str(p) for p in written if str(p).endswith(".png")]
     summary["markdown"] = summary_markdown(summary)
     write_text(out_dir / "summary.md", summary["markdown"])
     write_json(out_dir / "subspace.json", summary)
@@ -483,7 +518,7 @@ def summary_markdown(summary: dict) -> str:
             lines.append(
                 f"| {mod['module']} | {ad['adapter']} | {ad['rank']} | {_fmt(p['phi_k_k'])} | {_fmt(p['chance_k_k'])} "
                 f"| {_fmt(p['corrected_k_k'])} | {_fmt(amp['norm_dW'])} | {_fmt(amp['proj_dW'])} | {_fmt(amp['proj_W'])} "
-                f"| {_fmt(amp['proj_random'])} | {_fmt(amp['amplification'], 1)} | {_fmt(ad['effective_rank'], 2)} "
+                f"| {_fmt(amp['proj_random'])} | {amp['amplification']:.3g} | {_fmt(ad['effective_rank'], 2)} "
                 f"| {ad['intruders']['count']}/{ad['intruders']['top_k']} |")
         p = mod["phi_W_random"]
         lines.append(f"| {mod['module']} | random Gaussian A | {p['shape'][1]} | {_fmt(p['phi_k_k'])} | "
@@ -551,6 +586,7 @@ def analyse_run(run_dir, task: str = "groups", *, out_dir=None, seed_for_ranks: 
         if figures:
             dim = first.modules[names[0]].lora_a.shape[1]
             entry["figures"] = _plot_module_grid(grid, dim, title, out_dir / "figures" / f"phi_{stem}")
+            summary["figures"] += [p for p in entry["figures"] if p.endswith(".png")]
         summary["comparisons"].append(entry)
     full = [r for r in results["rows"] if r["method"] == "full" and r.get("adapter_dir")]
     if full:

@@ -44,9 +44,10 @@ class SubspaceSimilarityDisplay:
             vmax = vmin + 1e-6
         # No layout engine: constrained layout costs seconds per figure on a slow CPU; the figure
         # is saved with bbox_inches="tight", which trims the margins.
-        fig, axes = plt.subplots(n_rows, n_cols, squeeze=False,
-                                 figsize=(panel_size[0] * n_cols + 1.2, panel_size[1] * n_rows + 0.6))
-        fig.subplots_adjust(wspace=0.35, hspace=0.45)
+        height = panel_size[1] * n_rows + 1.3
+        fig, axes = plt.subplots(n_rows, n_cols, squeeze=False, figsize=(panel_size[0] * n_cols + 1.4, height))
+        fig.subplots_adjust(wspace=0.35, hspace=0.25 if not self.titles or not any(self.titles[1:]) else 0.45,
+                            top=1.0 - 1.05 / height, bottom=0.6 / height, left=0.1, right=0.86)
         images = []
         cmap_obj = plt.get_cmap(cmap).with_extremes(bad="#dddddd")
         for r, row in enumerate(self.phis):
@@ -68,10 +69,10 @@ class SubspaceSimilarityDisplay:
                     ax.set_ylabel(ylabel)
                 if self.titles and self.titles[r][c]:
                     ax.set_title(self.titles[r][c], fontsize=9)
-        self.colorbar_ = fig.colorbar(images[0], ax=axes.ravel().tolist(), shrink=0.9, fraction=0.04, pad=0.03,
-                                      label=self.value_label)
+        colorbar_axis = fig.add_axes((0.89, 0.6 / height, 0.02, 1.0 - 1.65 / height))
+        self.colorbar_ = fig.colorbar(images[0], cax=colorbar_axis, label=self.value_label)
         if title:
-            fig.suptitle(title)
+            fig.suptitle(title, y=1.0 - 0.12 / height, va="top", fontsize=10)
         self.figure_, self.axes_, self.images_ = fig, axes, images
         return self
 
@@ -101,19 +102,28 @@ def save_phi_pair(phis, titles, dim: int, stem, *, row_labels=None, title: str =
     corrected = [[None if p is None else chance_corrected(p, dim) for p in row] for row in phis]
     corr = SubspaceSimilarityDisplay(phis=corrected, titles=titles, row_labels=row_labels, xlabel=xlabel,
                                      ylabel=ylabel, value_label="(phi - E) / (1 - E)   (0 = chance)")
-    corr.plot(title=f"{title}\nchance-corrected phi (grey: undefined, max(i, j) = d)", cmap="magma")
+    finite = [np.abs(p[np.isfinite(p)]) for row in corrected for p in row if p is not None]
+    finite = np.concatenate(finite) if finite else np.ones(1)
+    # Symmetric scale around chance (0); the 99th percentile keeps the few noisy cells near
+    # max(i, j) = d, where 1 - E is tiny, from washing out the rest.
+    limit = max(float(np.percentile(finite, 99)), 1e-6)
+    corr.plot(title=f"{title}\nchance-corrected phi, 0 = chance (grey: undefined, max(i, j) = d)", cmap="RdBu_r",
+              vmin=-limit, vmax=limit)
     written += save_figure(corr.figure_, f"{stem}_corrected")
     plt.close(corr.figure_)
     return written
 
 
-def plot_phi_w_panels(module: str, phis, titles, dim: int, stem) -> list:
-    """The seed-003 figure for one module: phi(W, A_k, i, j) for each adapter k plus a random
-    Gaussian A (last entry of ``phis``), i over W's top right-singular directions, one shared
-    colour bar; raw and chance-corrected versions."""
-    panel_titles = [f"phi(W, A, i, j)\n{t}" for t in titles] + [f"random Gaussian A\n(r={phis[-1].shape[1]})"]
-    return save_phi_pair([list(phis)], [panel_titles], dim, stem,
-                         title=f"{module}: W's top-i right-singular directions vs the adapter's A (top-j)",
+def plot_phi_w_panels(modules: list[str], phis: list[list], titles: list[str], dim: int, stem) -> list:
+    """The seed-003 figure: phi(W, A_k, i, j) for each adapter k plus a random Gaussian A (last
+    entry of each ``phis[m]``), i over W's top right-singular directions, one row per module in
+    ``modules``, one shared colour bar; raw and chance-corrected versions."""
+    random_rank = phis[0][-1].shape[1]
+    head = [f"phi(W, A, i, j)\n{t}" for t in titles] + [f"phi(W, A_rand, i, j)\nrandom Gaussian A (r={random_rank})"]
+    panel_titles = [head] + [[None] * len(head) for _ in modules[1:]]
+    name = modules[0] if len(modules) == 1 else f"{modules[0]} ... {modules[-1]}"
+    return save_phi_pair([list(p) for p in phis], panel_titles, dim, stem, row_labels=list(modules),
+                         title=f"{name}: W's top-i vs A's top-j right-singular directions",
                          ylabel="i (W direction)", xlabel="j (A direction)")
 
 
@@ -122,10 +132,12 @@ def plot_spectra(modules: list[dict], stem) -> list:
     scale), effective rank in the legend."""
     from digitlens.runio import save_figure
 
+    from matplotlib.ticker import MaxNLocator
+
     plt = pyplot()
     adapters = [a["adapter"] for a in modules[0]["adapters"]]
     fig, axes = plt.subplots(1, len(adapters), figsize=(4.2 * len(adapters), 3.8), squeeze=False)
-    fig.subplots_adjust(wspace=0.3)
+    fig.subplots_adjust(wspace=0.3, top=0.82)
     cmap = plt.get_cmap("viridis")
     for k, label in enumerate(adapters):
         ax = axes[0, k]
@@ -137,6 +149,7 @@ def plot_spectra(modules: list[dict], stem) -> list:
                     color=cmap(m / max(1, len(modules) - 1)),
                     label=f"{mod['module']} (eff. rank {entry['effective_rank']:.1f})")
         ax.set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("singular value index")
         ax.set_ylabel("singular value of dW")
         ax.set_title(f"{label} (r={modules[0]['adapters'][k]['rank']})", fontsize=10)
@@ -154,21 +167,26 @@ def plot_amplification_table(modules: list[dict], stem) -> list:
     from digitlens.runio import save_figure
 
     plt = pyplot()
-    header = ["module", "adapter", "r", "||U'WV'|| dW dirs", "W dirs", "random", "||W||_F", "||dW||_F",
-              "amplification"]
+    header = ["module", "adapter", "r", "||U^T W V^T||_F\ndW's top-r dirs", "\nW's top-r dirs", "\nrandom dirs",
+              "||W||_F", "||dW||_F", "amplification\nfactor"]
     rows = []
     for mod in modules:
         for ad in mod["adapters"]:
             amp = ad["amplification"]
             rows.append([mod["module"], ad["adapter"], str(ad["rank"]), f"{amp['proj_dW']:.3f}", f"{amp['proj_W']:.3f}",
                          f"{amp['proj_random']:.3f}", f"{amp['norm_W']:.2f}", f"{amp['norm_dW']:.3f}",
-                         f"{amp['amplification']:.1f}"])
-    fig, ax = plt.subplots(figsize=(11, 0.28 * len(rows) + 1.2))
+                         f"{amp['amplification']:.3g}"])
+    fig, ax = plt.subplots(figsize=(10, 0.25 * (len(rows) + 2) + 0.9))
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=1.0 - 0.8 / (0.25 * (len(rows) + 2) + 0.9))
     ax.axis("off")
-    table = ax.table(cellText=rows, colLabels=header, loc="center", cellLoc="right", colLoc="right")
+    widths = np.array([2.6, 1.8, 0.5, 1.6, 1.3, 1.3, 1.0, 1.0, 1.2])
+    table = ax.table(cellText=rows, colLabels=header, bbox=(0, 0, 1, 1), cellLoc="right", colLoc="right",
+                     colWidths=list(widths / widths.sum()))
     table.auto_set_font_size(False)
-    table.set_fontsize(7.5)
-    table.auto_set_column_width(list(range(len(header))))
+    table.set_fontsize(8)
+    for col in range(len(header)):
+        table[0, col].set_height(table[0, col].get_height() * 1.6)
+        table[0, col].set_text_props(fontweight="bold")
     ax.set_title("Amplification factor ||dW||_F / ||U^T W V^T||_F (U, V: top-r singular vectors of dW);\n"
                  "same projection for W's own top-r and random directions (Hu et al. 2021, Table 7)", fontsize=10)
     written = save_figure(fig, stem)

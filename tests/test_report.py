@@ -234,3 +234,11 @@ def test_cli_report(tmp_path, labels):
     result = CliRunner().invoke(app, ["report", str(tmp_path / "missing")])
     assert result.exit_code == 2
     assert "run folder not found" in result.output
+
+
+def test_markdown_tables_with_norm_bars_in_the_header():
+    from digitlens.report.build import markdown_to_html
+
+    html = markdown_to_html("# Title\n\n| module | ||dW||_F |\n|---|---|\n| q | 0.5 |\n")
+    assert "<th>||dW||_F</th>" in html and "<td>0.5</td>" in html
+    assert "Title" not in html                      # the file's own h1 is the section title already

@@ -173,8 +173,13 @@ def per_digit_diff_table(a: RunData, b: RunData) -> Table | None:
                      f"{pb['recall'][d]:.3f}", f"{pa['f1'][d]:.3f}", f"{pb['f1'][d]:.3f}", f"{pb['f1'][d] - pa['f1'][d]:+.3f}"])
     delta = pb["f1"] - pa["f1"]
     up, down = int(np.argmax(delta)), int(np.argmin(delta))
-    caption = (f"{b.name} gains most on digit {up} (F1 {delta[up]:+.3f}) and "
-               + (f"loses most on digit {down} (F1 {delta[down]:+.3f})." if delta[down] < 0 else f"is at least as good on every digit."))
+    if delta[up] <= 0:
+        caption = f"{b.name} is better on no digit; it loses most on digit {down} (F1 {delta[down]:+.3f})."
+    elif delta[down] >= 0:
+        caption = f"{b.name} is at least as good on every digit and gains most on digit {up} (F1 {delta[up]:+.3f})."
+    else:
+        caption = (f"{b.name} gains most on digit {up} (F1 {delta[up]:+.3f}) and loses most on digit {down} "
+                   f"(F1 {delta[down]:+.3f}).")
     columns = ["Digit", f"Precision {a.name}", f"Precision {b.name}", f"Recall {a.name}", f"Recall {b.name}",
                f"F1 {a.name}", f"F1 {b.name}", "F1 difference"]
     return Table("Per-digit metrics compared", columns, rows, caption)
@@ -342,11 +347,23 @@ def _section_blocks(section: str, run: RunData, run_index: int | None) -> list[s
     return blocks
 
 
+def _escape_norm_bars(text: str) -> str:
+    """Escape ``||x||`` norm bars in a table header whose cell count exceeds its separator row's
+    (a header like ``| ||dW||_F |`` is otherwise split into extra cells and the table is lost)."""
+    lines = text.splitlines()
+    for i in range(len(lines) - 1):
+        head, sep = lines[i], lines[i + 1]
+        if head.lstrip().startswith("|") and re.fullmatch(r"\s*\|?(\s*:?-+:?\s*\|)+\s*:?-*:?\s*", sep):
+            if head.count("|") > sep.count("|"):
+                lines[i] = head.replace("||", "\\|\\|")
+    return "\n".join(lines) + ("\n" if text.endswith("\n") else "")
+
+
 def markdown_to_html(text: str) -> str:
     """``insights.md`` (Markdown with pipe tables) as HTML, headings shifted below the report's h2."""
     from markdown_it import MarkdownIt
 
-    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(text)
+    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(_escape_norm_bars(text))
     # The file's "# Insights" duplicates the section title; its other headings move down two levels.
     body = re.sub(r"<h1>.*?</h1>\n?", "", body, count=1)
     return re.sub(r"<(/?)h([1-4])>", lambda m: f"<{m.group(1)}h{min(int(m.group(2)) + 2, 6)}>", body)

@@ -371,7 +371,7 @@ def train(out_dir: str | os.PathLike, *, dataset: str | None = None, model: str 
     if stored is not None:
         config = stored
         if data_dir is not None:
-            config["data_dir"] = str(data_dir)
+            config["data_dir"] = str(Path(data_dir).resolve())
         extra = {k: v for k, v in hyper.items() if v is not None and config.get(k) != v}
         if extra:
             key = sorted(extra)[0]
@@ -390,11 +390,12 @@ def train(out_dir: str | os.PathLike, *, dataset: str | None = None, model: str 
             raise DigitlensError(f"--epochs {epochs}: must be at least 1")
         config = {
             "dataset": dataset, "model": model, "model_kwargs": full_model_kwargs(model, model_kwargs),
-            "seed": int(0 if seed is None else seed), "data_dir": None if data_dir is None else str(data_dir),
+            "seed": int(0 if seed is None else seed), "data_dir": None if data_dir is None else str(Path(data_dir).resolve()),
             "image_size": 28, "epochs": int(epochs), **resolved,
         }
 
-    threads = config.get("threads")
+    # A resumed run uses the thread count of the original, so reductions split the same way.
+    threads = config.get("threads") or (config.get("threads_used") if stored is not None else None)
     if threads:
         torch.set_num_threads(int(threads))
     splits = load_splits(config["dataset"], data_dir=config["data_dir"], val_fraction=config["val_fraction"],

@@ -179,3 +179,31 @@ def test_name_and_shape_mismatch_give_one_line_errors(tmp_path):
         subspace.analyse_adapters(wrong_shape, [adapter], tmp_path / "o2")
     with pytest.raises(DigitlensError, match="adapter_config.json: file not found"):
         subspace.analyse_adapters(base_path, [tmp_path], tmp_path / "o3")
+
+
+def test_gpt2_conv1d_adapter_with_fan_in_fan_out(tmp_path):
+    """A tiny transformers GPT-2 built from a config (no download): its Conv1D weights are stored
+    (in, out) and PEFT's adapter says fan_in_fan_out; dW must still match PEFT's own delta."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=20, n_positions=8,
+                                       bos_token_id=0, eos_token_id=0))
+    base_path = tmp_path / "gpt2.safetensors"
+    save_file({k: v.clone().contiguous() for k, v in model.state_dict().items()
+               if k != "lm_head.weight" and not k.endswith("attn.bias")}, str(base_path))
+    peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True,
+                                                  init_lora_weights="gaussian"))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    summary = subspace.analyse_adapters(base_path, [tmp_path / "adapter"], tmp_path / "out", figures=False)
+    assert [(m["module"], m["shape"]) for m in summary["modules"]] == [
+        ("transformer.h.0.attn.c_attn", [48, 16]), ("transformer.h.1.attn.c_attn", [48, 16])]
+    layer = peft_model.base_model.model.transformer.h[1].attn.c_attn
+    peft_delta = layer.get_delta_weight("default").detach().double().numpy()  # (in, out) for Conv1D
+    ours = subspace.read_lora_adapter(tmp_path / "adapter").modules["transformer.h.1.attn.c_attn"].delta
+    np.testing.assert_allclose(ours, peft_delta.T, rtol=0, atol=1e-6)

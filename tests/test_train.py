@@ -70,7 +70,7 @@ def test_run_folder_files(tmp_path):
 
 
 def test_default_cnn_learns_digits(tmp_path):
-    summary = train(tmp_path / "run", dataset="digits", model="cnn", threads=1, progress=False)
+    summary = train(tmp_path / "run", dataset="digits", model="cnn", epochs=4, threads=1, progress=False)
     assert summary["final"]["val_accuracy"] > 0.9
 
 
@@ -86,7 +86,7 @@ def test_same_seed_same_weights_other_seed_other_weights(tmp_path):
 def test_resume_after_kill_gives_identical_weights(tmp_path):
     """Start a real training process, SIGKILL it once its first checkpoint exists, resume, and compare
     with an uninterrupted run: the weights must be bitwise equal."""
-    epochs = 8
+    epochs = 4
     killed = tmp_path / "killed"
     code = ("from digitlens.train import train; "
             f"train({str(killed)!r}, epochs={epochs}, seed=5, dataset='digits', model='vit', "

@@ -54,7 +54,7 @@ LONG_RUN_EPOCHS = 4
 #: Default number of epochs per (dataset, model): the fast configuration.
 DEFAULT_EPOCHS = {
     ("mnist", "cnn"): 1, ("mnist", "mlp"): 5, ("mnist", "vit"): 4,
-    ("digits", "cnn"): 12, ("digits", "mlp"): 30, ("digits", "vit"): 40,
+    ("digits", "cnn"): 8, ("digits", "mlp"): 30, ("digits", "vit"): 40,
 }
 
 #: Smaller batches for the tiny ``digits`` dataset (1,212 training images), unless overridden.

@@ -326,18 +326,18 @@ def test_explain_run_writes_maps_manifest_metrics_and_figures(tiny_cnn, tmp_path
 
     run = _write_run(tmp_path / "cnn", tiny_cnn, "cnn", {"widths": [4, 8, 8]})
     summary = explain_run(run, methods="saliency,gradcam", progress=False, faithfulness_size=20, sanity_size=4,
-                          compare_methods=True)
+                          split="val")
     explain = run / "explain"
     manifest = read_json(explain / "manifest.json")
-    assert manifest["methods"] == ["saliency", "gradcam"] and manifest["n_images"] == 450
-    assert sum(manifest["counts"]) == 450
+    assert manifest["methods"] == ["saliency", "gradcam"] and manifest["n_images"] == 135
+    assert sum(manifest["counts"]) == 135
     maps = load_maps(run, "gradcam")
     assert maps["maps"].shape == (10, 7, 7) and maps["pixel_maps"].shape == (10, 28, 28)
     np.testing.assert_allclose(maps["maps"].sum(axis=(1, 2)), 1.0)
     metrics = read_json(explain / "explain_metrics.json")
     assert metrics["faithfulness"]["n_images"] == 20 and metrics["faithfulness"]["sanity_n_images"] == 4
     for fig in ("per_digit_saliency", "per_digit_gradcam", "overlays_predictions", "filters_first_layer",
-                "feature_maps", "faithfulness", "compare_saliency_vs_gradcam"):
+                "feature_maps", "faithfulness"):
         assert (explain / "figures" / f"{fig}.png").stat().st_size > 1000, fig
         assert f"{fig}.png" in summary["files"]["figures"]
 
@@ -353,7 +353,7 @@ def test_explain_command_and_one_line_errors(tiny_cnn, tmp_path):
     run_b = _write_run(tmp_path / "b", tiny_cnn, "cnn", {"widths": [4, 8, 8]})
     runner = CliRunner()
     result = runner.invoke(app, ["explain", str(run_a), "--methods", "saliency,attention_rollout", "--compare",
-                                 str(run_b), "--faithfulness-size", "0", "--no-progress"])
+                                 str(run_b), "--faithfulness-size", "0", "--no-progress", "--split", "val"])
     assert result.exit_code == 0, result.output
     figures = run_a / "explain" / "figures"
     assert (figures / "per_digit_attention_rollout.png").is_file()
@@ -364,3 +364,19 @@ def test_explain_command_and_one_line_errors(tiny_cnn, tmp_path):
     assert "error: --methods 'attention': needs a transformer" in result.output
     result = runner.invoke(app, ["explain", str(tmp_path / "missing")])
     assert result.exit_code == 2 and "run folder not found" in result.output
+
+
+def test_comparison_display_shares_colour_scale_and_draws_difference():
+    from digitlens.plots.heatmaps import PerDigitMapsComparisonDisplay
+
+    rng = np.random.default_rng(0)
+    a = rng.random((10, 7, 7))
+    b = rng.random((10, 7, 7)) * 3
+    disp = PerDigitMapsComparisonDisplay(maps_a=a, maps_b=b, name_a="cnn", name_b="vit").plot()
+    im_a, im_b, im_d = (axes[0, 0].images[0] for axes in (disp.axes_a_, disp.axes_b_, disp.axes_diff_))
+    assert im_a.get_clim() == im_b.get_clim() == (0.0, b.max())
+    lo, hi = im_d.get_clim()
+    assert lo == -hi and hi == pytest.approx(np.abs(a - b).max())
+    np.testing.assert_allclose(np.asarray(im_d.get_array()), a[0] - b[0])
+    with pytest.raises(DigitlensError, match="maps_b"):
+        PerDigitMapsComparisonDisplay(maps_a=a, maps_b=b[:, :5, :5])

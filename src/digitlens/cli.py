@@ -100,6 +100,32 @@ def evaluate_command(
     typer.echo(f"wrote {summary['out_dir']}/metrics.json, insights.md and {len(summary['figures'])} figure files")
 
 
+@app.command("explain")
+@one_line_errors
+def explain_command(
+    run_dir: Path = typer.Argument(..., help="Run folder from `digitlens train` (runs/NAME)."),
+    methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated: saliency, input_x_gradient, integrated_gradients, occlusion, gradcam, attention, attention_rollout (default: all that apply)."),
+    group_by: str = typer.Option("true", "--group-by", help="Group images by true or predicted label, or by correct/incorrect."),
+    grid: int = typer.Option(7, "--grid", help="Patch grid of the per-digit maps (7 = 4x4 patches on 28x28)."),
+    compare: Optional[Path] = typer.Option(None, "--compare", help="A second run folder: side-by-side maps with the difference."),
+    compare_methods: bool = typer.Option(False, "--compare-methods", help="Compare the first two --methods side by side."),
+    split: str = typer.Option("test", "--split", help="train, val or test."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder with the MNIST IDX files."),
+    faithfulness_size: int = typer.Option(200, "--faithfulness-size", help="Images for deletion/insertion curves (0 = skip)."),
+    gradcam_layer: Optional[str] = typer.Option(None, "--gradcam-layer", help="Module name for Grad-CAM (default: the last conv layer)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Per-digit attribution maps, overlays, filters and faithfulness; write RUN_DIR/explain/."""
+    from digitlens.explain import explain_run
+
+    summary = explain_run(run_dir, methods=methods, group_by=group_by, grid=grid, data_dir=data_dir, split=split,
+                          progress=progress, compare=compare, compare_methods=compare_methods,
+                          faithfulness_size=faithfulness_size, gradcam_layer=gradcam_layer)
+    ranking = summary.get("faithfulness", {}).get("ranking")
+    typer.echo(f"wrote {Path(run_dir) / 'explain'}: maps for {', '.join(summary['methods'])}; "
+               f"{len(summary['files']['figures'])} figures" + (f"; most faithful first: {', '.join(ranking)}" if ranking else ""))
+
+
 @app.command("report")
 @one_line_errors
 def report_command(

@@ -92,6 +92,7 @@ class IGInfo:
     """What the adaptive integrated gradients did: per-image steps used and completeness errors."""
 
     steps: list = field(default_factory=list)
+    evaluated_steps: list = field(default_factory=list)  # all steps spent, failed attempts included
     abs_delta: list = field(default_factory=list)
     rel_error: list = field(default_factory=list)
 
@@ -124,6 +125,7 @@ def integrated_gradients(model, images, target, *, n_steps=None, tolerance=0.02,
         gap = (model(images) - model(base)).gather(1, target[:, None])[:, 0]
     scale = gap.abs().clamp_min(1e-3)
     used = torch.full((images.shape[0],), steps, dtype=torch.long)
+    spent = used.clone()
     if n_steps is None:
         todo = (delta.abs() / scale > tolerance).nonzero()[:, 0]
         while todo.numel() and steps < max_steps:
@@ -131,9 +133,11 @@ def integrated_gradients(model, images, target, *, n_steps=None, tolerance=0.02,
             kwargs.update(baselines=base[todo], target=target[todo])
             a, d = ig.attribute(images[todo], n_steps=steps, **kwargs)
             attr[todo], delta[todo], used[todo] = a, d, steps
+            spent[todo] += steps
             todo = todo[(d.abs() / scale[todo] > tolerance).nonzero()[:, 0]]
     if info is not None:
         info.steps += used.tolist()
+        info.evaluated_steps += spent.tolist()
         info.abs_delta += delta.abs().tolist()
         info.rel_error += (delta.abs() / scale).tolist()
     return attr

@@ -149,6 +149,7 @@ def explain_model(model: nn.Module, images, labels, *, methods=None, group_by: s
                 out["integrated_gradients"] = {
                     "tolerance": ig_tolerance, "n_steps": ig_n_steps or "adaptive",
                     "mean_steps": float(np.mean(info.steps)), "max_steps": int(np.max(info.steps)),
+                    "mean_evaluated_steps": float(np.mean(info.evaluated_steps)),
                     "completeness_abs_error_mean": float(np.mean(info.abs_delta)),
                     "completeness_rel_error_mean": float(rel.mean()),
                     "completeness_rel_error_median": float(np.median(rel)),

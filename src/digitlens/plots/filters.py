@@ -36,29 +36,34 @@ class FiltersDisplay:
         name, conv = convs[0]
         return cls(filters=conv.weight.detach().cpu().numpy(), layer_name=name, title=title)
 
-    def plot(self, *, cmap="RdBu_r", max_filters: int = 128) -> "FiltersDisplay":
+    def plot(self, *, cmap="RdBu_r", max_filters: int = 128, ax=None) -> "FiltersDisplay":
+        """Draw the kernels as one mosaic image (one Axes; fast even for 128 filters)."""
         plt = pyplot()
         kernels = self.filters.mean(axis=1)[:max_filters]
-        n = len(kernels)
+        n, k = len(kernels), kernels.shape[-1]
         cols = min(16, n)
         rows = int(np.ceil(n / cols))
-        self.figure_, axes = plt.subplots(rows, cols, figsize=(0.6 * cols + 1.2, 0.6 * rows + 0.8), squeeze=False,
-                                          layout="constrained")
-        self.axes_ = axes
+        mosaic = np.full((rows * (k + 1) - 1, cols * (k + 1) - 1), np.nan)  # NaN gaps between tiles
+        for i, kernel in enumerate(kernels):
+            r, c = divmod(i, cols)
+            mosaic[r * (k + 1):r * (k + 1) + k, c * (k + 1):c * (k + 1) + k] = kernel
+        if ax is None:
+            self.figure_, ax = plt.subplots(figsize=(0.45 * cols * (k + 1) / 4 + 1.8, 0.45 * rows * (k + 1) / 4 + 0.9),
+                                            layout="constrained")
+        else:
+            self.figure_ = ax.figure
+        self.ax_ = ax
         lim = float(np.abs(kernels).max()) or 1.0
-        im = None
-        for i, ax in enumerate(axes.ravel()):
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i >= n:
-                ax.set_visible(False)
-                continue
-            im = ax.imshow(kernels[i], cmap=cmap, vmin=-lim, vmax=lim, interpolation="nearest")
-            ax.set_title(str(i), fontsize=6, pad=1)
-        bar = self.figure_.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8)
+        colormap = plt.get_cmap(cmap).with_extremes(bad="white")
+        self.im_ = ax.imshow(mosaic, cmap=colormap, vmin=-lim, vmax=lim, interpolation="nearest")
+        ax.set_xticks(np.arange(cols) * (k + 1) + (k - 1) / 2, [str(c) for c in range(cols)], fontsize=6)
+        ax.set_yticks(np.arange(rows) * (k + 1) + (k - 1) / 2, [str(r * cols) for r in range(rows)], fontsize=6)
+        ax.set_xlabel("filter index (column offset)", fontsize=8)
+        ax.set_ylabel("filter index (row start)", fontsize=8)
+        ax.tick_params(length=0)
+        bar = self.figure_.colorbar(self.im_, ax=ax, shrink=0.8)
         bar.set_label("weight", fontsize=8)
-        k = self.filters.shape[-1]
-        self.figure_.suptitle(self.title or f"{self.layer_name}: {n} filters of {k}x{k} (red +, blue -)", fontsize=10)
+        ax.set_title(self.title or f"{self.layer_name}: {n} filters of {k}x{k} (red +, blue -)", fontsize=10)
         return self
 
 

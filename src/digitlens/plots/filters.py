@@ -41,7 +41,7 @@ class FiltersDisplay:
         plt = pyplot()
         kernels = self.filters.mean(axis=1)[:max_filters]
         n, k = len(kernels), kernels.shape[-1]
-        cols = min(16, n)
+        cols = min(8 if n <= 32 else 16, n)
         rows = int(np.ceil(n / cols))
         mosaic = np.full((rows * (k + 1) - 1, cols * (k + 1) - 1), np.nan)  # NaN gaps between tiles
         for i, kernel in enumerate(kernels):

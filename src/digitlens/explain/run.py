@@ -13,7 +13,7 @@ from digitlens.errors import DigitlensError
 from digitlens.explain.aggregate import PerDigitMaps, group_names, normalise_maps, pool_to_grid
 from digitlens.explain.faithfulness import (cascading_randomisation, curve_auc, patch_order,
                                             perturbation_curves, random_order)
-from digitlens.explain.methods import attribute, parse_methods, prepare_model
+from digitlens.explain.methods import IG_TOLERANCE, attribute, parse_methods, prepare_model
 
 
 def _progress(enabled: bool):
@@ -103,7 +103,7 @@ def faithfulness(model: nn.Module, images: torch.Tensor, targets: np.ndarray, me
 def explain_model(model: nn.Module, images, labels, *, methods=None, group_by: str = "true", grid: int = 7,
                   batch_size: int = 250, n_classes: int | None = None, progress: bool = False,
                   faithfulness_size: int = 200, sanity_size: int = 64, seed: int = 0,
-                  gradcam_layer: str | None = None, ig_tolerance: float = 0.02, ig_n_steps: int | None = None) -> dict:
+                  gradcam_layer: str | None = None, ig_tolerance: float = IG_TOLERANCE, ig_n_steps: int | None = None) -> dict:
     """Explain a model on images (N, C, H, W) in [0, 1] with labels (N,).
 
     Returns a dict with ``maps`` {method: ndarray (n_groups, grid, grid), sums to 1 per group},
@@ -283,7 +283,7 @@ def _json_summary(result: dict) -> dict:
 def explain_run(run_dir, *, methods=None, group_by: str = "true", grid: int = 7, data_dir=None, split: str = "test",
                 batch_size: int = 250, progress: bool = True, compare=None, compare_methods: bool = False,
                 faithfulness_size: int = 200, sanity_size: int = 64, gradcam_layer: str | None = None,
-                ig_tolerance: float = 0.02, image_index: int = 0, figures: bool = True, seed: int = 0) -> dict:
+                ig_tolerance: float = IG_TOLERANCE, image_index: int = 0, figures: bool = True, seed: int = 0) -> dict:
     """Explain the model of ``run_dir`` on a whole split and write ``run_dir/explain/``:
     ``maps_<method>.npz`` (maps (G, grid, grid), pixel_maps, counts, group_names), ``manifest.json``,
     ``explain_metrics.json`` and ``figures/``. ``compare`` (another run folder) adds side-by-side

@@ -116,3 +116,25 @@ def test_bad_arguments_are_one_line_errors(adapted_run):
         adapt_run(run, task="digits", targets=("q", "qkv"), progress=False)
     with pytest.raises(DigitlensError, match="--ranks 64: larger than the model width 16"):
         adapt_run(run, task="digits", ranks=(64,), progress=False)
+
+
+def test_adapt_command_runs_the_whole_study_in_one_command(tmp_path):
+    """`digitlens adapt` writes the adapters, the seed-002 per-digit figures and, without a second
+    command, the subspace analysis with the seed-003 figure."""
+    from typer.testing import CliRunner
+
+    from digitlens.cli import app
+
+    run = tmp_path / "tiny_vit"
+    torch.manual_seed(0)
+    save_model(build_model("vit", n_classes=10, **TINY_VIT), run / "model.safetensors")
+    write_json(run / "config.json", {"dataset": "digits", "model": "vit", "model_kwargs": TINY_VIT, "n_classes": 10,
+                                     "seed": 0, "val_fraction": 0.1, "data_dir": None, "epochs": 1})
+    result = CliRunner().invoke(app, ["adapt", str(run), "--ranks", "2,4", "--seeds", "0,1", "--epochs", "1",
+                                      "--n-train", "128", "--n-test", "100", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert (run / "adapt" / "groups" / "r4_s1" / "adapter_model.safetensors").is_file()
+    assert (run / "adapt" / "groups" / "figures" / "per_digit_groups_r2.png").is_file()
+    summary = json.loads((run / "subspace" / "groups" / "subspace.json").read_text())
+    assert summary
+    assert (run / "subspace" / "groups" / "figures" / "phi_W_vs_A_seed003.png").is_file()

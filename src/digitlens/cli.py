@@ -164,14 +164,22 @@ def adapt_command(
     n_test: Optional[int] = typer.Option(None, "--n-test", help="Test images (0 = all)."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder with the MNIST IDX files."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Print one line per epoch."),
+    subspace: bool = typer.Option(True, "--subspace/--no-subspace",
+                                  help="Then analyse the adapters' subspaces (as `digitlens subspace RUN_DIR --task T`)."),
 ) -> None:
-    """Train LoRA adapters (PEFT) per rank and seed plus head-only and full fine-tuning baselines."""
+    """Train LoRA adapters (PEFT) per rank and seed plus head-only and full fine-tuning baselines,
+    then (unless --no-subspace) write the subspace analysis: the whole LoRA study in one command."""
     from digitlens.adapt import adapt_run
 
     results = adapt_run(run_dir, task=task, ranks=_int_list(ranks, "--ranks"), seeds=_int_list(seeds, "--seeds"),
                         targets=[t.strip() for t in targets.split(",") if t.strip()], epochs=epochs, n_train=n_train,
                         n_test=n_test, data_dir=data_dir, progress=progress)
     typer.echo(results["markdown"])
+    if subspace:
+        from digitlens.subspace import analyse_run
+
+        analyse_run(run_dir, task=task, progress=progress)
+        typer.echo(f"subspace analysis written to {Path(run_dir) / 'subspace' / task}")
 
 
 @app.command("subspace")

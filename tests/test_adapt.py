@@ -16,6 +16,14 @@ from digitlens.runio import read_npz, write_json
 TINY_VIT = {"dim": 16, "depth": 1, "heads": 2, "mlp_dim": 32, "patch": 7}
 
 
+def write_tiny_vit_run(run):
+    """A run folder holding an untrained tiny ViT on digits (enough for the mechanics)."""
+    torch.manual_seed(0)
+    save_model(build_model("vit", n_classes=10, **TINY_VIT), run / "model.safetensors")
+    write_json(run / "config.json", {"dataset": "digits", "model": "vit", "model_kwargs": TINY_VIT, "n_classes": 10,
+                                     "seed": 0, "val_fraction": 0.1, "data_dir": None, "epochs": 1})
+
+
 @pytest.fixture(scope="module")
 def adapted_run(tmp_path_factory):
     """A tiny ViT 'run' on digits (untrained weights suffice for the mechanics) adapted to the
@@ -23,10 +31,7 @@ def adapted_run(tmp_path_factory):
     from digitlens.adapt import adapt_run
 
     run = tmp_path_factory.mktemp("runs") / "tiny_vit"
-    torch.manual_seed(0)
-    save_model(build_model("vit", n_classes=10, **TINY_VIT), run / "model.safetensors")
-    write_json(run / "config.json", {"dataset": "digits", "model": "vit", "model_kwargs": TINY_VIT, "n_classes": 10,
-                                     "seed": 0, "val_fraction": 0.1, "data_dir": None, "epochs": 1})
+    write_tiny_vit_run(run)
     results = adapt_run(run, task="groups", ranks=(2, 4), seeds=(0, 1), epochs=1, n_train=256, n_test=200,
                         progress=False)
     return run, results
@@ -126,10 +131,7 @@ def test_adapt_command_runs_the_whole_study_in_one_command(tmp_path):
     from digitlens.cli import app
 
     run = tmp_path / "tiny_vit"
-    torch.manual_seed(0)
-    save_model(build_model("vit", n_classes=10, **TINY_VIT), run / "model.safetensors")
-    write_json(run / "config.json", {"dataset": "digits", "model": "vit", "model_kwargs": TINY_VIT, "n_classes": 10,
-                                     "seed": 0, "val_fraction": 0.1, "data_dir": None, "epochs": 1})
+    write_tiny_vit_run(run)
     result = CliRunner().invoke(app, ["adapt", str(run), "--ranks", "2,4", "--seeds", "0,1", "--epochs", "1",
                                       "--n-train", "128", "--n-test", "100", "--no-progress"])
     assert result.exit_code == 0, result.output

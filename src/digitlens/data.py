@@ -169,6 +169,11 @@ def download_mnist(cache_dir: str | os.PathLike | None = None, mirrors: tuple[st
     return cache
 
 
+def _missing_mnist_files(folder: Path) -> list[str]:
+    """The MNIST file stems found in ``folder`` neither plain nor gzipped."""
+    return [stem for stem in MNIST_FILES if _find_file(folder, stem) is None]
+
+
 def locate_mnist(data_dir: str | os.PathLike | None = None, download: bool = True) -> Path:
     """Return the folder holding the four MNIST files: ``data_dir``, ``$DIGITLENS_DATA``, the cache,
     or (with ``download=True``) a fresh download into the cache."""
@@ -176,19 +181,18 @@ def locate_mnist(data_dir: str | os.PathLike | None = None, download: bool = Tru
         folder = Path(data_dir)
         if not folder.is_dir():
             raise DigitlensError(f"--data-dir {folder}: folder not found")
-        missing = [s for s in MNIST_FILES if _find_file(folder, s) is None]
+        missing = _missing_mnist_files(folder)
         if missing:
             raise DigitlensError(f"--data-dir {folder}: missing MNIST file {missing[0]}(.gz)")
         return folder
     env = os.environ.get("DIGITLENS_DATA")
     if env:
-        folder = Path(env)
-        missing = [s for s in MNIST_FILES if _find_file(folder, s) is None]
+        missing = _missing_mnist_files(Path(env))
         if missing:
-            raise DigitlensError(f"DIGITLENS_DATA={folder}: missing MNIST file {missing[0]}(.gz)")
-        return folder
+            raise DigitlensError(f"DIGITLENS_DATA={env}: missing MNIST file {missing[0]}(.gz)")
+        return Path(env)
     cache = default_cache_dir()
-    if all(_find_file(cache, s) is not None for s in MNIST_FILES):
+    if not _missing_mnist_files(cache):
         return cache
     if not download:
         raise DigitlensError(f"MNIST not found in {cache}; pass --data-dir or set DIGITLENS_DATA")

@@ -203,7 +203,7 @@ def attribute(model: nn.Module, images: torch.Tensor, target, method: str = "sal
     ``model`` should be in eval mode; :func:`prepare_model` makes a fast frozen copy.
     """
     if images.dim() == 4 and _runs_channels_last(model):
-        images = images.detach().contiguous(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)  # _attribute detaches
     attr = _attribute(model, images, target, method, gradcam_layer=gradcam_layer, occlusion_window=occlusion_window,
                       ig_info=ig_info, **ig_kwargs)
     return attr.contiguous()

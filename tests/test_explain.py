@@ -380,3 +380,30 @@ def test_comparison_display_shares_colour_scale_and_draws_difference():
     np.testing.assert_allclose(np.asarray(im_d.get_array()), a[0] - b[0])
     with pytest.raises(DigitlensError, match="maps_b"):
         PerDigitMapsComparisonDisplay(maps_a=a, maps_b=b[:, :5, :5])
+
+
+def test_comparison_reuses_maps_saved_in_the_other_run(tiny_cnn, tmp_path, monkeypatch):
+    from digitlens.explain import explain_run, load_maps
+    from digitlens.explain import run as explain_run_module
+    from digitlens.runio import read_json
+
+    run_b = _write_run(tmp_path / "b", tiny_cnn, "cnn", {"widths": [4, 8, 8]})
+    explain_run(run_b, methods="saliency", split="val", faithfulness_size=0, figures=False, progress=False)
+    saved = load_maps(run_b, "saliency")["maps"]
+    result = {"group_by": "true", "grid": 7, "n_images": int(read_json(run_b / "explain" / "manifest.json")["n_images"])}
+    reused = explain_run_module._saved_maps(run_b, ["saliency", "gradcam"], result, "val")
+    assert list(reused) == ["saliency"]  # gradcam was not explained in run b
+    np.testing.assert_array_equal(reused["saliency"], saved)
+    assert explain_run_module._saved_maps(run_b, ["saliency"], result, "test") == {}  # another split
+    assert explain_run_module._saved_maps(run_b, ["saliency"], dict(result, grid=4), "val") == {}
+
+    # explain_run --compare takes those maps instead of explaining run b again
+    torch.manual_seed(1)
+    cnn_a = build_model("cnn", widths=(4, 8, 8)).eval()
+    run_a = _write_run(tmp_path / "a", cnn_a, "cnn", {"widths": [4, 8, 8]})
+    calls = []
+    original = explain_run_module.explain_model
+    monkeypatch.setattr(explain_run_module, "explain_model", lambda *a, **k: calls.append(k["methods"]) or original(*a, **k))
+    explain_run(run_a, methods="saliency", split="val", faithfulness_size=0, progress=False, compare=run_b)
+    assert calls == ["saliency"]  # run a only
+    assert (run_a / "explain" / "figures" / "compare_saliency_a_vs_b.png").is_file()

@@ -66,7 +66,7 @@ def test_vit_returns_attention_of_every_block():
         assert (weights >= 0).all()
         with torch.no_grad():
             torch.testing.assert_close(weights, _naive_attention(block, tokens), atol=1e-5, rtol=1e-4)
-    # The explicit softmax path and the fused scaled_dot_product_attention path agree.
+    # Asking for the weights does not change the logits.
     torch.testing.assert_close(logits, logits_plain, atol=1e-5, rtol=1e-4)
     # Asking for attention once does not leave the model keeping weights.
     assert all(b.attn.weights is None and not b.attn.keep_weights for b in model.blocks)
@@ -90,3 +90,60 @@ def test_save_and_load_model_round_trip(tmp_path, name, kwargs):
     x = torch.rand(3, 1, 28, 28)
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
+
+
+def test_attention_output_matches_torch_scaled_dot_product_attention():
+    torch.manual_seed(0)
+    attn = ViT(dim=32, depth=1, heads=4, mlp_dim=32).blocks[0].attn
+    x = torch.randn(3, 50, 32)
+    n, t, d = x.shape
+    q, k, v = (layer(x).view(n, t, 4, 8).transpose(1, 2) for layer in (attn.q, attn.k, attn.v))
+    expected = attn.proj(torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, t, d))
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_sincos_position_embedding_values():
+    from digitlens.models import sincos_position_embedding
+
+    table = sincos_position_embedding(7, 16)
+    assert table.shape == (50, 16)
+    assert torch.equal(table[0], torch.zeros(16))  # the class token gets no position
+    # token 1 + 7*row + col: sin/cos of row * omega, then sin/cos of col * omega, omega = 1e4^(-i/4)
+    row, col = 2, 5
+    omega = 1.0 / 10000 ** (torch.arange(4, dtype=torch.float64) / 4)
+    expected = torch.cat([torch.sin(row * omega), torch.cos(row * omega), torch.sin(col * omega), torch.cos(col * omega)])
+    torch.testing.assert_close(table[1 + 7 * row + col], expected.float())
+    assert len({tuple(r.tolist()) for r in table[1:]}) == 49  # every patch position is distinct
+    with pytest.raises(DigitlensError, match="multiple of 4"):
+        sincos_position_embedding(7, 18)
+    model = ViT(dim=16, depth=1, heads=2, mlp_dim=16, pos_embed="sincos")
+    assert "pos_embed" not in dict(model.named_parameters())  # fixed: not trained, not adapted
+
+
+def test_patch_mlp_token_sees_only_its_own_patch():
+    torch.manual_seed(0)
+    model = ViT(dim=16, depth=1, heads=2, mlp_dim=16, patch_hidden=8).eval()
+    x = torch.rand(1, 1, 28, 28)
+    tokens = model.patch_embed(x)
+    assert tokens.shape == (1, 49, 16)
+    changed = x.clone()
+    changed[0, 0, 8:12, 20:24] = torch.rand(4, 4)  # patch row 2, column 5
+    diff = (model.patch_embed(changed) - tokens).abs().sum(-1)[0]
+    assert diff[2 * 7 + 5] > 0 and diff.count_nonzero() == 1
+    assert model.patch_embed.proj.weight.shape == (8, 1, 4, 4)  # the first layer's filters are 4x4 pixels
+
+
+def test_vit_run_saved_before_patch_embedding_module_still_loads(tmp_path):
+    torch.manual_seed(2)
+    model = ViT(dim=16, depth=1, heads=2, mlp_dim=16).eval()
+    from safetensors.torch import save_file
+
+    state = {k.replace("patch_embed.proj.", "patch_embed."): v.contiguous() for k, v in model.state_dict().items()}
+    assert "patch_embed.weight" in state
+    save_file(state, str(tmp_path / "model.safetensors"))
+    write_json(tmp_path / "config.json", {"model": "vit", "n_classes": 10,
+                                          "model_kwargs": {"dim": 16, "depth": 1, "heads": 2, "mlp_dim": 16}})
+    x = torch.rand(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(load_model(tmp_path)(x), model(x))

@@ -36,3 +36,51 @@ def test_bad_files_give_one_line_errors(tmp_path):
         read_npz(tmp_path / "missing.npz")
     arrays = read_npz(write_npz(tmp_path / "ok.npz", a=np.eye(2)))
     np.testing.assert_array_equal(arrays["a"], np.eye(2))
+
+
+def test_figure_batch_draws_in_workers_same_bytes_as_in_process(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from digitlens.plots.heatmaps import PerDigitMapsDisplay
+    from digitlens.runio import figure_batch, save_figure
+
+    maps = np.random.default_rng(0).random((10, 7, 7))
+    monkeypatch.setenv("DIGITLENS_FIGURE_WORKERS", "0")
+    fig = PerDigitMapsDisplay(maps=maps).plot().figure_
+    save_figure(fig, tmp_path / "here", formats=("png", "svg"))
+    plt.close(fig)
+    monkeypatch.setenv("DIGITLENS_FIGURE_WORKERS", "2")
+    with figure_batch():
+        fig = PerDigitMapsDisplay(maps=maps).plot().figure_
+        paths = save_figure(fig, tmp_path / "worker", formats=("png", "svg"))
+        plt.close(fig)  # closing at once is fine: the worker has its own copy
+    assert [p.name for p in paths] == ["worker.png", "worker.svg"]
+    assert (tmp_path / "worker.png").read_bytes() == (tmp_path / "here.png").read_bytes()
+    assert (tmp_path / "worker.svg").stat().st_size > 1000
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_figure_batch_reports_a_worker_error_after_the_block(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from digitlens.runio import figure_batch, save_figure
+
+    monkeypatch.setenv("DIGITLENS_FIGURE_WORKERS", "2")
+    fig, ax = plt.subplots()
+    ax.plot([0, 1])
+    with pytest.raises(ValueError, match="Format 'nope' is not supported"):
+        with figure_batch():
+            save_figure(fig, tmp_path / "good", formats=("png",))
+            save_figure(fig, tmp_path / "bad", formats=("nope",))
+    plt.close(fig)
+    assert (tmp_path / "good.png").is_file() and not (tmp_path / "bad.nope").exists()
+    monkeypatch.setenv("DIGITLENS_FIGURE_WORKERS", "x")
+    with pytest.raises(DigitlensError, match="DIGITLENS_FIGURE_WORKERS='x'"):
+        with figure_batch():
+            pass

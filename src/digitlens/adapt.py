@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from digitlens.errors import DigitlensError
-from digitlens.runio import read_json, require_run_dir, save_figure, write_json, write_npz, write_text
+from digitlens.runio import figure_batch, read_json, require_run_dir, save_figure, write_json, write_npz, write_text
 
 TASKS = ("groups", "digits")
 GROUP_POSITIVE = (1, 2, 4, 6, 9)
@@ -281,22 +281,23 @@ def adapt_run(run_dir, *, task: str = "groups", ranks=(4, 8, 64), seeds=(0, 1), 
         "learning_rates": {k: DEFAULTS[k] for k in ("lr_lora", "lr_head", "lr_full")},
         "rows": rows, "summary": _summarise(rows), "figures": [],
     }
-    if task == "groups":
-        results["per_digit_definition"] = ("per digit d of group g, on the test images of d plus those of the other "
-                                           "group: recall = share of d put into g; precision = share of d among the "
-                                           "images predicted g")
-        results["per_digit"] = {}
-        for rank in ranks:
-            key = f"lora_r{rank}_s{seeds[0]}"
-            metrics = per_digit_group_metrics(test_digits.numpy(), test_y.numpy(), predictions[key])
-            results["per_digit"][key] = metrics
-            stem = out_dir / "figures" / f"per_digit_groups_r{rank}"
-            plot_per_digit_groups(metrics, stem, f"Groups task, LoRA r={rank} (seed {seeds[0]}): per-digit precision "
-                                                 "and recall of 'in {1, 2, 4, 6, 9}?'")
-            results["figures"].append(str(stem.with_suffix(".png").relative_to(run_dir)))
-    stem = out_dir / "figures" / "accuracy_vs_params"
-    _plot_accuracy_vs_params(results, stem)
-    results["figures"].append(str(stem.with_suffix(".png").relative_to(run_dir)))
+    with figure_batch():  # worker processes draw the figures side by side
+        if task == "groups":
+            results["per_digit_definition"] = ("per digit d of group g, on the test images of d plus those of the other "
+                                               "group: recall = share of d put into g; precision = share of d among the "
+                                               "images predicted g")
+            results["per_digit"] = {}
+            for rank in ranks:
+                key = f"lora_r{rank}_s{seeds[0]}"
+                metrics = per_digit_group_metrics(test_digits.numpy(), test_y.numpy(), predictions[key])
+                results["per_digit"][key] = metrics
+                stem = out_dir / "figures" / f"per_digit_groups_r{rank}"
+                plot_per_digit_groups(metrics, stem, f"Groups task, LoRA r={rank} (seed {seeds[0]}): per-digit precision "
+                                                     "and recall of 'in {1, 2, 4, 6, 9}?'")
+                results["figures"].append(str(stem.with_suffix(".png").relative_to(run_dir)))
+        stem = out_dir / "figures" / "accuracy_vs_params"
+        _plot_accuracy_vs_params(results, stem)
+        results["figures"].append(str(stem.with_suffix(".png").relative_to(run_dir)))
     results["markdown"] = results_markdown(results)
     write_text(out_dir / "results.md", results["markdown"])
     write_json(out_dir / "results.json", results)

@@ -314,10 +314,11 @@ def write_figures(out_dir: Path, *, images: np.ndarray, y_true: np.ndarray, prob
     if history is not None and len(history.get("epoch", ())):
         displays = {"training_curves": plots.TrainingCurvesDisplay.from_history(history), **displays}
     written: list[str] = []
-    for stem, display in displays.items():
-        display.plot()
-        written += [str(p) for p in runio.save_figure(display.figure_, figures_dir / stem, formats=FIGURE_FORMATS)]
-        plt.close(display.figure_)
+    with runio.figure_batch():
+        for stem, display in displays.items():
+            display.plot()
+            written += [str(p) for p in runio.save_figure(display.figure_, figures_dir / stem, formats=FIGURE_FORMATS)]
+            plt.close(display.figure_)
     return written
 
 

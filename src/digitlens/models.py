@@ -104,13 +104,13 @@ class Attention(nn.Module):
         q = self.q(x).view(n, t, self.heads, self.head_dim).transpose(1, 2)
         k = self.k(x).view(n, t, self.heads, self.head_dim).transpose(1, 2)
         v = self.v(x).view(n, t, self.heads, self.head_dim).transpose(1, 2)
+        # Written out rather than scaled_dot_product_attention: for 50 tokens the explicit product is
+        # faster on a CPU (PyTorch's CPU flash kernel is built for long sequences), and it gives the
+        # attention weights that explanations need from the same code path.
+        weights = torch.softmax((q * self.head_dim ** -0.5) @ k.transpose(-2, -1), dim=-1)
         if self.keep_weights:
-            weights = torch.softmax(q @ k.transpose(-2, -1) * self.head_dim ** -0.5, dim=-1)
             self.weights = weights
-            out = weights @ v
-        else:
-            out = nn.functional.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(n, t, d))
+        return self.proj((weights @ v).transpose(1, 2).reshape(n, t, d))
 
 
 class Block(nn.Module):
@@ -128,30 +128,72 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def sincos_position_embedding(grid: int, dim: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embedding (Vaswani et al. 2017, as 2-D in MAE / "Better plain
+    ViT baselines", Beyer et al. 2022): shape (1 + grid*grid, dim), a zero row first for the class token."""
+    if dim % 4:
+        raise DigitlensError(f"vit dim {dim}: the sine-cosine position embedding needs a multiple of 4")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                                indexing="ij")
+    parts = []
+    for coord in (rows.reshape(-1), cols.reshape(-1)):
+        angles = coord[:, None] * omega[None, :]
+        parts += [torch.sin(angles), torch.cos(angles)]
+    table = torch.cat(parts, dim=1)
+    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), table], dim=0).float()
+
+
+class PatchEmbedding(nn.Module):
+    """Embeds each ``patch`` x ``patch`` patch on its own (no overlap): a linear map as in the
+    original ViT, or with ``hidden`` > 0 a small MLP per patch (linear -> GELU -> linear), which
+    trains faster on small data and keeps every token a function of exactly its own patch.
+
+    ``proj`` holds the first layer's filters, shape (hidden or dim, channels, patch, patch).
+    Returns tokens of shape (N, grid*grid, dim).
+    """
+
+    def __init__(self, in_channels: int, dim: int, patch: int, hidden: int = 0):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden or dim, kernel_size=patch, stride=patch)
+        self.mlp = nn.Sequential(nn.GELU(), nn.Conv2d(hidden, dim, kernel_size=1)) if hidden else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.proj(x)).flatten(2).transpose(1, 2)
+
+
 class ViT(nn.Module):
     """A small Vision Transformer: ``patch`` x ``patch`` patches (7x7 tokens for 28x28 and 4x4
     patches) plus a class token, ``depth`` blocks with separate ``q``, ``k``, ``v`` layers.
 
+    ``patch_hidden`` > 0 embeds each patch with a small MLP (see :class:`PatchEmbedding`);
+    ``pos_embed`` is ``"learned"`` (a parameter) or ``"sincos"`` (fixed 2-D sine-cosine).
     ``forward(x, return_attention=True)`` returns ``(logits, attentions)`` where attentions is a
     list with one tensor of shape (N, heads, 1 + grid*grid, 1 + grid*grid) per block.
     """
 
     def __init__(self, dim: int = 128, depth: int = 4, heads: int = 4, mlp_dim: int = 256, patch: int = 4,
-                 image_size: int = 28, n_classes: int = 10, in_channels: int = 1):
+                 image_size: int = 28, n_classes: int = 10, in_channels: int = 1, patch_hidden: int = 0,
+                 pos_embed: str = "learned"):
         super().__init__()
         if image_size % patch:
             raise DigitlensError(f"vit patch {patch} does not divide image size {image_size}")
+        if pos_embed not in ("learned", "sincos"):
+            raise DigitlensError(f"vit pos_embed {pos_embed!r}: choose learned or sincos")
         self.patch, self.grid = patch, image_size // patch
         self.normalize = Normalize()
-        self.patch_embed = nn.Conv2d(in_channels, dim, kernel_size=patch, stride=patch)
+        self.patch_embed = PatchEmbedding(in_channels, dim, patch, int(patch_hidden))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(torch.randn(1, 1 + self.grid * self.grid, dim) * 0.02)
+        if pos_embed == "learned":
+            self.pos_embed = nn.Parameter(torch.randn(1, 1 + self.grid * self.grid, dim) * 0.02)
+        else:
+            self.register_buffer("pos_embed", sincos_position_embedding(self.grid, dim)[None])
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_dim) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, n_classes)
 
     def forward(self, x: torch.Tensor, return_attention: bool = False):
-        tokens = self.patch_embed(self.normalize(x)).flatten(2).transpose(1, 2)
+        tokens = self.patch_embed(self.normalize(x))
         tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1) + self.pos_embed
         attentions = []
         for block in self.blocks:
@@ -162,6 +204,10 @@ class ViT(nn.Module):
                 block.attn.weights, block.attn.keep_weights = None, False
         logits = self.head(self.norm(tokens[:, 0]))
         return (logits, attentions) if return_attention else logits
+
+
+#: Weight names of runs saved by digitlens 0.1 (before PatchEmbedding), renamed on loading.
+LEGACY_KEYS = {"vit": {"patch_embed.weight": "patch_embed.proj.weight", "patch_embed.bias": "patch_embed.proj.bias"}}
 
 
 def build_model(name: str, n_classes: int = 10, **kwargs) -> nn.Module:
@@ -214,6 +260,9 @@ def load_model(run_dir) -> nn.Module:
         state = load_file(str(weights))
     except (SafetensorError, OSError) as exc:
         raise DigitlensError(f"{weights}: not a readable safetensors file ({exc})") from None
+    for old_key, new_key in LEGACY_KEYS.get(config["model"], {}).items():
+        if old_key in state and new_key not in state:  # a run saved by an earlier digitlens
+            state[new_key] = state.pop(old_key)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from digitlens.errors import DigitlensError
-from digitlens.runio import read_json, require_run_dir, save_figure, write_json, write_text
+from digitlens.runio import figure_batch, read_json, require_run_dir, save_figure, write_json, write_text
 
 # PEFT prefixes a module's name with these when it saves an adapter.
 _PEFT_PREFIXES = ("base_model.model.",)
@@ -544,6 +544,12 @@ def analyse_run(run_dir, task: str = "groups", *, out_dir=None, seed_for_ranks: 
     and intruder dimensions of full fine-tuning as a reference. Writes
     ``runs/BASE/subspace/TASK/`` (``subspace.json``, ``summary.md``, ``figures/``); returns the
     summary dict."""
+    with figure_batch():  # worker processes draw the figures side by side
+        return _analyse_run(run_dir, task, out_dir=out_dir, seed_for_ranks=seed_for_ranks, figures=figures,
+                            progress=progress, **kwargs)
+
+
+def _analyse_run(run_dir, task, *, out_dir, seed_for_ranks, figures, progress, **kwargs) -> dict:
     run_dir = require_run_dir(run_dir)
     adapt_dir = run_dir / "adapt" / task
     results = read_json(adapt_dir / "results.json") if (adapt_dir / "results.json").is_file() else None

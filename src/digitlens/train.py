@@ -40,8 +40,8 @@ DEFAULT_HYPER: dict[str, dict] = {
     "mlp": dict(batch_size=128, optimizer="adamw", lr=2e-3, momentum=0.9, nesterov=False, weight_decay=1e-4,
                 label_smoothing=0.0, schedule="onecycle", pct_start=0.25, augment=0, val_fraction=0.1,
                 threads=None, channels_last=False),
-    "vit": dict(batch_size=128, optimizer="adamw", lr=2e-3, momentum=0.9, nesterov=False, weight_decay=0.05,
-                label_smoothing=0.0, schedule="onecycle", pct_start=0.2, augment=0, val_fraction=0.1,
+    "vit": dict(batch_size=128, optimizer="adamw", lr=4e-3, momentum=0.9, nesterov=False, weight_decay=0.05,
+                label_smoothing=0.1, schedule="onecycle", pct_start=0.2, augment=0, val_fraction=0.1,
                 threads=None, channels_last=False),
 }
 
@@ -53,7 +53,7 @@ LONG_RUN_EPOCHS = 4
 
 #: Default number of epochs per (dataset, model): the fast configuration.
 DEFAULT_EPOCHS = {
-    ("mnist", "cnn"): 1, ("mnist", "mlp"): 5, ("mnist", "vit"): 4,
+    ("mnist", "cnn"): 1, ("mnist", "mlp"): 5, ("mnist", "vit"): 5,
     ("digits", "cnn"): 8, ("digits", "mlp"): 30, ("digits", "vit"): 40,
 }
 
@@ -66,7 +66,11 @@ SCHEDULES = ("onecycle", "constant")
 # Config keys that define a run: resuming with a different value would not continue the same run.
 #: Architecture settings train() uses unless given: the ViT is made shallower than the class default
 #: (2 blocks, MLP width 128, dim 128 so LoRA ranks up to 64 fit) to train within minutes on a CPU.
-DEFAULT_MODEL_KWARGS = {"vit": {"dim": 128, "depth": 2, "heads": 4, "mlp_dim": 128}}
+#: A small MLP per 4x4 patch and a fixed sine-cosine position embedding make it learn faster: on
+#: MNIST, 5 epochs reach 98.8% (98.5% after 4 epochs, 146 s on 2 CPU cores); with a linear patch
+#: embedding and learned positions the same budget gave 97.9%.
+DEFAULT_MODEL_KWARGS = {"vit": {"dim": 128, "depth": 2, "heads": 4, "mlp_dim": 128, "patch_hidden": 64,
+                                "pos_embed": "sincos"}}
 
 
 def full_model_kwargs(model: str, model_kwargs: dict | None) -> dict:

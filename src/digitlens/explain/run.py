@@ -291,7 +291,7 @@ def explain_run(run_dir, *, methods=None, group_by: str = "true", grid: int = 7,
     Returns the summary written to ``explain_metrics.json`` plus ``files``.
     """
     from digitlens.models import load_model
-    from digitlens.runio import write_json
+    from digitlens.runio import figure_batch, write_json
 
     run_dir = Path(run_dir)
     model = load_model(run_dir)
@@ -303,14 +303,16 @@ def explain_run(run_dir, *, methods=None, group_by: str = "true", grid: int = 7,
     map_files = _save_maps(explain_dir, result)
     figs = []
     method_kwargs = {"gradcam": {"gradcam_layer": gradcam_layer}, "integrated_gradients": {"tolerance": ig_tolerance}}
-    if figures:
-        if not 0 <= image_index < len(data):
-            raise DigitlensError(f"--image-index {image_index}: must be between 0 and {len(data) - 1}")
-        figs = write_figures(run_dir, result, model, data.images, image_index=image_index, method_kwargs=method_kwargs)
-    if compare is not None or compare_methods:
-        figs += _write_comparisons(run_dir, result, compare, compare_methods, data_dir=data_dir, split=split,
-                                   batch_size=batch_size, progress=progress, gradcam_layer=gradcam_layer,
-                                   ig_tolerance=ig_tolerance)
+    if figures and not 0 <= image_index < len(data):
+        raise DigitlensError(f"--image-index {image_index}: must be between 0 and {len(data) - 1}")
+    with figure_batch():  # the figures are drawn by worker processes while the comparison computes
+        if figures:
+            figs = write_figures(run_dir, result, model, data.images, image_index=image_index,
+                                 method_kwargs=method_kwargs)
+        if compare is not None or compare_methods:
+            figs += _write_comparisons(run_dir, result, compare, compare_methods, data_dir=data_dir, split=split,
+                                       batch_size=batch_size, progress=progress, gradcam_layer=gradcam_layer,
+                                       ig_tolerance=ig_tolerance)
     summary = _json_summary(result)
     summary.update(run=str(run_dir), split=split, dataset=data.name,
                    files={"maps": map_files, "figures": figs, "metrics": "explain_metrics.json"})
@@ -322,6 +324,22 @@ def explain_run(run_dir, *, methods=None, group_by: str = "true", grid: int = 7,
                               "counts": "(n_groups,) images per group", "group_names": "(n_groups,)"}
     write_json(explain_dir / "manifest.json", manifest)
     return summary
+
+
+def _saved_maps(run_dir: Path, methods, result: dict, split: str) -> dict:
+    """The maps of ``methods`` that ``run_dir/explain/`` already holds for the same split, number of
+    images, grouping and grid as ``result`` ({method: (n_groups, grid, grid)}); methods not saved there are left out."""
+    from digitlens.runio import read_json
+
+    manifest_path = run_dir / "explain" / "manifest.json"
+    if not manifest_path.is_file():
+        return {}
+    manifest = read_json(manifest_path)
+    same = {"split": split, "group_by": result["group_by"], "grid": result["grid"], "n_images": result["n_images"]}
+    if any(manifest.get(key) != value for key, value in same.items()):
+        return {}
+    saved = manifest.get("files", {}).get("maps", {})
+    return {m: load_maps(run_dir, m)["maps"] for m in methods if m in saved}
 
 
 def _write_comparisons(run_dir: Path, result: dict, compare, compare_methods: bool, **kw) -> list[str]:
@@ -349,13 +367,17 @@ def _write_comparisons(run_dir: Path, result: dict, compare, compare_methods: bo
                          or m in ("saliency", "input_x_gradient", "integrated_gradients", "occlusion")]
         if not other_methods:
             raise DigitlensError(f"--compare {other}: no method applies to both runs")
-        data = load_run_split(other, kw["split"], kw["data_dir"])
-        other_result = explain_model(other_model, data.images, data.labels.numpy(), methods=other_methods,
-                                     group_by=result["group_by"], grid=result["grid"], batch_size=kw["batch_size"],
-                                     progress=kw["progress"], faithfulness_size=0, gradcam_layer=kw["gradcam_layer"],
-                                     ig_tolerance=kw["ig_tolerance"])
+        other_maps = _saved_maps(other, other_methods, result, kw["split"])
+        missing = [m for m in other_methods if m not in other_maps]
+        if missing:
+            data = load_run_split(other, kw["split"], kw["data_dir"])
+            other_result = explain_model(other_model, data.images, data.labels.numpy(), methods=missing,
+                                         group_by=result["group_by"], grid=result["grid"], batch_size=kw["batch_size"],
+                                         progress=kw["progress"], faithfulness_size=0, gradcam_layer=kw["gradcam_layer"],
+                                         ig_tolerance=kw["ig_tolerance"])
+            other_maps.update(other_result["maps"])
         for m in other_methods:
-            pairs.append((f"{m}_{run_dir.name}_vs_{other.name}", result["maps"][m], other_result["maps"][m],
+            pairs.append((f"{m}_{run_dir.name}_vs_{other.name}", result["maps"][m], other_maps[m],
                           f"{run_dir.name}: {m}", f"{other.name}: {m}"))
     for stem, maps_a, maps_b, name_a, name_b in pairs:
         disp = PerDigitMapsComparisonDisplay(maps_a=maps_a, maps_b=maps_b, name_a=name_a, name_b=name_b,

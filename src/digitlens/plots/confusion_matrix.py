@@ -22,6 +22,11 @@ def _power_ticks(vmax: float, gamma: float, n: int = 6) -> list[float]:
     return ticks
 
 
+def _general_format(value, _position=None) -> str:
+    """Colour-bar tick label; a module-level function so the figure can be pickled."""
+    return f"{value:g}"
+
+
 class ConfusionMatrixDisplay:
     """Counts and row-normalised confusion matrices side by side.
 
@@ -92,7 +97,7 @@ class ConfusionMatrixDisplay:
                                label=bar_label + (f" (colour: power {gamma:g} scale)" if gamma != 1 else ""))
             if gamma != 1:
                 bar.set_ticks(_power_ticks(vmax, gamma))
-                bar.ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+                bar.ax.yaxis.set_major_formatter(FuncFormatter(_general_format))
         total = int(self.confusion_matrix.sum())
         correct = int(np.trace(self.confusion_matrix))
         fig.suptitle(title or f"Confusion matrix: {correct:,} of {total:,} correct "

@@ -341,7 +341,8 @@ def reading_filters(run: RunData, stem: str = "") -> list[str]:
                  and fh.get_slice(n).get_shape()[1] == 1]
         if not names:
             return []
-        name = "patch_embed.weight" if "patch_embed.weight" in names else sorted(names)[0]
+        preferred = [n for n in ("patch_embed.proj.weight", "patch_embed.weight") if n in names]
+        name = preferred[0] if preferred else sorted(names)[0]
         w = fh.get_tensor(name).astype(np.float64)
     norms = np.sqrt((w.reshape(w.shape[0], -1) ** 2).sum(1))
     flat = int((norms < 0.1 * norms.max()).sum())

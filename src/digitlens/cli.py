@@ -7,6 +7,7 @@ status 2, never a traceback.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -36,7 +37,12 @@ def one_line_errors(func):
 @app.callback()
 def main() -> None:
     """Train handwritten-digit recognisers and see what they learned and where they fail."""
-    # A callback keeps `digitlens COMMAND` a command group even while only one command exists.
+    # Commands draw figures in worker processes (runio.figure_batch): safe here, where the main
+    # module is this guarded entry point; the Python API leaves it to the user (a script needs an
+    # `if __name__ == "__main__":` guard for multiprocessing).
+    from digitlens.runio import default_figure_workers
+
+    os.environ.setdefault("DIGITLENS_FIGURE_WORKERS", str(default_figure_workers()))
 
 
 # Commands are added below, one function per command, each calling one API function.

@@ -159,14 +159,20 @@ def _figure_pool():
 
 
 def figure_workers() -> int:
-    """Worker processes for :func:`figure_batch`: ``DIGITLENS_FIGURE_WORKERS`` (0 draws in this
-    process), by default one per CPU core, at most 4."""
+    """Worker processes for :func:`figure_batch`, from ``DIGITLENS_FIGURE_WORKERS``: unset or 0
+    draws in this process (the default of the Python API), N > 1 uses N workers. The
+    ``digitlens`` command sets it to :func:`default_figure_workers`."""
     value = os.environ.get("DIGITLENS_FIGURE_WORKERS", "")
-    if value.strip():
-        try:
-            return max(0, int(value))
-        except ValueError:
-            raise DigitlensError(f"DIGITLENS_FIGURE_WORKERS={value!r}: expected a whole number") from None
+    if not value.strip():
+        return 0
+    try:
+        return max(0, int(value))
+    except ValueError:
+        raise DigitlensError(f"DIGITLENS_FIGURE_WORKERS={value!r}: expected a whole number") from None
+
+
+def default_figure_workers() -> int:
+    """One figure worker per CPU core, at most 4."""
     return min(4, os.cpu_count() or 1)
 
 
@@ -176,8 +182,10 @@ def figure_batch() -> Iterator[None]:
     once; the block ends when every file is written (the first error is raised then).
 
     matplotlib draws on one CPU core, and drawing is most of the time of a stage that writes many
-    figures; with one worker per core the figures of a stage are drawn side by side.
-    Nested blocks join the outer one.
+    figures; with one worker per core the figures of a stage are drawn side by side. Workers are
+    used only when :func:`figure_workers` is 2 or more (the ``digitlens`` command's default; from
+    Python set ``DIGITLENS_FIGURE_WORKERS`` and guard the script with ``if __name__ == "__main__":``,
+    as multiprocessing's spawn start method needs). Nested blocks join the outer one.
     """
     global _PENDING_FIGURES
     if _PENDING_FIGURES is not None or figure_workers() < 2:

@@ -63,10 +63,12 @@ class FaithfulnessDisplay:
             ax.set_xticks(range(len(layers)))
             ax.set_xticklabels(layers, rotation=45, ha="right", fontsize=7)
             ax.axhline(0, color="0.5", lw=0.8)
-            ax.set_ylim(-0.2, 1.02)
+            ax.axhspan(-0.5, 0.5, color="0.92", zorder=0, label="passes (|ρ| < 0.5)")
+            lowest = min(min(m["randomisation"]["spearman"][name]) for name in ranking)
+            ax.set_ylim(min(-0.2, lowest - 0.05), 1.02)  # negative correlations stay in view
             ax.set_xlabel("re-initialised down to layer (cumulative, top first)")
-            ax.set_ylabel("Spearman correlation with trained maps")
-            ax.set_title("Randomisation sanity check (lower is better)", fontsize=10)
+            ax.set_ylabel("Spearman ρ with the trained maps")
+            ax.set_title("Randomisation sanity check (nearer 0 is better)", fontsize=10)
             ax.legend(fontsize=7)
             ax.grid(alpha=0.3)
         else:

@@ -407,3 +407,21 @@ def test_comparison_reuses_maps_saved_in_the_other_run(tiny_cnn, tmp_path, monke
     explain_run(run_a, methods="saliency", split="val", faithfulness_size=0, progress=False, compare=run_b)
     assert calls == ["saliency"]  # run a only
     assert (run_a / "explain" / "figures" / "compare_saliency_a_vs_b.png").is_file()
+
+
+def test_fold_batch_norm_keeps_the_function_and_its_input_gradients(tiny_cnn, digits):
+    from digitlens.explain.methods import fold_batch_norm
+
+    frozen = prepare_model(tiny_cnn)
+    folded = fold_batch_norm(frozen)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in frozen.modules()) == 3  # the original is untouched
+    assert all(not p.requires_grad for p in folded.parameters())
+    x, y = digits.test.images[:16], digits.test.labels[:16]
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), frozen(x), atol=1e-5, rtol=1e-5)
+    for method in ("saliency", "input_x_gradient"):
+        torch.testing.assert_close(attribute(folded, x, y, method), attribute(frozen, x, y, method), atol=1e-5, rtol=1e-4)
+    ig_folded = attribute(folded, x, y, "integrated_gradients", n_steps=16)
+    ig_frozen = attribute(frozen, x, y, "integrated_gradients", n_steps=16)
+    torch.testing.assert_close(ig_folded, ig_frozen, atol=1e-5, rtol=1e-4)

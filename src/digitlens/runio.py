@@ -153,9 +153,24 @@ def _figure_pool():
         from concurrent.futures import ProcessPoolExecutor
 
         _FIGURE_POOL = ProcessPoolExecutor(max_workers=figure_workers(),
-                                           mp_context=multiprocessing.get_context("spawn"))
+                                           mp_context=multiprocessing.get_context("spawn"),
+                                           initializer=_exit_with_parent, initargs=(os.getpid(),))
         atexit.register(_FIGURE_POOL.shutdown)  # before interpreter teardown, which it does not survive quietly
     return _FIGURE_POOL
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """Worker initialiser: end this worker once its parent is gone (a killed ``digitlens`` would
+    otherwise leave its idle workers behind)."""
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def figure_workers() -> int:

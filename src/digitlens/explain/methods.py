@@ -73,6 +73,35 @@ def prepare_model(model: nn.Module) -> nn.Module:
     return frozen
 
 
+#: Methods whose maps depend only on the model as a function of its input (not on a layer's
+#: activations), so they may run on :func:`fold_batch_norm`'s copy.
+INPUT_GRADIENT_METHODS = ("saliency", "input_x_gradient", "integrated_gradients", "occlusion")
+
+
+def fold_batch_norm(model: nn.Module) -> nn.Module:
+    """A copy of an eval-mode model in which every ``BatchNorm2d`` that directly follows a
+    ``Conv2d`` in an ``nn.Sequential`` is folded into that convolution (PyTorch's
+    ``fuse_conv_bn_eval``): the same function of the input, one layer less in every forward and
+    backward pass (batch norm was 18% of integrated gradients' time on the default CNN).
+    Layer activations change (the conv now outputs the normalised maps), so Grad-CAM and feature
+    maps keep the original model."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    folded = copy.deepcopy(model).eval()
+    channels_last = _runs_channels_last(folded)
+    for module in folded.modules():
+        if not isinstance(module, nn.Sequential):
+            continue
+        children = list(module.named_children())
+        for (conv_name, conv), (bn_name, bn) in zip(children, children[1:]):
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                setattr(module, conv_name, fuse_conv_bn_eval(conv, bn))
+                setattr(module, bn_name, nn.Identity())
+    for p in folded.parameters():
+        p.requires_grad_(False)
+    return folded.to(memory_format=torch.channels_last) if channels_last else folded
+
+
 def _runs_channels_last(model: nn.Module) -> bool:
     conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     return conv is not None and conv.weight.is_contiguous(memory_format=torch.channels_last)
@@ -125,7 +154,9 @@ def integrated_gradients(model, images, target, *, n_steps=None, tolerance=IG_TO
     With ``n_steps=None`` the number of steps is chosen per image from the completeness error
     ``|sum(attr) - (f(x) - f(baseline))| / |f(x) - f(baseline)|`` (Captum's convergence delta):
     start with ``start_steps`` and double for the images whose error exceeds ``tolerance``, up to
-    ``max_steps``. ``internal_batch_size`` bounds the memory of the scaled-input batch.
+    ``max_steps``. ``internal_batch_size`` bounds the memory of the scaled-input batch (2048 ran
+    15% faster than 512 on the default CNN but took the whole-test-set run from under 1 GB
+    resident to 1.4 GB).
     """
     from captum.attr import IntegratedGradients
 

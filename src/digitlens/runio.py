@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import tempfile
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -174,8 +175,8 @@ def _exit_with_parent(parent_pid: int) -> None:
 
 
 def figure_workers() -> int:
-    """Worker processes for :func:`figure_batch`, from ``DIGITLENS_FIGURE_WORKERS``: unset or 0
-    draws in this process (the default of the Python API), N > 1 uses N workers. The
+    """Worker processes for :func:`figure_batch`, from ``DIGITLENS_FIGURE_WORKERS``: unset, 0 or 1
+    draws in this process (the default of the Python API), N >= 2 uses N workers. The
     ``digitlens`` command sets it to :func:`default_figure_workers`."""
     value = os.environ.get("DIGITLENS_FIGURE_WORKERS", "")
     if not value.strip():
@@ -202,7 +203,7 @@ def figure_batch() -> Iterator[None]:
     Python set ``DIGITLENS_FIGURE_WORKERS`` and guard the script with ``if __name__ == "__main__":``,
     as multiprocessing's spawn start method needs). Nested blocks join the outer one.
     """
-    global _PENDING_FIGURES
+    global _PENDING_FIGURES, _FIGURE_POOL
     if _PENDING_FIGURES is not None or figure_workers() < 2:
         yield
         return
@@ -217,6 +218,8 @@ def figure_batch() -> Iterator[None]:
                 future.result()
             except Exception as exc:  # noqa: BLE001  re-raised below, after every file is settled
                 errors.append(exc)
+        if any(isinstance(exc, BrokenProcessPool) for exc in errors):
+            _FIGURE_POOL = None  # a worker died (e.g. killed): start fresh ones next time
         if errors and sys.exc_info()[0] is None:
             raise errors[0]
 

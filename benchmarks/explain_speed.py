@@ -90,6 +90,8 @@ def worker(name: str, run: str, data_dir: str, n: int, threads: int) -> dict:
 
 
 def main(argv=None):
+    from digitlens.explain.methods import IG_TOLERANCE
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=os.environ.get("DIGITLENS_DATA"))
     parser.add_argument("--run", default=None, help="run folder of the model (default: train a CNN for 1 epoch)")
@@ -97,7 +99,7 @@ def main(argv=None):
     parser.add_argument("--n", type=int, default=10000, help="test images for digitlens and fast Captum methods")
     parser.add_argument("--captum-ig-n", type=int, default=1000, help="test images for Captum's (slow) IG")
     parser.add_argument("--strict-tolerance", type=float, default=0.015,
-                        help="IG tolerance of the extra digitlens row (default tolerance: the library's 0.04)")
+                        help="IG tolerance of the extra digitlens row (the other rows use digitlens' default)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.data_dir is None:
@@ -134,7 +136,7 @@ def main(argv=None):
         label = "saliency + integrated_gradients + gradcam" if method == "all3" else method
         if method.startswith("integrated_gradients") and lib == "digitlens":
             name, _, tolerance = method.partition("@")
-            label = f"{name} (tolerance {tolerance or 0.04})"
+            label = f"{name} (tolerance {tolerance or IG_TOLERANCE})"
         err = f"{r['rel_error']:.4f}" if "rel_error" in r else ""
         steps = f"{r['steps']:.1f}" if "steps" in r else ""
         print(f"| {label} | {lib} | {r['n']:,} | {r['seconds']:.1f} | {r['n'] / r['seconds']:,.0f} | "

@@ -108,7 +108,8 @@ def _save_figure_now(fig, stem: Path, formats: tuple[str, ...], dpi: int) -> lis
     """Save ``fig`` in each format here, in this process. The layout engine runs once and is then
     frozen: ``savefig`` would otherwise lay the figure out again for every format."""
     engine = fig.get_layout_engine()
-    if engine is not None and len(formats) > 1:
+    freeze = engine is not None and len(formats) > 1
+    if freeze:
         fig.draw_without_rendering()
         fig.set_layout_engine("none")
     written = []
@@ -119,7 +120,7 @@ def _save_figure_now(fig, stem: Path, formats: tuple[str, ...], dpi: int) -> lis
                 fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight")
             written.append(target)
     finally:
-        if engine is not None and len(formats) > 1:
+        if freeze:
             fig.set_layout_engine(engine)
     return written
 

@@ -366,7 +366,7 @@ def _write_comparisons(run_dir: Path, result: dict, compare, compare_methods: bo
         other = Path(compare)
         other_model = load_model(other)
         other_methods = [m for m in result["methods"] if m in parse_methods(None, prepare_model(other_model))
-                         or m in ("saliency", "input_x_gradient", "integrated_gradients", "occlusion")]
+                         or m in INPUT_GRADIENT_METHODS]
         if not other_methods:
             raise DigitlensError(f"--compare {other}: no method applies to both runs")
         other_maps = _saved_maps(other, other_methods, result, kw["split"])

@@ -1,8 +1,11 @@
 """Speed and memory of per-digit maps: digitlens versus Captum used as its tutorials show.
 
-Each measurement runs in a fresh subprocess so its peak resident memory (ru_maxrss) is its own.
-Prints a markdown table: images/s per method, peak RSS, integrated gradients' completeness error
-(mean |sum(attr) - (f(x) - f(black))| / |f(x) - f(black)|) and mean number of steps.
+Each measurement runs in a fresh subprocess so its peak resident memory (VmHWM) is its own.
+Prints a markdown table: images/s per method, peak RSS and, for integrated gradients, the mean
+completeness error (|sum(attr) - (f(x) - f(black))| / |f(x) - f(black)|), the mean gradient
+evaluations per image, and the attribution error on the first --reference-n images: the mean
+relative L1 distance sum|attr - ref| / sum|ref| to integrated gradients with 512 Gauss-Legendre
+steps (a completeness error near 0 does not by itself make every pixel right).
 
     python benchmarks/explain_speed.py --data-dir /path/to/mnist [--run runs/mnist_cnn] [--threads 2]
 
@@ -19,6 +22,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from digitlens.explain.methods import IG_TOLERANCE
 
 
 def _load(run, data_dir, n):
@@ -42,7 +47,24 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def worker(name: str, run: str, data_dir: str, n: int, threads: int) -> dict:
+REFERENCE_STEPS = 512
+
+
+def _ig_settings(method: str) -> dict:
+    """"integrated_gradients@0.01": tolerance 0.01; "integrated_gradients@steps50": 50 fixed steps."""
+    _, _, setting = method.partition("@")
+    if setting.startswith("steps"):
+        return {"ig_n_steps": int(setting[5:])}
+    return {"ig_tolerance": float(setting)} if setting else {}
+
+
+def _attribution_error(attr, reference) -> float:
+    """Mean over images of sum|attr - ref| / sum|ref|."""
+    dims = tuple(range(1, attr.dim()))
+    return float(((attr - reference).abs().sum(dims) / reference.abs().sum(dims).clamp_min(1e-12)).mean())
+
+
+def worker(name: str, run: str, data_dir: str, n: int, threads: int, reference_file: str | None = None) -> dict:
     import numpy as np
     import torch
 
@@ -50,23 +72,47 @@ def worker(name: str, run: str, data_dir: str, n: int, threads: int) -> dict:
     model, x, y = _load(run, data_dir, n)
     lib, method = name.split(":")
     extra = {}
+    reference = None
+    if lib != "reference" and method.startswith("integrated_gradients") and reference_file and os.path.isfile(reference_file):
+        reference = torch.load(reference_file, weights_only=True)
+    if lib == "reference":  # Captum's IG with many steps on the first images (untimed, an oracle)
+        from captum.attr import IntegratedGradients
+
+        model.eval()
+        xr, yr = x[:n], y[:n]
+        ref = torch.cat([IntegratedGradients(model).attribute(xr[i:i + 50], baselines=torch.zeros_like(xr[i:i + 50]),
+                                                              target=yr[i:i + 50], n_steps=REFERENCE_STEPS,
+                                                              internal_batch_size=1024).detach()
+                         for i in range(0, n, 50)])
+        torch.save(ref, reference_file)
+        return {"name": name, "n": n, "seconds": 0.0, "peak_rss_mb": _peak_rss_mb()}
     t0 = time.perf_counter()
     if lib == "digitlens":
         from digitlens.explain import explain_model
 
-        method, _, tolerance = method.partition("@")  # "integrated_gradients@0.015": another tolerance
+        ig = _ig_settings(method)
+        method = method.partition("@")[0]
         methods = ["saliency", "integrated_gradients", "gradcam"] if method == "all3" else [method]
-        ig = {"ig_tolerance": float(tolerance)} if tolerance else {}
         out = explain_model(model, x, y.numpy(), methods=methods, faithfulness_size=0, batch_size=250, **ig)
+        seconds = time.perf_counter() - t0
         if "integrated_gradients" in out:
             extra = {"rel_error": out["integrated_gradients"]["completeness_rel_error_mean"],
                      "steps": out["integrated_gradients"]["mean_evaluated_steps"]}
+            if reference is not None and method == "integrated_gradients":
+                from digitlens.explain.methods import attribute, fold_batch_norm, prepare_model
+
+                folded = fold_batch_norm(prepare_model(model))  # as explain_model runs it
+                k = reference.shape[0]
+                kwargs = {"n_steps": ig["ig_n_steps"]} if "ig_n_steps" in ig else {"tolerance": ig.get("ig_tolerance", IG_TOLERANCE)}
+                attr = torch.cat([attribute(folded, x[i:min(i + 250, k)], y[i:min(i + 250, k)], "integrated_gradients",
+                                            **kwargs) for i in range(0, k, 250)])
+                extra["attr_error"] = _attribution_error(attr, reference)
     else:  # Captum as in its tutorials: one attribute call per batch of 100, weights left trainable
         from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Saliency
 
         model.eval()
         sums = torch.zeros(10, 28, 28, dtype=torch.float64)
-        rel = []
+        rel, ref_attr = [], []
         for start in range(0, len(y), 100):
             xb, yb = x[start:start + 100].clone().requires_grad_(), y[start:start + 100]
             if method == "saliency":
@@ -77,35 +123,38 @@ def worker(name: str, run: str, data_dir: str, n: int, threads: int) -> dict:
                 with torch.no_grad():
                     gap = (model(xb) - model(torch.zeros_like(xb))).gather(1, yb[:, None])[:, 0]
                 rel.append((delta.abs() / gap.abs().clamp_min(1e-3)).detach().numpy())
+                if reference is not None and start < reference.shape[0]:
+                    ref_attr.append(a.detach()[:reference.shape[0] - start])
             else:
                 convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
                 a = LayerGradCam(model, convs[-1]).attribute(xb, target=yb)
                 a = LayerAttribution.interpolate(a, (28, 28), "bilinear")
             sums.index_add_(0, yb, a.detach().abs().sum(1).double())
+        seconds = time.perf_counter() - t0
         if rel:
             extra = {"rel_error": float(np.concatenate(rel).mean()), "steps": 50}
-    seconds = time.perf_counter() - t0
+        if ref_attr:
+            extra["attr_error"] = _attribution_error(torch.cat(ref_attr), reference)
     peak_mb = _peak_rss_mb()
     return {"name": name, "n": int(len(y)), "seconds": seconds, "peak_rss_mb": peak_mb, **extra}
 
 
 def main(argv=None):
-    from digitlens.explain.methods import IG_TOLERANCE
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=os.environ.get("DIGITLENS_DATA"))
     parser.add_argument("--run", default=None, help="run folder of the model (default: train a CNN for 1 epoch)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--n", type=int, default=10000, help="test images for digitlens and fast Captum methods")
     parser.add_argument("--captum-ig-n", type=int, default=1000, help="test images for Captum's (slow) IG")
-    parser.add_argument("--strict-tolerance", type=float, default=0.015,
-                        help="IG tolerance of the extra digitlens row (the other rows use digitlens' default)")
+    parser.add_argument("--reference-n", type=int, default=200,
+                        help=f"first test images on which IG is compared with {REFERENCE_STEPS} Gauss-Legendre steps")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--reference-file", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.data_dir is None:
         parser.error("--data-dir (or DIGITLENS_DATA) is required: the MNIST IDX files")
     if args.worker:
-        print(json.dumps(worker(args.worker, args.run, args.data_dir, args.n, args.threads)))
+        print(json.dumps(worker(args.worker, args.run, args.data_dir, args.n, args.threads, args.reference_file)))
         return
     run = args.run
     if run is None:
@@ -113,34 +162,44 @@ def main(argv=None):
 
         run = os.path.join(tempfile.mkdtemp(prefix="digitlens-bench-"), "mnist_cnn")
         train(run, dataset="mnist", model="cnn", epochs=1, data_dir=args.data_dir, progress=False)
-    jobs = [("captum:saliency", args.n), ("digitlens:saliency", args.n),
+    n_ig = min(args.captum_ig_n, args.n)
+    reference_file = os.path.join(tempfile.mkdtemp(prefix="digitlens-bench-ref-"), "reference.pt")
+    jobs = [("reference:integrated_gradients", min(args.reference_n, n_ig)),
+            ("captum:saliency", args.n), ("digitlens:saliency", args.n),
             ("captum:gradcam", args.n), ("digitlens:gradcam", args.n),
-            ("captum:integrated_gradients", min(args.captum_ig_n, args.n)), ("digitlens:integrated_gradients", args.n),
-            # on Captum's images, so the two completeness errors are measured on the same images
-            (f"digitlens:integrated_gradients@{args.strict_tolerance}", min(args.captum_ig_n, args.n)),
+            ("captum:integrated_gradients", n_ig), ("digitlens:integrated_gradients", args.n),
+            # on Captum's images, so that the completeness errors are measured on the same images
+            ("digitlens:integrated_gradients", n_ig),
+            ("digitlens:integrated_gradients@steps50", n_ig),  # Captum's own rule and steps, digitlens' model copy
             ("digitlens:all3", args.n)]
     rows = []
     for name, n in jobs:
         cmd = [sys.executable, __file__, "--worker", name, "--run", run, "--data-dir", args.data_dir,
-               "--n", str(n), "--threads", str(args.threads)]
+               "--n", str(n), "--threads", str(args.threads), "--reference-file", reference_file]
         out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
         if out.returncode:
             sys.exit(f"{name} failed:\n{out.stderr[-2000:]}")
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        if not name.startswith("reference"):
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"done {name}", file=sys.stderr, flush=True)
     print(f"\nModel: {run} ({args.threads} threads)\n")
-    print("| method | library | images | seconds | images/s | peak RSS (MB) | IG completeness error (mean rel.) | IG steps evaluated per image (mean) |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    n_ref = min(args.reference_n, n_ig)
+    print("| method | library | images | seconds | images/s | peak RSS (MB) | IG completeness error (mean rel.) | "
+          f"IG gradient evaluations per image (mean) | IG attribution error vs {REFERENCE_STEPS} steps (mean rel. L1, first {n_ref}) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         lib, method = r["name"].split(":")
         label = "saliency + integrated_gradients + gradcam" if method == "all3" else method
         if method.startswith("integrated_gradients") and lib == "digitlens":
-            name, _, tolerance = method.partition("@")
-            label = f"{name} (tolerance {tolerance or IG_TOLERANCE})"
-        err = f"{r['rel_error']:.4f}" if "rel_error" in r else ""
-        steps = f"{r['steps']:.1f}" if "steps" in r else ""
+            ig = _ig_settings(method)
+            label = (f"integrated_gradients ({ig['ig_n_steps']} steps)" if "ig_n_steps" in ig
+                     else f"integrated_gradients (tolerance {ig.get('ig_tolerance', IG_TOLERANCE)})")
+        elif method == "integrated_gradients":
+            label = "integrated_gradients (50 steps)"
+        cells = [f"{r[key]:{fmt}}" if key in r else "" for key, fmt in
+                 (("rel_error", ".4f"), ("steps", ".1f"), ("attr_error", ".4f"))]
         print(f"| {label} | {lib} | {r['n']:,} | {r['seconds']:.1f} | {r['n'] / r['seconds']:,.0f} | "
-              f"{r['peak_rss_mb']:,.0f} | {err} | {steps} |")
+              f"{r['peak_rss_mb']:,.0f} | {' | '.join(cells)} |")
 
 
 if __name__ == "__main__":

@@ -119,14 +119,19 @@ def explain_command(
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder with the MNIST IDX files."),
     faithfulness_size: int = typer.Option(200, "--faithfulness-size", help="Images for deletion/insertion curves (0 = skip)."),
     gradcam_layer: Optional[str] = typer.Option(None, "--gradcam-layer", help="Module name for Grad-CAM (default: the last conv layer)."),
+    ig_tolerance: Optional[float] = typer.Option(None, "--ig-tolerance", min=0.0, help="Integrated gradients: refine each image until its relative completeness error is at most this (default 0.02)."),
+    ig_steps: Optional[int] = typer.Option(None, "--ig-steps", min=1, help="Integrated gradients: a fixed number of steps for every image (Captum's Gauss-Legendre rule) instead of --ig-tolerance."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Per-digit attribution maps, overlays, filters and faithfulness; write RUN_DIR/explain/."""
     from digitlens.explain import explain_run
+    from digitlens.explain.methods import IG_TOLERANCE
 
+    ig_tolerance = IG_TOLERANCE if ig_tolerance is None else ig_tolerance
     summary = explain_run(run_dir, methods=methods, group_by=group_by, grid=grid, data_dir=data_dir, split=split,
                           progress=progress, compare=compare, compare_methods=compare_methods,
-                          faithfulness_size=faithfulness_size, gradcam_layer=gradcam_layer)
+                          faithfulness_size=faithfulness_size, gradcam_layer=gradcam_layer,
+                          ig_tolerance=ig_tolerance, ig_n_steps=ig_steps)
     ranking = summary.get("faithfulness", {}).get("ranking")
     typer.echo(f"wrote {Path(run_dir) / 'explain'}: maps for {', '.join(summary['methods'])}; "
                f"{len(summary['files']['figures'])} figures" + (f"; most faithful first: {', '.join(ranking)}" if ranking else ""))

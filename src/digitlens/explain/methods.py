@@ -157,7 +157,7 @@ def clenshaw_curtis(n_intervals: int) -> tuple[tuple[float, ...], tuple[float, .
 
     The rule is exact for polynomials up to degree ``n_intervals`` and nested: the points of
     ``n_intervals`` are the even-indexed points of ``2 * n_intervals``. Hand-written (the textbook
-    cosine-sum formula, Trefethen 2008) because neither Captum nor NumPy/SciPy ship these weights.
+    cosine-sum formula, Trefethen 2008) because neither Captum, NumPy nor SciPy ships these weights.
     """
     n = int(n_intervals)
     if n < 2 or n % 2:

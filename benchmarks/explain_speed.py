@@ -72,9 +72,6 @@ def worker(name: str, run: str, data_dir: str, n: int, threads: int, reference_f
     model, x, y = _load(run, data_dir, n)
     lib, method = name.split(":")
     extra = {}
-    reference = None
-    if lib != "reference" and method.startswith("integrated_gradients") and reference_file and os.path.isfile(reference_file):
-        reference = torch.load(reference_file, weights_only=True)
     if lib == "reference":  # Captum's IG with many steps on the first images (untimed, an oracle)
         from captum.attr import IntegratedGradients
 
@@ -86,6 +83,9 @@ def worker(name: str, run: str, data_dir: str, n: int, threads: int, reference_f
                          for i in range(0, n, 50)])
         torch.save(ref, reference_file)
         return {"name": name, "n": n, "seconds": 0.0, "peak_rss_mb": _peak_rss_mb()}
+    reference = None
+    if method.startswith("integrated_gradients") and reference_file and os.path.isfile(reference_file):
+        reference = torch.load(reference_file, weights_only=True)
     t0 = time.perf_counter()
     if lib == "digitlens":
         from digitlens.explain import explain_model

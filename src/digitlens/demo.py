@@ -43,8 +43,9 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "train": {"cnn": {"epochs": 3}, "vit": {"epochs": 5}},
         "explain": {"cnn": {"methods": ("saliency", "input_x_gradient", "integrated_gradients", "gradcam"),
                             "faithfulness_size": 500, "sanity_size": 64},
-                    # Integrated gradients over 10,000 images costs the ViT over 5 minutes here, half
-                    # the demo's budget; `digitlens explain` runs it (it is in the ViT's defaults).
+                    # Integrated gradients over 10,000 images would cost the ViT about 3 minutes here
+                    # (51 images/s) and take the demo past 10 minutes; `digitlens explain` runs it
+                    # (it is in the ViT's defaults).
                     "vit": {"methods": ("saliency", "attention", "attention_rollout"),
                             "faithfulness_size": 500, "sanity_size": 64}},
         "adapt": {"task": "groups", "ranks": (4, 8, 64), "seeds": (0, 1), "epochs": 2},

@@ -206,26 +206,24 @@ def integrated_gradients(model, images, target, *, n_steps=None, tolerance=IG_TO
     """
     target = _targets(target, images.shape[0])
     base = torch.full_like(images, float(baseline))
+    with torch.no_grad():
+        gap = (model(images) - model(base)).gather(1, target[:, None])[:, 0]
+    scale = gap.abs().clamp_min(1e-3)
     if n_steps is not None:
         from captum.attr import IntegratedGradients
 
         attr, delta = IntegratedGradients(model).attribute(
             images, baselines=base, target=target, n_steps=int(n_steps), method=method,
             internal_batch_size=internal_batch_size, return_convergence_delta=True)
-        used = spent = torch.full((images.shape[0],), int(n_steps), dtype=torch.long)
-        with torch.no_grad():
-            gap = (model(images) - model(base)).gather(1, target[:, None])[:, 0]
+        used = torch.full((images.shape[0],), int(n_steps), dtype=torch.long)
     else:
-        attr, delta, gap, used = _nested_integrated_gradients(model, images, target, base, tolerance,
-                                                              _nested_levels(start_steps, max_steps),
-                                                              internal_batch_size)
-        spent = used  # nested: no gradient is computed twice
+        attr, delta, used = _nested_integrated_gradients(model, images, target, base, gap, scale, tolerance,
+                                                         _nested_levels(start_steps, max_steps), internal_batch_size)
     if info is not None:
-        rel = delta.abs() / gap.abs().clamp_min(1e-3)
         info.steps += used.tolist()
-        info.evaluated_steps += spent.tolist()
+        info.evaluated_steps += used.tolist()  # both rules compute every gradient once
         info.abs_delta += delta.abs().tolist()
-        info.rel_error += rel.tolist()
+        info.rel_error += (delta.abs() / scale).tolist()
     return attr
 
 
@@ -251,13 +249,11 @@ def _path_gradients(model, images, target, base, alphas, internal_batch_size):
     return grads.view(k, n, *images.shape[1:]).transpose(0, 1)
 
 
-def _nested_integrated_gradients(model, images, target, base, tolerance, levels, internal_batch_size):
-    """Adaptive integrated gradients on nested Clenshaw-Curtis rules (see integrated_gradients);
-    returns attributions (N, C, H, W), convergence deltas (N,), output gaps (N,), points used (N,)."""
+def _nested_integrated_gradients(model, images, target, base, gap, scale, tolerance, levels, internal_batch_size):
+    """Adaptive integrated gradients on nested Clenshaw-Curtis rules (see integrated_gradients), given
+    the output gaps f(x) - f(base) (N,) and the denominators of the relative error (N,); returns
+    attributions (N, C, H, W), convergence deltas (N,) and points used (N,)."""
     n = images.shape[0]
-    with torch.no_grad():
-        gap = (model(images) - model(base)).gather(1, target[:, None])[:, 0]
-    scale = gap.abs().clamp_min(1e-3)
     attr = torch.empty_like(images, memory_format=torch.contiguous_format)
     delta = torch.empty(n, dtype=images.dtype)
     used = torch.empty(n, dtype=torch.long)
@@ -286,7 +282,7 @@ def _nested_integrated_gradients(model, images, target, base, tolerance, levels,
         previous = level
         if not todo.numel():
             break
-    return attr, delta, gap, used
+    return attr, delta, used
 
 
 def class_token_attention(model, images, *, rollout=False):

@@ -82,9 +82,10 @@ def test_vit_separate_qkv_layers():
 
 @pytest.mark.parametrize("name,kwargs", [("cnn", {"widths": [8, 16, 24]}), ("vit", {"dim": 32, "depth": 1, "heads": 2, "mlp_dim": 32})])
 def test_save_and_load_model_round_trip(tmp_path, name, kwargs):
+    pinned = {**kwargs, "pool_ceil": True} if name == "cnn" else kwargs  # as train() pins it
     torch.manual_seed(1)
     model = build_model(name, n_classes=10, **kwargs).eval()
-    write_json(tmp_path / "config.json", {"model": name, "n_classes": 10, "model_kwargs": kwargs})
+    write_json(tmp_path / "config.json", {"model": name, "n_classes": 10, "model_kwargs": pinned})
     save_model(model, tmp_path / "model.safetensors")
     loaded = load_model(tmp_path)
     x = torch.rand(3, 1, 28, 28)
@@ -147,3 +148,18 @@ def test_vit_run_saved_before_patch_embedding_module_still_loads(tmp_path):
     x = torch.rand(2, 1, 28, 28)
     with torch.no_grad():
         assert torch.equal(load_model(tmp_path)(x), model(x))
+
+
+def test_cnn_reads_its_whole_last_map_and_runs_saved_before_that_still_load(tmp_path):
+    from digitlens.models import CNN
+
+    current = CNN()
+    assert current.classifier.in_features == 64 * 4 * 4  # 7x7 pooled in ceil mode: row and column 6 are read
+    legacy = CNN(pool_ceil=False).eval()
+    assert legacy.classifier.in_features == 64 * 3 * 3
+    # a config.json written before pool_ceil existed has no such key: it loads the floor-mode model
+    write_json(tmp_path / "config.json", {"model": "cnn", "n_classes": 10, "model_kwargs": {
+        "widths": [16, 32, 64], "in_channels": 1, "image_size": 28}})
+    save_model(legacy, tmp_path / "model.safetensors")
+    x = torch.rand(2, 1, 28, 28)
+    torch.testing.assert_close(load_model(tmp_path)(x), legacy(x))

@@ -35,16 +35,21 @@ def _conv_block(c_in: int, c_out: int, kernel: int = 3, stride: int = 1) -> nn.S
 
 
 class CNN(nn.Module):
-    """A compact CNN with batch norm, built for speed on a CPU (about 29k parameters):
+    """A compact CNN with batch norm, built for speed on a CPU (about 34k parameters):
     a 5x5 stride-2 conv (28x28 -> 14x14), a 3x3 conv and max-pool (-> 7x7), a 3x3 conv and
-    max-pool (-> 3x3), then one linear layer on the flattened 3x3 maps.
+    max-pool (-> 4x4), then one linear layer on the flattened 4x4 maps.
 
     ``widths`` are the channels of the three conv layers. The 28x28 input is never convolved at
     full resolution with many channels; that is where a plain CNN spends most of its time.
+
+    ``pool_ceil=True`` (the default) pools the last 7x7 map in ceil mode, so its row 6 and column
+    6 reach the classifier. Runs saved before digitlens 0.2 used floor mode (-> 3x3): that pool
+    dropped the last row and column, whose Grad-CAM then lit up positions the classifier never
+    read; their ``config.json`` has no ``pool_ceil`` and loads with ``pool_ceil=False``.
     """
 
     def __init__(self, widths: tuple[int, ...] = (16, 32, 64), n_classes: int = 10, in_channels: int = 1,
-                 image_size: int = 28):
+                 image_size: int = 28, pool_ceil: bool = True):
         super().__init__()
         if len(widths) != 3:
             raise DigitlensError(f"cnn widths {tuple(widths)}: expected 3 channel counts")
@@ -52,10 +57,12 @@ class CNN(nn.Module):
         self.normalize = Normalize()
         self.features = nn.Sequential(
             _conv_block(in_channels, w1, kernel=5, stride=2),
-            _conv_block(w1, w2), nn.MaxPool2d(2),
-            _conv_block(w2, w3), nn.MaxPool2d(2),
+            _conv_block(w1, w2), nn.MaxPool2d(2, ceil_mode=bool(pool_ceil)),
+            _conv_block(w2, w3), nn.MaxPool2d(2, ceil_mode=bool(pool_ceil)),
         )
-        side = ((image_size + 1) // 2) // 4
+        side = (image_size + 1) // 2
+        for _ in range(2):
+            side = (side + 1) // 2 if pool_ceil else side // 2
         self.classifier = nn.Linear(w3 * side * side, n_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -209,6 +216,10 @@ class ViT(nn.Module):
 #: Weight names of runs saved by digitlens 0.1 (before PatchEmbedding), renamed on loading.
 LEGACY_KEYS = {"vit": {"patch_embed.weight": "patch_embed.proj.weight", "patch_embed.bias": "patch_embed.proj.bias"}}
 
+#: Architecture arguments added after runs were first saved, with the value those older runs
+#: used; a ``config.json`` without the key loads with it.
+LEGACY_MODEL_KWARGS = {"cnn": {"pool_ceil": False}}
+
 
 def build_model(name: str, n_classes: int = 10, **kwargs) -> nn.Module:
     """Build a model by name (``cnn``, ``mlp`` or ``vit``) with optional width arguments."""
@@ -252,7 +263,8 @@ def load_model(run_dir) -> nn.Module:
     for key in ("model", "n_classes"):
         if key not in config:
             raise DigitlensError(f"{run_dir / 'config.json'}: missing key {key!r}")
-    model = build_model(config["model"], n_classes=config["n_classes"], **config.get("model_kwargs", {}))
+    kwargs = {**LEGACY_MODEL_KWARGS.get(config["model"], {}), **config.get("model_kwargs", {})}
+    model = build_model(config["model"], n_classes=config["n_classes"], **kwargs)
     weights = Path(run_dir) / "model.safetensors"
     if not weights.is_file():
         raise DigitlensError(f"{weights}: file not found (training did not finish; try `digitlens train --resume`)")

@@ -37,17 +37,27 @@ def pool_to_grid(maps, grid: int) -> np.ndarray:
 
 
 def normalise_maps(maps: np.ndarray) -> np.ndarray:
-    """Each map (last two axes) divided by its sum, so it sums to 1; all-zero maps stay zero."""
+    """Each map (last two axes) divided by its sum, so it sums to 1. A map with no mass (zero
+    everywhere: no images in the group, or an attribution that is zero on every image) is not a
+    distribution and becomes all-NaN, never silently zeros; :func:`has_mass` tells which."""
     maps = np.asarray(maps, dtype=np.float64)
     total = maps.sum(axis=(-2, -1), keepdims=True)
-    return np.divide(maps, total, out=np.zeros_like(maps), where=total > 0)
+    return np.divide(maps, total, out=np.full_like(maps, np.nan), where=total > 0)
+
+
+def has_mass(maps: np.ndarray) -> np.ndarray:
+    """Which maps (..., H, W) are distributions: bool of shape (...), False for all-NaN or zero maps."""
+    maps = np.asarray(maps, dtype=np.float64)
+    finite = np.isfinite(maps).all(axis=(-2, -1))
+    return finite & (np.nan_to_num(maps).sum(axis=(-2, -1)) > 0)
 
 
 class PerDigitMaps:
     """Per-digit maps of one attribution ``method`` for ``model``, in Captum's style.
 
     ``attribute(images, labels)`` returns an ndarray of shape (n_groups, grid, grid), each map the
-    mean |attribution| of the group pooled onto the grid and normalised to sum 1. The same result
+    mean |attribution| of the group pooled onto the grid and normalised to sum 1; a group with no
+    images or no attribution at all is all-NaN (see :func:`normalise_maps`). The same result
     comes from calling ``update`` batch by batch and then ``maps()`` (bounded memory).
 
     group_by: 'true' (default), 'predicted' or 'correct'. The attribution target is the true label
@@ -100,7 +110,8 @@ class PerDigitMaps:
         return self.sums_.numpy() / counts
 
     def maps(self) -> np.ndarray:
-        """The per-group maps pooled onto the grid and normalised to sum 1: (n_groups, grid, grid)."""
+        """The per-group maps pooled onto the grid and normalised to sum 1: (n_groups, grid, grid);
+        all-NaN for a group without mass."""
         return normalise_maps(pool_to_grid(self.pixel_maps(), self.grid))
 
     def attribute(self, images: torch.Tensor, labels, *, batch_size: int = 256, predictions=None) -> np.ndarray:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -109,22 +110,115 @@ def _runs_channels_last(model: nn.Module) -> bool:
     return conv is not None and conv.weight.is_contiguous(memory_format=torch.channels_last)
 
 
-def last_conv_layer(model: nn.Module) -> nn.Module:
-    """The last ``nn.Conv2d`` of ``model`` (Grad-CAM's default layer)."""
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    if not convs:
-        raise DigitlensError("gradcam: the model has no nn.Conv2d layer")
-    return convs[-1]
+# Module types a Grad-CAM layer may be: a convolution, what normalises or activates its output, or a
+# block holding a convolution. Pooling and dropout are not: their maps are coarser copies of the
+# layer before them, and a pooled map no longer lines up with the image's patches.
+_CAM_LEAVES = (nn.Conv2d, nn.BatchNorm2d, nn.GroupNorm, nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Mish,
+               nn.Hardswish, nn.Tanh, nn.Sigmoid, nn.Identity)
+_NOT_CAM = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Dropout, nn.Dropout2d, nn.Flatten,
+            nn.Linear)
 
 
-def find_layer(model: nn.Module, name: str | None) -> nn.Module:
-    """The sub-module called ``name`` (as in ``model.named_modules()``), or the last conv layer."""
-    if name is None:
-        return last_conv_layer(model)
+def _cam_candidate(module: nn.Module) -> bool:
+    if isinstance(module, _CAM_LEAVES):
+        return True
+    inner = list(module.modules())[1:]
+    return (bool(inner) and any(isinstance(m, nn.Conv2d) for m in inner)
+            and not any(isinstance(m, _NOT_CAM) for m in inner))
+
+
+def _spatial_outputs(model: nn.Module, images: torch.Tensor) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, output shape) of every Grad-CAM candidate module with a 4-D output of at least 2x2,
+    in the order their forward passes finish."""
+    seen: list[tuple[str, tuple[int, ...]]] = []
+    hooks = []
+    for name, module in model.named_modules():
+        if name and _cam_candidate(module):
+            def hook(_m, _inp, out, name=name):
+                if isinstance(out, torch.Tensor) and out.dim() == 4 and min(out.shape[-2:]) >= 2:
+                    seen.append((name, tuple(out.shape)))
+            hooks.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(images[:2])
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def layer_reach(model: nn.Module, layer: nn.Module, images: torch.Tensor) -> np.ndarray:
+    """Which positions of ``layer``'s output map reach the model's output: bool (h, w), True where
+    the gradient of some class score with respect to that position is non-zero for some image.
+
+    Probed on ``images`` and as many uniform-noise images (noise varies every activation, so a
+    max-pool lets each position win somewhere). A position that is False is provably unread for
+    these inputs, e.g. a row or column that a floor-mode pooling cuts off.
+    """
+    gen = torch.Generator().manual_seed(0)
+    probe = torch.cat([images.detach(), torch.rand(images.shape, generator=gen, dtype=images.dtype)]).requires_grad_()
+    store = {}
+    handle = layer.register_forward_hook(lambda _m, _i, out: store.__setitem__("out", out))
+    try:
+        with torch.enable_grad():
+            logits = model(probe)
+            logits = logits[0] if isinstance(logits, (tuple, list)) else logits
+            act = store["out"]
+            if not isinstance(act, torch.Tensor) or act.dim() != 4:
+                raise DigitlensError(f"gradcam layer: output of shape {getattr(act, 'shape', None)} is not a (N, C, h, w) map")
+            reach = torch.zeros(act.shape[-2:], dtype=torch.float64)
+            for c in range(logits.shape[1]):
+                (g,) = torch.autograd.grad(logits[:, c].sum(), act, retain_graph=c + 1 < logits.shape[1],
+                                           allow_unused=True)
+                if g is not None:
+                    reach += g.detach().abs().sum(dim=(0, 1)).double()
+    finally:
+        handle.remove()
+    return (reach > 0).numpy()
+
+
+def _dead_positions_text(reach: np.ndarray) -> str:
+    rows = [int(r) for r in np.flatnonzero(~reach.any(axis=1))]
+    cols = [int(c) for c in np.flatnonzero(~reach.any(axis=0))]
+    parts = ([f"row {', '.join(map(str, rows))}"] if rows else []) + ([f"column {', '.join(map(str, cols))}"] if cols else [])
+    dead = int((~reach).sum())
+    return f"{dead} of {reach.size} positions" + (f" ({' and '.join(parts)})" if parts else "")
+
+
+def gradcam_layer_name(model: nn.Module, images: torch.Tensor, name: str | None = None) -> str:
+    """The layer Grad-CAM reads, by name (as in ``model.named_modules()``), checked so that every
+    position of its map reaches the output (:func:`layer_reach` on ``images``).
+
+    ``name=None``: the last convolution block whose whole map reaches the output (the last
+    convolution, normalisation or activation with a 2-D map, or a block of them, not a pooled
+    map); earlier ones are tried when a later one is partly dead. A given ``name`` whose map is
+    partly dead is refused with a one-line error.
+    """
     modules = dict(model.named_modules())
-    if name not in modules:
-        raise DigitlensError(f"--gradcam-layer {name!r}: no such layer (e.g. {', '.join(list(modules)[1:6])})")
-    return modules[name]
+    if name is not None:
+        if name not in modules or not name:
+            raise DigitlensError(f"--gradcam-layer {name!r}: no such layer (e.g. {', '.join(list(modules)[1:6])})")
+        reach = layer_reach(model, modules[name], images)
+        if not reach.all():
+            good = next((n for n, _ in reversed(_spatial_outputs(model, images))
+                         if layer_reach(model, modules[n], images).all()), None)
+            raise DigitlensError(
+                f"--gradcam-layer {name!r}: {_dead_positions_text(reach)} of its {reach.shape[0]}x{reach.shape[1]} map "
+                f"never reach the output (cut off by pooling?), so Grad-CAM would light up what the classifier never "
+                f"reads" + (f"; try {good!r}" if good else ""))
+        return name
+    candidates = []
+    for n, _shape in _spatial_outputs(model, images):
+        if n in candidates:
+            candidates.remove(n)
+        candidates.append(n)
+    if not candidates:
+        raise DigitlensError("gradcam: the model has no convolution layer with a 2-D map")
+    # A block and its last child give the same map: prefer the block, whose hook fires last.
+    for n in reversed(candidates):
+        if layer_reach(model, modules[n], images).all():
+            return n
+    raise DigitlensError("gradcam: no convolution layer of the model has a map whose every position reaches the output")
 
 
 @dataclass
@@ -135,6 +229,28 @@ class IGInfo:
     evaluated_steps: list = field(default_factory=list)  # all steps spent, failed attempts included
     abs_delta: list = field(default_factory=list)
     rel_error: list = field(default_factory=list)
+
+
+def upsample_to(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Layer maps (N, C, h, w) resized to ``size``: each cell copied onto the block of pixels it
+    stands for when h and w divide the size (a 7x7 map onto 28x28: cell (i, j) covers pixels
+    4i..4i+3, 4j..4j+3, exactly one patch of the 7x7 grid), bilinear otherwise."""
+    h, w = maps.shape[-2:]
+    if size[0] % h == 0 and size[1] % w == 0:
+        return maps.repeat_interleave(size[0] // h, dim=-2).repeat_interleave(size[1] // w, dim=-1)
+    return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+
+
+# Grad-CAM layers resolved once per (model, requested name): the reach check costs a forward and
+# ten backward passes, too much to repeat for every batch.
+_GRADCAM_LAYERS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _resolved_gradcam_layer(model: nn.Module, name: str | None, images: torch.Tensor) -> str:
+    cache = _GRADCAM_LAYERS.setdefault(model, {})
+    if name not in cache:
+        cache[name] = gradcam_layer_name(model, images, name)
+    return cache[name]
 
 
 def _targets(target, n: int) -> torch.Tensor:
@@ -337,7 +453,7 @@ def attribute(model: nn.Module, images: torch.Tensor, target, method: str = "sal
 
 
 def _attribute(model, images, target, method, *, gradcam_layer, occlusion_window, ig_info, **ig_kwargs):
-    from captum.attr import InputXGradient, LayerAttribution, LayerGradCam, Occlusion, Saliency
+    from captum.attr import InputXGradient, LayerGradCam, Occlusion, Saliency
 
     images = images.detach()
     n = images.shape[0]
@@ -353,10 +469,10 @@ def _attribute(model, images, target, method, *, gradcam_layer, occlusion_window
         return Occlusion(model).attribute(images, sliding_window_shapes=(c, w, w), strides=(c, w, w), baselines=0.0,
                                           target=_targets(target, n), perturbations_per_eval=8)
     if method == "gradcam":
-        layer = find_layer(model, gradcam_layer)
+        layer = dict(model.named_modules())[_resolved_gradcam_layer(model, gradcam_layer, images)]
         cam = LayerGradCam(model, layer).attribute(images.requires_grad_(), target=_targets(target, n),
-                                                    relu_attributions=True)
-        cam = LayerAttribution.interpolate(cam.detach(), tuple(images.shape[-2:]), interpolate_mode="bilinear")
+                                                    relu_attributions=True).detach()
+        cam = upsample_to(cam, tuple(images.shape[-2:]))
         return cam.expand(-1, images.shape[1], -1, -1) / images.shape[1]
     if method in ATTENTION_METHODS:
         if not is_attention_model(model):

@@ -1,8 +1,10 @@
 """Per-digit attribution maps on a patch grid (the seed figure), single or compared side by side.
 
 Ten maps (digits 0-9) in 5 rows x 2 columns, one shared colour bar black -> red -> yellow ->
-white ('hot', readable in greyscale too), grid ticks 0..grid-1, each map summing to 1. The
-comparison puts two sets of maps on the same colour scale plus their difference (diverging map).
+white ('hot', readable in greyscale too), grid ticks 0..grid-1, each map summing to 1. A map
+with no mass (all-NaN: no images, or an attribution that is zero on every image) is drawn hatched
+with a note, never as a black panel that reads like "nothing anywhere". The comparison puts two
+sets of maps on the same colour scale plus their difference (diverging map).
 """
 
 from __future__ import annotations
@@ -23,8 +25,27 @@ def _check_maps(maps, name="maps") -> np.ndarray:
     return maps
 
 
-def _draw_maps(fig, maps, names, *, cmap, vmin, vmax, title, colorbar_label, ncols=2):
-    """One block of maps (ceil(G/ncols) rows x ncols) with a shared colour bar: (axes, image)."""
+def _empty_notes(maps, counts=None) -> list:
+    """Per map: None for a distribution, else why it has none ('no images' / 'zero attribution')."""
+    notes = []
+    for i, m in enumerate(maps):
+        if np.isfinite(m).all() and m.sum() > 0:
+            notes.append(None)
+        elif counts is not None and int(counts[i]) == 0:
+            notes.append("no images")
+        else:
+            notes.append("attribution zero\non every image")
+    return notes
+
+
+def _nanmax(*arrays) -> float:
+    finite = [a[np.isfinite(a)] for a in arrays]
+    return float(max((f.max() for f in finite if f.size), default=0.0))
+
+
+def _draw_maps(fig, maps, names, *, cmap, vmin, vmax, title, colorbar_label, ncols=2, notes=None):
+    """One block of maps (ceil(G/ncols) rows x ncols) with a shared colour bar: (axes, image).
+    ``notes``: per map None or the text shown on a hatched panel instead of the map."""
     n = len(maps)
     nrows = int(np.ceil(n / ncols))
     axes = fig.subplots(nrows, ncols, squeeze=False)
@@ -35,7 +56,16 @@ def _draw_maps(fig, maps, names, *, cmap, vmin, vmax, title, colorbar_label, nco
         if i >= n:
             ax.set_visible(False)
             continue
-        im = ax.imshow(maps[i], cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+        note = notes[i] if notes is not None else None
+        shown = ax.imshow(np.where(np.isfinite(maps[i]), maps[i], 0.0) if note is None else np.zeros_like(maps[i]),
+                          cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest", alpha=1.0 if note is None else 0.0)
+        if note is None:
+            im = shown
+        else:
+            ax.add_patch(pyplot().Rectangle((-0.5, -0.5), grid, grid, facecolor="white", edgecolor="0.45",
+                                            hatch="///", lw=0))
+            ax.text((grid - 1) / 2, (grid - 1) / 2, f"no map:\n{note}", ha="center", va="center", fontsize=7,
+                    bbox=dict(facecolor="white", edgecolor="0.6", boxstyle="round,pad=0.25"))
         ax.set_title(names[i], fontsize=9, pad=2)
         ax.set_xticks(ticks)
         ax.set_yticks(ticks)
@@ -44,6 +74,8 @@ def _draw_maps(fig, maps, names, *, cmap, vmin, vmax, title, colorbar_label, nco
             ax.set_xlabel("patch column", fontsize=7)
         if i % ncols == 0:
             ax.set_ylabel("patch row", fontsize=7)
+    if im is None:  # every map is empty: a colour bar still says what the colours would mean
+        im = axes.ravel()[0].imshow(np.zeros((grid, grid)), cmap=cmap, vmin=vmin, vmax=vmax, alpha=0.0)
     bar = fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.85, pad=0.04)
     bar.set_label(colorbar_label, fontsize=8)
     bar.ax.tick_params(labelsize=7)
@@ -103,10 +135,12 @@ class PerDigitMapsDisplay:
         plt = pyplot()
         nrows = int(np.ceil(len(self.maps) / 2))
         self.figure_ = figure or plt.figure(figsize=(4.6, 1.85 * nrows + 0.6), layout="constrained")
-        vmax = float(self.maps.max()) if vmax is None else vmax
+        vmax = _nanmax(self.maps) if vmax is None else vmax
+        self.notes_ = _empty_notes(self.maps, self.counts)
         self.axes_, self.im_ = _draw_maps(self.figure_, self.maps, _labels(self.group_names, self.counts, len(self.maps)),
                                           cmap=cmap, vmin=0.0, vmax=vmax or 1.0, title=self.title,
-                                          colorbar_label="share of attribution (each map sums to 1)")
+                                          colorbar_label="share of attribution (each map sums to 1)",
+                                          notes=self.notes_)
         return self
 
 
@@ -141,17 +175,19 @@ class PerDigitMapsComparisonDisplay:
         self.figure_ = plt.figure(figsize=(13.5, 1.85 * nrows + 0.9), layout="constrained")
         sub_a, sub_b, sub_d = self.figure_.subfigures(1, 3, wspace=0.02)
         names = _labels(self.group_names, None, len(self.maps_a))
-        vmax = float(max(self.maps_a.max(), self.maps_b.max())) or 1.0
+        vmax = _nanmax(self.maps_a, self.maps_b) or 1.0
         diff = self.maps_a - self.maps_b
-        dmax = float(np.abs(diff).max()) or 1.0
+        dmax = _nanmax(np.abs(diff)) or 1.0
         label = "share of attribution (same scale in A and B)"
+        notes_a, notes_b = _empty_notes(self.maps_a), _empty_notes(self.maps_b)
+        notes_d = [None if a is None and b is None else f"{'A' if a else 'B'} has no map" for a, b in zip(notes_a, notes_b)]
         self.axes_a_, _ = _draw_maps(sub_a, self.maps_a, names, cmap=SEQUENTIAL_CMAP, vmin=0, vmax=vmax,
-                                     title=f"A = {self.name_a}", colorbar_label=label)
+                                     title=f"A = {self.name_a}", colorbar_label=label, notes=notes_a)
         self.axes_b_, _ = _draw_maps(sub_b, self.maps_b, names, cmap=SEQUENTIAL_CMAP, vmin=0, vmax=vmax,
-                                     title=f"B = {self.name_b}", colorbar_label=label)
+                                     title=f"B = {self.name_b}", colorbar_label=label, notes=notes_b)
         self.axes_diff_, _ = _draw_maps(sub_d, diff, names, cmap=DIVERGING_CMAP, vmin=-dmax, vmax=dmax,
                                         title="A - B (red: more in A, blue: more in B)",
-                                        colorbar_label="difference of shares")
+                                        colorbar_label="difference of shares", notes=notes_d)
         if self.title:
             self.figure_.suptitle(self.title)
         return self

@@ -9,6 +9,8 @@ import pytest
 
 from digitlens.calibration import apply_temperature, fit_temperature, nll, temperature_fit
 from digitlens.errors import DigitlensError
+from digitlens.evaluate import calibration_bins
+from digitlens.plots import ReliabilityDiagramDisplay
 
 
 def _sample_labels(logits, temperature, rng):
@@ -93,3 +95,29 @@ def test_bad_inputs_give_one_line_errors():
         with pytest.raises(DigitlensError, match=match) as info:
             call()
         assert "\n" not in str(info.value)
+
+
+# --- reliability diagram -----------------------------------------
+
+def test_reliability_diagram_draws_raw_and_calibrated_series():
+    logits, labels = _synthetic(n=3000, seed=4)
+    t = fit_temperature(logits, labels)
+    raw, calibrated = apply_temperature(logits, 1.0), apply_temperature(logits, t)
+    display = ReliabilityDiagramDisplay.from_predictions(labels, raw, calibrated, t).plot()
+    oracle_raw, oracle_cal = calibration_bins(labels, raw), calibration_bins(labels, calibrated)
+    np.testing.assert_allclose([b.get_height() for b in display.bars_],
+                               [a or 0.0 for a in oracle_raw["accuracy"]])
+    np.testing.assert_allclose([b.get_height() for b in display.bars_calibrated_],
+                               [a or 0.0 for a in oracle_cal["accuracy"]])
+    np.testing.assert_array_equal([b.get_height() for b in display.count_bars_calibrated_], oracle_cal["count"])
+    title = display.ax_[0].get_title()
+    assert f"ECE = {oracle_raw['ece']:.4f}" in title and f"{oracle_cal['ece']:.4f}" in title
+    assert f"T = {t:.3g}" in title
+    legend = [text.get_text() for text in display.ax_[0].get_legend().get_texts()]
+    assert any(f"ECE {oracle_raw['ece']:.4f}" in s for s in legend)
+    assert any(f"ECE {oracle_cal['ece']:.4f}" in s and "scaled" in s for s in legend)
+    # without a calibrated series: one bar series, as before
+    single = ReliabilityDiagramDisplay.from_predictions(labels, raw).plot()
+    assert single.bars_calibrated_ is None and "temperature" not in single.ax_[0].get_title()
+    with pytest.raises(DigitlensError, match="proba_calibrated"):
+        ReliabilityDiagramDisplay.from_predictions(labels, raw, calibrated[:10])

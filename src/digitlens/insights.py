@@ -53,6 +53,9 @@ def detect_overfitting(history: dict[str, np.ndarray], *, patience: int = DIVERG
     if "val_loss" not in history or "loss" not in history or len(history["val_loss"]) == 0:
         return {"available": False, "diverges": None, "rule": rule,
                 "reason": "the history has no loss and val_loss columns"}
+    if np.all(np.isnan(np.asarray(history["val_loss"], dtype=np.float64))):
+        return {"available": False, "diverges": None, "rule": rule,
+                "reason": "the history has no validation loss (trained without a validation split)"}
     epoch = np.asarray(history["epoch"])
     loss = np.asarray(history["loss"], dtype=np.float64)
     val = np.asarray(history["val_loss"], dtype=np.float64)
@@ -100,8 +103,12 @@ def generalisation_gap(history: dict[str, np.ndarray] | None, metrics: dict | No
     gap: dict[str, Any] = {}
     if history is not None and len(history.get("epoch", ())):
         last = -1
-        acc, val_acc = history.get("accuracy"), history.get("val_accuracy")
-        loss, val_loss = history.get("loss"), history.get("val_loss")
+        def column(name):  # None when missing or NaN at the last epoch (no validation split)
+            values = history.get(name)
+            return None if values is None or np.isnan(float(values[last])) else values
+
+        acc, val_acc = column("accuracy"), column("val_accuracy")
+        loss, val_loss = column("loss"), column("val_loss")
         gap["epoch"] = int(history["epoch"][last])
         gap["train_accuracy"] = float(acc[last]) if acc is not None else None
         gap["val_accuracy"] = float(val_acc[last]) if val_acc is not None else None

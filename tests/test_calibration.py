@@ -73,11 +73,24 @@ def test_apply_temperature_keeps_the_argmax_and_sums_to_one():
         > apply_temperature(logits, 2).max(1).mean()
 
 
-def test_all_right_with_a_margin_ends_at_the_lower_bound_and_says_so():
-    labels = np.arange(50) % 10
-    logits = np.eye(10)[labels] * 5.0
+def test_no_mistakes_on_val_gives_the_rule_of_succession_confidence_not_one_hot():
+    # every sample right: the NLL falls all the way to T -> 0 (one-hot probabilities); instead T
+    # makes the mean top probability (n + 1) / (n + 2)
+    rng = np.random.default_rng(7)
+    labels = np.arange(60) % 10
+    logits = rng.normal(size=(60, 10)) * 0.5
+    logits[np.arange(60), labels] += 5.0
+    assert np.all(logits.argmax(1) == labels)
+    assert nll(logits, labels, 0.02) < nll(logits, labels, 0.1) < nll(logits, labels, 1.0)  # no minimum
     fit = temperature_fit(logits, labels)
-    assert fit["at_bound"] and fit["temperature"] == pytest.approx(0.01, rel=0.02) and fit["n_errors"] == 0
+    assert fit["method"] == "rule_of_succession" and fit["n_errors"] == 0 and not fit["at_bound"]
+    assert apply_temperature(logits, fit["temperature"]).max(1).mean() == pytest.approx(61 / 62)
+    assert fit["nll_after"] <= fit["nll_before"]
+    # already more confident than that: left alone, never softened without a mistake to justify it
+    assert fit_temperature(logits * 10, labels) == 1.0
+    # one mistake is enough for the NLL to have a minimum again
+    labels[0] = (labels[0] + 1) % 10
+    assert temperature_fit(logits, labels)["method"] == "nll"
 
 
 def test_bad_inputs_give_one_line_errors():

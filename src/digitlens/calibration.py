@@ -86,6 +86,28 @@ def apply_temperature(logits: Any, temperature: float) -> np.ndarray:
     return np.exp(log_softmax(z / _check_temperature(temperature)))
 
 
+def _mean_confidence(shifted: np.ndarray, temperature: float) -> float:
+    return float(np.exp(log_softmax(shifted / temperature)).max(axis=1).mean())
+
+
+def _no_mistakes_temperature(shifted: np.ndarray, n: int, bounds: tuple[float, float]) -> float:
+    """The temperature (at most 1) at which the mean top probability of ``shifted`` (N, C) is
+    (n + 1) / (n + 2), Laplace's rule-of-succession accuracy after n right out of n."""
+    from scipy.optimize import brentq
+
+    target = (n + 1) / (n + 2)
+    lo, hi = bounds
+    hi = min(hi, 1.0)
+    if lo >= hi or _mean_confidence(shifted, hi) >= target:  # already that confident: leave it
+        return float(hi) if lo < hi else float(lo)
+    if _mean_confidence(shifted, lo) <= target:  # ties: cannot get that confident within bounds
+        return float(lo)
+    # the mean top probability falls as T grows, so there is one root in log T
+    root = brentq(lambda log_t: _mean_confidence(shifted, math.exp(log_t)) - target, math.log(lo), math.log(hi),
+                  xtol=1e-8)
+    return float(math.exp(root))
+
+
 def fit_temperature(logits: Any, labels: Any, *, bounds: tuple[float, float] = T_BOUNDS) -> float:
     """The temperature T in ``bounds`` minimising :func:`nll` of ``labels`` (N,) under
     ``softmax(logits / T)``, ``logits`` of shape (N, n_classes); a float.
@@ -94,8 +116,11 @@ def fit_temperature(logits: Any, labels: Any, *, bounds: tuple[float, float] = T
     offers per-class sigmoid / isotonic fits, which change the argmax and need many more samples).
     The NLL is convex in 1/T, hence unimodal in log T, so a bounded Brent search on log T
     (``scipy.optimize.minimize_scalar``) finds the global minimum without gradients or a start
-    value. When every sample is right with a margin, the NLL keeps falling as T -> 0 and the fit
-    ends at ``bounds[0]``.
+    value. The result is never worse than T = 1.
+
+    When no sample is misclassified the NLL keeps falling as T -> 0 (no minimum: the "fit" would
+    make every probability one-hot). Then T is the one that makes the mean top probability
+    (N + 1) / (N + 2), the rule-of-succession estimate of the accuracy, and at most 1.
     """
     from scipy.optimize import minimize_scalar
 
@@ -107,6 +132,8 @@ def fit_temperature(logits: Any, labels: Any, *, bounds: tuple[float, float] = T
     if not 0 < lo < hi or not math.isfinite(hi):
         raise DigitlensError(f"bounds: expected 0 < low < high, got {bounds}")
     shifted = z - z.max(axis=1, keepdims=True)  # same softmax, smaller numbers
+    if np.all(z.argmax(axis=1) == y):
+        return _no_mistakes_temperature(shifted, len(y), (lo, hi))
 
     def objective(log_t: float) -> float:
         return float(_nll_per_sample(shifted * math.exp(-log_t), y).mean())
@@ -121,17 +148,20 @@ def fit_temperature(logits: Any, labels: Any, *, bounds: tuple[float, float] = T
 
 def temperature_fit(logits: Any, labels: Any, *, split: str = "val", bounds: tuple[float, float] = T_BOUNDS) -> dict:
     """Fit T on ``logits`` (N, n_classes) and ``labels`` (N,); return a JSON-ready dict with
-    ``temperature``, ``split``, ``n_images``, ``n_errors`` (argmax != label), ``nll_before``
-    (T = 1), ``nll_after`` and ``at_bound`` (True when T ended within 1% of either end of
-    ``bounds``; with ``n_errors`` 0 the NLL has no minimum and T ends at ``bounds[0]``)."""
+    ``temperature``, ``split``, ``n_images``, ``n_errors`` (argmax != label), ``method``
+    (``"nll"``, or ``"rule_of_succession"`` when ``n_errors`` is 0, see :func:`fit_temperature`),
+    ``nll_before`` (T = 1), ``nll_after`` and ``at_bound`` (True when T ended within 1% of either
+    end of ``bounds``)."""
     t = fit_temperature(logits, labels, bounds=bounds)
     z = np.asarray(logits)
+    n_errors = int(np.sum(z.argmax(axis=1) != np.asarray(labels)))
     lo, hi = bounds
     return {
         "temperature": t,
         "split": split,
         "n_images": int(np.asarray(labels).shape[0]),
-        "n_errors": int(np.sum(z.argmax(axis=1) != np.asarray(labels))),
+        "n_errors": n_errors,
+        "method": "nll" if n_errors else "rule_of_succession",
         "nll_before": nll(logits, labels, 1.0),
         "nll_after": nll(logits, labels, t),
         "at_bound": bool(t <= lo * 1.01 or t >= hi / 1.01),

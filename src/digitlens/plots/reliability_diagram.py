@@ -158,7 +158,7 @@ class ReliabilityDiagramDisplay:
         max_count = max(int(self.count.max()) if self.count.size else 0,
                         int(self.count_calibrated.max()) if self.has_calibrated and self.count_calibrated.size else 0)
         bottom.set_yscale("symlog", linthresh=1)
-        bottom.set_ylim(0, max(10, max_count * 4))
+        bottom.set_ylim(0, max(10, max_count * 12))  # room for the rotated count labels
         bottom.set_xlabel("confidence (probability of the predicted digit)")
         bottom.set_ylabel("images in bin\n(log scale)")
         bottom.grid(alpha=0.3, axis="y")

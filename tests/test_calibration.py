@@ -4,13 +4,18 @@ reliability diagram, the insight and the report reading show what the temperatur
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from digitlens.calibration import apply_temperature, fit_temperature, nll, temperature_fit
 from digitlens.errors import DigitlensError
-from digitlens.evaluate import calibration_bins
+from digitlens.evaluate import NO_VAL_NOTE, calibration_bins, compute_metrics, temperature_metrics
+from digitlens.insights import derive_insights
 from digitlens.plots import ReliabilityDiagramDisplay
+from digitlens.report.collect import RunData
+from digitlens.report.readings import reading_reliability
 
 
 def _sample_labels(logits, temperature, rng):
@@ -110,7 +115,39 @@ def test_bad_inputs_give_one_line_errors():
         assert "\n" not in str(info.value)
 
 
-# --- reliability diagram -----------------------------------------
+# --- evaluate's calibration keys --------------------------------------------------------------
+
+def test_temperature_metrics_use_the_val_split_and_the_same_bins():
+    val_logits, val_labels = _synthetic(n=8000, t0=0.5, seed=1)
+    test_logits, test_labels = _synthetic(n=3000, t0=0.5, seed=2)
+    keys, proba_calibrated = temperature_metrics(test_labels, test_logits, val_logits, val_labels)
+    assert keys["temperature"] == pytest.approx(fit_temperature(val_logits, val_labels))
+    assert keys["temperature"] != pytest.approx(fit_temperature(test_logits, test_labels), rel=1e-4)
+    assert keys["temperature_fit"]["n_images"] == 8000 and keys["temperature_fit"]["split"] == "val"
+    assert proba_calibrated.dtype == np.float32 and proba_calibrated.shape == (3000, 10)
+    oracle = calibration_bins(test_labels, proba_calibrated)
+    assert keys["ece_calibrated"] == oracle["ece"]
+    assert keys["calibration_calibrated"] == oracle
+    raw = compute_metrics(test_labels, test_logits.argmax(1), apply_temperature(test_logits, 1.0))
+    assert keys["calibration_calibrated"]["bin_edges"] == raw["calibration"]["bin_edges"]
+    assert keys["ece_calibrated"] < raw["ece"] / 3  # labels drawn at T = 0.5: raw is under-confident
+    assert keys["nll_calibrated"] < keys["nll"]
+
+
+def test_temperature_metrics_without_a_validation_split_leave_a_note():
+    logits, labels = _synthetic(n=300)
+    for val in [(None, None), (logits[:0], labels[:0])]:
+        keys, proba_calibrated = temperature_metrics(labels, logits, *val)
+        assert proba_calibrated is None
+        assert keys["temperature"] is None and keys["calibration_note"] == NO_VAL_NOTE
+        assert "ece_calibrated" not in keys
+    # a broken user model (NaN logits) gets a note, not a crash
+    keys, proba_calibrated = temperature_metrics(labels, np.full_like(logits, np.nan), logits, labels)
+    assert proba_calibrated is None and keys["temperature"] is None
+    assert keys["calibration_note"].startswith("temperature scaling skipped: logits")
+
+
+# --- reliability diagram, insight, report reading -----------------------------------------
 
 def test_reliability_diagram_draws_raw_and_calibrated_series():
     logits, labels = _synthetic(n=3000, seed=4)
@@ -134,3 +171,49 @@ def test_reliability_diagram_draws_raw_and_calibrated_series():
     assert single.bars_calibrated_ is None and "temperature" not in single.ax_[0].get_title()
     with pytest.raises(DigitlensError, match="proba_calibrated"):
         ReliabilityDiagramDisplay.from_predictions(labels, raw, calibrated[:10])
+
+
+def _metrics_with_temperature():
+    val_logits, val_labels = _synthetic(n=4000, t0=0.5, seed=5)
+    logits, labels = _synthetic(n=2000, t0=0.5, seed=6)
+    metrics = compute_metrics(labels, logits.argmax(1), apply_temperature(logits, 1.0))
+    keys, _ = temperature_metrics(labels, logits, val_logits, val_labels)
+    return {**metrics, **keys}
+
+
+def test_insight_says_what_the_temperature_did():
+    metrics = _metrics_with_temperature()
+    found = derive_insights(metrics)
+    sentence = next(s for s in found["summary"] if s.startswith("Calibration"))
+    assert f"ECE {metrics['ece']:.4f} (under-confident" in sentence
+    assert f"T = {metrics['temperature']:.3g}" in sentence and "validation split" in sentence
+    assert f"to {metrics['ece_calibrated']:.4f}" in sentence and "proba_calibrated" in sentence
+    assert found["calibration"]["temperature"] == metrics["temperature"]
+
+    perfect_val = {**metrics, "temperature_fit": {**metrics["temperature_fit"], "n_errors": 0,
+                                                  "method": "rule_of_succession", "n_images": 135}}
+    sentence = next(s for s in derive_insights(perfect_val)["summary"] if s.startswith("Calibration"))
+    assert "no mistakes" in sentence and "(n+1)/(n+2) = 99.27%" in sentence
+
+    no_val = {**metrics, "temperature": None, "calibration_note": NO_VAL_NOTE}
+    for key in ("temperature_fit", "ece_calibrated", "calibration_calibrated"):
+        no_val.pop(key)
+    sentence = next(s for s in derive_insights(no_val)["summary"] if s.startswith("Calibration"))
+    assert NO_VAL_NOTE in sentence and "T =" not in sentence
+
+    old = {k: v for k, v in no_val.items() if k not in ("temperature", "calibration_note")}
+    sentence = next(s for s in derive_insights(old)["summary"] if s.startswith("Calibration"))
+    assert sentence.startswith(f"Calibration: ECE {metrics['ece']:.4f} (under-confident")
+
+
+def test_report_reading_mentions_the_calibrated_ece_and_t():
+    metrics = _metrics_with_temperature()
+    run = RunData(run_dir=Path("."), name="r", config={}, metrics=metrics)
+    line = reading_reliability(run)[0]
+    assert f"is {metrics['ece']:.4f}" in line
+    assert f"T = {metrics['temperature']:.3g}" in line and f"brings it to {metrics['ece_calibrated']:.4f}" in line
+    run.metrics = {"ece": 0.05, "temperature": None, "calibration_note": NO_VAL_NOTE}
+    assert NO_VAL_NOTE in reading_reliability(run)[0]
+    run.metrics = {"ece": 0.05}  # an old run
+    assert reading_reliability(run) == ["Expected calibration error is 0.0500: on average, confidence and "
+                                        "accuracy differ by 5.00 points."]

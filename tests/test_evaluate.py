@@ -17,8 +17,10 @@ from typer.testing import CliRunner
 
 from digitlens import data, models, runio
 from digitlens.errors import DigitlensError
+from digitlens.calibration import fit_temperature
 from digitlens.evaluate import (
     FIGURES,
+    NO_VAL_NOTE,
     calibration_bins,
     compute_metrics,
     evaluate_model,
@@ -251,6 +253,96 @@ def test_evaluate_run_api_with_a_users_module(evaluated_run, monkeypatch):
     again = evaluate_run(run_dir, model=models.load_model(run_dir), progress=False)
     assert again["accuracy"] == summary["accuracy"]
     assert again["source"]["model"] == "MLP"
+
+
+def _logits(model, images):
+    with torch.no_grad():
+        return model(images).double().numpy()
+
+
+def test_metrics_and_predictions_carry_the_temperature_fitted_on_the_val_split(evaluated_run):
+    run_dir, summary = evaluated_run
+    metrics = runio.read_json(run_dir / "metrics.json")
+    preds = runio.read_npz(run_dir / "predictions.npz")
+    splits = data.load_splits("digits")  # the run's splits: val_fraction 0.1, seed 0
+    model = models.load_model(run_dir)
+    oracle_t = fit_temperature(_logits(model, splits.val.images), splits.val.labels.numpy())
+    assert metrics["temperature"] == pytest.approx(oracle_t, rel=1e-4)
+    assert metrics["temperature"] != pytest.approx(
+        fit_temperature(_logits(model, splits.test.images), splits.test.labels.numpy()), rel=1e-3)
+    fit = metrics["temperature_fit"]
+    assert fit["split"] == "val" and fit["n_images"] == len(splits.val)
+    assert fit["nll_after"] <= fit["nll_before"]
+    # raw proba kept; calibrated proba = softmax(logits / T), float32 (N, 10)
+    np.testing.assert_allclose(preds["proba"], torch.softmax(torch.from_numpy(_logits(model, splits.test.images)), 1),
+                               atol=1e-5)
+    calibrated = preds["proba_calibrated"]
+    assert calibrated.dtype == np.float32 and calibrated.shape == preds["proba"].shape
+    expected = torch.softmax(torch.from_numpy(_logits(model, splits.test.images)) / metrics["temperature"], 1)
+    np.testing.assert_allclose(calibrated, expected.numpy(), atol=1e-5)
+    # same bins as the raw ECE, computed on the stored calibrated probabilities
+    assert metrics["ece"] == pytest.approx(calibration_bins(preds["y_true"], preds["proba"])["ece"])
+    assert metrics["calibration_calibrated"] == calibration_bins(preds["y_true"], calibrated)
+    assert metrics["ece_calibrated"] == metrics["calibration_calibrated"]["ece"]
+    assert metrics["calibration_calibrated"]["bin_edges"] == metrics["calibration"]["bin_edges"]
+    assert summary["temperature"] == metrics["temperature"] and summary["ece_calibrated"] == metrics["ece_calibrated"]
+    assert f"T = {metrics['temperature']:.3g}" in (run_dir / "insights.md").read_text()
+
+
+def test_the_temperature_comes_from_the_val_split_even_when_it_differs_from_test(evaluated_run, tmp_path,
+                                                                                   monkeypatch):
+    import shutil
+
+    import digitlens.evaluate
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(evaluated_run[0], run_dir)
+    splits = data.load_splits("digits")
+    rng = np.random.default_rng(0)
+    # a validation split whose labels are shuffled: its NLL wants a large T (near-uniform), test's does not
+    val = data.DigitDataset("digits", "val", splits.val.images, splits.val.labels[rng.permutation(len(splits.val))])
+    monkeypatch.setattr(data, "load_splits_for_run", lambda config, data_dir=None: data.Splits(splits.train, val, splits.test))
+    monkeypatch.setattr(digitlens.evaluate, "write_figures", lambda *a, **k: [])
+    summary = evaluate_run(run_dir, progress=False)
+    model = models.load_model(run_dir)
+    on_val = fit_temperature(_logits(model, val.images), val.labels.numpy())
+    on_test = fit_temperature(_logits(model, splits.test.images), splits.test.labels.numpy())
+    assert on_val > 2 * on_test
+    assert summary["temperature"] == pytest.approx(on_val, rel=1e-4)
+
+
+def test_no_validation_split_gives_a_note_not_a_crash(evaluated_run, tmp_path, monkeypatch):
+    import digitlens.evaluate
+    from digitlens.train import train
+
+    monkeypatch.setattr(digitlens.evaluate, "FIGURE_FORMATS", ("png",))
+    run_dir, _ = evaluated_run
+    model = models.load_model(run_dir)
+    # a user's model on a dataset name: no validation split
+    out = tmp_path / "byo"
+    summary = evaluate_model(model, "digits", out_dir=out, progress=False)
+    metrics = runio.read_json(out / "metrics.json")
+    assert metrics["temperature"] is None and metrics["calibration_note"] == NO_VAL_NOTE
+    assert "ece_calibrated" not in metrics and summary["ece_calibrated"] is None
+    assert "proba_calibrated" not in runio.read_npz(out / "predictions.npz")
+    assert (out / "figures" / "reliability_diagram.png").is_file()
+    assert any(NO_VAL_NOTE in s for s in summary["insights"])
+    # ...unless the user supplies one; the test split is refused
+    splits = data.load_splits("digits")
+    with_val = evaluate_model(model, "digits", val_dataset=splits.val, progress=False)
+    assert with_val["temperature"] == pytest.approx(runio.read_json(run_dir / "metrics.json")["temperature"])
+    with pytest.raises(DigitlensError, match="val_dataset"):
+        evaluate_model(model, splits.test, val_dataset=splits.test, progress=False)
+    # a run trained with val_fraction=0
+    threads = torch.get_num_threads()
+    try:
+        train(tmp_path / "noval", dataset="digits", model="mlp", epochs=1, seed=0, progress=False,
+              model_kwargs={"widths": [16]}, threads=1, val_fraction=0)
+    finally:
+        torch.set_num_threads(threads)
+    summary = evaluate_run(tmp_path / "noval", progress=False)
+    assert summary["temperature"] is None and summary["calibration_note"] == NO_VAL_NOTE
+    assert runio.read_json(tmp_path / "noval" / "metrics.json")["calibration_note"] == NO_VAL_NOTE
 
 
 def test_cli_evaluate_one_line_errors(evaluated_run, tmp_path):

@@ -111,3 +111,14 @@ def test_insights_without_history_say_so():
     found = derive_insights(_metrics_with_known_hard_digit(), None)
     assert found["overfitting"]["available"] is False
     assert any("Overfitting not assessed" in s for s in found["summary"])
+
+
+def test_history_of_a_run_without_validation_split_is_not_assessed_not_a_crash():
+    # digitlens.train with val_fraction=0 writes NaN val_loss / val_accuracy
+    nan = float("nan")
+    history = _history([0.9, 0.5, 0.3], [nan, nan, nan], accuracy=[0.7, 0.8, 0.9], val_accuracy=[nan, nan, nan])
+    found = derive_insights(_metrics_with_known_hard_digit(), history)
+    assert found["overfitting"]["available"] is False
+    assert "no validation loss" in found["overfitting"]["reason"]
+    assert found["generalisation_gap"]["accuracy_gap"] is None
+    assert not any("nan" in s for s in found["summary"])

@@ -2,8 +2,9 @@
 
 ``evaluate_run(run_dir)`` reads a training run folder and adds to it::
 
-    predictions.npz   y_true (N,), y_pred (N,), proba (N, n_classes)
-    metrics.json      see :func:`compute_metrics`
+    predictions.npz   y_true (N,), y_pred (N,), proba (N, n_classes) and, when a temperature was
+                      fitted on the validation split, proba_calibrated (N, n_classes)
+    metrics.json      see :func:`compute_metrics` and :func:`temperature_metrics`
     insights.md/json  see :mod:`digitlens.insights`
     figures/*.png|svg one file pair per figure (see :data:`FIGURES`)
 
@@ -199,6 +200,49 @@ def per_digit_arrays(metrics: dict) -> dict[str, np.ndarray]:
     return {key: np.array([row[key] for row in rows]) for key in rows[0]}
 
 
+#: ``metrics.json`` ``calibration_note`` when no validation split is there to fit a temperature on.
+NO_VAL_NOTE = "no validation split: temperature scaling skipped"
+
+
+def temperature_metrics(y_true: Any, logits: Any, val_logits: Any = None, val_labels: Any = None, *,
+                        n_bins: int = ECE_BINS, split: str = "val") -> tuple[dict, np.ndarray | None]:
+    """Temperature scaling fitted on the validation logits, applied to the test logits.
+
+    ``y_true`` (N,) and ``logits`` (N, n_classes) are the test split; ``val_logits`` (M, n_classes)
+    and ``val_labels`` (M,) the split T is fitted on (None or M = 0: no fit). Returns ``(keys,
+    proba_calibrated)``: ``keys`` holds ``temperature`` (float, or None without a validation
+    split), ``nll`` (test, T = 1) and, after a fit, ``temperature_fit`` (see
+    :func:`digitlens.calibration.temperature_fit`), ``nll_calibrated`` (test), ``ece_calibrated``
+    and ``calibration_calibrated`` (:func:`calibration_bins` of the calibrated test
+    probabilities, same bins as ``ece``), else ``calibration_note``; ``proba_calibrated`` is a
+    float32 array (N, n_classes), or None without a fit.
+    """
+    from digitlens import calibration
+
+    y_true = as_labels(y_true, "y_true")
+    keys: dict[str, Any] = {"temperature": None}
+    try:  # a user's model may give NaN logits or fewer classes than the labels: report, do not fail
+        keys["nll"] = calibration.nll(logits, y_true)
+        if val_logits is None or val_labels is None or len(val_labels) == 0:
+            keys["calibration_note"] = NO_VAL_NOTE
+            return keys, None
+        fit = calibration.temperature_fit(val_logits, as_labels(val_labels, "val_labels"), split=split)
+    except DigitlensError as exc:
+        keys["calibration_note"] = f"temperature scaling skipped: {exc}"
+        return keys, None
+    temperature = fit.pop("temperature")
+    proba_calibrated = calibration.apply_temperature(logits, temperature).astype(np.float32)
+    bins = calibration_bins(y_true, proba_calibrated, n_bins)
+    keys.update({
+        "temperature": temperature,
+        "temperature_fit": fit,
+        "nll_calibrated": calibration.nll(logits, y_true, temperature),
+        "ece_calibrated": bins["ece"],
+        "calibration_calibrated": bins,
+    })
+    return keys, proba_calibrated
+
+
 # --------------------------------------------------------------------------------------------
 # Prediction
 # --------------------------------------------------------------------------------------------
@@ -226,8 +270,9 @@ def _as_module(model: Any) -> nn.Module:
     return model
 
 
-def predict_proba(model: Any, images: torch.Tensor, *, batch_size: int = 1000, progress: bool = False) -> np.ndarray:
-    """Softmax probabilities of ``model`` on ``images`` (N, 1, H, W): float32 array of shape (N, n_classes).
+def predict_logits(model: Any, images: torch.Tensor, *, batch_size: int = 1000, progress: bool = False,
+                   description: str = "predicting") -> np.ndarray:
+    """Logits of ``model`` on ``images`` (N, 1, H, W): float32 array of shape (N, n_classes).
 
     Runs in batches under ``torch.inference_mode()`` with the model in eval mode (its previous
     mode is restored). A model returning a tuple (e.g. logits and attentions) uses its first item.
@@ -243,7 +288,7 @@ def predict_proba(model: Any, images: torch.Tensor, *, batch_size: int = 1000, p
     chunks = []
     starts = range(0, len(images), batch_size)
     try:
-        with torch.inference_mode(), _progress(progress, len(starts), "predicting") as advance:
+        with torch.inference_mode(), _progress(progress, len(starts), description) as advance:
             for start in starts:
                 out = model(images[start:start + batch_size].to(device))
                 if isinstance(out, (tuple, list)):
@@ -251,7 +296,7 @@ def predict_proba(model: Any, images: torch.Tensor, *, batch_size: int = 1000, p
                 if not isinstance(out, torch.Tensor) or out.ndim != 2:
                     raise DigitlensError(
                         f"model: expected logits of shape (batch, n_classes), got {getattr(out, 'shape', type(out).__name__)}")
-                chunks.append(torch.softmax(out.float(), dim=1).cpu())
+                chunks.append(out.float().cpu())
                 advance()
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
@@ -260,6 +305,17 @@ def predict_proba(model: Any, images: torch.Tensor, *, batch_size: int = 1000, p
         if was_training and hasattr(model, "train"):
             model.train()
     return torch.cat(chunks).numpy() if chunks else np.zeros((0, 10), np.float32)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Softmax over the classes of float32 ``logits`` (N, n_classes): float32 array of the same shape."""
+    return torch.softmax(torch.as_tensor(logits, dtype=torch.float32), dim=1).numpy()
+
+
+def predict_proba(model: Any, images: torch.Tensor, *, batch_size: int = 1000, progress: bool = False) -> np.ndarray:
+    """Softmax probabilities of ``model`` on ``images`` (N, 1, H, W): float32 array of shape
+    (N, n_classes); see :func:`predict_logits`."""
+    return softmax(predict_logits(model, images, batch_size=batch_size, progress=progress))
 
 
 class _progress:
@@ -290,8 +346,10 @@ class _progress:
 # --------------------------------------------------------------------------------------------
 
 def write_figures(out_dir: Path, *, images: np.ndarray, y_true: np.ndarray, proba: np.ndarray,
-                  history: dict | None = None, groups=DEFAULT_DIGIT_GROUPS) -> list[str]:
-    """Draw every evaluation figure into ``out_dir/figures/`` (PNG + SVG); return the written paths."""
+                  history: dict | None = None, groups=DEFAULT_DIGIT_GROUPS,
+                  proba_calibrated: np.ndarray | None = None, temperature: float | None = None) -> list[str]:
+    """Draw every evaluation figure into ``out_dir/figures/`` (PNG + SVG); return the written paths.
+    With ``proba_calibrated`` (N, n_classes) the reliability diagram also shows the temperature-scaled bins."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -309,7 +367,8 @@ def write_figures(out_dir: Path, *, images: np.ndarray, y_true: np.ndarray, prob
             y_true, y_pred, labels=labels, groups=groups, metrics=("precision", "recall")),
         "prediction_gallery": plots.PredictionGalleryDisplay.from_predictions(images, y_true, proba=proba),
         "misclassified_gallery": plots.MisclassifiedGalleryDisplay.from_predictions(images, y_true, proba=proba),
-        "reliability_diagram": plots.ReliabilityDiagramDisplay.from_predictions(y_true, proba),
+        "reliability_diagram": plots.ReliabilityDiagramDisplay.from_predictions(
+            y_true, proba, proba_calibrated, temperature),
     }
     if history is not None and len(history.get("epoch", ())):
         displays = {"training_curves": plots.TrainingCurvesDisplay.from_history(history), **displays}
@@ -323,25 +382,44 @@ def write_figures(out_dir: Path, *, images: np.ndarray, y_true: np.ndarray, prob
 
 
 def _evaluate(model: Any, images: torch.Tensor, labels: torch.Tensor, out_dir: Path | None, *,
-              history: dict | None, source: dict, progress: bool) -> dict:
+              history: dict | None, source: dict, progress: bool, val: Any = None) -> dict:
+    """Predict the test ``images``/``labels``, fit the temperature on ``val`` (a DigitDataset or
+    None), and write every file into ``out_dir`` (None: write nothing); return the summary dict."""
     from digitlens import insights as insights_mod
 
-    proba = predict_proba(model, images, progress=progress)
+    logits = predict_logits(model, images, progress=progress)
+    proba = softmax(logits)
     y_true = labels.numpy().astype(np.int64)
     y_pred = proba.argmax(axis=1).astype(np.int64)
     metrics = compute_metrics(y_true, y_pred, proba)
+    if val is not None and len(val):
+        val_logits = predict_logits(model, val.images, progress=progress, description="predicting (validation)")
+        val_labels = val.labels.numpy()
+    else:
+        val_logits = val_labels = None
+    calibrated, proba_calibrated = temperature_metrics(y_true, logits, val_logits, val_labels,
+                                                       split=getattr(val, "split", "val"))
+    metrics.update(calibrated)
     metrics["source"] = source
     summary = {"accuracy": metrics["accuracy"], "ece": metrics["ece"], "n_samples": metrics["n_samples"],
-               "n_errors": metrics["n_errors"], "macro_f1": metrics["macro"]["f1"], "source": source}
+               "n_errors": metrics["n_errors"], "macro_f1": metrics["macro"]["f1"],
+               "temperature": metrics["temperature"], "ece_calibrated": metrics.get("ece_calibrated"),
+               "source": source}
+    if "calibration_note" in metrics:
+        summary["calibration_note"] = metrics["calibration_note"]
     if out_dir is None:
         summary["metrics"] = metrics
         summary["insights"] = insights_mod.derive_insights(metrics, history)["summary"]
         return summary
     out_dir.mkdir(parents=True, exist_ok=True)
-    runio.write_npz(out_dir / "predictions.npz", y_true=y_true, y_pred=y_pred, proba=proba.astype(np.float32))
+    arrays = {"y_true": y_true, "y_pred": y_pred, "proba": proba.astype(np.float32)}
+    if proba_calibrated is not None:
+        arrays["proba_calibrated"] = proba_calibrated
+    runio.write_npz(out_dir / "predictions.npz", **arrays)
     runio.write_json(out_dir / "metrics.json", metrics)
     found = insights_mod.write_insights(out_dir, metrics, history)
-    figures = write_figures(out_dir, images=images.numpy(), y_true=y_true, proba=proba, history=history)
+    figures = write_figures(out_dir, images=images.numpy(), y_true=y_true, proba=proba, history=history,
+                            proba_calibrated=proba_calibrated, temperature=metrics["temperature"])
     summary.update({
         "out_dir": str(out_dir),
         "files": ["predictions.npz", "metrics.json", "insights.md", "insights.json"],
@@ -355,11 +433,14 @@ def _evaluate(model: Any, images: torch.Tensor, labels: torch.Tensor, out_dir: P
 def evaluate_run(run_dir: str | os.PathLike, *, model: Any = None, data_dir: str | os.PathLike | None = None,
                  progress: bool = True) -> dict:
     """Evaluate a training run on its test split and write predictions, metrics, insights and
-    figures into the run folder.
+    figures into the run folder. The temperature (see :func:`temperature_metrics`) is fitted on
+    the run's validation split, never on the test split; a run trained with ``val_fraction=0``
+    gets ``"temperature": null`` and a ``calibration_note``.
 
     ``model``: None (the run's own ``model.safetensors``), a user's ``nn.Module``, or the path of
     a TorchScript file. Returns a summary dict (also written as ``evaluation.json``) with
-    ``accuracy``, ``ece``, ``n_errors``, ``macro_f1``, ``files``, ``figures`` and ``insights``.
+    ``accuracy``, ``ece``, ``temperature``, ``ece_calibrated``, ``n_errors``, ``macro_f1``,
+    ``files``, ``figures`` and ``insights``.
     """
     from digitlens import data, models
     from digitlens.plots.training_curves import read_history
@@ -374,15 +455,17 @@ def evaluate_run(run_dir: str | os.PathLike, *, model: Any = None, data_dir: str
     else:
         source = {"model": str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__,
                   "run_dir": str(run_dir)}
-    test = data.load_splits_for_run(config, data_dir=data_dir).test
+    splits = data.load_splits_for_run(config, data_dir=data_dir)
     source["dataset"] = config["dataset"]
     history_path = run_dir / "history.csv"
     history = read_history(history_path) if history_path.is_file() else None
-    return _evaluate(model, test.images, test.labels, run_dir, history=history, source=source, progress=progress)
+    return _evaluate(model, splits.test.images, splits.test.labels, run_dir, history=history, source=source,
+                     progress=progress, val=splits.val)
 
 
 def evaluate_model(model: Any, dataset: Any = "digits", *, out_dir: str | os.PathLike | None = None,
-                   data_dir: str | os.PathLike | None = None, history: Any = None, progress: bool = True) -> dict:
+                   data_dir: str | os.PathLike | None = None, history: Any = None, progress: bool = True,
+                   val_dataset: Any = None) -> dict:
     """Evaluate any model without a training run ("bring your own model").
 
     ``model``: an ``nn.Module`` taking (N, 1, 28, 28) images in [0, 1] and returning logits, or a
@@ -392,6 +475,10 @@ def evaluate_model(model: Any, dataset: Any = "digits", *, out_dir: str | os.Pat
     the overfitting insight. With ``out_dir`` every file of :func:`evaluate_run` is written there;
     without, nothing is written and the summary carries the full ``metrics`` dict and the
     ``insights`` sentences.
+
+    ``val_dataset``: an optional :class:`digitlens.data.DigitDataset` the model was not trained
+    on, to fit temperature scaling on; without one the temperature is skipped (``"temperature":
+    null`` and a ``calibration_note``), since fitting it on the test split would flatter it.
     """
     from digitlens import data
     from digitlens.plots.training_curves import normalise_history, read_history
@@ -403,10 +490,16 @@ def evaluate_model(model: Any, dataset: Any = "digits", *, out_dir: str | os.Pat
         test, name = dataset, f"{dataset.name}/{dataset.split}"
     else:
         raise DigitlensError(f"dataset: expected a dataset name or a DigitDataset, got {type(dataset).__name__}")
+    if val_dataset is not None:
+        if not isinstance(val_dataset, data.DigitDataset):
+            raise DigitlensError(f"val_dataset: expected a DigitDataset or None, got {type(val_dataset).__name__}")
+        if val_dataset is test or val_dataset.split == "test":
+            raise DigitlensError("val_dataset: must not be the test split (the temperature would be fitted on "
+                                 "the images it is scored on)")
     if isinstance(history, (str, os.PathLike)):
         history = read_history(history)
     elif history is not None:
         history = normalise_history(history)
     source = {"model": str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__, "dataset": name}
     return _evaluate(model, test.images, test.labels, Path(out_dir) if out_dir is not None else None,
-                     history=history, source=source, progress=progress)
+                     history=history, source=source, progress=progress, val=val_dataset)

@@ -53,6 +53,9 @@ def detect_overfitting(history: dict[str, np.ndarray], *, patience: int = DIVERG
     if "val_loss" not in history or "loss" not in history or len(history["val_loss"]) == 0:
         return {"available": False, "diverges": None, "rule": rule,
                 "reason": "the history has no loss and val_loss columns"}
+    if np.all(np.isnan(np.asarray(history["val_loss"], dtype=np.float64))):
+        return {"available": False, "diverges": None, "rule": rule,
+                "reason": "the history has no validation loss (trained without a validation split)"}
     epoch = np.asarray(history["epoch"])
     loss = np.asarray(history["loss"], dtype=np.float64)
     val = np.asarray(history["val_loss"], dtype=np.float64)
@@ -100,8 +103,12 @@ def generalisation_gap(history: dict[str, np.ndarray] | None, metrics: dict | No
     gap: dict[str, Any] = {}
     if history is not None and len(history.get("epoch", ())):
         last = -1
-        acc, val_acc = history.get("accuracy"), history.get("val_accuracy")
-        loss, val_loss = history.get("loss"), history.get("val_loss")
+        def column(name):  # None when missing or NaN at the last epoch (no validation split)
+            values = history.get(name)
+            return None if values is None or np.isnan(float(values[last])) else values
+
+        acc, val_acc = column("accuracy"), column("val_accuracy")
+        loss, val_loss = column("loss"), column("val_loss")
         gap["epoch"] = int(history["epoch"][last])
         gap["train_accuracy"] = float(acc[last]) if acc is not None else None
         gap["val_accuracy"] = float(val_acc[last]) if val_acc is not None else None
@@ -115,13 +122,58 @@ def generalisation_gap(history: dict[str, np.ndarray] | None, metrics: dict | No
 
 
 def _calibration_insight(metrics: dict) -> dict | None:
+    """Calibration facts from ``metrics``: ECE, mean confidence vs accuracy and its tendency, and,
+    when ``evaluate`` fitted one, the temperature and the ECE after scaling (None without ``ece``)."""
     if "ece" not in metrics:
         return None
     mean_conf = metrics["calibration"]["mean_confidence"]
     diff = mean_conf - metrics["accuracy"]
     tendency = "over-confident" if diff > 0.005 else "under-confident" if diff < -0.005 else "well calibrated"
-    return {"ece": metrics["ece"], "mean_confidence": mean_conf, "accuracy": metrics["accuracy"],
-            "confidence_minus_accuracy": diff, "tendency": tendency}
+    found = {"ece": metrics["ece"], "mean_confidence": mean_conf, "accuracy": metrics["accuracy"],
+             "confidence_minus_accuracy": diff, "tendency": tendency}
+    if metrics.get("temperature") is not None and metrics.get("ece_calibrated") is not None:
+        fit = metrics.get("temperature_fit") or {}
+        found.update({
+            "temperature": metrics["temperature"],
+            "ece_calibrated": metrics["ece_calibrated"],
+            "mean_confidence_calibrated": (metrics.get("calibration_calibrated") or {}).get("mean_confidence"),
+            "fit_split": fit.get("split", "val"),
+            "fit_n_images": fit.get("n_images"),
+            "fit_at_bound": fit.get("at_bound"),
+            "fit_method": fit.get("method", "nll"),
+        })
+    elif "temperature" in metrics or metrics.get("calibration_note"):
+        found["temperature"] = None
+        found["note"] = metrics.get("calibration_note", "temperature scaling skipped")
+    return found
+
+
+def calibration_sentence(calibration: dict) -> str:
+    """The one-sentence calibration finding of :func:`derive_insights` (a str)."""
+    c = calibration
+    head = (f"Calibration: ECE {c['ece']:.4f} ({c['tendency']}: mean confidence {c['mean_confidence']:.2%} "
+            f"vs accuracy {c['accuracy']:.2%})")
+    if c.get("ece_calibrated") is not None:
+        split = "validation split" if c.get("fit_split") == "val" else f"{c.get('fit_split')} split"
+        n = f", {c['fit_n_images']:,} images" if c.get("fit_n_images") else ""
+        t = c["temperature"]
+        effect = (f"{'sharpens' if t < 1 else 'softens'} the probabilities and brings test ECE to "
+                  f"{c['ece_calibrated']:.4f}" if t != 1 else
+                  f"leaves the probabilities as they are (test ECE {c['ece_calibrated']:.4f})")
+        bound = "; at the edge of its search range" if c.get("fit_at_bound") else ""
+        if c.get("fit_method") == "rule_of_succession" and c.get("fit_n_images"):
+            n_val = c["fit_n_images"]
+            bound += (f"; the validation split has no mistakes, so the NLL has no minimum and T is set for a "
+                      f"mean confidence of (n+1)/(n+2) = {(n_val + 1) / (n_val + 2):.2%}")
+        after = (f"; mean confidence {c['mean_confidence_calibrated']:.2%}"
+                 if c.get("mean_confidence_calibrated") is not None else "")
+        return (f"{head}; temperature scaling fitted on the {split} (T = {c['temperature']:.3g}{n}{bound}) "
+                f"{effect}{after} — "
+                f"use proba_calibrated in predictions.npz, or divide the logits by T before the softmax.")
+    if c.get("note"):
+        hint = " (give a held-out validation split to fit a temperature)" if "no validation split" in c["note"] else ""
+        return f"{head}; {c['note'].rstrip('.')}{hint}."
+    return f"{head}."
 
 
 def derive_insights(metrics: dict, history: Any = None, *, k: int = 3, top_pairs: int = 5) -> dict:
@@ -174,9 +226,7 @@ def derive_insights(metrics: dict, history: Any = None, *, k: int = 3, top_pairs
             f"test accuracy {gap['test_accuracy']:.2%}"
             + (f", validation minus train loss {gap['loss_gap']:+.4f}." if gap.get("loss_gap") is not None else "."))
     if calibration is not None:
-        summary.append(
-            f"Calibration: ECE {calibration['ece']:.4f}; mean confidence {calibration['mean_confidence']:.2%} vs "
-            f"accuracy {calibration['accuracy']:.2%}, so the model is {calibration['tendency']}.")
+        summary.append(calibration_sentence(calibration))
     return {
         "accuracy": metrics["accuracy"],
         "n_errors": metrics["n_errors"],

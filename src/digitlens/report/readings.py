@@ -156,6 +156,18 @@ def ece_of(run: RunData) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
+def temperature_scaling_of(run: RunData) -> dict | None:
+    """``temperature``, ``ece_calibrated`` and ``split`` from ``metrics.json`` when evaluate fitted a
+    temperature; ``{"note": ...}`` when it recorded why it did not; None for older runs."""
+    metrics = run.metrics or {}
+    t, ece = metrics.get("temperature"), metrics.get("ece_calibrated")
+    if isinstance(t, (int, float)) and isinstance(ece, (int, float)):
+        return {"temperature": float(t), "ece_calibrated": float(ece),
+                "split": dig(metrics, "temperature_fit.split", default="val")}
+    note = metrics.get("calibration_note")
+    return {"note": str(note)} if note else None
+
+
 def reading_confusion(run: RunData) -> list[str]:
     p = prediction_summary(run)
     if not p:
@@ -206,8 +218,18 @@ def reading_reliability(run: RunData) -> list[str]:
     p = prediction_summary(run)
     ece = ece_of(run)
     lines = []
+    scaling = temperature_scaling_of(run)
     if ece is not None:
-        lines.append(f"Expected calibration error is {ece:.4f}: on average, confidence and accuracy differ by {ece * 100:.2f} points.")
+        line = f"Expected calibration error is {ece:.4f}: on average, confidence and accuracy differ by {ece * 100:.2f} points"
+        if scaling and "temperature" in scaling:
+            split = "validation" if scaling["split"] == "val" else scaling["split"]
+            line += (f"; temperature scaling fitted on the {split} split (T = {scaling['temperature']:.3g}) "
+                     f"brings it to {scaling['ece_calibrated']:.4f}.")
+        elif scaling:
+            line += f" ({scaling['note']})."
+        else:
+            line += "."
+        lines.append(line)
     if p and "mean_confidence" in p:
         gap = p["mean_confidence"] - p["accuracy"]
         lines.append(f"Mean confidence {pct(p['mean_confidence'], 2)} against accuracy {pct(p['accuracy'], 2)}: "

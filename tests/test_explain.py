@@ -347,10 +347,43 @@ def test_explain_model_faithfulness_ranks_and_beats_random(tiny_cnn, digits):
                         sanity_size=6, batch_size=25)
     f = out["faithfulness"]
     assert f["n_images"] == 20 and sorted(f["ranking"]) == ["gradcam", "saliency"]
-    assert set(f["methods"]) == {"saliency", "gradcam", "random"}
+    assert set(f["methods"]) == {"saliency", "gradcam", "random", "ink_random"}
     assert f["methods"]["random"]["deletion_auc"] > min(f["methods"][m]["deletion_auc"] for m in ("saliency", "gradcam"))
     assert len(f["randomisation"]["spearman"]["saliency"]) == len(f["randomisation"]["layers"])
     np.testing.assert_array_equal(out["counts"], np.bincount(y.numpy(), minlength=10))
+    for m in ("saliency", "gradcam"):
+        row = f["methods"][m]
+        assert row["road_score"] == pytest.approx(row["road_lerf_auc"] - row["road_morf_auc"])
+        assert row["eligible"] == (row["passes_sanity_check"] and row["passes_random_logit"])
+        assert row["beats_ink_random"] == (row["road_morf_auc"] < f["methods"]["ink_random"]["road_morf_auc"])
+        assert row["eligible"] == (not row["reasons"])
+    # the verdict only names a method that passes every check, and ranks it first
+    best = f["most_faithful"]
+    assert best is None or (f["ranking"][0] == best and f["methods"][best]["eligible"])
+    assert out["gradcam_layer"] == "features.3" and out["unseen_patches"] == []
+
+
+def test_verdict_never_names_a_method_that_fails_a_check():
+    from digitlens.explain.verdict import rank_methods
+
+    def row(score, sanity=True, logit=True, ink=True):
+        return {"road_score": score, "passes_sanity_check": sanity, "spearman_fully_randomised": 0.1 if sanity else 0.99,
+                "passes_random_logit": logit, "random_logit_spearman": 0.3 if logit else 0.97, "beats_ink_random": ink}
+
+    rows = {"integrated_gradients": row(0.6, sanity=False), "saliency": row(0.2), "gradcam": row(0.3),
+            "attention": row(0.5, logit=False), "random": {"road_score": 0.0}}
+    v = rank_methods(rows)
+    assert v["most_faithful"] == "gradcam"
+    assert v["ranking"] == ["gradcam", "saliency", "integrated_gradients", "attention"]
+    assert "follow the input's ink, not what the model learned" in rows["integrated_gradients"]["reasons"][0]
+    assert "0.99" in rows["integrated_gradients"]["reasons"][0]
+    assert "does not explain the class" in rows["attention"]["reasons"][0]
+    assert rows["gradcam"]["rank"] == 1 and rows["integrated_gradients"]["rank"] == 3
+    assert "removing ink" not in v["verdict"]
+    v = rank_methods({"saliency": row(0.2, ink=False)})  # eligible, with the caveat said
+    assert v["most_faithful"] == "saliency" and "no better than the ink does" in v["verdict"]
+    v = rank_methods({"saliency": row(0.2, sanity=False), "attention": row(0.4, logit=False)})
+    assert v["most_faithful"] is None and "none is called most faithful" in v["verdict"]
 
 
 # --- the run folder and the command line -----------------------------------------------------

@@ -159,15 +159,21 @@ def test_report_is_self_contained_and_reads_the_numbers(tmp_path, labels):
 
 
 def test_later_stages_add_their_sections(tmp_path, labels):
-    methods = {"saliency": (0.16, 0.23, 0.10, True), "occlusion": (0.12, 0.34, 0.76, False),
-               "gradcam": (0.15, 0.29, -0.03, True)}
-    faith = {"n_images": 100, "methods": {m: {"deletion_auc": d, "insertion_auc": i, "insertion_minus_deletion": i - d,
-                                                "beats_random": True, "spearman_fully_randomised": r,
-                                                "passes_sanity_check": ok}
-                                            for m, (d, i, r, ok) in methods.items()}}
-    faith["methods"]["random"] = {"deletion_auc": 0.18, "insertion_auc": 0.19, "insertion_minus_deletion": 0.01}
-    faith["ranking"] = sorted(methods, key=lambda m: -(methods[m][1] - methods[m][0]))
-    extra = {"explain/explain_metrics.json": {"methods": list(methods), "faithfulness": faith},
+    from digitlens.explain.verdict import rank_methods
+
+    # method: (ROAD MoRF AUC, ROAD LeRF AUC, Spearman after randomisation, random-logit Spearman)
+    methods = {"saliency": (0.40, 0.70, 0.10, 0.40), "occlusion": (0.20, 0.90, 0.76, 0.50),
+               "gradcam": (0.35, 0.80, -0.03, 0.30)}
+    faith = {"n_images": 100, "methods": {
+        m: {"road_morf_auc": mo, "road_lerf_auc": le, "road_score": le - mo, "road_pixel_score": 0.1,
+            "deletion_auc": 0.1, "insertion_auc": 0.3, "insertion_minus_deletion": 0.2, "beats_random": True,
+            "beats_ink_random": True, "spearman_fully_randomised": r, "passes_sanity_check": abs(r) < 0.5,
+            "random_logit_spearman": rl, "passes_random_logit": rl < 0.9}
+        for m, (mo, le, r, rl) in methods.items()}}
+    faith["methods"]["ink_random"] = {"road_morf_auc": 0.5, "road_lerf_auc": 0.6, "road_score": 0.1}
+    faith.update(rank_methods(faith["methods"]))
+    extra = {"explain/explain_metrics.json": {"methods": list(methods), "faithfulness": faith,
+                                              "most_faithful": faith["most_faithful"], "ranking": faith["ranking"]},
              "adapt/groups/results.json": {"task": "groups", "summary": [
                  {"method": "lora", "rank": 4, "accuracy_mean": 0.97, "trainable_params": 1234, "trainable_fraction": 0.01},
                  {"method": "lora", "rank": 8, "accuracy_mean": 0.98, "trainable_params": 2468, "trainable_fraction": 0.02}]}}
@@ -179,17 +185,22 @@ def test_later_stages_add_their_sections(tmp_path, labels):
     maps = np.full((10, 7, 7), 1 / 49)
     maps[3] = 0
     maps[3, 2, 5] = 1.0                                  # digit 3: all attribution on one patch
-    write_npz(run / "explain/maps_occlusion.npz", maps=maps)
+    maps[5] = np.nan                                     # digit 5: no mass
+    write_npz(run / "explain/maps_occlusion.npz", maps=maps, group_names=np.array([str(d) for d in range(10)]))
     page = parse(write_report(run))
     assert {"explanations", "lora"} <= set(page.sections)
     text = page.text_all
-    # faithfulness: best = largest insertion - deletion, computed here independently
-    best = max(methods, key=lambda m: methods[m][1] - methods[m][0])
-    assert best == "occlusion"
-    assert f"Most faithful: occlusion (insertion − deletion AUC {0.34 - 0.12:.3f})" in text
-    assert "only saliency, gradcam change enough to pass" in text
-    # the per-digit map reading: rank among methods and the most focused digit from the saved maps
-    assert "Occlusion ranks 1 of 3 for faithfulness" in text and "fails the randomisation check" in text
+    # the verdict, computed here independently: highest ROAD score among methods passing both checks
+    passing = [m for m, (mo, le, r, rl) in methods.items() if abs(r) < 0.5 and rl < 0.9]
+    best = max(passing, key=lambda m: methods[m][1] - methods[m][0])
+    assert best == "gradcam" and faith["most_faithful"] == "gradcam"  # occlusion scores higher but fails a check
+    assert f"Most faithful: gradcam, ROAD score (LeRF − MoRF AUC) {0.80 - 0.35:.3f}" in text
+    assert "Occlusion is not trusted: its maps follow the input's ink, not what the model learned" in text
+    # the overview quotes the same verdict
+    assert "Most faithful explanation gradcam" in text
+    # the per-digit map reading: rank among methods, the zero map, the most focused digit from the saved maps
+    assert "Occlusion ranks 3 of 3 for faithfulness (ROAD score 0.700); not trusted" in text
+    assert "No map for digit 5" in text
     assert "hold 100% of the attribution for digit 3" in text
     # LoRA: the stage's own table and a reading from results.json
     assert "LoRA r = 4 reaches 97.00% with 1,234 trainable parameters" in text

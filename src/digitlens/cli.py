@@ -132,9 +132,9 @@ def explain_command(
                           progress=progress, compare=compare, compare_methods=compare_methods,
                           faithfulness_size=faithfulness_size, gradcam_layer=gradcam_layer,
                           ig_tolerance=ig_tolerance, ig_n_steps=ig_steps)
-    ranking = summary.get("faithfulness", {}).get("ranking")
+    verdict = summary.get("verdict")
     typer.echo(f"wrote {Path(run_dir) / 'explain'}: maps for {', '.join(summary['methods'])}; "
-               f"{len(summary['files']['figures'])} figures" + (f"; most faithful first: {', '.join(ranking)}" if ranking else ""))
+               f"{len(summary['files']['figures'])} figures" + (f"; {verdict}" if verdict else ""))
 
 
 @app.command("report")

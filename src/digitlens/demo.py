@@ -91,9 +91,9 @@ def _summary(runs: dict[str, Path]) -> dict:
                 row["most_confused"] = f"{pairs[0]['true']} → {pairs[0]['predicted']} ({pairs[0]['count']})"
         em_path = run / "explain" / "explain_metrics.json"
         if em_path.is_file():
-            ranking = (read_json(em_path).get("faithfulness") or {}).get("ranking") or []
-            if ranking:
-                row["most_faithful"] = ranking[0]
+            em = read_json(em_path)
+            if "most_faithful" in em:  # the explain stage's verdict, never re-derived here
+                row["most_faithful"] = em["most_faithful"] or "none passes both sanity checks"
         out["models"][name] = row
         for results_path in sorted((run / "adapt").glob("*/results.json")) if (run / "adapt").is_dir() else []:
             results = read_json(results_path)

@@ -147,9 +147,10 @@ def _spatial_outputs(model: nn.Module, images: torch.Tensor) -> list[tuple[str, 
     return seen
 
 
-def layer_reach(model: nn.Module, layer: nn.Module, images: torch.Tensor) -> np.ndarray:
-    """Which positions of ``layer``'s output map reach the model's output: bool (h, w), True where
-    the gradient of some class score with respect to that position is non-zero for some image.
+def layer_reach(model: nn.Module, layer: nn.Module | None, images: torch.Tensor) -> np.ndarray:
+    """Which positions of ``layer``'s output map (the input image when ``layer`` is None) reach
+    the model's output: bool (h, w), True where the gradient of some class score with respect to
+    that position is non-zero for some image.
 
     Probed on ``images`` and as many uniform-noise images (noise varies every activation, so a
     max-pool lets each position win somewhere). A position that is False is provably unread for
@@ -157,8 +158,8 @@ def layer_reach(model: nn.Module, layer: nn.Module, images: torch.Tensor) -> np.
     """
     gen = torch.Generator().manual_seed(0)
     probe = torch.cat([images.detach(), torch.rand(images.shape, generator=gen, dtype=images.dtype)]).requires_grad_()
-    store = {}
-    handle = layer.register_forward_hook(lambda _m, _i, out: store.__setitem__("out", out))
+    store = {"out": probe}
+    handle = None if layer is None else layer.register_forward_hook(lambda _m, _i, out: store.__setitem__("out", out))
     try:
         with torch.enable_grad():
             logits = model(probe)
@@ -173,7 +174,8 @@ def layer_reach(model: nn.Module, layer: nn.Module, images: torch.Tensor) -> np.
                 if g is not None:
                     reach += g.detach().abs().sum(dim=(0, 1)).double()
     finally:
-        handle.remove()
+        if handle is not None:
+            handle.remove()
     return (reach > 0).numpy()
 
 

@@ -218,6 +218,8 @@ def overview_facts(run: RunData) -> dict[str, Any]:
         "Test accuracy": p.get("accuracy", R.dig(run.metrics or {}, "accuracy")),
         "Macro F1": float(np.mean(p["f1"])) if p else R.dig(run.metrics or {}, "macro.f1", "macro_f1", "f1_macro"),
         "Expected calibration error": R.ece_of(run),
+        "ECE after temperature scaling": R.dig(run.metrics or {}, "ece_calibrated"),
+        "Temperature (fitted on validation)": R.dig(run.metrics or {}, "temperature"),
         "Test images": p.get("n"),
         "Mistakes": (p["n"] - p["correct"]) if p else None,
     }
@@ -243,12 +245,12 @@ def fmt_fact(key: str, value: Any) -> str:
 
 
 def best_explain_method(run: RunData) -> str | None:
+    """The explain stage's ``most_faithful`` (a method that passes both sanity checks), as it wrote
+    it; 'none passes both sanity checks' when it named none; None for runs explained before the verdict."""
     em = run.explain_metrics or {}
-    ranking = R.dig(em, "faithfulness.ranking", "ranking")
-    if isinstance(ranking, list) and ranking:
-        first = ranking[0]
-        return first if isinstance(first, str) else R.dig(first, "method", "name")
-    return R.dig(em, "most_faithful", "best_method")
+    if "most_faithful" in em:
+        return em["most_faithful"] or "none passes both sanity checks"
+    return None
 
 
 # --------------------------------------------------------------------------- sections
@@ -293,26 +295,37 @@ def faithfulness_table(run: RunData) -> Table | None:
     if not f:
         return None
     ranking = list(f.get("ranking") or [])
-    names = ranking + [m for m in f["methods"] if m not in ranking and m != "random"]
-    if "random" in f["methods"]:
-        names.append("random")
+    baselines = [b for b in ("random", "ink_random") if b in f["methods"]]
+    names = ranking + [m for m in f["methods"] if m not in ranking and m not in baselines] + baselines
+
+    def fmt(v, key, digits=3):
+        return "—" if v.get(key) is None else f"{v[key]:.{digits}f}"
+
+    def check(v, key):
+        return "—" if v.get(key) is None else ("passes" if v[key] else "fails")
+
     rows = []
     for m in names:
         v = f["methods"][m]
-        sanity = v.get("passes_sanity_check")
-        rows.append([R.label(m), str(v.get("rank", "—")), f"{v['deletion_auc']:.3f}", f"{v['insertion_auc']:.3f}",
-                     f"{v['insertion_minus_deletion']:.3f}", "—" if m == "random" else ("yes" if v.get("beats_random") else "no"),
-                     R.num(v.get("spearman_fully_randomised"), 2) if "spearman_fully_randomised" in v else "—",
-                     "—" if sanity is None else ("passes" if sanity else "fails")])
+        baseline = m in baselines
+        verdict = "—" if baseline or "eligible" not in v else ("eligible" if v["eligible"] else "; ".join(v.get("reasons", [])))
+        rows.append([R.label(m) + (" (baseline)" if baseline else ""), str(v.get("rank", "—")),
+                     fmt(v, "road_morf_auc"), fmt(v, "road_lerf_auc"), fmt(v, "road_score"), fmt(v, "road_pixel_score"),
+                     fmt(v, "deletion_auc"), fmt(v, "insertion_auc"),
+                     "—" if baseline else check(v, "passes_sanity_check"), "—" if baseline else check(v, "passes_random_logit"),
+                     verdict])
     ig = R.dig(run.explain_metrics or {}, "integrated_gradients")
-    caption = (f"Deletion AUC: lower is better; insertion AUC: higher is better; over {f.get('n_images', '?')} test images "
-               f"with the patches removed or revealed in attribution order.")
+    caption = (f"Over {f.get('n_images', '?')} test images. ROAD (noisy linear imputation, 7x7 patches; pixel level in its "
+               f"own column): MoRF AUC lower is better, LeRF AUC higher, score = LeRF − MoRF. Deletion/insertion replace "
+               f"patches by 0, which on MNIST is the background, so methods that multiply by the input win them by "
+               f"construction; they are shown for reference only. " + (f.get("verdict", "").capitalize() + "." if f.get("verdict") else ""))
     if isinstance(ig, dict) and "completeness_rel_error_mean" in ig:
         caption += (f" Integrated gradients used {ig.get('mean_steps', float('nan')):.1f} steps per image on average, "
                     f"with a mean completeness error of {ig['completeness_rel_error_mean'] * 100:.2f}%.")
     return Table("Faithfulness of each explanation method",
-                 ["Method", "Rank", "Deletion AUC", "Insertion AUC", "Insertion − deletion", "Beats random",
-                  "Rank corr. after randomisation", "Sanity check"], rows, caption, run.name)
+                 ["Method", "Rank", "ROAD MoRF AUC", "ROAD LeRF AUC", "ROAD score", "ROAD score (pixels)",
+                  "Deletion AUC", "Insertion AUC", "Randomisation check", "Random-logit check", "Verdict"],
+                 rows, caption, run.name)
 
 
 def _section_tables(section: str, run: RunData) -> list[Table]:

@@ -282,44 +282,62 @@ def method_of(stem: str, run: RunData) -> str | None:
 
 
 def reading_faithfulness(run: RunData, stem: str = "") -> list[str]:
+    """The explain stage's verdict as it wrote it (``most_faithful``, ``ranking``, each method's
+    ``reasons``), and the ROAD scores against the ink-first random baseline."""
     f = faithfulness_of(run)
     if not f:
         return []
-    rows = {m: v for m, v in f["methods"].items() if m != "random"}
-    ranking = f.get("ranking") or sorted(rows, key=lambda m: -rows[m]["insertion_minus_deletion"])
-    best, worst = ranking[0], ranking[-1]
-    rnd = f["methods"].get("random", {})
-    line = (f"Most faithful: {label(best)} (insertion − deletion AUC {rows[best]['insertion_minus_deletion']:.3f}); "
-            f"least: {label(worst)} ({rows[worst]['insertion_minus_deletion']:.3f})")
-    if "insertion_minus_deletion" in rnd:
-        line += f"; a random patch order scores {rnd['insertion_minus_deletion']:.3f}"
-    lines = [line + f", over {f.get('n_images', '?')} test images."]
-    beats = [m for m in rows if rows[m].get("beats_random")]
-    passes = [m for m in rows if rows[m].get("passes_sanity_check")]
-    second = f"{len(beats)} of {len(rows)} methods beat the random order on both curves"
-    if any("passes_sanity_check" in v for v in rows.values()):
-        second += (f"; after re-initialising every layer, only {', '.join(map(label, passes)) or 'none'} "
-                   f"change{'s' if len(passes) == 1 else ''} enough to pass the randomisation sanity check")
-    lines.append(second + ".")
+    rows = {m: v for m, v in f["methods"].items() if m not in ("random", "ink_random")}
+    ranking = f.get("ranking") or list(rows)
+    if "most_faithful" not in f:  # explained before the verdict existed: the old deletion/insertion ranking
+        best = ranking[0]
+        return [f"Ranked by insertion − deletion (patches set to 0), {label(best)} comes first "
+                f"({rows[best]['insertion_minus_deletion']:.3f}); this run predates the ROAD and sanity-check verdict: "
+                f"run `digitlens explain` again for it."]
+    best = f["most_faithful"]
+    ink = f["methods"].get("ink_random", {})
+    if best:
+        line = (f"Most faithful: {label(best)}, ROAD score (LeRF − MoRF AUC) {rows[best]['road_score']:.3f}; it passes "
+                f"the randomisation and random-logit checks")
+        if "road_morf_auc" in ink:
+            beats = rows[best].get("beats_ink_random")
+            line += (f". Removing its most relevant patches first {'hurts the prediction more than' if beats else 'hurts the prediction no more than'} "
+                     f"removing ink patches in random order (ROAD MoRF AUC {rows[best]['road_morf_auc']:.3f} against "
+                     f"{ink['road_morf_auc']:.3f})" + ("" if beats else ", so its maps localise the evidence no better than the ink does"))
+    else:
+        line = "No method passes both sanity checks (randomisation and random logit), so none is called most faithful"
+    lines = [line + f"; over {f.get('n_images', '?')} test images."]
+    failing = [m for m in ranking if rows[m].get("reasons")]
+    if failing:
+        lines.append(" ".join(f"{label(m).capitalize()} is not trusted: {rows[m]['reasons'][0]}." for m in failing[:2])
+                     + (f" ({len(failing) - 2} more in the table.)" if len(failing) > 2 else ""))
     return lines
 
 
 def map_stats(run: RunData, method: str) -> dict | None:
-    """Concentration of the saved per-digit maps of ``method`` (``explain/maps_<method>.npz``)."""
+    """Concentration of the saved per-digit maps of ``method`` (``explain/maps_<method>.npz``);
+    groups without mass (all-NaN maps) are left out and listed in ``empty``."""
     path = run.run_dir / "explain" / f"maps_{method}.npz"
     if not path.is_file():
         return None
     from digitlens.runio import read_npz
 
-    maps = read_npz(path).get("maps")
+    data = read_npz(path)
+    maps = data.get("maps")
     if maps is None or maps.ndim != 3:
         return None
-    flat = maps.reshape(maps.shape[0], -1)
+    names = [str(n) for n in data.get("group_names", np.arange(len(maps)))]
+    ok = np.isfinite(maps).all(axis=(1, 2)) & (np.nan_to_num(maps).sum(axis=(1, 2)) > 0)
+    empty = [n for n, good in zip(names, ok) if not good]
+    if not ok.any():
+        return {"empty": empty, "names": names}
+    flat = maps[ok].reshape(int(ok.sum()), -1)
     k = max(1, flat.shape[1] // 10)
-    top = np.sort(flat, axis=1)[:, ::-1][:, :k].sum(1) / np.maximum(flat.sum(1), 1e-12)
-    mean_map = maps.mean(0)
+    top = np.sort(flat, axis=1)[:, ::-1][:, :k].sum(1) / flat.sum(1)
+    mean_map = maps[ok].mean(0)
     r, c = np.unravel_index(int(np.argmax(mean_map)), mean_map.shape)
-    return {"top_share": top, "k": k, "cells": flat.shape[1], "peak": (int(r), int(c)), "grid": maps.shape[1:]}
+    return {"top_share": top, "k": k, "cells": flat.shape[1], "peak": (int(r), int(c)), "grid": maps.shape[1:],
+            "empty": empty, "names": [n for n, good in zip(names, ok) if good]}
 
 
 def reading_heatmap(run: RunData, stem: str = "") -> list[str]:
@@ -331,19 +349,26 @@ def reading_heatmap(run: RunData, stem: str = "") -> list[str]:
     if f and method in f["methods"]:
         row = f["methods"][method]
         ranking = f.get("ranking") or []
-        line = (f"{label(method).capitalize()} ranks {ranking.index(method) + 1 if method in ranking else '?'} of "
-                f"{len(ranking)} for faithfulness (insertion − deletion {row['insertion_minus_deletion']:.3f})")
-        if "passes_sanity_check" in row:
-            line += (f" and {'passes' if row['passes_sanity_check'] else 'fails'} the randomisation check "
-                     f"(rank correlation {row.get('spearman_fully_randomised', float('nan')):.2f} with a re-initialised model)")
-        lines.append(line + ".")
+        position = f"ranks {ranking.index(method) + 1} of {len(ranking)}" if method in ranking else "is not ranked"
+        if "road_score" in row:
+            line = f"{label(method).capitalize()} {position} for faithfulness (ROAD score {row['road_score']:.3f})"
+            line += (": it passes both sanity checks." if row.get("eligible") else
+                     f"; not trusted: {row['reasons'][0]}." if row.get("reasons") else ".")
+        else:
+            line = (f"{label(method).capitalize()} {position} for faithfulness (insertion − deletion "
+                    f"{row['insertion_minus_deletion']:.3f}).")
+        lines.append(line)
     st = map_stats(run, method)
-    if st:
+    if st and st.get("empty"):
+        lines.append(f"No map for digit{'s' if len(st['empty']) > 1 else ''} {', '.join(st['empty'])}: "
+                     f"{label(method)} gives zero attribution on every such image (or there are none), "
+                     f"so that panel is hatched rather than drawn as a distribution.")
+    if st and "top_share" in st:
         t = st["top_share"]
         hi, lo = int(np.argmax(t)), int(np.argmin(t))
-        lines.append(f"The top {st['k']} of {st['cells']} patches hold {t[hi] * 100:.0f}% of the attribution for digit {hi} "
-                     f"(most focused) and {t[lo] * 100:.0f}% for digit {lo} (most spread); averaged over digits the "
-                     f"strongest patch is row {st['peak'][0]}, column {st['peak'][1]}.")
+        lines.append(f"The top {st['k']} of {st['cells']} patches hold {t[hi] * 100:.0f}% of the attribution for digit "
+                     f"{st['names'][hi]} (most focused) and {t[lo] * 100:.0f}% for digit {st['names'][lo]} (most spread); "
+                     f"averaged over digits the strongest patch is row {st['peak'][0]}, column {st['peak'][1]}.")
     return lines
 
 

@@ -519,3 +519,26 @@ def test_fold_batch_norm_keeps_the_function_and_its_input_gradients(tiny_cnn, di
     # exactly equal values (flat background) and folding's rounding picks another winner.
     torch.testing.assert_close(ig_folded.sum(dim=(1, 2, 3)), ig_frozen.sum(dim=(1, 2, 3)), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(ig_folded, ig_frozen, atol=2e-3, rtol=1e-4)
+
+
+def test_a_class_without_attribution_is_reported_not_passed_off_as_a_distribution(digits, tmp_path):
+    from digitlens.explain.run import _save_maps
+    from digitlens.plots.heatmaps import PerDigitMapsDisplay
+    from digitlens.runio import read_npz
+
+    model = _linear_model()
+    with torch.no_grad():
+        model[1].weight[1] = 0.0  # the score of digit 1 depends on no pixel: saliency is 0 everywhere
+    x, y = digits.test.images[:120], digits.test.labels[:120]
+    out = explain_model(model, x, y.numpy(), methods=["saliency"], faithfulness_size=0)
+    maps = out["maps"]["saliency"]
+    assert np.isnan(maps[1]).all() and out["empty_maps"] == {"saliency": ["1"]}
+    others = np.delete(maps, 1, axis=0)
+    np.testing.assert_allclose(others.sum(axis=(1, 2)), 1.0)
+    saved = read_npz(tmp_path / _save_maps(tmp_path, out)["saliency"])
+    assert saved["has_mass"].tolist() == [d != 1 for d in range(10)]
+    assert np.isnan(saved["maps"][1]).all()
+    disp = PerDigitMapsDisplay(maps=maps, counts=out["counts"]).plot()
+    assert disp.notes_[1] == "attribution zero\non every image" and disp.notes_.count(None) == 9
+    texts = [t.get_text() for t in disp.axes_.ravel()[1].texts]
+    assert any("no map" in t for t in texts)

@@ -451,7 +451,7 @@ def attribute(model: nn.Module, images: torch.Tensor, target, method: str = "sal
         images = images.contiguous(memory_format=torch.channels_last)  # _attribute detaches
     attr = _attribute(model, images, target, method, gradcam_layer=gradcam_layer, occlusion_window=occlusion_window,
                       ig_info=ig_info, **ig_kwargs)
-    return attr.contiguous()
+    return attr.detach().contiguous()
 
 
 def _attribute(model, images, target, method, *, gradcam_layer, occlusion_window, ig_info, **ig_kwargs):

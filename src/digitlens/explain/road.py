@@ -114,7 +114,7 @@ def _solve(values: torch.Tensor, masks: torch.Tensor, tol: float = ROAD_TOLERANC
 
 def linear_imputation(images: torch.Tensor, masks: torch.Tensor, *, noise: float = 0.0,
                       generator: torch.Generator | None = None, tol: float = ROAD_TOLERANCE,
-                      batch_size: int = 512) -> torch.Tensor:
+                      batch_size: int = 256) -> torch.Tensor:
     """ROAD's noisy linear imputation (Rong et al. 2022): every masked pixel becomes the weighted
     mean of its 8 neighbours (1/6 direct, 1/12 diagonal, renormalised at the border), all masked
     pixels solved jointly, plus ``noise`` times standard normal noise drawn from ``generator``.
@@ -144,7 +144,7 @@ def removed_counts(n_units: int, fractions) -> np.ndarray:
 
 def road_curves(model: nn.Module, images: torch.Tensor, target, order: np.ndarray, *, grid: int,
                 mode: str = "morf", fractions=ROAD_FRACTIONS, noise: float = 0.01, seed: int = 0,
-                batch_size: int = 512, measure: str = "probability", tol: float = ROAD_TOLERANCE) -> np.ndarray:
+                batch_size: int = 256, measure: str = "probability", tol: float = ROAD_TOLERANCE) -> np.ndarray:
     """ROAD curves (Rong et al. 2022): remove a growing fraction of the units of ``order`` by
     noisy linear imputation and follow the model's belief in ``target``.
 
@@ -167,6 +167,7 @@ def road_curves(model: nn.Module, images: torch.Tensor, target, order: np.ndarra
         raise ValueError(f"mode {mode!r}: choose morf or lerf")
     if measure not in ("probability", "accuracy"):
         raise ValueError(f"measure {measure!r}: choose probability or accuracy")
+    images = images.detach()
     n, c, h, w = images.shape
     n_units = grid * grid
     targets = targets_tensor(target, n)

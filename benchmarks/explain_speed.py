@@ -271,7 +271,8 @@ def main(argv=None):
     parser.add_argument("--captum-ig-n", type=int, default=1000, help="test images for Captum's (slow) IG")
     parser.add_argument("--reference-n", type=int, default=200,
                         help=f"first test images on which IG is compared with {REFERENCE_STEPS} Gauss-Legendre steps")
-    parser.add_argument("--quantus-n", type=int, default=200, help="test images for Quantus' (slow) faithfulness metrics")
+    parser.add_argument("--quantus-n", type=int, default=200,
+                        help="test images for Quantus' (slow) faithfulness metrics")
     parser.add_argument("--tables", choices=("attribution", "faithfulness", "all"), default="all",
                         help="which tables to measure")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)

@@ -28,7 +28,6 @@ import copy
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -38,8 +37,9 @@ def patch_order(scores: np.ndarray) -> np.ndarray:
     return np.argsort(-flat, axis=1, kind="stable")
 
 
-#: A pixel counts as ink above this value (images in [0, 1]; MNIST's background is exactly 0 and its
-#: anti-aliased stroke edges reach a few hundredths, so 0.1 keeps faint edges out of "ink").
+#: A pixel counts as ink above this value (images in [0, 1]). MNIST's background is exactly 0; 9% of
+#: its non-zero pixels are faint anti-aliased edges at or below 0.1 (about 26/255). On the test set
+#: 36% of the 4x4 patches and 18% of the pixels hold ink.
 INK_THRESHOLD = 0.1
 
 

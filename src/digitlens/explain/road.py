@@ -81,20 +81,21 @@ def _solve(values: torch.Tensor, masks: torch.Tensor, tol: float = ROAD_TOLERANC
         return out
     m = masks.to(values.dtype)
     ones = torch.ones(1, h, w, dtype=values.dtype)
-    c1 = (_neighbour_sum(ones)[0] - 4.0) / 12.0 + 1.0 / 3.0  # s_i + 4/12: A u = m * (c1 u - S(u) / 12)
+    c1 = (_neighbour_sum(ones)[0] - 4.0) / 12.0 + 1.0 / 3.0  # s_i + 4/12: A u = m c1 u - m S(u) / 12
     b = _neighbour_sum(values * (1.0 - m)).mul_(m / 12.0)
     rr = torch.linalg.vecdot(b.flatten(1), b.flatten(1))
     alive = torch.nonzero(rr > tol * tol).flatten()
     if len(alive) == 0:
         return out
     m, r, rr = m[alive], b[alive], rr[alive]
+    mc1 = m * c1
     x = torch.zeros_like(r)
     p = r.clone()
     max_iter = max_iter or 4 * h * w
     it = 0
     while len(alive):
         for _ in range(check_every):
-            ap = (c1 * p).sub_(_neighbour_sum(p), alpha=1.0 / 12.0).mul_(m)
+            ap = torch.addcmul(mc1 * p, m, _neighbour_sum(p), value=-1.0 / 12.0)
             # a row can reach a zero residual exactly (one masked pixel: one step); clamping the
             # denominators then gives alpha = beta = 0 instead of 0 / 0
             alpha = rr / torch.linalg.vecdot(p.flatten(1), ap.flatten(1)).clamp_min(1e-300)
@@ -108,7 +109,7 @@ def _solve(values: torch.Tensor, masks: torch.Tensor, tol: float = ROAD_TOLERANC
         if done.any():
             out[alive[done]] = x[done]
             keep = ~done
-            alive, m, x, r, p, rr = alive[keep], m[keep], x[keep], r[keep], p[keep], rr[keep]
+            alive, m, mc1, x, r, p, rr = alive[keep], m[keep], mc1[keep], x[keep], r[keep], p[keep], rr[keep]
     return out
 
 
@@ -154,8 +155,10 @@ def road_curves(model: nn.Module, images: torch.Tensor, target, order: np.ndarra
     ``grid=7`` removes 4x4 patches of a 28x28 image and ``grid=28`` single pixels).
     mode: ``"morf"`` removes the most relevant units first, ``"lerf"`` the least relevant first;
     fraction f removes floor(f * grid*grid) units. noise: standard deviation of the Gaussian noise
-    added to each imputed pixel, drawn from a ``torch.Generator`` seeded with ``seed`` one image
-    after another (the same seed gives the same curves whatever ``batch_size``).
+    added to each imputed pixel: one (C, H, W) field per image, shared by its fractions (a pixel
+    gets the same noise whichever fraction removes it; Quantus draws anew per fraction), drawn
+    from a ``torch.Generator`` seeded with ``seed`` one image after another (the same seed gives
+    the same curves whatever ``batch_size``).
     measure: ``"probability"`` (softmax probability of the target) or ``"accuracy"`` (1.0 where
     the arg-max is the target, what Quantus' ``ROAD`` averages over images).
     batch_size: (image, fraction) rows imputed together (conjugate gradients ran fastest at about
@@ -188,10 +191,9 @@ def road_curves(model: nn.Module, images: torch.Tensor, target, order: np.ndarra
         values = images[start:stop, None].expand(b, n_fr, c, h, w).reshape(-1, h, w).to(torch.float64)
         with _one_thread():
             imputed = _solve(values, masks, tol)
-        if noise:
-            eps = torch.stack([torch.randn((n_fr, c, h, w), generator=generator, dtype=torch.float64)
-                               for _ in range(b)])
-            imputed += noise * eps.reshape(-1, h, w)
+        if noise:  # one noise field per image, shared by its fractions (drawn image after image)
+            eps = torch.stack([torch.randn((c, h, w), generator=generator, dtype=torch.float64) for _ in range(b)])
+            imputed += noise * eps[:, None].expand(b, n_fr, c, h, w).reshape(-1, h, w)
         x = torch.where(masks, imputed, values).to(images.dtype).reshape(b * n_fr, c, h, w)
         t = targets[start:stop].repeat_interleave(n_fr)
         out[start:stop] = model_scores(model, x, t, measure).reshape(b, n_fr)

@@ -7,7 +7,14 @@ evaluations per image, and the attribution error on the first --reference-n imag
 relative L1 distance sum|attr - ref| / sum|ref| to integrated gradients with 512 Gauss-Legendre
 steps (a completeness error near 0 does not by itself make every pixel right).
 
+A second table times the faithfulness curves (deletion at pixel and patch level, insertion, ROAD
+MoRF / LeRF at patch and pixel level) in digitlens on --n images and in Quantus 0.6
+(PixelFlipping, RegionPerturbation, ROAD) on the first --quantus-n, on the same frozen model and
+the same saliency maps, with the largest difference between the two libraries' values where
+they compute the same thing.
+
     python benchmarks/explain_speed.py --data-dir /path/to/mnist [--run runs/mnist_cnn] [--threads 2]
+        [--tables attribution|faithfulness|all]
 
 Without --run a default CNN is trained on MNIST for one epoch in a temporary folder.
 """
@@ -139,6 +146,124 @@ def worker(name: str, run: str, data_dir: str, n: int, threads: int, reference_f
     return {"name": name, "n": int(len(y)), "seconds": seconds, "peak_rss_mb": peak_mb, **extra}
 
 
+# name -> (what digitlens computes, Quantus' metric of the same values or None)
+FAITH_CURVES = {
+    "deletion_pixel": "deletion, 28 steps of 28 pixels (Quantus PixelFlipping, features_in_step=28)",
+    "deletion_patch": "deletion, 49 patches of 4x4 (Quantus RegionPerturbation, patch_size=4)",
+    "insertion_patch": "insertion, 49 patches of 4x4 (no Quantus metric)",
+    "road_morf_patch": "ROAD MoRF, 4x4 patches, 10 fractions (Quantus ROAD on patch-constant maps)",
+    "road_lerf_patch": "ROAD LeRF, 4x4 patches, 10 fractions (Quantus ROAD on patch-constant maps)",
+    "road_morf_pixel": "ROAD MoRF, pixels, 10 fractions (Quantus ROAD)",
+    "road_lerf_pixel": "ROAD LeRF, pixels, 10 fractions (Quantus ROAD)",
+}
+
+
+def _saliency_maps(model, x, y):
+    """|gradient| maps (N, 28, 28) float64 with a tie-break of 1e-6 of the maximum (seeded), so that
+    numpy's unstable argsort (Quantus) and digitlens' stable one give the same order."""
+    import numpy as np
+    import torch
+
+    from digitlens.explain.methods import attribute
+
+    a = torch.cat([attribute(model, x[i:i + 500], y[i:i + 500], "saliency") for i in range(0, len(y), 500)])
+    a = a.abs().sum(1).double().numpy()
+    return a + 1e-6 * a.max() * np.random.default_rng(0).random(a.shape)
+
+
+def _digitlens_curve(curve, model, x, y, a, noise=0.01):
+    """The curve as digitlens computes it, in the form Quantus returns it."""
+    from digitlens.explain.faithfulness import patch_order, perturbation_curves
+    from digitlens.explain.road import ROAD_FRACTIONS, road_curves
+
+    kind, *rest = curve.split("_")
+    grid = 28 if rest[-1] == "pixel" else 7
+    scores = a if grid == 28 else a.reshape(len(a), 7, 4, 7, 4).sum(axis=(2, 4))
+    order = patch_order(scores)
+    if kind == "deletion" and grid == 28:
+        return perturbation_curves(model, x, y, order, 28, units_per_step=28)[:, 1:]
+    if kind in ("deletion", "insertion"):
+        c = perturbation_curves(model, x, y, order, grid, mode=kind)
+        return c[:, :1] - c[:, 1:]  # RegionPerturbation's drop from the unperturbed prediction
+    return road_curves(model, x, y, order, grid=grid, mode=rest[0], fractions=ROAD_FRACTIONS, noise=noise,
+                       measure="accuracy").mean(axis=0)
+
+
+def _quantus_curve(curve, model, x, y, a):
+    import numpy as np
+    import quantus
+
+    from digitlens.explain.road import ROAD_FRACTIONS, removed_counts
+
+    kind, *rest = curve.split("_")
+    xb, yb, ab = x.numpy(), y.numpy(), a[:, None]
+    if curve == "deletion_pixel":
+        metric = quantus.PixelFlipping(features_in_step=28, perturb_baseline="black", disable_warnings=True)
+    elif curve == "deletion_patch":
+        metric = quantus.RegionPerturbation(patch_size=4, regions_evaluation=49, order="morf",
+                                            perturb_baseline="black", disable_warnings=True)
+    else:
+        if rest[-1] == "patch":  # every pixel carries its patch's score; k patches = 16k pixels
+            ab = np.kron(a.reshape(len(a), 7, 4, 7, 4).sum(axis=(2, 4)), np.ones((4, 4)))[:, None]
+            percentages = [k * 100 / 49 + 1e-7 for k in removed_counts(49, ROAD_FRACTIONS)]
+        else:
+            percentages = [100 * f for f in ROAD_FRACTIONS]
+        if rest[0] == "lerf":  # Quantus' ROAD removes the most relevant first: reverse the scores
+            ab = ab.max() - ab
+        metric = quantus.ROAD(noise=0.0, percentages=percentages, disable_warnings=True)
+        # ROAD's post-processing keeps the first batch only: one batch for all images
+        scores = metric(model=model, x_batch=xb, y_batch=yb, a_batch=ab, device="cpu", batch_size=len(yb))
+        return np.array([scores[p] for p in percentages])
+    return np.asarray(metric(model=model, x_batch=xb, y_batch=yb, a_batch=ab, device="cpu", batch_size=len(yb)))
+
+
+def faith_worker(name: str, run: str, data_dir: str, n: int, threads: int) -> dict:
+    import warnings
+
+    import numpy as np
+    import torch
+
+    from digitlens.explain.methods import fold_batch_norm, prepare_model
+
+    torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore")
+    _, lib, curve = name.split(":")
+    model, x, y = _load(run, data_dir, n)
+    # the frozen, batch-norm-folded, channels-last copy that the explain stage runs gradient methods
+    # on (the same function of the input); Quantus gets the same model
+    model = fold_batch_norm(prepare_model(model))
+    a = _saliency_maps(model, x, y)  # untimed
+    t0, c0 = time.perf_counter(), time.process_time()
+    if lib == "digitlens":
+        _digitlens_curve(curve, model, x, y, a)
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+        extra = {}
+    else:
+        theirs = _quantus_curve(curve, model, x, y, a)
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+        ours = _digitlens_curve(curve, model, x, y, a, noise=0.0)  # untimed, on the same images
+        extra = {"max_abs_diff": float(np.abs(ours - theirs).max())}
+    return {"name": name, "n": int(len(y)), "seconds": seconds, "cpu_seconds": cpu, "peak_rss_mb": _peak_rss_mb(),
+            **extra}
+
+
+def _faith_table(rows):
+    speed = {r["name"]: r["n"] / r["seconds"] for r in rows}
+    print("| curve | library | images | seconds | CPU seconds | images/s | digitlens / Quantus images/s | peak RSS (MB) | "
+          "max abs difference from digitlens on Quantus' images (deletion: probabilities; ROAD: accuracy per "
+          "fraction, noise 0) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        _, lib, curve = r["name"].split(":")
+        ratio = ""
+        if lib == "digitlens" and f"faith:quantus:{curve}" in speed:
+            ratio = f"{speed[r['name']] / speed[f'faith:quantus:{curve}']:.1f}x"
+        diff = f"{r['max_abs_diff']:.1e}" if "max_abs_diff" in r else ""
+        print(f"| {FAITH_CURVES[curve]} | {lib} | {r['n']:,} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | "
+              f"{r['n'] / r['seconds']:,.0f} | "
+              f"{ratio} | {r['peak_rss_mb']:,.0f} | {diff} |")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=os.environ.get("DIGITLENS_DATA"))
@@ -148,13 +273,20 @@ def main(argv=None):
     parser.add_argument("--captum-ig-n", type=int, default=1000, help="test images for Captum's (slow) IG")
     parser.add_argument("--reference-n", type=int, default=200,
                         help=f"first test images on which IG is compared with {REFERENCE_STEPS} Gauss-Legendre steps")
+    parser.add_argument("--quantus-n", type=int, default=200,
+                        help="test images for Quantus' (slow) faithfulness metrics")
+    parser.add_argument("--tables", choices=("attribution", "faithfulness", "all"), default="all",
+                        help="which tables to measure")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--reference-file", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.data_dir is None:
         parser.error("--data-dir (or DIGITLENS_DATA) is required: the MNIST IDX files")
     if args.worker:
-        print(json.dumps(worker(args.worker, args.run, args.data_dir, args.n, args.threads, args.reference_file)))
+        if args.worker.startswith("faith:"):
+            print(json.dumps(faith_worker(args.worker, args.run, args.data_dir, args.n, args.threads)))
+        else:
+            print(json.dumps(worker(args.worker, args.run, args.data_dir, args.n, args.threads, args.reference_file)))
         return
     run = args.run
     if run is None:
@@ -172,17 +304,32 @@ def main(argv=None):
             ("digitlens:integrated_gradients", n_ig),
             ("digitlens:integrated_gradients@steps50", n_ig),  # Captum's own rule and steps, digitlens' model copy
             ("digitlens:all3", args.n)]
-    rows = []
+    if args.tables == "faithfulness":
+        jobs = []
+    if args.tables != "attribution":
+        n_q = min(args.quantus_n, args.n)
+        for curve in FAITH_CURVES:
+            jobs.append((f"faith:digitlens:{curve}", args.n))
+            if not curve.startswith("insertion"):
+                jobs.append((f"faith:quantus:{curve}", n_q))
+    rows, faith_rows = [], []
     for name, n in jobs:
         cmd = [sys.executable, __file__, "--worker", name, "--run", run, "--data-dir", args.data_dir,
                "--n", str(n), "--threads", str(args.threads), "--reference-file", reference_file]
         out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
         if out.returncode:
             sys.exit(f"{name} failed:\n{out.stderr[-2000:]}")
-        if not name.startswith("reference"):
+        if name.startswith("faith:"):
+            faith_rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        elif not name.startswith("reference"):
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"done {name}", file=sys.stderr, flush=True)
     print(f"\nModel: {run} ({args.threads} threads)\n")
+    if faith_rows:
+        _faith_table(faith_rows)
+        print()
+    if not rows:
+        return
     n_ref = min(args.reference_n, n_ig)
     print("| method | library | images | seconds | images/s | peak RSS (MB) | IG completeness error (mean rel.) | "
           f"IG gradient evaluations per image (mean) | IG attribution error vs {REFERENCE_STEPS} steps (mean rel. L1, first {n_ref}) |")

@@ -76,6 +76,25 @@ def _masks(rng):
     return np.stack(masks + [block, ring, single])
 
 
+def test_linear_imputation_of_single_pixels_in_the_ink_equals_quantus(batch):
+    # one masked pixel converges in one step, to a residual of exactly 0 (0 / 0 in the next step
+    # gave NaN before the denominators were clamped)
+    _quantus()
+    from quantus.functions.perturb_func import noisy_linear_imputation
+
+    x = batch[0][:6]
+    pixels = [torch.nonzero(x[i, 0] > 0.3)[k].tolist() for i in range(6) for k in (0, 5, 9)]
+    masks = torch.zeros(18, 28, 28, dtype=torch.bool)
+    for row, (r, c) in enumerate(pixels):
+        masks[row, r, c] = True
+    images = x.repeat_interleave(3, 0)
+    ours = linear_imputation(images, masks)
+    assert not torch.isnan(ours).any()
+    for row in range(18):
+        theirs = noisy_linear_imputation(images[row].numpy(), np.flatnonzero(masks[row].numpy()), noise=0.0)
+        np.testing.assert_allclose(ours[row].numpy(), theirs, rtol=0, atol=1e-6)
+
+
 def test_linear_imputation_equals_quantus(batch):
     quantus = _quantus()
     from quantus.functions.perturb_func import noisy_linear_imputation

@@ -160,15 +160,16 @@ def test_reliability_diagram_draws_raw_and_calibrated_series():
     np.testing.assert_allclose([b.get_height() for b in display.bars_calibrated_],
                                [a or 0.0 for a in oracle_cal["accuracy"]])
     np.testing.assert_array_equal([b.get_height() for b in display.count_bars_calibrated_], oracle_cal["count"])
-    title = display.ax_[0].get_title()
+    title = display.figure_.texts[0].get_text() if display.figure_.texts else display.figure_._suptitle.get_text()
     assert f"ECE = {oracle_raw['ece']:.4f}" in title and f"{oracle_cal['ece']:.4f}" in title
     assert f"T = {t:.3g}" in title
-    legend = [text.get_text() for text in display.ax_[0].get_legend().get_texts()]
-    assert any(f"ECE {oracle_raw['ece']:.4f}" in s for s in legend)
-    assert any(f"ECE {oracle_cal['ece']:.4f}" in s and "scaled" in s for s in legend)
-    # without a calibrated series: one bar series, as before
+    assert len(display.ax_) == 4  # raw (accuracy, counts), then scaled (accuracy, counts)
+    assert display.ax_[0].get_legend().get_title().get_text() == f"raw: ECE {oracle_raw['ece']:.4f}"
+    assert display.ax_[2].get_legend().get_title().get_text() == f"scaled, T = {t:.3g}: ECE {oracle_cal['ece']:.4f}"
+    # without a calibrated series: one column, as before
     single = ReliabilityDiagramDisplay.from_predictions(labels, raw).plot()
-    assert single.bars_calibrated_ is None and "temperature" not in single.ax_[0].get_title()
+    assert single.bars_calibrated_ is None and len(single.ax_) == 2
+    assert "temperature" not in single.figure_._suptitle.get_text()
     with pytest.raises(DigitlensError, match="proba_calibrated"):
         ReliabilityDiagramDisplay.from_predictions(labels, raw, calibrated[:10])
 

@@ -267,5 +267,5 @@ def test_reliability_diagram_bars_counts_and_ece(predictions):
     np.testing.assert_allclose([b.get_height() for b in display.bars_], accuracy)
     ece = sum(counts[b] / len(y_true) * abs(accuracy[b] - confidence[which == b].mean()) for b in range(15) if counts[b])
     assert display.ece == pytest.approx(ece)
-    assert f"ECE = {ece:.4f}" in display.ax_[0].get_title()
+    assert f"ECE = {ece:.4f}" in display.figure_._suptitle.get_text()
     assert display.ax_[1].get_ylabel().startswith("images in bin")

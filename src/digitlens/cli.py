@@ -99,8 +99,10 @@ def evaluate_command(
             raise DigitlensError("evaluate: give a run folder, or --model-file, --dataset and --out together")
         summary = evaluate.evaluate_model(model_file, dataset, out_dir=out, data_dir=data_dir, history=history,
                                           progress=progress)
+    calibrated = (f" ({summary['ece_calibrated']:.4f} after temperature scaling, T = {summary['temperature']:.3f})"
+                  if summary.get("temperature") is not None and summary.get("ece_calibrated") is not None else "")
     typer.echo(f"accuracy {summary['accuracy']:.4f}  errors {summary['n_errors']}/{summary['n_samples']}  "
-               f"macro F1 {summary['macro_f1']:.4f}  ECE {summary['ece']:.4f}")
+               f"macro F1 {summary['macro_f1']:.4f}  ECE {summary['ece']:.4f}{calibrated}")
     for sentence in summary["insights"][1:]:
         typer.echo(f"- {sentence}")
     typer.echo(f"wrote {summary['out_dir']}/metrics.json, insights.md and {len(summary['figures'])} figure files")

@@ -99,69 +99,64 @@ class ReliabilityDiagramDisplay:
                 f"temperature scaling{t}\n{len(self.count)} bins, {total:,} images")
 
     def plot(self, ax=None, *, title: str | None = None) -> "ReliabilityDiagramDisplay":
-        """Draw accuracy per bin against the diagonal (top) and bin counts (bottom, log scale);
-        with a calibrated series, raw bars fill the left half of each bin and calibrated bars the
-        right half. ``ax``: None or a pair of Axes."""
-        if ax is None:
-            from digitlens.plots._common import pyplot
-
-            fig, axes = pyplot().subplots(2, 1, figsize=(7.2, 7.6), sharex=True,
-                                          gridspec_kw={"height_ratios": [3, 1.2]})
-        else:
-            fig, axes = axes_grid(ax, 2)
-        top, bottom = axes
-        edges_left = self.bin_edges[:-1]
-        widths = np.diff(self.bin_edges)
+        """Draw accuracy per bin against the diagonal (top) and bin counts (bottom, log scale),
+        one column per series: the raw probabilities, and beside them (same axes) the
+        temperature-scaled ones when given. ``ax``: None, or 2 Axes per series (top, bottom, ...).
+        ``ax_`` holds the Axes in that order; the title is the figure's."""
         series = [("raw", self.confidence, self.accuracy, self.count, self.ece, RAW_COLOUR, "o")]
         if self.has_calibrated:
             t = f", T = {self.temperature:.3g}" if self.temperature is not None else ""
             series.append((f"scaled{t}", self.confidence_calibrated, self.accuracy_calibrated,
                            self.count_calibrated, self.ece_calibrated, CALIBRATED_COLOUR, "s"))
         n_series = len(series)
-        bar_widths = widths / n_series
+        if ax is None:
+            from digitlens.plots._common import pyplot
+
+            fig, grid = pyplot().subplots(2, n_series, figsize=(6.4 * n_series, 7.2), sharex=True, sharey="row",
+                                          gridspec_kw={"height_ratios": [3, 1.2]}, squeeze=False)
+            axes = [a for col in range(n_series) for a in (grid[0, col], grid[1, col])]
+        else:
+            fig, axes = axes_grid(ax, 2 * n_series)
+        edges_left = self.bin_edges[:-1]
+        widths = np.diff(self.bin_edges)
+        max_count = max(int(count.max()) if count.size else 0 for _, _, _, count, _, _, _ in series)
         bars, count_bars = [], []
         for i, (name, conf, acc, count, ece, colour, marker) in enumerate(series):
-            left = edges_left + i * bar_widths
+            top, bottom = axes[2 * i], axes[2 * i + 1]
             filled = count > 0
             accuracy = np.where(filled, acc, 0.0)
             confidence = np.where(filled, conf, 0.0)
-            label = "accuracy in bin" if n_series == 1 else f"{name}: accuracy in bin, ECE {ece:.4f}"
-            bars.append(top.bar(left, accuracy, bar_widths, align="edge", color=colour, edgecolor="white",
-                                label=label))
+            bars.append(top.bar(edges_left, accuracy, widths, align="edge", color=colour, edgecolor="white",
+                                label="accuracy in bin"))
             gap_bottom = np.minimum(accuracy, confidence)
-            top.bar(left[filled], np.abs(confidence - accuracy)[filled], bar_widths[filled],
-                    bottom=gap_bottom[filled], align="edge", color="#d62728", alpha=0.35, hatch="//",
-                    edgecolor="#d62728", lw=0, label="gap to mean confidence" if i == 0 else None)
-            top.plot(conf[filled], acc[filled], marker, color="black" if n_series == 1 else colour,
-                     mec="black", ms=4.5, ls="none",
-                     label="(mean confidence, accuracy)" if n_series == 1 else f"{name.split(',')[0]}: (mean confidence, accuracy)")
-            count_bars.append(bottom.bar(left, count, bar_widths, align="edge",
+            top.bar(edges_left[filled], np.abs(confidence - accuracy)[filled], widths[filled],
+                    bottom=gap_bottom[filled], align="edge", facecolor="none", hatch="///",
+                    edgecolor="#d62728", lw=0.8, label="gap to mean confidence")
+            top.plot(conf[filled], acc[filled], marker, color="black", ms=4.5, ls="none",
+                     label="(mean confidence, accuracy)")
+            top.plot([0, 1], [0, 1], "--", color="0.3", label="perfectly calibrated")
+            top.set_xlim(0, 1)
+            top.set_ylim(0, 1.02)
+            top.set_ylabel("accuracy")
+            top.legend(loc="upper left", fontsize=8, framealpha=0.9, title=f"{name}: ECE {ece:.4f}",
+                       title_fontsize=9)
+            top.grid(alpha=0.3)
+            top.set_title("raw probabilities" if i == 0 else f"after temperature scaling ({name.split(', ')[-1]})",
+                          fontsize=10)
+            count_bars.append(bottom.bar(edges_left, count, widths, align="edge",
                                          color="0.55" if n_series == 1 else colour, edgecolor="white"))
-            for x, w, c in zip(left, bar_widths, count):
+            for x, w, c in zip(edges_left, widths, count):
                 if c:
-                    bottom.text(x + w / 2, c * 1.15 + 0.2, f"{c:,}", ha="center", va="bottom",
-                                fontsize=7 if n_series == 1 else 6, rotation=90)
+                    bottom.text(x + w / 2, c * 1.15 + 0.2, f"{c:,}", ha="center", va="bottom", fontsize=7, rotation=90)
+            bottom.set_yscale("symlog", linthresh=1)
+            bottom.set_ylim(0, max(10, max_count * 12))  # room for the rotated count labels
+            bottom.set_xlabel("confidence (probability of the predicted digit)")
+            bottom.set_ylabel("images in bin\n(log scale)")
+            bottom.grid(alpha=0.3, axis="y")
         self.bars_, self.count_bars_ = bars[0], count_bars[0]
         self.bars_calibrated_ = bars[1] if n_series > 1 else None
         self.count_bars_calibrated_ = count_bars[1] if n_series > 1 else None
-        top.plot([0, 1], [0, 1], "--", color="0.3", label="perfectly calibrated")
-        top.set_xlim(0, 1)
-        top.set_ylim(0, 1.25 if n_series == 1 else 1.4)  # headroom above accuracy 1 keeps the legend off the bars
-        top.set_yticks(np.linspace(0, 1, 6))
-        top.set_ylabel("accuracy")
-        handles, labels = top.get_legend_handles_labels()
-        order = sorted(range(len(labels)), key=lambda k: ("accuracy in bin" not in labels[k], "gap" in labels[k]))
-        top.legend([handles[k] for k in order], [labels[k] for k in order], loc="upper left", fontsize=8,
-                   ncol=2, framealpha=0.9)
-        top.grid(alpha=0.3)
-        top.set_title(title or self._default_title(), fontsize=10)
-        max_count = max(int(self.count.max()) if self.count.size else 0,
-                        int(self.count_calibrated.max()) if self.has_calibrated and self.count_calibrated.size else 0)
-        bottom.set_yscale("symlog", linthresh=1)
-        bottom.set_ylim(0, max(10, max_count * 12))  # room for the rotated count labels
-        bottom.set_xlabel("confidence (probability of the predicted digit)")
-        bottom.set_ylabel("images in bin\n(log scale)")
-        bottom.grid(alpha=0.3, axis="y")
+        fig.suptitle(title or self._default_title(), fontsize=11)
         fig.tight_layout()
         self.ax_, self.figure_ = axes, fig
         return self

@@ -82,7 +82,7 @@ def _region_vit(x, y):
         masked = RegionAttention(16, 2)
         masked.load_state_dict(block.attn.state_dict())
         block.attn = masked
-    return _fit(vit, x, y, epochs=3)
+    return _fit(vit, x, y, epochs=2)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def region_cnn(digits):
 @pytest.fixture(scope="module")
 def region_vit(digits):
     torch.manual_seed(0)
-    return _region_vit(digits.train.images[:400], digits.train.labels[:400])
+    return _region_vit(digits.train.images[:300], digits.train.labels[:300])
 
 
 def _check_region(model, method, images, labels):

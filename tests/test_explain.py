@@ -103,6 +103,22 @@ def test_gradcam_equal_captum_on_last_conv_block_with_patch_aligned_upsampling(t
     assert not torch.allclose(named, ours)
 
 
+def test_hirescam_equals_captum_and_splits_the_class_score_over_the_map_exactly(tiny_cnn, batch):
+    from captum.attr import LayerGradientXActivation
+
+    x, y = batch
+    ours = attribute(prepare_model(tiny_cnn), x, y, "hirescam")
+    gxa = LayerGradientXActivation(tiny_cnn, tiny_cnn.features[3]).attribute(x.clone().requires_grad_(), target=y)
+    theirs = LayerAttribution.interpolate(gxa.detach().sum(1, keepdim=True).clamp_min(0), (28, 28),
+                                          interpolate_mode="nearest")
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
+    # Draelos & Carin's point: with a linear layer after the (max-pooled) map, the unclipped
+    # gradient x activation summed over positions is the class score minus its bias, exactly.
+    with torch.no_grad():
+        score = tiny_cnn(x).gather(1, y[:, None])[:, 0] - tiny_cnn.classifier.bias[y]
+    torch.testing.assert_close(gxa.detach().sum(dim=(1, 2, 3)), score, rtol=1e-4, atol=1e-5)
+
+
 def test_gradcam_refuses_a_layer_whose_map_is_partly_cut_off_and_defaults_to_a_whole_one(batch):
     x, y = batch
     legacy = prepare_model(build_model("cnn", widths=(4, 8, 8), pool_ceil=False))  # floor pool: 7x7 -> 3x3

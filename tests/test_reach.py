@@ -111,10 +111,11 @@ def _check_region(model, method, images, labels):
         assert REGION[np.unravel_index(np.argmax(m), m.shape)]
 
 
-@pytest.mark.parametrize("method", ["saliency", "input_x_gradient", "integrated_gradients", "occlusion", "gradcam"])
+@pytest.mark.parametrize("method", ["saliency", "input_x_gradient", "integrated_gradients", "occlusion", "gradcam",
+                                    "hirescam"])
 def test_cnn_that_reads_one_region_gets_every_map_there(region_cnn, digits, method):
     x, y = digits.test.images[:60], digits.test.labels[:60]
-    if method == "gradcam":  # every cell of the layer reaches the output; those outside are exactly 0
+    if method in ("gradcam", "hirescam"):  # every cell of the layer reaches the output; those outside are exactly 0
         assert gradcam_layer_name(prepare_model(region_cnn), x) == "features"  # the same map as features.2
     _check_region(region_cnn, method, x, y)
 

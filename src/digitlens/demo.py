@@ -30,7 +30,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "train": {"cnn": {"epochs": 8},
                   "vit": {"epochs": 12, "batch_size": 64, "lr": 3e-3,
                           "model_kwargs": {"dim": 128, "depth": 2, "heads": 4, "mlp_dim": 256}}},
-        "explain": {"cnn": {"methods": ("saliency", "input_x_gradient", "integrated_gradients", "gradcam"),
+        "explain": {"cnn": {"methods": ("saliency", "input_x_gradient", "integrated_gradients", "gradcam", "hirescam"),
                             "faithfulness_size": 100, "sanity_size": 16},
                     # Integrated gradients and its randomisation check cost the ViT ~3 minutes here;
                     # the ViT's own attention maps are what the demo shows for it.
@@ -41,7 +41,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "mnist": {
         # The ViT's default 5 epochs: 98.5% test accuracy or more, so its maps are worth reading.
         "train": {"cnn": {"epochs": 3}, "vit": {"epochs": 5}},
-        "explain": {"cnn": {"methods": ("saliency", "input_x_gradient", "integrated_gradients", "gradcam"),
+        "explain": {"cnn": {"methods": ("saliency", "input_x_gradient", "integrated_gradients", "gradcam", "hirescam"),
                             "faithfulness_size": 500, "sanity_size": 64},
                     # Integrated gradients over 10,000 images would cost the ViT about 3 minutes here
                     # (51 images/s) and take the demo past 10 minutes; `digitlens explain` runs it

@@ -2,7 +2,8 @@
 
 Gradient and perturbation methods go through Captum (Simonyan et al. 2014 saliency, Shrikumar
 et al. 2016 input x gradient, Sundararajan et al. 2017 integrated gradients, Zeiler & Fergus
-2014 occlusion, Selvaraju et al. 2017 Grad-CAM). Captum has no attention maps for vision
+2014 occlusion, Selvaraju et al. 2017 Grad-CAM, and Draelos & Carin 2020 HiResCAM through
+Captum's LayerGradientXActivation). Captum has no attention maps for vision
 transformers, so last-layer class-token attention and attention rollout (Abnar & Zuidema 2020)
 are written here by hand, in a few lines each.
 """
@@ -21,12 +22,14 @@ from torch import nn
 
 from digitlens.errors import DigitlensError
 
-GRADIENT_METHODS = ("saliency", "input_x_gradient", "integrated_gradients", "occlusion", "gradcam")
+GRADIENT_METHODS = ("saliency", "input_x_gradient", "integrated_gradients", "occlusion", "gradcam", "hirescam")
+#: Methods that read a layer's map (Grad-CAM's layer, see :func:`gradcam_layer_name`).
+CAM_METHODS = ("gradcam", "hirescam")
 ATTENTION_METHODS = ("attention", "attention_rollout")
 METHODS = GRADIENT_METHODS + ATTENTION_METHODS
 # Grad-CAM needs a conv layer with spatial structure; on the ViT only ``patch_embed`` qualifies
 # (a 7x7 map of patch embeddings, coarse and rarely informative), so it is not a ViT default.
-DEFAULT_METHODS_CNN = ("saliency", "input_x_gradient", "integrated_gradients", "occlusion", "gradcam")
+DEFAULT_METHODS_CNN = ("saliency", "input_x_gradient", "integrated_gradients", "occlusion", "gradcam", "hirescam")
 DEFAULT_METHODS_VIT = ("saliency", "input_x_gradient", "integrated_gradients", "occlusion", "attention",
                        "attention_rollout")
 
@@ -455,7 +458,7 @@ def attribute(model: nn.Module, images: torch.Tensor, target, method: str = "sal
 
 
 def _attribute(model, images, target, method, *, gradcam_layer, occlusion_window, ig_info, **ig_kwargs):
-    from captum.attr import InputXGradient, LayerGradCam, Occlusion, Saliency
+    from captum.attr import InputXGradient, LayerGradCam, LayerGradientXActivation, Occlusion, Saliency
 
     images = images.detach()
     n = images.shape[0]
@@ -470,10 +473,14 @@ def _attribute(model, images, target, method, *, gradcam_layer, occlusion_window
         w = occlusion_window
         return Occlusion(model).attribute(images, sliding_window_shapes=(c, w, w), strides=(c, w, w), baselines=0.0,
                                           target=_targets(target, n), perturbations_per_eval=8)
-    if method == "gradcam":
+    if method in CAM_METHODS:
         layer = dict(model.named_modules())[_resolved_gradcam_layer(model, gradcam_layer, images)]
-        cam = LayerGradCam(model, layer).attribute(images.requires_grad_(), target=_targets(target, n),
-                                                    relu_attributions=True).detach()
+        if method == "gradcam":  # ReLU(sum_k mean(dy/dA_k) A_k): channel weights averaged over positions
+            cam = LayerGradCam(model, layer).attribute(images.requires_grad_(), target=_targets(target, n),
+                                                        relu_attributions=True).detach()
+        else:  # HiResCAM: ReLU(sum_k dy/dA_k * A_k), position by position
+            cam = LayerGradientXActivation(model, layer).attribute(images.requires_grad_(), target=_targets(target, n))
+            cam = cam.detach().sum(dim=1, keepdim=True).clamp_min(0)
         cam = upsample_to(cam, tuple(images.shape[-2:]))
         return cam.expand(-1, images.shape[1], -1, -1) / images.shape[1]
     if method in ATTENTION_METHODS:

@@ -10,13 +10,13 @@ import torch
 from torch import nn
 
 from digitlens.errors import DigitlensError
-from digitlens.explain.aggregate import PerDigitMaps, group_names, has_mass, pool_to_grid
+from digitlens.explain.aggregate import PerDigitMaps, group_names, has_mass, normalise_maps, pool_to_grid
 from digitlens.explain.faithfulness import (INK_THRESHOLD, RANDOM_LOGIT_THRESHOLD, cascading_randomisation,
                                             curve_auc, ink_random_order, patch_order, perturbation_curves,
                                             random_logit_similarity, random_order)
 from digitlens.explain.road import ROAD_FRACTIONS, road_auc, road_curves
 from digitlens.explain.verdict import SANITY_MAX_SPEARMAN, rank_methods
-from digitlens.explain.methods import (IG_TOLERANCE, INPUT_GRADIENT_METHODS, attribute, fold_batch_norm,
+from digitlens.explain.methods import (CAM_METHODS, IG_TOLERANCE, INPUT_GRADIENT_METHODS, attribute, fold_batch_norm,
                                       gradcam_layer_name, layer_reach, parse_methods, prepare_model)
 
 #: Integrated-gradients steps (Captum's Gauss-Legendre rule) for the per-image overlays.
@@ -162,15 +162,15 @@ def explain_model(model: nn.Module, images, labels, *, methods=None, group_by: s
     names = group_names(group_by, n_classes)
     targets = _targets_for(group_by, labels_np, y_pred)
     probe = images[:256]
-    if "gradcam" in methods:  # checked once: every position of the layer's map must reach the output
+    if set(methods) & set(CAM_METHODS):  # checked once: every position of the layer's map must reach the output
         gradcam_layer = gradcam_layer_name(frozen, probe, gradcam_layer)
-    method_kwargs = {"gradcam": {"gradcam_layer": gradcam_layer},
+    method_kwargs = {"gradcam": {"gradcam_layer": gradcam_layer}, "hirescam": {"gradcam_layer": gradcam_layer},
                      "integrated_gradients": {"tolerance": ig_tolerance, "n_steps": ig_n_steps}}
     out = {"methods": list(methods), "group_by": group_by, "group_names": names, "grid": grid,
            "target": "true label" if group_by == "true" else "predicted label",
            "n_images": int(images.shape[0]), "maps": {}, "pixel_maps": {}, "seconds": {},
            "y_true": labels_np, "y_pred": y_pred, "proba": proba, "empty_maps": {}}
-    if "gradcam" in methods:
+    if set(methods) & set(CAM_METHODS):
         out["gradcam_layer"] = gradcam_layer
     # Patches of the input that no class score depends on (none for digitlens' models): a map whose
     # largest patch lies there would point at what the model cannot see.
@@ -205,6 +205,7 @@ def explain_model(model: nn.Module, images, labels, *, methods=None, group_by: s
                     "completeness_rel_error_p95": float(np.quantile(rel, 0.95)),
                     "fraction_above_tolerance": float((rel > ig_tolerance).mean()),
                 }
+    out["outer_ring_share"] = _outer_ring_shares(out, images, labels_np, y_pred)
     if faithfulness_size > 0:
         idx = _subset(images.shape[0], faithfulness_size, seed)
         t0 = time.perf_counter()
@@ -321,6 +322,23 @@ def write_figures(run_dir: Path, result: dict, model: nn.Module, images: torch.T
     return written
 
 
+def _outer_ring_shares(result: dict, images: torch.Tensor, labels: np.ndarray, y_pred: np.ndarray) -> dict:
+    """Share of each group's map on the outer ring of grid cells, per method, and the same share of
+    the group's ink (``"ink"``): {name: [share per group, None where the map has no mass]}.
+    On MNIST the ring (pixels 0-3 and 24-27 of a 7x7 grid) holds a few percent of the ink, so a
+    map with much more mass there points at background."""
+    grid = result["grid"]
+    ring = np.ones((grid, grid), dtype=bool)
+    ring[1:-1, 1:-1] = False
+    groups = {"true": labels, "predicted": y_pred, "correct": (y_pred == labels).astype(np.int64)}[result["group_by"]]
+    n_groups = len(result["group_names"])
+    ink = np.zeros((n_groups, *images.shape[-2:]))
+    np.add.at(ink, groups, images.sum(dim=1).double().numpy())
+    maps = {"ink": normalise_maps(pool_to_grid(ink, grid)), **result["maps"]}
+    return {name: [float(m[ring].sum()) if np.isfinite(m).all() else None for m in group_maps]
+            for name, group_maps in maps.items()}
+
+
 def _peaks_on_unseen(result: dict) -> dict:
     """{method: [group names whose largest patch is one no class score depends on]}."""
     unseen = {tuple(p) for p in result.get("unseen_patches", [])}
@@ -338,7 +356,7 @@ def _peaks_on_unseen(result: dict) -> dict:
 
 def _json_summary(result: dict) -> dict:
     keep = ("methods", "group_by", "group_names", "grid", "target", "n_images", "seconds", "integrated_gradients",
-            "gradcam_layer", "empty_maps", "unseen_patches", "faithfulness")
+            "gradcam_layer", "empty_maps", "unseen_patches", "outer_ring_share", "faithfulness")
     summary = {k: result[k] for k in keep if k in result}
     summary["counts"] = result["counts"].tolist()
     summary["peaks_on_unseen_patches"] = _peaks_on_unseen(result)
@@ -377,6 +395,7 @@ def explain_run(run_dir, *, methods=None, group_by: str = "true", grid: int = 7,
     # relative L1) from a 512-step reference on the default MNIST CNN after 1 and 3 epochs, the
     # adaptive default 5-6%. Up to 24 images make this cheap.
     method_kwargs = {"gradcam": {"gradcam_layer": result.get("gradcam_layer", gradcam_layer)},
+                     "hirescam": {"gradcam_layer": result.get("gradcam_layer", gradcam_layer)},
                      "integrated_gradients": {"n_steps": ig_n_steps or OVERLAY_IG_STEPS}}
     if figures and not 0 <= image_index < len(data):
         raise DigitlensError(f"--image-index {image_index}: must be between 0 and {len(data) - 1}")

@@ -358,6 +358,15 @@ def reading_heatmap(run: RunData, stem: str = "") -> list[str]:
             line = (f"{label(method).capitalize()} {position} for faithfulness (insertion − deletion "
                     f"{row['insertion_minus_deletion']:.3f}).")
         lines.append(line)
+    rings = dig(run.explain_metrics or {}, "outer_ring_share", default={}) or {}
+    names = dig(run.explain_metrics or {}, "group_names", default=[]) or []
+    shares = [(n, v) for n, v in zip(names, rings.get(method) or []) if v is not None]
+    ink = [v for v in rings.get("ink") or [] if v is not None]
+    if shares and ink:
+        worst = max(shares, key=lambda item: item[1])
+        lines.append(f"On the outer ring of patches, where the digits hold {min(ink) * 100:.0f}-{max(ink) * 100:.0f}% of "
+                     f"their ink, {label(method)} puts {min(v for _, v in shares) * 100:.0f}-{worst[1] * 100:.0f}% of its "
+                     f"map (most for digit {worst[0]}).")
     st = map_stats(run, method)
     if st and st.get("empty"):
         lines.append(f"No map for digit{'s' if len(st['empty']) > 1 else ''} {', '.join(st['empty'])}: "

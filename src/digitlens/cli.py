@@ -119,7 +119,7 @@ def explain_command(
     compare_methods: bool = typer.Option(False, "--compare-methods", help="Compare the first two --methods side by side."),
     split: str = typer.Option("test", "--split", help="train, val or test."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder with the MNIST IDX files."),
-    faithfulness_size: int = typer.Option(200, "--faithfulness-size", help="Test images for the faithfulness verdict: ROAD, deletion/insertion, sanity checks (0 = skip)."),
+    faithfulness_size: int = typer.Option(500, "--faithfulness-size", help="Test images for the faithfulness verdict: ROAD, deletion/insertion, sanity checks (0 = skip)."),
     gradcam_layer: Optional[str] = typer.Option(None, "--gradcam-layer", help="Module name for Grad-CAM (default: the last conv block whose whole map reaches the output; a partly cut-off layer is refused)."),
     ig_tolerance: Optional[float] = typer.Option(None, "--ig-tolerance", min=0.0, help="Integrated gradients: refine each image until its relative completeness error is at most this (default 0.02)."),
     ig_steps: Optional[int] = typer.Option(None, "--ig-steps", min=1, help="Integrated gradients: a fixed number of steps for every image (Captum's Gauss-Legendre rule) instead of --ig-tolerance."),

@@ -137,7 +137,7 @@ def faithfulness(model: nn.Module, images: torch.Tensor, targets: np.ndarray, me
 
 def explain_model(model: nn.Module, images, labels, *, methods=None, group_by: str = "true", grid: int = 7,
                   batch_size: int = 250, n_classes: int | None = None, progress: bool = False,
-                  faithfulness_size: int = 200, sanity_size: int = 64, seed: int = 0,
+                  faithfulness_size: int = 500, sanity_size: int = 64, seed: int = 0,
                   gradcam_layer: str | None = None, ig_tolerance: float = IG_TOLERANCE, ig_n_steps: int | None = None) -> dict:
     """Explain a model on images (N, C, H, W) in [0, 1] with labels (N,).
 
@@ -368,7 +368,7 @@ def _json_summary(result: dict) -> dict:
 
 def explain_run(run_dir, *, methods=None, group_by: str = "true", grid: int = 7, data_dir=None, split: str = "test",
                 batch_size: int = 250, progress: bool = True, compare=None, compare_methods: bool = False,
-                faithfulness_size: int = 200, sanity_size: int = 64, gradcam_layer: str | None = None,
+                faithfulness_size: int = 500, sanity_size: int = 64, gradcam_layer: str | None = None,
                 ig_tolerance: float = IG_TOLERANCE, ig_n_steps: int | None = None, image_index: int = 0,
                 figures: bool = True, seed: int = 0) -> dict:
     """Explain the model of ``run_dir`` on a whole split and write ``run_dir/explain/``:

@@ -558,3 +558,15 @@ def test_a_class_without_attribution_is_reported_not_passed_off_as_a_distributio
     assert disp.notes_[1] == "attribution zero\non every image" and disp.notes_.count(None) == 9
     texts = [t.get_text() for t in disp.axes_.ravel()[1].texts]
     assert any("no map" in t for t in texts)
+
+
+def test_the_faithfulness_module_is_not_shadowed_by_a_function():
+    import importlib
+    import types
+
+    import digitlens.explain
+
+    module = importlib.import_module("digitlens.explain.faithfulness")
+    assert isinstance(module, types.ModuleType) and hasattr(module, "perturbation_curves")
+    assert isinstance(digitlens.explain.faithfulness, types.ModuleType)
+    assert callable(digitlens.explain.faithfulness_report)

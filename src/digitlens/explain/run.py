@@ -60,7 +60,7 @@ def _abs_maps(model, images, targets, method, batch_size, **kw) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros((0, *images.shape[-2:]))
 
 
-def faithfulness(model: nn.Module, images: torch.Tensor, targets: np.ndarray, methods, *, grid: int = 7,
+def faithfulness_report(model: nn.Module, images: torch.Tensor, targets: np.ndarray, methods, *, grid: int = 7,
                  batch_size: int = 256, seed: int = 0, sanity_size: int = 64, method_kwargs=None,
                  scoring_model: nn.Module | None = None, n_classes: int = 10) -> dict:
     """How far each method's maps can be trusted, on ``images`` (N, C, H, W) towards ``targets`` (N,).
@@ -147,7 +147,7 @@ def explain_model(model: nn.Module, images, labels, *, methods=None, group_by: s
     no class score depends on),
     ``pixel_maps`` {method: (n_groups, H, W) mean |attribution|}, ``counts`` (n_groups,),
     ``group_names``, ``y_pred``, ``proba``, ``seconds`` {method: s}, ``integrated_gradients``
-    (completeness summary) and ``faithfulness`` (see :func:`faithfulness`; skipped when
+    (completeness summary) and ``faithfulness`` (see :func:`faithfulness_report`; skipped when
     ``faithfulness_size`` is 0).
     """
     torch.manual_seed(seed)
@@ -209,7 +209,7 @@ def explain_model(model: nn.Module, images, labels, *, methods=None, group_by: s
     if faithfulness_size > 0:
         idx = _subset(images.shape[0], faithfulness_size, seed)
         t0 = time.perf_counter()
-        out["faithfulness"] = faithfulness(frozen, images[idx], targets[idx], methods, grid=grid, seed=seed,
+        out["faithfulness"] = faithfulness_report(frozen, images[idx], targets[idx], methods, grid=grid, seed=seed,
                                            sanity_size=sanity_size, batch_size=batch_size,
                                            method_kwargs=method_kwargs, scoring_model=folded, n_classes=n_classes)
         out["faithfulness"]["seconds"] = time.perf_counter() - t0

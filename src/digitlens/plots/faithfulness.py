@@ -12,7 +12,7 @@ from digitlens.plots._common import pyplot
 
 
 class FaithfulnessDisplay:
-    """Parameters: metrics, dict as returned by ``digitlens.explain.faithfulness`` (keys
+    """Parameters: metrics, dict as returned by ``digitlens.explain.faithfulness_report`` (keys
     ``methods``, ``curves``, ``ranking``, optional ``randomisation``); title, default=None."""
 
     def __init__(self, *, metrics: dict, title=None):

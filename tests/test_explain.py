@@ -570,3 +570,22 @@ def test_the_faithfulness_module_is_not_shadowed_by_a_function():
     assert isinstance(module, types.ModuleType) and hasattr(module, "perturbation_curves")
     assert isinstance(digitlens.explain.faithfulness, types.ModuleType)
     assert callable(digitlens.explain.faithfulness_report)
+
+
+def test_every_flag_an_error_names_exists_and_methods_take_dashes(tiny_cnn):
+    import re
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from digitlens.cli import app
+    from digitlens.explain.methods import parse_methods
+
+    assert parse_methods("integrated-gradients,input-x-gradient", tiny_cnn) == ("integrated_gradients", "input_x_gradient")
+    src = Path(__file__).resolve().parents[1] / "src" / "digitlens"
+    named = {m for f in src.rglob("*.py") for m in re.findall(r'DigitlensError\(\s*f?"(--[a-z][a-z-]+)', f.read_text())}
+    runner = CliRunner()
+    helps = "".join(runner.invoke(app, [cmd, "--help"], env={"COLUMNS": "200"}).output
+                    for cmd in ("train", "evaluate", "explain", "adapt", "subspace", "report", "demo"))
+    missing = sorted(flag for flag in named if flag not in helps)
+    assert not missing, f"errors name flags no command has: {missing}"

@@ -63,14 +63,19 @@ def train_command(
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate of the one-cycle schedule."),
     augment: Optional[int] = typer.Option(None, "--augment", help="Random shifts of up to this many pixels (0 = off)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: torch's)."),
+    val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Share of the training images held out for validation (default 0.1; 0 = none)."),
+    optimizer: Optional[str] = typer.Option(None, "--optimizer", help="sgd or adamw (default per model)."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="onecycle or constant (default onecycle)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Train a digit classifier; write config.json, history.csv, checkpoints/ and model.safetensors."""
     from digitlens.train import train, width_kwargs
 
+    extra = {k: v for k, v in (("val_fraction", val_fraction), ("optimizer", optimizer), ("schedule", schedule))
+             if v is not None}
     summary = train(out, dataset=dataset, model=model, epochs=epochs, seed=seed, data_dir=data_dir, resume=resume,
                     progress=progress, model_kwargs=width_kwargs(model, width), batch_size=batch_size, lr=lr,
-                    augment=augment, threads=threads)
+                    augment=augment, threads=threads, **extra)
     val_accuracy = summary["final"]["val_accuracy"]
     typer.echo(f"wrote {summary['run_dir']}: {summary['epochs']} epochs, {summary['train_seconds']:.1f} s of training"
                + (f", val_accuracy {val_accuracy:.4f}" if val_accuracy == val_accuracy else ""))
@@ -112,7 +117,7 @@ def evaluate_command(
 @one_line_errors
 def explain_command(
     run_dir: Path = typer.Argument(..., help="Run folder from `digitlens train` (runs/NAME)."),
-    methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated: saliency, input_x_gradient, integrated_gradients, occlusion, gradcam, attention, attention_rollout (default: all that apply)."),
+    methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated: saliency, input_x_gradient, integrated_gradients, occlusion, gradcam, hirescam, attention, attention_rollout (dashes work too; default: all that apply)."),
     group_by: str = typer.Option("true", "--group-by", help="Group images by true or predicted label, or by correct/incorrect."),
     grid: int = typer.Option(7, "--grid", help="Patch grid of the per-digit maps (7 = 4x4 patches on 28x28)."),
     compare: Optional[Path] = typer.Option(None, "--compare", help="A second run folder: side-by-side maps with the difference."),
@@ -123,6 +128,7 @@ def explain_command(
     gradcam_layer: Optional[str] = typer.Option(None, "--gradcam-layer", help="Module name for Grad-CAM (default: the last conv block whose whole map reaches the output; a partly cut-off layer is refused)."),
     ig_tolerance: Optional[float] = typer.Option(None, "--ig-tolerance", min=0.0, help="Integrated gradients: refine each image until its relative completeness error is at most this (default 0.02)."),
     ig_steps: Optional[int] = typer.Option(None, "--ig-steps", min=1, help="Integrated gradients: a fixed number of steps for every image (Captum's Gauss-Legendre rule) instead of --ig-tolerance."),
+    image_index: int = typer.Option(0, "--image-index", help="The image of the split whose feature maps are drawn."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Per-digit attribution maps, overlays, filters and faithfulness; write RUN_DIR/explain/."""
@@ -132,7 +138,7 @@ def explain_command(
     ig_tolerance = IG_TOLERANCE if ig_tolerance is None else ig_tolerance
     summary = explain_run(run_dir, methods=methods, group_by=group_by, grid=grid, data_dir=data_dir, split=split,
                           progress=progress, compare=compare, compare_methods=compare_methods,
-                          faithfulness_size=faithfulness_size, gradcam_layer=gradcam_layer,
+                          faithfulness_size=faithfulness_size, gradcam_layer=gradcam_layer, image_index=image_index,
                           ig_tolerance=ig_tolerance, ig_n_steps=ig_steps)
     verdict = summary.get("verdict")
     typer.echo(f"wrote {Path(run_dir) / 'explain'}: maps for {', '.join(summary['methods'])}; "
@@ -202,17 +208,19 @@ def subspace_command(
     task: str = typer.Option("groups", "--task", help="Which adapt/TASK of the run folder."),
     base: Optional[Path] = typer.Option(None, "--base", help="Base model weights (.safetensors) of any model."),
     adapter: Optional[list[Path]] = typer.Option(None, "--adapter", help="PEFT LoRA adapter folder; repeat to compare."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default RUN_DIR/subspace/TASK)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default RUN_DIR/subspace/TASK, or ADAPTER/subspace with --adapter)."),
+    module: Optional[list[str]] = typer.Option(None, "--module", help="Analyse only this adapted module (repeat; default: all)."),
 ) -> None:
     """Subspace similarity, amplification, spectra and intruder dimensions of LoRA adapters."""
     from digitlens.subspace import analyse_adapters, analyse_run
 
     if run_dir is not None:
-        summary = analyse_run(run_dir, task=task, out_dir=out, progress=True)
-    elif base is not None and adapter and out is not None:
-        summary = analyse_adapters(base, adapter, out, progress=True)
+        summary = analyse_run(run_dir, task=task, out_dir=out, progress=True, **({"modules": module} if module else {}))
+    elif base is not None and adapter:
+        summary = analyse_adapters(base, adapter, out if out is not None else Path(adapter[0]) / "subspace",
+                                   modules=module or None, progress=True)
     else:
-        raise DigitlensError("subspace: give RUN_DIR, or --base FILE --adapter DIR [--adapter DIR] --out DIR")
+        raise DigitlensError("subspace: give RUN_DIR, or --base FILE --adapter DIR [--adapter DIR] [--out DIR]")
     typer.echo(summary["markdown"])
 
 

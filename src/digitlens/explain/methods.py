@@ -55,7 +55,7 @@ def parse_methods(methods, model: nn.Module) -> tuple[str, ...]:
         return default_methods(model)
     if isinstance(methods, str):
         methods = [m.strip() for m in methods.split(",") if m.strip()]
-    methods = tuple(methods)
+    methods = tuple(m.replace("-", "_") for m in methods)  # the CLI's dash spelling: integrated-gradients
     if not methods:
         raise DigitlensError("--methods: empty list")
     for name in methods:

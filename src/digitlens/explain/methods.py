@@ -231,7 +231,7 @@ class IGInfo:
     """What the adaptive integrated gradients did: per-image steps used and completeness errors."""
 
     steps: list = field(default_factory=list)
-    evaluated_steps: list = field(default_factory=list)  # all steps spent, failed attempts included
+    evaluated_steps: list = field(default_factory=list)  # gradients computed per image, counted where computed
     abs_delta: list = field(default_factory=list)
     rel_error: list = field(default_factory=list)
 
@@ -337,12 +337,14 @@ def integrated_gradients(model, images, target, *, n_steps=None, tolerance=IG_TO
             images, baselines=base, target=target, n_steps=int(n_steps), method=method,
             internal_batch_size=internal_batch_size, return_convergence_delta=True)
         used = torch.full((images.shape[0],), int(n_steps), dtype=torch.long)
+        evaluated = used
     else:
-        attr, delta, used = _nested_integrated_gradients(model, images, target, base, gap, scale, tolerance,
-                                                         _nested_levels(start_steps, max_steps), internal_batch_size)
+        attr, delta, used, evaluated = _nested_integrated_gradients(
+            model, images, target, base, gap, scale, tolerance, _nested_levels(start_steps, max_steps),
+            internal_batch_size)
     if info is not None:
         info.steps += used.tolist()
-        info.evaluated_steps += used.tolist()  # both rules compute every gradient once
+        info.evaluated_steps += evaluated.tolist()
         info.abs_delta += delta.abs().tolist()
         info.rel_error += (delta.abs() / scale).tolist()
     return attr
@@ -373,11 +375,13 @@ def _path_gradients(model, images, target, base, alphas, internal_batch_size):
 def _nested_integrated_gradients(model, images, target, base, gap, scale, tolerance, levels, internal_batch_size):
     """Adaptive integrated gradients on nested Clenshaw-Curtis rules (see integrated_gradients), given
     the output gaps f(x) - f(base) (N,) and the denominators of the relative error (N,); returns
-    attributions (N, C, H, W), convergence deltas (N,) and points used (N,)."""
+    attributions (N, C, H, W), convergence deltas (N,), points used (N,) and gradients evaluated
+    per image (N,), counted where they are computed."""
     n = images.shape[0]
     attr = torch.empty_like(images, memory_format=torch.contiguous_format)
     delta = torch.empty(n, dtype=images.dtype)
     used = torch.empty(n, dtype=torch.long)
+    evaluated = torch.zeros(n, dtype=torch.long)
     todo = torch.arange(n)
     grads = None  # (len(todo), points so far, C, H, W), in the order of `positions`
     positions = []  # point indices in the rule with `level` intervals
@@ -392,6 +396,7 @@ def _nested_integrated_gradients(model, images, target, base, gap, scale, tolera
         alphas, weights = clenshaw_curtis(level)
         g = _path_gradients(model, images[todo], target[todo], base[todo], [alphas[p] for p in new],
                             internal_batch_size)
+        evaluated[todo] += len(new)
         grads = g if grads is None else torch.cat([grads, g], dim=1)
         positions += new
         w = torch.tensor([weights[p] for p in positions], dtype=images.dtype)
@@ -403,7 +408,7 @@ def _nested_integrated_gradients(model, images, target, base, gap, scale, tolera
         previous = level
         if not todo.numel():
             break
-    return attr, delta, used
+    return attr, delta, used, evaluated
 
 
 def class_token_attention(model, images, *, rollout=False):

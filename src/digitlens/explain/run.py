@@ -276,11 +276,9 @@ def _overlay_examples(frozen, images, y_true, y_pred, proba, method, method_kwar
 def write_figures(run_dir: Path, result: dict, model: nn.Module, images: torch.Tensor, *, image_index: int = 0,
                   overlay_method: str | None = None, method_kwargs=None) -> list[str]:
     """All figures of the explain stage under ``run_dir/explain/figures/``; returns their PNG names."""
-    import matplotlib
+    from digitlens.plots._common import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()  # Agg unless MPLBACKEND chose a backend
     from digitlens.plots.faithfulness import FaithfulnessDisplay
     from digitlens.plots.filters import FeatureMapsDisplay, FiltersDisplay
     from digitlens.plots.heatmaps import PerDigitMapsComparisonDisplay, PerDigitMapsDisplay
@@ -439,11 +437,9 @@ def _saved_maps(run_dir: Path, methods, result: dict, split: str) -> dict:
 
 
 def _write_comparisons(run_dir: Path, result: dict, compare, compare_methods: bool, **kw) -> list[str]:
-    import matplotlib
+    from digitlens.plots._common import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     from digitlens.models import load_model
     from digitlens.plots.heatmaps import PerDigitMapsComparisonDisplay
     from digitlens.runio import save_figure

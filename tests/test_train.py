@@ -205,3 +205,11 @@ def test_config_pins_the_full_architecture(tmp_path):
     assert len(ViT(**kwargs).blocks) == kwargs["depth"]
     with pytest.raises(DigitlensError, match="no argument 'depthh'"):
         full_model_kwargs("vit", {"depthh": 2})
+
+
+def test_train_leaves_the_callers_thread_count_as_it_was(tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    train(tmp_path / "run", **dict(FAST, threads=1 if before != 1 else 2), epochs=1)
+    assert torch.get_num_threads() == before

@@ -400,79 +400,83 @@ def train(out_dir: str | os.PathLike, *, dataset: str | None = None, model: str 
 
     # A resumed run uses the thread count of the original, so reductions split the same way.
     threads = config.get("threads") or (config.get("threads_used") if stored is not None else None)
+    previous_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(int(threads))
-    splits = load_splits(config["dataset"], data_dir=config["data_dir"], val_fraction=config["val_fraction"],
-                         seed=config["seed"], size=config["image_size"])
-    n_classes = int(torch.cat([splits.train.labels, splits.test.labels]).max()) + 1
-    n_classes = max(n_classes, 10)
-    torch.manual_seed(config["seed"])
-    np.random.seed(config["seed"])
-    net = prepare_model(config["model"], n_classes, config["model_kwargs"], config)
-    n_train = len(splits.train)
-    bs = min(int(config["batch_size"]), n_train)
-    per_epoch = steps_per_epoch(n_train, bs)
-    optimizer, scheduler = make_optimizer(net, config, per_epoch * config["epochs"])
+    try:
+        splits = load_splits(config["dataset"], data_dir=config["data_dir"], val_fraction=config["val_fraction"],
+                             seed=config["seed"], size=config["image_size"])
+        n_classes = int(torch.cat([splits.train.labels, splits.test.labels]).max()) + 1
+        n_classes = max(n_classes, 10)
+        torch.manual_seed(config["seed"])
+        np.random.seed(config["seed"])
+        net = prepare_model(config["model"], n_classes, config["model_kwargs"], config)
+        n_train = len(splits.train)
+        bs = min(int(config["batch_size"]), n_train)
+        per_epoch = steps_per_epoch(n_train, bs)
+        optimizer, scheduler = make_optimizer(net, config, per_epoch * config["epochs"])
 
-    if stored is None:
-        config.update({
-            "n_classes": n_classes, "n_parameters": count_parameters(net), "n_train": n_train,
-            "n_val": len(splits.val), "n_test": len(splits.test), "steps_per_epoch": per_epoch,
-            "threads_used": torch.get_num_threads(), "versions": library_versions(),
-        })
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", config)
+        if stored is None:
+            config.update({
+                "n_classes": n_classes, "n_parameters": count_parameters(net), "n_train": n_train,
+                "n_val": len(splits.val), "n_test": len(splits.test), "steps_per_epoch": per_epoch,
+                "threads_used": torch.get_num_threads(), "versions": library_versions(),
+            })
+            out.mkdir(parents=True, exist_ok=True)
+            write_json(out / "config.json", config)
 
-    history: list[dict] = []
-    start_epoch = 0
-    if checkpoint_path is not None:
-        state = load_checkpoint(checkpoint_path)
-        net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        _set_numpy_rng_state(state["numpy_rng"])
-        history = list(state["history"])
-        start_epoch = int(state["epoch"])
+        history: list[dict] = []
+        start_epoch = 0
+        if checkpoint_path is not None:
+            state = load_checkpoint(checkpoint_path)
+            net.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["torch_rng"])
+            _set_numpy_rng_state(state["numpy_rng"])
+            history = list(state["history"])
+            start_epoch = int(state["epoch"])
 
-    train_seconds = sum(row["seconds"] for row in history)
-    with _progress_bar(progress) as bar:
-        task = bar.add_task("training", total=per_epoch * (config["epochs"] - start_epoch),
-                                 loss=float("nan")) if bar else None
-        for epoch in range(start_epoch, config["epochs"]):
-            lr_at_start = optimizer.param_groups[0]["lr"]
-            if bar is not None:
-                bar.update(task, description=f"epoch {epoch + 1}/{config['epochs']}")
-
-            def on_batch(step: int, loss_value: float) -> None:
+        train_seconds = sum(row["seconds"] for row in history)
+        with _progress_bar(progress) as bar:
+            task = bar.add_task("training", total=per_epoch * (config["epochs"] - start_epoch),
+                                     loss=float("nan")) if bar else None
+            for epoch in range(start_epoch, config["epochs"]):
+                lr_at_start = optimizer.param_groups[0]["lr"]
                 if bar is not None:
-                    bar.update(task, advance=1, loss=loss_value)
+                    bar.update(task, description=f"epoch {epoch + 1}/{config['epochs']}")
 
-            tic = time.perf_counter()
-            loss, accuracy = train_one_epoch(
-                net, splits.train.images, splits.train.labels, optimizer, scheduler, batch_size=bs,
-                seed=config["seed"], epoch=epoch, label_smoothing=float(config["label_smoothing"]),
-                augment=int(config["augment"]), on_batch=on_batch)
-            seconds = time.perf_counter() - tic
-            train_seconds += seconds
-            val_loss, val_accuracy = evaluate_loss_accuracy(net, splits.val.images, splits.val.labels)
-            history.append({"epoch": epoch + 1, "loss": loss, "accuracy": accuracy, "val_loss": val_loss,
-                            "val_accuracy": val_accuracy, "lr": lr_at_start, "seconds": seconds})
-            save_checkpoint(out, epoch + 1, net, optimizer, scheduler, history)
-            _write_history(out, history)
-            if bar is not None:
-                bar.console.print(f"epoch {epoch + 1}/{config['epochs']}: loss {loss:.4f}, accuracy {accuracy:.4f}, "
-                                  f"val_loss {val_loss:.4f}, val_accuracy {val_accuracy:.4f} ({seconds:.1f} s)")
-    save_model(net, out / "model.safetensors")
-    summary = {
-        "run_dir": str(out), "dataset": config["dataset"], "model": config["model"], "epochs": config["epochs"],
-        "n_parameters": config["n_parameters"], "final": history[-1] if history else None,
-        "train_seconds": train_seconds,
-        "samples_per_second": n_train * len(history) / train_seconds if train_seconds > 0 else None,
-        "resumed_from_epoch": start_epoch if checkpoint_path is not None else None,
-    }
-    write_json(out / "train_summary.json", _finite(summary))
-    return summary
+                def on_batch(step: int, loss_value: float) -> None:
+                    if bar is not None:
+                        bar.update(task, advance=1, loss=loss_value)
+
+                tic = time.perf_counter()
+                loss, accuracy = train_one_epoch(
+                    net, splits.train.images, splits.train.labels, optimizer, scheduler, batch_size=bs,
+                    seed=config["seed"], epoch=epoch, label_smoothing=float(config["label_smoothing"]),
+                    augment=int(config["augment"]), on_batch=on_batch)
+                seconds = time.perf_counter() - tic
+                train_seconds += seconds
+                val_loss, val_accuracy = evaluate_loss_accuracy(net, splits.val.images, splits.val.labels)
+                history.append({"epoch": epoch + 1, "loss": loss, "accuracy": accuracy, "val_loss": val_loss,
+                                "val_accuracy": val_accuracy, "lr": lr_at_start, "seconds": seconds})
+                save_checkpoint(out, epoch + 1, net, optimizer, scheduler, history)
+                _write_history(out, history)
+                if bar is not None:
+                    bar.console.print(f"epoch {epoch + 1}/{config['epochs']}: loss {loss:.4f}, accuracy {accuracy:.4f}, "
+                                      f"val_loss {val_loss:.4f}, val_accuracy {val_accuracy:.4f} ({seconds:.1f} s)")
+        save_model(net, out / "model.safetensors")
+        summary = {
+            "run_dir": str(out), "dataset": config["dataset"], "model": config["model"], "epochs": config["epochs"],
+            "n_parameters": config["n_parameters"], "final": history[-1] if history else None,
+            "train_seconds": train_seconds,
+            "samples_per_second": n_train * len(history) / train_seconds if train_seconds > 0 else None,
+            "resumed_from_epoch": start_epoch if checkpoint_path is not None else None,
+        }
+        write_json(out / "train_summary.json", _finite(summary))
+        return summary
+    finally:  # the caller's thread count, whatever happened
+        torch.set_num_threads(previous_threads)
 
 
 def _finite(obj):

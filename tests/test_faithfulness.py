@@ -320,3 +320,16 @@ def test_random_logit_similarity_is_low_when_classes_use_different_pixels(batch)
     sim = random_logit_similarity(saliency, x, y, n_classes=10, seed=0)
     assert sim.shape == (8,)
     assert sim.mean() < 0.5 < RANDOM_LOGIT_THRESHOLD
+
+
+def test_patch_order_breaks_ties_at_random_when_seeded():
+    from digitlens.explain.faithfulness import patch_order
+
+    scores = np.zeros((200, 7, 7))
+    scores[:, 3, 3] = 1.0  # one relevant patch, the rest tied
+    stable, seeded = patch_order(scores), patch_order(scores, seed=0)
+    assert (stable[:, 0] == 24).all() and (seeded[:, 0] == 24).all()
+    np.testing.assert_array_equal(stable[:, 1], 0)  # stable: ties removed top-left first
+    assert len(set(seeded[:, 1].tolist())) > 20  # seeded: any tied patch may come next
+    np.testing.assert_array_equal(np.sort(seeded, axis=1), np.tile(np.arange(49), (200, 1)))
+    np.testing.assert_array_equal(seeded, patch_order(scores, seed=0))

@@ -125,7 +125,7 @@ def explain_command(
     split: str = typer.Option("test", "--split", help="train, val or test."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder with the MNIST IDX files."),
     faithfulness_size: int = typer.Option(500, "--faithfulness-size", help="Test images for the faithfulness verdict: ROAD, deletion/insertion, sanity checks (0 = skip)."),
-    gradcam_layer: Optional[str] = typer.Option(None, "--gradcam-layer", help="Module name for Grad-CAM (default: the last conv block whose whole map reaches the output; a partly cut-off layer is refused)."),
+    gradcam_layer: Optional[str] = typer.Option(None, "--gradcam-layer", help="Module name for Grad-CAM and HiResCAM (default: the last conv block whose whole map reaches the output; a partly cut-off layer is refused)."),
     ig_tolerance: Optional[float] = typer.Option(None, "--ig-tolerance", min=0.0, help="Integrated gradients: refine each image until its relative completeness error is at most this (default 0.02)."),
     ig_steps: Optional[int] = typer.Option(None, "--ig-steps", min=1, help="Integrated gradients: a fixed number of steps for every image (Captum's Gauss-Legendre rule) instead of --ig-tolerance."),
     image_index: int = typer.Option(0, "--image-index", help="The image of the split whose feature maps are drawn."),

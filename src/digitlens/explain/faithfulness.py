@@ -31,10 +31,18 @@ import torch
 from torch import nn
 
 
-def patch_order(scores: np.ndarray) -> np.ndarray:
-    """Patch indices sorted from most to least important: scores (N, g, g) -> (N, g*g)."""
+def patch_order(scores: np.ndarray, seed: int | None = None) -> np.ndarray:
+    """Patch indices sorted from most to least important: scores (N, g, g) -> (N, g*g).
+
+    Equal scores keep their index order (``seed=None``) or are shuffled with
+    ``numpy.random.default_rng(seed)``: a map that is constant over a patch (Grad-CAM, attention,
+    occlusion at pixel level) or zero on the background (integrated gradients) then removes its
+    tied pixels in random order rather than top-left first."""
     flat = np.asarray(scores, dtype=np.float64).reshape(len(scores), -1)
-    return np.argsort(-flat, axis=1, kind="stable")
+    if seed is None:
+        return np.argsort(-flat, axis=1, kind="stable")
+    tie_break = np.random.default_rng(seed).random(flat.shape)
+    return np.lexsort((tie_break, -flat), axis=1)
 
 
 #: A pixel counts as ink above this value (images in [0, 1]). MNIST's background is exactly 0; 9% of

@@ -82,7 +82,7 @@ def faithfulness_report(model: nn.Module, images: torch.Tensor, targets: np.ndar
               "random_logit_threshold": RANDOM_LOGIT_THRESHOLD, "sanity_max_spearman": SANITY_MAX_SPEARMAN}
     curves = {}
     pixel_maps = {m: _abs_maps(model, images, targets, m, batch_size, **method_kwargs.get(m, {})) for m in methods}
-    orders = {m: (patch_order(pool_to_grid(a, grid)), patch_order(a)) for m, a in pixel_maps.items()}
+    orders = {m: (patch_order(pool_to_grid(a, grid), seed=seed), patch_order(a, seed=seed)) for m, a in pixel_maps.items()}
     orders["random"] = (random_order(n, grid * grid, seed), random_order(n, h * w, seed))
     orders["ink_random"] = (ink_random_order(images, grid, seed), ink_random_order(images, h, seed))
     for name, (order, pixel_order) in orders.items():

@@ -17,6 +17,18 @@ def _nan_for_none(values) -> np.ndarray:
     return np.asarray([np.nan if v is None else v for v in values], dtype=np.float64)
 
 
+def bin_accuracy_intervals(accuracy, count, confidence: float = 0.95) -> np.ndarray:
+    """95% Wilson interval of the accuracy in each bin from its ``accuracy`` and ``count`` (each
+    (n_bins,)): array (n_bins, 2), NaN for empty bins."""
+    from digitlens.intervals import wilson_interval
+
+    accuracy = np.nan_to_num(np.asarray(accuracy, dtype=np.float64))
+    count = np.asarray(count, dtype=np.int64)
+    ci = wilson_interval(np.clip(np.rint(accuracy * count), 0, count), count, confidence)
+    ci[count == 0] = np.nan
+    return ci
+
+
 class ReliabilityDiagramDisplay:
     """Top-label reliability diagram, optionally with a temperature-scaled second series.
 
@@ -132,8 +144,10 @@ class ReliabilityDiagramDisplay:
             top.bar(edges_left[filled], np.abs(confidence - accuracy)[filled], widths[filled],
                     bottom=gap_bottom[filled], align="edge", facecolor="none", hatch="///",
                     edgecolor="#d62728", lw=0.8, label="gap to mean confidence")
-            top.plot(conf[filled], acc[filled], marker, color="black", ms=4.5, ls="none",
-                     label="(mean confidence, accuracy)")
+            ci = bin_accuracy_intervals(acc, count)
+            yerr = np.clip(np.stack([acc - ci[:, 0], ci[:, 1] - acc]), 0, None)[:, filled]
+            top.errorbar(conf[filled], acc[filled], yerr=yerr, fmt=marker, color="black", ms=4.5,
+                         elinewidth=1.0, capsize=2.5, label="(mean confidence, accuracy), 95% Wilson interval")
             top.plot([0, 1], [0, 1], "--", color="0.3", label="perfectly calibrated")
             top.set_xlim(0, 1)
             top.set_ylim(0, 1.02)

@@ -122,3 +122,31 @@ def test_overlap_and_format():
     assert format_ci(0.99312, (0.99128, 0.99454)) == "99.31% (99.13-99.45)"
     assert format_ci(0.9812, (0.975, 0.987), percent=False, digits=3) == "0.981 (0.975-0.987)"
     assert format_ci(0.5, None) == "50.00%"
+
+
+def test_report_readings_quote_the_intervals_and_old_runs_still_read(tmp_path):
+    from pathlib import Path
+
+    from digitlens.report.collect import RunData
+    from digitlens.report.readings import reading_confusion, reading_per_digit, reading_predictions, reading_reliability
+
+    y_true, y_pred, proba = _predictions(2000, accuracy=0.95, seed=2)
+    metrics = add_bootstrap_intervals(compute_metrics(y_true, y_pred, proba), y_true, y_pred, proba,
+                                      n_resamples=200, seed=0)
+    predictions = {"y_true": y_true, "y_pred": y_pred, "proba": proba}
+    run = RunData(run_dir=Path(tmp_path), name="run", config={}, metrics=metrics, predictions=predictions)
+    low, high = metrics["accuracy_ci"]
+    quoted = f"(95% interval {low * 100:.2f}-{high * 100:.2f}%)"
+    assert quoted in reading_confusion(run)[0]
+    assert quoted in reading_predictions(run)[1]
+    assert quoted in " ".join(reading_reliability(run))
+    assert f"(95% interval {metrics['ece_ci'][0]:.4f}-{metrics['ece_ci'][1]:.4f})" in reading_reliability(run)[0]
+    per_digit = reading_per_digit(run)[0]
+    hard = min(metrics["per_digit"], key=lambda r: (r["f1"], r["digit"]))
+    assert f"Hardest digit: {hard['digit']} (F1 {hard['f1']:.3f} (95% interval {hard['f1_ci'][0]:.3f}-" in per_digit
+    assert "overlap" in per_digit
+    old = RunData(run_dir=Path(tmp_path), name="old", config={}, metrics={"ece": metrics["ece"]},
+                  predictions=predictions)  # a metrics.json from before the intervals
+    assert "interval" not in " ".join(reading_confusion(old) + reading_per_digit(old) + reading_reliability(old)
+                                      + reading_predictions(old))
+    assert reading_per_digit(old)[0].startswith(f"Hardest digit: {hard['digit']} (F1 {hard['f1']:.3f}, precision")

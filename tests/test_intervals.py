@@ -150,3 +150,41 @@ def test_report_readings_quote_the_intervals_and_old_runs_still_read(tmp_path):
     assert "interval" not in " ".join(reading_confusion(old) + reading_per_digit(old) + reading_reliability(old)
                                       + reading_predictions(old))
     assert reading_per_digit(old)[0].startswith(f"Hardest digit: {hard['digit']} (F1 {hard['f1']:.3f}, precision")
+
+
+def test_figures_draw_the_intervals():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.container import ErrorbarContainer
+
+    from digitlens.plots import PerDigitMetricsDisplay, ReliabilityDiagramDisplay
+    from digitlens.plots.reliability_diagram import bin_accuracy_intervals
+
+    y_true, y_pred, proba = _predictions(800, accuracy=0.9, seed=3)
+    display = PerDigitMetricsDisplay.from_predictions(y_true, y_pred, bootstrap=200, seed=1).plot()
+    expected = bootstrap_metrics(y_true, y_pred, n_resamples=200, seed=1)
+    np.testing.assert_allclose(display.intervals["f1"], expected["f1"])
+    axis = display.ax_[0]
+    bars = [c for c in axis.containers if isinstance(c, ErrorbarContainer)]
+    assert len(bars) == 4  # one per metric
+    assert "95% intervals" in display.figure_._suptitle.get_text()
+    # the value labels (10 per metric, in metric order) sit on the upper end of each error bar
+    f1_labels = axis.texts[20:30]
+    assert [t.get_text() for t in f1_labels] == [f"{v:.3f}" for v in display.values["f1"]]
+    np.testing.assert_allclose([t.xy[1] for t in f1_labels], np.maximum(display.values["f1"], expected["f1"][:, 1]))
+    plt.close(display.figure_)
+    plain = PerDigitMetricsDisplay.from_predictions(y_true, y_pred).plot()
+    assert not any(isinstance(c, ErrorbarContainer) for c in plain.ax_[0].containers)
+    plt.close(plain.figure_)
+    with pytest.raises(DigitlensError, match=r"f1_ci: expected shape \(10, 2\)"):
+        PerDigitMetricsDisplay(digits=np.arange(10), precision=np.ones(10), recall=np.ones(10), f1=np.ones(10),
+                               accuracy=np.ones(10), support=np.ones(10), f1_ci=np.ones((10, 3)))
+
+    reliability = ReliabilityDiagramDisplay.from_predictions(y_true, proba).plot()
+    assert any(isinstance(c, ErrorbarContainer) for c in reliability.ax_[0].containers)
+    plt.close(reliability.figure_)
+    ci = bin_accuracy_intervals([0.5, None, 1.0], [10, 0, 4])
+    ci10 = binomtest(5, 10).proportion_ci(method="wilson")
+    assert ci[0] == pytest.approx([ci10.low, ci10.high]) and np.isnan(ci[1]).all() and ci[2][1] == 1.0

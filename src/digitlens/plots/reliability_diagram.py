@@ -22,7 +22,7 @@ def bin_accuracy_intervals(accuracy, count, confidence: float = 0.95) -> np.ndar
     (n_bins,)): array (n_bins, 2), NaN for empty bins."""
     from digitlens.intervals import wilson_interval
 
-    accuracy = np.nan_to_num(np.asarray(accuracy, dtype=np.float64))
+    accuracy = np.nan_to_num(_nan_for_none(accuracy))
     count = np.asarray(count, dtype=np.int64)
     ci = wilson_interval(np.clip(np.rint(accuracy * count), 0, count), count, confidence)
     ci[count == 0] = np.nan
@@ -147,12 +147,13 @@ class ReliabilityDiagramDisplay:
             ci = bin_accuracy_intervals(acc, count)
             yerr = np.clip(np.stack([acc - ci[:, 0], ci[:, 1] - acc]), 0, None)[:, filled]
             top.errorbar(conf[filled], acc[filled], yerr=yerr, fmt=marker, color="black", ms=4.5,
-                         elinewidth=1.0, capsize=2.5, label="(mean confidence, accuracy), 95% Wilson interval")
+                         elinewidth=1.0, capsize=2.5, label="(mean confidence, accuracy)\nwith its 95% Wilson interval")
             top.plot([0, 1], [0, 1], "--", color="0.3", label="perfectly calibrated")
             top.set_xlim(0, 1)
-            top.set_ylim(0, 1.02)
+            top.set_ylim(0, 1.42)  # the legend sits above accuracy 1, clear of the bars and error bars
+            top.set_yticks(np.linspace(0, 1, 6))
             top.set_ylabel("accuracy")
-            top.legend(loc="upper left", fontsize=8, framealpha=0.9, title=f"{name}: ECE {ece:.4f}",
+            top.legend(loc="upper left", fontsize=7.5, framealpha=0.9, ncols=2, title=f"{name}: ECE {ece:.4f}",
                        title_fontsize=9)
             top.grid(alpha=0.3)
             top.set_title("raw probabilities" if i == 0 else f"after temperature scaling ({name.split(', ')[-1]})",

@@ -36,7 +36,8 @@ def _assert_matches_sklearn(y_true, y_pred, metrics):
     assert metrics["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred))
     for average in ("macro", "weighted"):
         p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=LABELS, average=average, zero_division=0)
-        assert metrics[average] == pytest.approx({"precision": p, "recall": r, "f1": f})
+        values = {key: metrics[average][key] for key in ("precision", "recall", "f1")}  # beside *_ci intervals
+        assert values == pytest.approx({"precision": p, "recall": r, "f1": f})
     p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=LABELS, average=None, zero_division=0)
     per = metrics["per_digit"]
     assert [row["digit"] for row in per] == list(range(10))
@@ -194,6 +195,38 @@ def test_predictions_match_the_model_and_metrics_match_sklearn(evaluated_run):
     _assert_matches_sklearn(preds["y_true"], preds["y_pred"], metrics)
     assert summary["accuracy"] == pytest.approx(accuracy_score(preds["y_true"], preds["y_pred"]))
     assert summary["accuracy"] > 0.8  # the tiny model did learn something
+
+
+def test_metrics_json_carries_the_intervals(evaluated_run, tmp_path):
+    from scipy.stats import binomtest
+
+    from digitlens.intervals import bootstrap_metrics
+
+    run_dir, summary = evaluated_run
+    metrics = runio.read_json(run_dir / "metrics.json")
+    preds = runio.read_npz(run_dir / "predictions.npz")
+    n, k = metrics["n_samples"], metrics["n_samples"] - metrics["n_errors"]
+    wilson = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    assert metrics["accuracy_ci"] == pytest.approx([wilson.low, wilson.high])
+    assert summary["accuracy_ci"] == metrics["accuracy_ci"]
+    assert metrics["bootstrap"] == {"n_resamples": 1000, "seed": 0, "confidence": 0.95}
+    again = bootstrap_metrics(preds["y_true"], preds["y_pred"], preds["proba"],
+                              proba_calibrated=preds.get("proba_calibrated"), n_resamples=1000, seed=0)
+    for row in metrics["per_digit"]:
+        for key in ("precision", "recall", "f1", "accuracy"):
+            assert row[f"{key}_ci"] == pytest.approx(again[key][row["digit"]].tolist())
+    assert metrics["macro"]["f1_ci"] == pytest.approx(again["macro_f1"].tolist())
+    assert metrics["ece_ci"] == pytest.approx(again["ece"].tolist())
+    if metrics.get("ece_calibrated") is not None:
+        assert metrics["ece_calibrated_ci"] == pytest.approx(again["ece_calibrated"].tolist())
+    insights = runio.read_json(run_dir / "insights.json")
+    assert insights["digits"]["hardest"][0]["f1_ci"] and insights["digits"]["hardest_within_noise"]
+    # bootstrap=0 keeps only the (free) Wilson intervals
+    plain = evaluate_model(models.load_model(run_dir), data.load_splits("digits").test, progress=False,
+                           bootstrap=0)["metrics"]
+    assert "bootstrap" not in plain and "f1_ci" not in plain["per_digit"][0] and plain["accuracy_ci"]
+    with pytest.raises(DigitlensError, match="bootstrap"):
+        evaluate_model(models.load_model(run_dir), data.load_splits("digits").test, progress=False, bootstrap=-1)
 
 
 def test_evaluate_is_deterministic(evaluated_run):

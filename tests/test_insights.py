@@ -95,16 +95,16 @@ def test_summary_sentences_carry_the_numbers(tmp_path):
                        accuracy=[0.7, 0.8, 0.9, 0.95, 0.99], val_accuracy=[0.7, 0.8, 0.88, 0.87, 0.86])
     found = write_insights(tmp_path, metrics, history)
     text = " ".join(found["summary"])
-    assert "8 read as 3 (4x, 40.0% of the 8s)" in text
-    assert "5 read as 3 (2x, 20.0% of the 5s)" in text
+    assert "8 read as 3 (4x, 40.0% (16.8-68.7) of the 8s)" in text  # Wilson interval of 4 / 10
+    assert "5 read as 3 (2x, 20.0% (5.7-51.0) of the 5s)" in text
     assert "diverges from epoch 4" in text and "epoch 3" in text
     assert "Hardest digits: 8 (F1 " in text
-    assert "94.00%" in text  # test accuracy
+    assert "Test accuracy 94.00% (87.52-97.22)" in text  # with its Wilson interval
     assert found["overfitting"]["from_epoch"] == 4
     saved = runio.read_json(tmp_path / "insights.json")
     assert saved["summary"] == found["summary"]
     markdown = (tmp_path / "insights.md").read_text()
-    assert "| 8 | 3 | 4 | 40.00% |" in markdown and "Diverges: **yes**, from epoch 4" in markdown
+    assert "| 8 | 3 | 4 | 40.00% (16.82-68.73) |" in markdown and "Diverges: **yes**, from epoch 4" in markdown
 
 
 def test_insights_without_history_say_so():
@@ -122,3 +122,66 @@ def test_history_of_a_run_without_validation_split_is_not_assessed_not_a_crash()
     assert "no validation loss" in found["overfitting"]["reason"]
     assert found["generalisation_gap"]["accuracy_gap"] is None
     assert not any("nan" in s for s in found["summary"])
+
+
+def test_digits_and_pairs_within_noise_are_said_to_be(tmp_path):
+    from digitlens.evaluate import add_bootstrap_intervals
+
+    metrics = _metrics_with_known_hard_digit()  # 10 images per digit: nothing can be singled out
+    y_true = np.repeat(np.arange(10), 10)
+    y_pred = y_true.copy()
+    y_pred[80:84] = 3
+    y_pred[50:52] = 3
+    add_bootstrap_intervals(metrics, y_true, y_pred, n_resamples=300, seed=0)
+    found = write_insights(tmp_path, metrics)
+    hardest = found["digits"]["hardest_within_noise"]
+    assert hardest[:2] == [8, 3] and len(hardest) > 2  # 8's F1 interval overlaps 3's and more
+    text = " ".join(found["summary"])
+    assert f"digits {hardest[0]}, {hardest[1]}" in text and "are within noise of each other (F1 intervals overlap)" in text
+    assert "Hardest digits: 8 (F1 0.750 (" in text
+    assert "8→3 and 5→3 are within noise of each other (count intervals overlap)" in text
+    assert found["confused_pairs_within_noise"] == [0, 1]
+    saved = runio.read_json(tmp_path / "insights.json")
+    assert saved["digits"]["hardest"][0]["f1_ci"] == metrics["per_digit"][8]["f1_ci"]
+    assert saved["accuracy_ci"] == metrics["accuracy_ci"]
+    markdown = (tmp_path / "insights.md").read_text()
+    assert "| hardest | 8 | 0.7500 (" in markdown
+
+
+def test_a_digit_far_from_the_others_stands_out():
+    from digitlens.evaluate import add_bootstrap_intervals
+
+    # 1,000 images per digit; 9 is read as 4 in 300 of its images, every other digit is right
+    y_true = np.repeat(np.arange(10), 1000)
+    y_pred = y_true.copy()
+    y_pred[9000:9300] = 4
+    metrics = add_bootstrap_intervals(compute_metrics(y_true, y_pred), y_true, y_pred, n_resamples=300, seed=0)
+    found = derive_insights(metrics)
+    assert found["digits"]["hardest_within_noise"] == [9]
+    text = " ".join(found["summary"])
+    assert "digit 9 is the hardest beyond noise" in text
+    assert "9→4 is the most frequent" not in text  # a single confused pair: no ranking to qualify
+
+
+def test_metrics_of_older_runs_without_intervals_make_no_noise_claims():
+    metrics = _metrics_with_known_hard_digit()
+    del metrics["accuracy_ci"]  # as a metrics.json written before the intervals
+    for pair in metrics["most_confused"]:
+        del pair["count_ci"], pair["share_of_true_ci"]
+    found = derive_insights(metrics)
+    assert found["digits"]["hardest_within_noise"] is None and found["confused_pairs_within_noise"] is None
+    assert not any("noise" in s for s in found["summary"])
+    assert "Test accuracy 94.00%: 6 errors" in found["summary"][0]
+    assert "8 read as 3 (4x, 40.0% of the 8s)" in " ".join(found["summary"])
+
+
+def test_when_every_digit_overlaps_the_insight_says_the_test_set_does_not_rank_them():
+    from digitlens.evaluate import add_bootstrap_intervals
+
+    rng = np.random.default_rng(1)
+    y_true = rng.integers(0, 10, 5000)
+    y_pred = np.where(rng.random(5000) < 0.99, y_true, rng.integers(0, 10, 5000))  # errors spread evenly
+    metrics = add_bootstrap_intervals(compute_metrics(y_true, y_pred), y_true, y_pred, n_resamples=300, seed=0)
+    found = derive_insights(metrics)
+    assert len(found["digits"]["easiest_within_noise"]) == 10
+    assert any("all 10 digits are within noise of digit" in s and "does not rank them" in s for s in found["summary"])

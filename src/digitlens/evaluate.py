@@ -114,9 +114,14 @@ def expected_calibration_error(y_true: Any, proba: Any, n_bins: int = ECE_BINS) 
 
 def most_confused_pairs(confusion: Any, top: int = 10) -> list[dict]:
     """The off-diagonal cells of a confusion matrix, largest count first (ties: smaller true, then
-    predicted digit), as dicts ``true``, ``predicted``, ``count``, ``share_of_true`` (count / row sum)."""
+    predicted digit), as dicts ``true``, ``predicted``, ``count``, ``count_ci`` (95% Wilson interval
+    of count / N, times N: the counts a rerun on as many images could give), ``share_of_true``
+    (count / row sum) and ``share_of_true_ci`` (its 95% Wilson interval)."""
+    from digitlens.intervals import wilson_interval
+
     cm = np.asarray(confusion)
     rows = cm.sum(axis=1)
+    total = int(cm.sum())
     pairs = [
         (int(cm[t, p]), t, p)
         for t in range(cm.shape[0]) for p in range(cm.shape[1])
@@ -124,7 +129,10 @@ def most_confused_pairs(confusion: Any, top: int = 10) -> list[dict]:
     ]
     pairs.sort(key=lambda item: (-item[0], item[1], item[2]))
     return [
-        {"true": t, "predicted": p, "count": c, "share_of_true": float(c / rows[t]) if rows[t] else 0.0}
+        {"true": t, "predicted": p, "count": c,
+         "count_ci": [float(v) * total for v in wilson_interval(c, total)],
+         "share_of_true": float(c / rows[t]) if rows[t] else 0.0,
+         "share_of_true_ci": [float(v) for v in wilson_interval(c, rows[t])]}
         for c, t, p in pairs[:top]
     ]
 
@@ -133,7 +141,8 @@ def compute_metrics(y_true: Any, y_pred: Any, proba: Any = None, *, n_classes: i
                     top_pairs: int = 10, n_bins: int = ECE_BINS) -> dict:
     """Classification metrics as a JSON-ready dict.
 
-    Keys: ``n_samples``, ``n_classes``, ``accuracy``, ``n_errors``, ``macro`` and ``weighted``
+    Keys: ``n_samples``, ``n_classes``, ``accuracy``, ``accuracy_ci`` ([low, high], the 95% Wilson
+    score interval, see :func:`digitlens.intervals.wilson_interval`), ``n_errors``, ``macro`` and ``weighted``
     (``precision``, ``recall``, ``f1``), ``per_digit`` (a list with one dict per class:
     ``digit``, ``precision``, ``recall``, ``f1``, ``accuracy``, ``support``), ``confusion_matrix``
     (n_classes x n_classes list of lists, rows = true digit), ``most_confused`` (see
@@ -170,11 +179,14 @@ def compute_metrics(y_true: Any, y_pred: Any, proba: Any = None, *, n_classes: i
     for average in ("macro", "weighted"):
         p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, average=average, zero_division=0)
         summary[average] = {"precision": float(p), "recall": float(r), "f1": float(f)}
+    from digitlens.intervals import wilson_interval
+
     accuracy = float(accuracy_score(y_true, y_pred))
     metrics = {
         "n_samples": int(n),
         "n_classes": int(n_classes),
         "accuracy": accuracy,
+        "accuracy_ci": [float(v) for v in wilson_interval(int(np.sum(y_true == y_pred)), n)],
         "n_errors": int(np.sum(y_true != y_pred)),
         "macro": summary["macro"],
         "weighted": summary["weighted"],
@@ -193,11 +205,41 @@ def compute_metrics(y_true: Any, y_pred: Any, proba: Any = None, *, n_classes: i
     return metrics
 
 
+def add_bootstrap_intervals(metrics: dict, y_true: Any, y_pred: Any, proba: Any = None,
+                            proba_calibrated: Any = None, *, n_resamples: int = 1000, seed: int = 0,
+                            n_bins: int = ECE_BINS) -> dict:
+    """Add 95% percentile-bootstrap intervals (see :func:`digitlens.intervals.bootstrap_metrics`) to
+    ``metrics`` in place and return it: ``precision_ci``, ``recall_ci``, ``f1_ci``, ``accuracy_ci``
+    beside each value in ``per_digit``, ``macro.f1_ci``, ``ece_ci`` (with ``proba``),
+    ``ece_calibrated_ci`` (with ``proba_calibrated``) and ``bootstrap`` (resamples, seed, confidence)."""
+    from digitlens.intervals import bootstrap_metrics
+
+    found = bootstrap_metrics(as_labels(y_true, "y_true"), as_labels(y_pred, "y_pred"), proba,
+                              n_classes=metrics["n_classes"], proba_calibrated=proba_calibrated,
+                              n_resamples=n_resamples, seed=seed, n_bins=n_bins)
+    rows = []
+    for row in metrics["per_digit"]:
+        d = row["digit"]
+        new = {}
+        for key, value in row.items():
+            new[key] = value
+            if key in ("precision", "recall", "f1", "accuracy"):
+                new[f"{key}_ci"] = [float(v) for v in found[key][d]]
+        rows.append(new)
+    metrics["per_digit"] = rows
+    metrics["macro"]["f1_ci"] = [float(v) for v in found["macro_f1"]]
+    for key in ("ece", "ece_calibrated"):
+        if key in found:
+            metrics[f"{key}_ci"] = [float(v) for v in found[key]]
+    metrics["bootstrap"] = found["bootstrap"]
+    return metrics
+
+
 def per_digit_arrays(metrics: dict) -> dict[str, np.ndarray]:
     """``metrics['per_digit']`` as arrays: ``digit``, ``precision``, ``recall``, ``f1``,
-    ``accuracy``, ``support``, each of shape (n_classes,)."""
+    ``accuracy``, ``support``, each of shape (n_classes,), and any ``*_ci`` of shape (n_classes, 2)."""
     rows = metrics["per_digit"]
-    return {key: np.array([row[key] for row in rows]) for key in rows[0]}
+    return {key: np.array([row[key] for row in rows]) for key in rows[0] if all(key in r for r in rows)}
 
 
 #: ``metrics.json`` ``calibration_note`` when no validation split is there to fit a temperature on.
@@ -347,9 +389,12 @@ class _progress:
 
 def write_figures(out_dir: Path, *, images: np.ndarray, y_true: np.ndarray, proba: np.ndarray,
                   history: dict | None = None, groups=DEFAULT_DIGIT_GROUPS,
-                  proba_calibrated: np.ndarray | None = None, temperature: float | None = None) -> list[str]:
+                  proba_calibrated: np.ndarray | None = None, temperature: float | None = None,
+                  metrics: dict | None = None) -> list[str]:
     """Draw every evaluation figure into ``out_dir/figures/`` (PNG + SVG); return the written paths.
-    With ``proba_calibrated`` (N, n_classes) the reliability diagram also shows the temperature-scaled bins."""
+    With ``proba_calibrated`` (N, n_classes) the reliability diagram also shows the temperature-scaled bins;
+    with ``metrics`` (from :func:`compute_metrics` on the same predictions) the per-digit bars come from
+    it, with error bars where it carries intervals (:func:`add_bootstrap_intervals`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -360,11 +405,13 @@ def write_figures(out_dir: Path, *, images: np.ndarray, y_true: np.ndarray, prob
     figures_dir = Path(out_dir) / "figures"
     y_pred = proba.argmax(axis=1)
     labels = np.arange(proba.shape[1])
+    if metrics is None:
+        metrics = compute_metrics(y_true, y_pred, n_classes=len(labels))
     displays = {
         "confusion_matrix": plots.ConfusionMatrixDisplay.from_predictions(y_true, y_pred, labels=labels),
-        "per_digit_metrics": plots.PerDigitMetricsDisplay.from_predictions(y_true, y_pred, labels=labels),
-        "per_digit_metrics_groups": plots.PerDigitMetricsDisplay.from_predictions(
-            y_true, y_pred, labels=labels, groups=groups, metrics=("precision", "recall")),
+        "per_digit_metrics": plots.PerDigitMetricsDisplay.from_metrics(metrics),
+        "per_digit_metrics_groups": plots.PerDigitMetricsDisplay.from_metrics(
+            metrics, groups=groups, metrics=("precision", "recall")),
         "prediction_gallery": plots.PredictionGalleryDisplay.from_predictions(images, y_true, proba=proba),
         "misclassified_gallery": plots.MisclassifiedGalleryDisplay.from_predictions(images, y_true, proba=proba),
         "reliability_diagram": plots.ReliabilityDiagramDisplay.from_predictions(
@@ -382,9 +429,11 @@ def write_figures(out_dir: Path, *, images: np.ndarray, y_true: np.ndarray, prob
 
 
 def _evaluate(model: Any, images: torch.Tensor, labels: torch.Tensor, out_dir: Path | None, *,
-              history: dict | None, source: dict, progress: bool, val: Any = None) -> dict:
+              history: dict | None, source: dict, progress: bool, val: Any = None,
+              bootstrap: int = 1000, bootstrap_seed: int = 0) -> dict:
     """Predict the test ``images``/``labels``, fit the temperature on ``val`` (a DigitDataset or
-    None), and write every file into ``out_dir`` (None: write nothing); return the summary dict."""
+    None), add the intervals (``bootstrap`` resamples, 0: Wilson accuracy interval only), and write
+    every file into ``out_dir`` (None: write nothing); return the summary dict."""
     from digitlens import insights as insights_mod
 
     logits = predict_logits(model, images, progress=progress)
@@ -400,8 +449,13 @@ def _evaluate(model: Any, images: torch.Tensor, labels: torch.Tensor, out_dir: P
     calibrated, proba_calibrated = temperature_metrics(y_true, logits, val_logits, val_labels,
                                                        split=getattr(val, "split", "val"))
     metrics.update(calibrated)
+    if bootstrap < 0:
+        raise DigitlensError(f"bootstrap: expected a number of resamples >= 0, got {bootstrap}")
+    if bootstrap:
+        add_bootstrap_intervals(metrics, y_true, y_pred, proba, proba_calibrated,
+                                n_resamples=bootstrap, seed=bootstrap_seed)
     metrics["source"] = source
-    summary = {"accuracy": metrics["accuracy"], "ece": metrics["ece"], "n_samples": metrics["n_samples"],
+    summary = {"accuracy": metrics["accuracy"], "accuracy_ci": metrics["accuracy_ci"], "ece": metrics["ece"], "n_samples": metrics["n_samples"],
                "n_errors": metrics["n_errors"], "macro_f1": metrics["macro"]["f1"],
                "temperature": metrics["temperature"], "ece_calibrated": metrics.get("ece_calibrated"),
                "source": source}
@@ -419,7 +473,8 @@ def _evaluate(model: Any, images: torch.Tensor, labels: torch.Tensor, out_dir: P
     runio.write_json(out_dir / "metrics.json", metrics)
     found = insights_mod.write_insights(out_dir, metrics, history)
     figures = write_figures(out_dir, images=images.numpy(), y_true=y_true, proba=proba, history=history,
-                            proba_calibrated=proba_calibrated, temperature=metrics["temperature"])
+                            proba_calibrated=proba_calibrated, temperature=metrics["temperature"],
+                            metrics=metrics)
     summary.update({
         "out_dir": str(out_dir),
         "files": ["predictions.npz", "metrics.json", "insights.md", "insights.json"],
@@ -431,7 +486,7 @@ def _evaluate(model: Any, images: torch.Tensor, labels: torch.Tensor, out_dir: P
 
 
 def evaluate_run(run_dir: str | os.PathLike, *, model: Any = None, data_dir: str | os.PathLike | None = None,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, bootstrap: int = 1000, bootstrap_seed: int = 0) -> dict:
     """Evaluate a training run on its test split and write predictions, metrics, insights and
     figures into the run folder. The temperature (see :func:`temperature_metrics`) is fitted on
     the run's validation split, never on the test split; a run trained with ``val_fraction=0``
@@ -441,6 +496,9 @@ def evaluate_run(run_dir: str | os.PathLike, *, model: Any = None, data_dir: str
     a TorchScript file. Returns a summary dict (also written as ``evaluation.json``) with
     ``accuracy``, ``ece``, ``temperature``, ``ece_calibrated``, ``n_errors``, ``macro_f1``,
     ``files``, ``figures`` and ``insights``.
+
+    ``bootstrap``: resamples of the test images behind the 95% intervals in ``metrics.json``
+    (per-digit precision/recall/F1, macro F1, ECE; 0 skips them), drawn with ``bootstrap_seed``.
     """
     from digitlens import data, models
     from digitlens.plots.training_curves import read_history
@@ -460,12 +518,12 @@ def evaluate_run(run_dir: str | os.PathLike, *, model: Any = None, data_dir: str
     history_path = run_dir / "history.csv"
     history = read_history(history_path) if history_path.is_file() else None
     return _evaluate(model, splits.test.images, splits.test.labels, run_dir, history=history, source=source,
-                     progress=progress, val=splits.val)
+                     progress=progress, val=splits.val, bootstrap=bootstrap, bootstrap_seed=bootstrap_seed)
 
 
 def evaluate_model(model: Any, dataset: Any = "digits", *, out_dir: str | os.PathLike | None = None,
                    data_dir: str | os.PathLike | None = None, history: Any = None, progress: bool = True,
-                   val_dataset: Any = None) -> dict:
+                   val_dataset: Any = None, bootstrap: int = 1000, bootstrap_seed: int = 0) -> dict:
     """Evaluate any model without a training run ("bring your own model").
 
     ``model``: an ``nn.Module`` taking (N, 1, 28, 28) images in [0, 1] and returning logits, or a
@@ -479,6 +537,7 @@ def evaluate_model(model: Any, dataset: Any = "digits", *, out_dir: str | os.Pat
     ``val_dataset``: an optional :class:`digitlens.data.DigitDataset` the model was not trained
     on, to fit temperature scaling on; without one the temperature is skipped (``"temperature":
     null`` and a ``calibration_note``), since fitting it on the test split would flatter it.
+    ``bootstrap``, ``bootstrap_seed``: as for :func:`evaluate_run`.
     """
     from digitlens import data
     from digitlens.plots.training_curves import normalise_history, read_history
@@ -502,4 +561,5 @@ def evaluate_model(model: Any, dataset: Any = "digits", *, out_dir: str | os.Pat
         history = normalise_history(history)
     source = {"model": str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__, "dataset": name}
     return _evaluate(model, test.images, test.labels, Path(out_dir) if out_dir is not None else None,
-                     history=history, source=source, progress=progress, val=val_dataset)
+                     history=history, source=source, progress=progress, val=val_dataset,
+                     bootstrap=bootstrap, bootstrap_seed=bootstrap_seed)

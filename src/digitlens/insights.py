@@ -24,15 +24,58 @@ DIVERGENCE_TOLERANCE = 0.05
 
 def rank_digits(metrics: dict, k: int = 3) -> dict:
     """The ``k`` easiest and hardest digits by per-digit F1 (ties: recall, then digit), each a dict
-    with ``digit``, ``f1``, ``precision``, ``recall``, ``support``; digits with no test images are skipped."""
+    with ``digit``, ``f1``, ``precision``, ``recall``, ``support`` and, when ``metrics`` has them,
+    ``f1_ci``, ``precision_ci``, ``recall_ci``; digits with no test images are skipped.
+
+    With F1 intervals, ``easiest_within_noise`` / ``hardest_within_noise`` list the digits (best /
+    worst first) whose F1 interval overlaps that of the easiest / hardest digit: the data cannot
+    order them. Without intervals both are None. ``n_ranked``: digits with test images."""
+    from digitlens.intervals import overlapping
+
     rows = [r for r in metrics["per_digit"] if r["support"] > 0]
     ordered = sorted(rows, key=lambda r: (-r["f1"], -r["recall"], r["digit"]))
-    keep = ("digit", "f1", "precision", "recall", "support")
+    keep = ("digit", "f1", "f1_ci", "precision", "precision_ci", "recall", "recall_ci", "support")
     k = min(k, len(ordered) // 2) if len(ordered) > 1 else len(ordered)
-    return {
-        "easiest": [{key: r[key] for key in keep} for r in ordered[:k]],
-        "hardest": [{key: r[key] for key in keep} for r in reversed(ordered[len(ordered) - k:])],
+    found = {
+        "easiest": [{key: r[key] for key in keep if key in r} for r in ordered[:k]],
+        "hardest": [{key: r[key] for key in keep if key in r} for r in reversed(ordered[len(ordered) - k:])],
+        "easiest_within_noise": None,
+        "hardest_within_noise": None,
+        "n_ranked": len(ordered),
     }
+    if ordered and all("f1_ci" in r for r in ordered):
+        for label, seq in (("easiest", ordered), ("hardest", ordered[::-1])):
+            found[f"{label}_within_noise"] = [seq[i]["digit"] for i in overlapping([r["f1_ci"] for r in seq])]
+    return found
+
+
+def confused_pairs_within_noise(pairs: list[dict]) -> list[int] | None:
+    """Positions of the pairs whose ``count_ci`` overlaps that of the first (most confused) pair;
+    None when the pairs carry no intervals."""
+    from digitlens.intervals import overlapping
+
+    if not pairs or not all("count_ci" in p for p in pairs):
+        return None
+    return overlapping([p["count_ci"] for p in pairs])
+
+
+def _and(items) -> str:
+    items = [str(i) for i in items]
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def noise_sentence(digits: dict, label: str) -> str | None:
+    """``"digits 6, 9 and 5 are within noise of each other (F1 intervals overlap)"`` for the
+    easiest or hardest digits (``label``), or that the first digit stands out; None without intervals."""
+    tied = digits.get(f"{label}_within_noise")
+    if not tied:
+        return None
+    if len(tied) == 1:
+        return f"digit {tied[0]} is the {label} beyond noise (its F1 interval overlaps no other digit's)"
+    if len(tied) == digits.get("n_ranked") and len(tied) > 2:
+        return (f"all {len(tied)} digits are within noise of digit {tied[0]} (their F1 intervals overlap its), "
+                f"so the test set does not rank them")
+    return f"digits {_and(tied)} are within noise of each other (F1 intervals overlap)"
 
 
 def detect_overfitting(history: dict[str, np.ndarray], *, patience: int = DIVERGENCE_PATIENCE,
@@ -177,9 +220,11 @@ def calibration_sentence(calibration: dict) -> str:
 
 
 def derive_insights(metrics: dict, history: Any = None, *, k: int = 3, top_pairs: int = 5) -> dict:
-    """All insights as a JSON-ready dict with keys ``accuracy``, ``n_errors``, ``n_samples``,
-    ``digits`` (easiest/hardest), ``confused_pairs``, ``overfitting``, ``generalisation_gap``,
+    """All insights as a JSON-ready dict with keys ``accuracy``, ``accuracy_ci`` (None for metrics
+    without it), ``n_errors``, ``n_samples``, ``digits`` (easiest/hardest, see :func:`rank_digits`),
+    ``confused_pairs``, ``confused_pairs_within_noise`` (see :func:`confused_pairs_within_noise`), ``overfitting``, ``generalisation_gap``,
     ``calibration`` and ``summary`` (a list of one-sentence findings with their numbers)."""
+    from digitlens.intervals import format_ci
     from digitlens.plots.training_curves import normalise_history
 
     if history is not None:
@@ -192,17 +237,33 @@ def derive_insights(metrics: dict, history: Any = None, *, k: int = 3, top_pairs
     calibration = _calibration_insight(metrics)
 
     def fmt_digit(r):
-        return f"{r['digit']} (F1 {r['f1']:.3f}, recall {r['recall']:.3f}, n={r['support']})"
+        return (f"{r['digit']} (F1 {format_ci(r['f1'], r.get('f1_ci'), percent=False, digits=3)}, "
+                f"recall {r['recall']:.3f}, n={r['support']})")
 
-    summary = [f"Test accuracy {metrics['accuracy']:.2%}: {metrics['n_errors']:,} errors in "
-               f"{metrics['n_samples']:,} images (macro F1 {metrics['macro']['f1']:.4f})."]
+    def fmt_pair(p):
+        share = format_ci(p["share_of_true"], p.get("share_of_true_ci"), digits=1)
+        return f"{p['true']} read as {p['predicted']} ({p['count']}x, {share} of the {p['true']}s)"
+
+    macro = format_ci(metrics["macro"]["f1"], metrics["macro"].get("f1_ci"), percent=False, digits=4)
+    summary = [f"Test accuracy {format_ci(metrics['accuracy'], metrics.get('accuracy_ci'))}: "
+               f"{metrics['n_errors']:,} errors in {metrics['n_samples']:,} images (macro F1 {macro})"
+               + (f"; intervals are 95% (Wilson for accuracy, bootstrap over the test images with "
+                  f"{metrics['bootstrap']['n_resamples']:,} resamples for F1)." if "bootstrap" in metrics else ".")]
     if digits["easiest"]:
-        summary.append("Easiest digits: " + ", ".join(fmt_digit(r) for r in digits["easiest"]) + ".")
-        summary.append("Hardest digits: " + ", ".join(fmt_digit(r) for r in digits["hardest"]) + ".")
+        for label in ("easiest", "hardest"):
+            note = noise_sentence(digits, label)
+            summary.append(f"{label.capitalize()} digits: " + ", ".join(fmt_digit(r) for r in digits[label])
+                           + (f"; {note}." if note else "."))
+    tied_pairs = confused_pairs_within_noise(pairs)
     if pairs:
-        summary.append("Most confused: " + ", ".join(
-            f"{p['true']} read as {p['predicted']} ({p['count']}x, {p['share_of_true']:.1%} of the {p['true']}s)"
-            for p in pairs) + ".")
+        note = ""
+        if tied_pairs is not None and len(tied_pairs) > 1:
+            note = ("; " + _and(f"{pairs[i]['true']}→{pairs[i]['predicted']}" for i in tied_pairs)
+                    + " are within noise of each other (count intervals overlap)")
+        elif tied_pairs is not None and len(pairs) > 1:
+            note = (f"; {pairs[0]['true']}→{pairs[0]['predicted']} is the most frequent beyond noise "
+                    f"(its count interval overlaps no other pair's)")
+        summary.append("Most confused: " + ", ".join(fmt_pair(p) for p in pairs) + note + ".")
     else:
         summary.append("No confusions: every test image was classified correctly.")
     if overfitting.get("available"):
@@ -229,10 +290,12 @@ def derive_insights(metrics: dict, history: Any = None, *, k: int = 3, top_pairs
         summary.append(calibration_sentence(calibration))
     return {
         "accuracy": metrics["accuracy"],
+        "accuracy_ci": metrics.get("accuracy_ci"),
         "n_errors": metrics["n_errors"],
         "n_samples": metrics["n_samples"],
         "digits": digits,
         "confused_pairs": pairs,
+        "confused_pairs_within_noise": tied_pairs,
         "overfitting": overfitting,
         "generalisation_gap": gap,
         "calibration": calibration,
@@ -241,7 +304,10 @@ def derive_insights(metrics: dict, history: Any = None, *, k: int = 3, top_pairs
 
 
 def render_markdown(insights: dict, title: str = "Insights") -> str:
-    """``insights.md``: the summary sentences, then tables of the digits and confused pairs."""
+    """``insights.md``: the summary sentences, then tables of the digits and confused pairs (values
+    with their 95% intervals in brackets where the metrics have them)."""
+    from digitlens.intervals import format_ci
+
     lines = [f"# {title}", ""]
     lines += [f"- {sentence}" for sentence in insights["summary"]]
     digits = insights["digits"]
@@ -250,13 +316,15 @@ def render_markdown(insights: dict, title: str = "Insights") -> str:
                   "| | digit | F1 | precision | recall | test images |", "|---|---|---|---|---|---|"]
         for label in ("easiest", "hardest"):
             for r in digits[label]:
-                lines.append(f"| {label} | {r['digit']} | {r['f1']:.4f} | {r['precision']:.4f} | "
-                             f"{r['recall']:.4f} | {r['support']} |")
+                cells = [format_ci(r[key], r.get(f"{key}_ci"), percent=False, digits=4)
+                         for key in ("f1", "precision", "recall")]
+                lines.append(f"| {label} | {r['digit']} | {' | '.join(cells)} | {r['support']} |")
     if insights["confused_pairs"]:
         lines += ["", "## Most-confused pairs", "", "| true | predicted as | count | share of true digit |",
                   "|---|---|---|---|"]
         for p in insights["confused_pairs"]:
-            lines.append(f"| {p['true']} | {p['predicted']} | {p['count']} | {p['share_of_true']:.2%} |")
+            lines.append(f"| {p['true']} | {p['predicted']} | {p['count']} | "
+                         f"{format_ci(p['share_of_true'], p.get('share_of_true_ci'))} |")
     overfitting = insights["overfitting"]
     if overfitting.get("available"):
         lines += ["", "## Overfitting", "", f"Rule: {overfitting['rule']}.", ""]

@@ -17,6 +17,18 @@ def _nan_for_none(values) -> np.ndarray:
     return np.asarray([np.nan if v is None else v for v in values], dtype=np.float64)
 
 
+def bin_accuracy_intervals(accuracy, count, confidence: float = 0.95) -> np.ndarray:
+    """95% Wilson interval of the accuracy in each bin from its ``accuracy`` and ``count`` (each
+    (n_bins,)): array (n_bins, 2), NaN for empty bins."""
+    from digitlens.intervals import wilson_interval
+
+    accuracy = np.nan_to_num(_nan_for_none(accuracy))
+    count = np.asarray(count, dtype=np.int64)
+    ci = wilson_interval(np.clip(np.rint(accuracy * count), 0, count), count, confidence)
+    ci[count == 0] = np.nan
+    return ci
+
+
 class ReliabilityDiagramDisplay:
     """Top-label reliability diagram, optionally with a temperature-scaled second series.
 
@@ -132,13 +144,16 @@ class ReliabilityDiagramDisplay:
             top.bar(edges_left[filled], np.abs(confidence - accuracy)[filled], widths[filled],
                     bottom=gap_bottom[filled], align="edge", facecolor="none", hatch="///",
                     edgecolor="#d62728", lw=0.8, label="gap to mean confidence")
-            top.plot(conf[filled], acc[filled], marker, color="black", ms=4.5, ls="none",
-                     label="(mean confidence, accuracy)")
+            ci = bin_accuracy_intervals(acc, count)
+            yerr = np.clip(np.stack([acc - ci[:, 0], ci[:, 1] - acc]), 0, None)[:, filled]
+            top.errorbar(conf[filled], acc[filled], yerr=yerr, fmt=marker, color="black", ms=4.5,
+                         elinewidth=1.0, capsize=2.5, label="(mean confidence, accuracy)\nwith its 95% Wilson interval")
             top.plot([0, 1], [0, 1], "--", color="0.3", label="perfectly calibrated")
             top.set_xlim(0, 1)
-            top.set_ylim(0, 1.02)
+            top.set_ylim(0, 1.42)  # the legend sits above accuracy 1, clear of the bars and error bars
+            top.set_yticks(np.linspace(0, 1, 6))
             top.set_ylabel("accuracy")
-            top.legend(loc="upper left", fontsize=8, framealpha=0.9, title=f"{name}: ECE {ece:.4f}",
+            top.legend(loc="upper left", fontsize=7.5, framealpha=0.9, ncols=2, title=f"{name}: ECE {ece:.4f}",
                        title_fontsize=9)
             top.grid(alpha=0.3)
             top.set_title("raw probabilities" if i == 0 else f"after temperature scaling ({name.split(', ')[-1]})",

@@ -168,11 +168,34 @@ def temperature_scaling_of(run: RunData) -> dict | None:
     return {"note": str(note)} if note else None
 
 
+def metrics_of(run: RunData, p: dict | None) -> dict:
+    """``metrics.json`` when it describes the same predictions as ``p`` (same image count and
+    accuracy), else an empty dict: its intervals are then quoted beside the numbers."""
+    metrics = run.metrics or {}
+    if not p or metrics.get("n_samples") != p["n"] or not isinstance(metrics.get("accuracy"), (int, float)):
+        return {}
+    return metrics if abs(metrics["accuracy"] - p["accuracy"]) < 1e-9 else {}
+
+
+def interval(ci: Any, digits: int = 2, percent: bool = True) -> str:
+    """``" (95% interval 99.13-99.45%)"`` for a [low, high] pair, ``""`` without one."""
+    if not (isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(v, (int, float)) for v in ci)):
+        return ""
+    if percent:
+        return f" (95% interval {ci[0] * 100:.{digits}f}-{ci[1] * 100:.{digits}f}%)"
+    return f" (95% interval {ci[0]:.{digits}f}-{ci[1]:.{digits}f})"
+
+
+def accuracy_text(run: RunData, p: dict) -> str:
+    """The test accuracy in percent with its Wilson interval when ``metrics.json`` has one."""
+    return pct(p["accuracy"], 2) + interval(metrics_of(run, p).get("accuracy_ci"))
+
+
 def reading_confusion(run: RunData) -> list[str]:
     p = prediction_summary(run)
     if not p:
         return []
-    lines = [f"{p['correct']:,} of {p['n']:,} test images are classified correctly ({pct(p['accuracy'], 2)}); "
+    lines = [f"{p['correct']:,} of {p['n']:,} test images are classified correctly ({accuracy_text(run, p)}); "
              f"the {p['n'] - p['correct']:,} mistakes are the off-diagonal cells."]
     if p["most_confused"]:
         t, q, c = p["most_confused"]
@@ -189,8 +212,22 @@ def reading_per_digit(run: RunData) -> list[str]:
         return []
     f1 = p["f1"]
     hard, easy = int(np.argmin(f1)), int(np.argmax(f1))
-    lines = [f"Hardest digit: {hard} (F1 {f1[hard]:.3f}, precision {p['precision'][hard]:.3f}, recall {p['recall'][hard]:.3f}); "
-             f"easiest: {easy} (F1 {f1[easy]:.3f})."]
+    rows = metrics_of(run, p).get("per_digit") or []
+    ci = {r["digit"]: r.get("f1_ci") for r in rows if isinstance(r, dict) and "digit" in r}
+    line = (f"Hardest digit: {hard} (F1 {f1[hard]:.3f}{interval(ci.get(hard), 3, False)}, precision "
+            f"{p['precision'][hard]:.3f}, recall {p['recall'][hard]:.3f}); "
+            f"easiest: {easy} (F1 {f1[easy]:.3f}{interval(ci.get(easy), 3, False)})")
+    if len(ci) == len(f1) and all(ci.values()):
+        from digitlens.intervals import overlapping
+
+        digits = sorted(ci, key=lambda d: (f1[d], d))  # hardest first
+        tied = [digits[i] for i in overlapping([ci[d] for d in digits])]
+        if len(tied) > 1:
+            line += (f"; but the F1 intervals of digits {', '.join(map(str, tied))} overlap {hard}'s, "
+                     f"so the test set does not single out the hardest digit")
+        else:
+            line += f"; {hard}'s F1 interval overlaps no other digit's"
+    lines = [line + "."]
     low_recall = int(np.argmin(p["recall"]))
     lines.append(f"Lowest recall is for {low_recall} ({p['recall'][low_recall]:.3f}: "
                  f"{int(p['support'][low_recall] - p['confusion'][low_recall, low_recall])} of its {int(p['support'][low_recall])} "
@@ -219,12 +256,15 @@ def reading_reliability(run: RunData) -> list[str]:
     ece = ece_of(run)
     lines = []
     scaling = temperature_scaling_of(run)
+    metrics = run.metrics or {}
     if ece is not None:
-        line = f"Expected calibration error is {ece:.4f}: on average, confidence and accuracy differ by {ece * 100:.2f} points"
+        line = (f"Expected calibration error is {ece:.4f}{interval(metrics.get('ece_ci'), 4, False)}: on average, "
+                f"confidence and accuracy differ by {ece * 100:.2f} points")
         if scaling and "temperature" in scaling:
             split = "validation" if scaling["split"] == "val" else scaling["split"]
             line += (f"; temperature scaling fitted on the {split} split (T = {scaling['temperature']:.3g}) "
-                     f"brings it to {scaling['ece_calibrated']:.4f}.")
+                     f"brings it to {scaling['ece_calibrated']:.4f}"
+                     f"{interval(metrics.get('ece_calibrated_ci'), 4, False)}.")
         elif scaling:
             line += f" ({scaling['note']})."
         else:
@@ -232,7 +272,7 @@ def reading_reliability(run: RunData) -> list[str]:
         lines.append(line)
     if p and "mean_confidence" in p:
         gap = p["mean_confidence"] - p["accuracy"]
-        lines.append(f"Mean confidence {pct(p['mean_confidence'], 2)} against accuracy {pct(p['accuracy'], 2)}: "
+        lines.append(f"Mean confidence {pct(p['mean_confidence'], 2)} against accuracy {accuracy_text(run, p)}: "
                      f"the model is {'over' if gap > 0 else 'under'}confident by {abs(gap) * 100:.2f} points overall.")
     return lines
 
@@ -243,7 +283,7 @@ def reading_predictions(run: RunData) -> list[str]:
         return reading_confusion(run)[:1]
     lines = [f"Correct predictions carry a mean confidence of {pct(p.get('mean_confidence_right'), 1)}"
              + (f", mistakes {pct(p['mean_confidence_wrong'], 1)}." if "mean_confidence_wrong" in p else ".")]
-    lines.append(f"Accuracy over the whole test split is {pct(p['accuracy'], 2)} ({p['correct']:,} of {p['n']:,}).")
+    lines.append(f"Accuracy over the whole test split is {accuracy_text(run, p)} ({p['correct']:,} of {p['n']:,}).")
     return lines
 
 

@@ -116,3 +116,58 @@ def test_caption_when_not_significant_and_bad_input():
         paired_bootstrap_f1(y, a, b + 5)
     with pytest.raises(DigitlensError, match="1-D"):
         compare_predictions(y.reshape(10, 10), a, b)
+
+
+def test_report_writes_comparison_json_equal_to_the_module(tmp_path):
+    import json
+
+    from test_report import make_run, parse
+
+    from digitlens.report import write_report
+    from digitlens.runio import read_npz
+
+    rng = np.random.default_rng(2)
+    y = np.repeat(np.arange(10), 45)                                   # 450 test images
+    pa = np.where(rng.random(y.size) < 0.01, (y + 1) % 10, y)
+    pb = np.where(rng.random(y.size) < 0.08, (y + 3) % 10, y)
+    a = make_run(tmp_path, "cnn", val_accuracy=[0.9], val_loss=[0.3], y_true=y, y_pred=pa)
+    b = make_run(tmp_path, "vit", val_accuracy=[0.8], val_loss=[0.4], y_true=y, y_pred=pb)
+    out = write_report(a, compare=b)
+    js = json.loads((out.parent / "comparison.json").read_text())
+    na, nb = read_npz(a / "predictions.npz"), read_npz(b / "predictions.npz")
+    assert np.array_equal(na["y_true"], nb["y_true"])
+    m = mcnemar_exact(na["y_true"], na["y_pred"], nb["y_pred"])
+    f = paired_bootstrap_f1(na["y_true"], na["y_pred"], nb["y_pred"])
+    assert (js["b"], js["c"], js["n_images"]) == (m["b"], m["c"], y.size)
+    assert (js["name_a"], js["name_b"]) == ("cnn", "vit")
+    for key in ("mcnemar_p", "accuracy_difference", "accuracy_difference_ci"):
+        assert js[key] == pytest.approx(m[key])
+    for key in ("macro_f1_difference", "macro_f1_difference_ci", "macro_f1_difference_p"):
+        assert js[key] == pytest.approx(f[key])
+    assert len(js["per_digit"]) == 10
+    for got, want in zip(js["per_digit"], f["per_digit"]):
+        assert got == want                                               # JSON round-trips floats exactly
+    assert js["mcnemar_p"] < ALPHA and js["caption"].startswith("cnn is more accurate than vit by")
+    text = parse(out).text_all
+    assert js["caption"] in text
+    assert "Holm-corrected across digits" in text
+    assert "is more accurate on the test split" not in text           # the untested sentence is gone
+
+
+def test_report_without_a_paired_test_says_why(tmp_path):
+    from test_report import make_run, parse
+
+    from digitlens.report import write_report
+
+    y = np.repeat(np.arange(10), 20)
+    pred = y.copy()
+    pred[:5] = 1
+    a = make_run(tmp_path, "cnn", val_accuracy=[0.9], val_loss=[0.3], y_true=y, y_pred=pred)
+    b = make_run(tmp_path, "vit", val_accuracy=[0.8], val_loss=[0.4], y_true=y[::-1], y_pred=y[::-1])
+    out = write_report(a, compare=b)
+    assert not (out.parent / "comparison.json").exists()
+    text = parse(out).text_all
+    assert "untested: the two runs were evaluated on different test images" in text
+    (b / "predictions.npz").unlink()
+    text = parse(write_report(a, compare=b)).text_all
+    assert "untested: vit has no predictions.npz" in text

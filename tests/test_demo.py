@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 from pathlib import Path
 
@@ -56,6 +57,18 @@ def test_summary_is_read_from_the_runs(demo):
             assert row["most_faithful"] == best == em["ranking"][0]
             checks = em["faithfulness"]["methods"][best]
             assert checks["passes_sanity_check"] and checks["passes_random_logit"]
+    # the CNN-vs-ViT statement carries McNemar's exact p: oracle scipy's binomial test on the discordant images
+    from scipy.stats import binomtest
+
+    cnn, vit = (read_npz(Path(demo["runs"][m]) / "predictions.npz") for m in ("cnn", "vit"))
+    assert np.array_equal(cnn["y_true"], vit["y_true"])
+    right_cnn, right_vit = cnn["y_pred"] == cnn["y_true"], vit["y_pred"] == vit["y_true"]
+    b, c = int((right_cnn & ~right_vit).sum()), int((~right_cnn & right_vit).sum())
+    comp = demo["summary"]["comparison"]
+    assert (comp["name_a"], comp["name_b"], comp["b"], comp["c"]) == ("cnn", "vit", b, c)
+    assert comp["mcnemar_p"] == pytest.approx(binomtest(min(b, c), b + c, 0.5).pvalue if b + c else 1.0)
+    assert comp["accuracy_difference"] == pytest.approx(right_cnn.mean() - right_vit.mean())
+    assert "McNemar exact p" in comp["caption"] and html.escape(comp["caption"]) in Path(demo["reports"][0]).read_text()
     lora = [r for r in demo["summary"]["lora"] if r["method"] == "lora"]
     assert sorted(r["rank"] for r in lora) == sorted(FAST["adapt"]["ranks"])
     results = json.loads((Path(demo["runs"]["vit"]) / "adapt/groups/results.json").read_text())

@@ -77,9 +77,19 @@ def _prepare(folder: Path) -> None:
     write_json(folder / MARKER, {"status": "running"})
 
 
+# What the demo quotes from the CNN report's comparison.json (the paired CNN-vs-ViT test).
+COMPARISON_KEYS = ("name_a", "name_b", "n_images", "accuracy_difference", "accuracy_difference_ci", "b", "c",
+                   "mcnemar_p", "significant", "caption")
+
+
 def _summary(runs: dict[str, Path]) -> dict:
-    """Headline numbers read back from the run folders (accuracy, confusion, faithfulness, LoRA)."""
+    """Headline numbers read back from the run folders (accuracy, confusion, faithfulness, LoRA) and the
+    CNN-vs-ViT paired test (``comparison``: McNemar's p and the caption, from ``cnn/comparison.json``)."""
     out: dict[str, Any] = {"models": {}, "lora": []}
+    comparison_path = runs["cnn"] / "comparison.json"
+    if comparison_path.is_file():
+        comparison = read_json(comparison_path)
+        out["comparison"] = {k: comparison.get(k) for k in COMPARISON_KEYS}
     for name, run in runs.items():
         row: dict[str, Any] = {}
         metrics_path = run / "metrics.json"
@@ -115,6 +125,9 @@ def _print_summary(console, result: dict) -> None:
         table.add_row(name, "—" if acc is None else f"{acc * 100:.2f}%", row.get("most_confused", "—"),
                       row.get("most_faithful", "—"))
     console.print(table)
+    comparison = result["summary"].get("comparison")
+    if comparison:
+        console.print(f"Paired test on the same test images: {comparison['caption']}")
     lora = result["summary"]["lora"]
     if lora:
         table = Table(title=f"LoRA study on the ViT (task “{lora[0]['task']}”)", title_justify="left")

@@ -20,7 +20,7 @@ import numpy as np
 from digitlens.errors import DigitlensError
 from digitlens.report import readings as R
 from digitlens.report.collect import RunData, collect_run
-from digitlens.runio import write_text
+from digitlens.runio import write_json, write_text
 
 TEMPLATES = Path(__file__).with_name("templates")
 
@@ -162,8 +162,9 @@ def per_digit_table(run: RunData) -> Table | None:
                  run.name)
 
 
-def per_digit_diff_table(a: RunData, b: RunData) -> Table | None:
-    """Per-digit precision, recall and F1 of two runs with the F1 difference (b - a)."""
+def per_digit_diff_table(a: RunData, b: RunData, comparison: dict | None = None) -> Table | None:
+    """Per-digit precision, recall and F1 of two runs with the F1 difference (b - a); with ``comparison``
+    (:func:`paired_comparison`, a = its A) the caption says which differences survive Holm's correction."""
     pa, pb = R.prediction_summary(a), R.prediction_summary(b)
     if not pa or not pb or pa["labels"] != pb["labels"]:
         return None
@@ -180,9 +181,50 @@ def per_digit_diff_table(a: RunData, b: RunData) -> Table | None:
     else:
         caption = (f"{b.name} gains most on digit {up} (F1 {delta[up]:+.3f}) and loses most on digit {down} "
                    f"(F1 {delta[down]:+.3f}).")
+    if comparison:
+        caption += " " + holm_sentence(comparison, b.name, a.name)
     columns = ["Digit", f"Precision {a.name}", f"Precision {b.name}", f"Recall {a.name}", f"Recall {b.name}",
                f"F1 {a.name}", f"F1 {b.name}", "F1 difference"]
     return Table("Per-digit metrics compared", columns, rows, caption)
+
+
+def holm_sentence(comparison: dict, name_b: str, name_a: str) -> str:
+    """Which per-digit F1 differences (``name_b`` - ``name_a``) are significant after Holm's correction."""
+    from digitlens.comparison import format_p
+
+    alpha = comparison["alpha"]
+    sig = [d for d in comparison["per_digit"] if d["p_holm"] < alpha]
+    head = (f"Paired bootstrap ({comparison['n_resamples']:,} resamples of the same "
+            f"{comparison['n_images']:,} images), Holm-corrected across digits at {alpha:g}: ")
+    if not sig:
+        low = min(comparison["per_digit"], key=lambda d: d["p_holm"])
+        return head + (f"no digit's F1 difference is significant (smallest corrected p {format_p(low['p_holm'], alpha)}, "
+                       f"digit {low['digit']}).")
+    parts = []
+    for d in sig:  # comparison differences are A - B = name_a - name_b; the table shows name_b - name_a
+        lo, hi = d["f1_difference_ci"]
+        parts.append(f"digit {d['digit']} (F1 {-d['f1_difference']:+.3f}, 95% CI {-hi:+.3f} to {-lo:+.3f}, "
+                     f"corrected p {format_p(d['p_holm'], alpha)})")
+    return head + "significant for " + "; ".join(parts) + "."
+
+
+def paired_comparison(a: RunData, b: RunData, *, n_resamples: int = 1000, seed: int = 0) -> tuple[dict | None, str | None]:
+    """(:func:`digitlens.comparison.compare_predictions` of ``a`` (A) against ``b`` (B), None) when both
+    runs hold ``predictions.npz`` on the same test images; (None, a note saying why not) otherwise."""
+    from digitlens.comparison import compare_predictions
+
+    for run in (a, b):
+        if not run.predictions or "y_true" not in run.predictions or "y_pred" not in run.predictions:
+            return None, f"{run.name} has no predictions.npz, so the two runs cannot be compared image by image"
+    ya, yb = np.asarray(a.predictions["y_true"]), np.asarray(b.predictions["y_true"])
+    if ya.shape != yb.shape or not np.array_equal(ya, yb):
+        return None, ("the two runs were evaluated on different test images (their y_true differ), "
+                      "so no paired test applies")
+    pa, pb = np.asarray(a.predictions["y_pred"]), np.asarray(b.predictions["y_pred"])
+    n_classes = max(int(a.config.get("n_classes") or 10), int(max(ya.max(), pa.max(), pb.max())) + 1)
+    result = compare_predictions(ya, pa, pb, a.name, b.name, n_classes=n_classes, n_resamples=n_resamples, seed=seed)
+    result["run_a"], result["run_b"] = str(a.run_dir), str(b.run_dir)
+    return result, None
 
 
 def confused_pairs_table(run: RunData, top: int = 5) -> Table | None:
@@ -382,8 +424,9 @@ def markdown_to_html(text: str) -> str:
     return re.sub(r"<(/?)h([1-4])>", lambda m: f"<{m.group(1)}h{min(int(m.group(2)) + 2, 6)}>", body)
 
 
-def build_sections(runs: list[RunData]) -> list[Section]:
-    """The report's sections for one run, or two runs side by side; empty sections dropped."""
+def build_sections(runs: list[RunData], comparison: dict | None = None, note: str | None = None) -> list[Section]:
+    """The report's sections for one run, or two runs side by side; empty sections dropped.
+    ``comparison`` (:func:`paired_comparison`) or ``note`` (why there is none) word the comparison."""
     sections = {sid: Section(sid, title) for sid, title in SECTIONS}
     # Figures: one slot per relative path; panels from every run that has it.
     slots: dict[str, tuple[int, FigureSpec | None, str, Path]] = {}
@@ -400,7 +443,7 @@ def build_sections(runs: list[RunData]) -> list[Section]:
                 panels.append(Panel(run.name, data_uri(run.figure_path(rel)), key,
                                     R.reading(spec.kind if spec else None, run, str(rel.with_suffix("")))))
         sections[sid].figures.append(Figure(_slug("fig-" + key), figure_caption(rel, spec), panels))
-    diff = per_digit_diff_table(*runs) if len(runs) == 2 else None
+    diff = per_digit_diff_table(*runs, comparison) if len(runs) == 2 else None
     if diff:
         sections["evaluation"].tables.append(diff)
     for index, run in enumerate(runs, start=1):
@@ -411,11 +454,13 @@ def build_sections(runs: list[RunData]) -> list[Section]:
             sections[sid].tables += tables
             sections[sid].html_blocks += _section_blocks(sid, run, index if len(runs) > 1 else None)
     overview = sections["overview"]
-    overview.tables.append(overview_table(runs))
+    overview.tables.append(overview_table(runs, comparison, note))
     return [s for s in sections.values() if not s.empty]
 
 
-def overview_table(runs: list[RunData]) -> Table:
+def overview_table(runs: list[RunData], comparison: dict | None = None, note: str | None = None) -> Table:
+    """Headline facts, one column per run; for two runs a difference column and a caption: the paired
+    test's (``comparison``) when there is one, else the accuracies with ``note`` saying why no test."""
     facts = [overview_facts(r) for r in runs]
     keys: list[str] = []
     for f in facts:
@@ -438,11 +483,13 @@ def overview_table(runs: list[RunData]) -> Table:
         rows.append(row)
     title = "Runs compared" if len(runs) == 2 else "Run at a glance"
     caption = ""
-    if len(runs) == 2 and all("Test accuracy" in f for f in facts):
+    if len(runs) == 2 and comparison:
+        caption = comparison["caption"] + " Difference: second run minus first."
+    elif len(runs) == 2 and all("Test accuracy" in f for f in facts):
         a, b = facts[0]["Test accuracy"], facts[1]["Test accuracy"]
-        better = runs[1].name if b > a else runs[0].name
-        caption = (f"{better} is more accurate on the test split by {abs(b - a) * 100:.2f} points "
-                   f"({R.pct(max(a, b), 2)} against {R.pct(min(a, b), 2)}). Difference: second run minus first.")
+        caption = (f"Test accuracy {R.pct(a, 2)} ({runs[0].name}) against {R.pct(b, 2)} ({runs[1].name}), "
+                   f"{abs(b - a) * 100:.2f} points apart; untested: {note or 'no paired test'}. "
+                   "Difference: second run minus first.")
     return Table(title, columns, rows, caption)
 
 
@@ -464,7 +511,11 @@ def render(runs: list[RunData], sections: list[Section]) -> str:
 
 def write_report(run_dir: str | Path, *, compare: str | Path | None = None, out: str | Path | None = None) -> Path:
     """Write ``run_dir/report.html`` (or ``out``): one self-contained HTML file for the run,
-    with ``compare`` (another run folder) side by side when given. Returns the path written."""
+    with ``compare`` (another run folder) side by side when given. Returns the path written.
+
+    With ``compare``, when both runs hold ``predictions.npz`` on the same test images, also writes
+    ``comparison.json`` beside the report (:func:`paired_comparison`: McNemar's exact test, paired
+    bootstrap intervals, Holm-corrected per-digit F1; this run is A, ``compare`` is B)."""
     runs = [collect_run(run_dir)]
     if compare is not None:
         other = collect_run(compare)
@@ -473,6 +524,9 @@ def write_report(run_dir: str | Path, *, compare: str | Path | None = None, out:
         if other.name == runs[0].name:  # two folders with one name: tell them apart in the columns
             other.name = f"{other.run_dir.resolve().parent.name}/{other.name}"
         runs.append(other)
-    sections = build_sections(runs)
     target = Path(out) if out is not None else runs[0].run_dir / "report.html"
+    comparison, note = paired_comparison(*runs) if len(runs) == 2 else (None, None)
+    if comparison:
+        write_json(target.parent / "comparison.json", comparison)
+    sections = build_sections(runs, comparison, note)
     return write_text(target, render(runs, sections))

@@ -589,3 +589,22 @@ def test_every_flag_an_error_names_exists_and_methods_take_dashes(tiny_cnn):
                     for cmd in ("train", "evaluate", "explain", "adapt", "subspace", "report", "demo"))
     missing = sorted(flag for flag in named if flag not in helps)
     assert not missing, f"errors name flags no command has: {missing}"
+
+
+def test_the_verdict_says_when_the_runner_up_is_within_noise():
+    from digitlens.explain.verdict import margin_over_runner_up
+    from digitlens.intervals import bootstrap_indices
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(0.3, 0.2, 400)
+    verdict = {"most_faithful": "a", "ranking": ["a", "b", "c"], "eligible": ["a", "b"]}
+    close = margin_over_runner_up(verdict, {"a": base + 0.002, "b": base + rng.normal(0, 0.05, 400), "c": base})
+    assert close["runner_up"] == "b" and close["within_noise"]
+    far = margin_over_runner_up(verdict, {"a": base + 0.1, "b": base, "c": base})
+    assert not far["within_noise"] and far["difference"] == pytest.approx(0.1)
+    # the interval is the percentile interval of the paired bootstrap means, computed by a loop
+    diff = (base + 0.1) - base
+    means = [diff[row].mean() for row in bootstrap_indices(400, 1000, 0)]
+    np.testing.assert_allclose(far["difference_ci"], np.quantile(means, [0.025, 0.975]))
+    assert margin_over_runner_up({"most_faithful": "a", "ranking": ["a", "b"], "eligible": ["a"]},
+                                 {"a": base, "b": base}) == {}

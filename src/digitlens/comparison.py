@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 
 from digitlens.errors import DigitlensError
+from digitlens.intervals import bootstrap_indices
+from digitlens.intervals import percentile_interval as _percentile_interval
 
 #: Significance level of every test here (McNemar, bootstrap, Holm-corrected per digit).
 ALPHA = 0.05
@@ -51,20 +53,17 @@ def _check(y_true: Any, pred_a: Any, pred_b: Any) -> tuple[np.ndarray, np.ndarra
 
 
 def resample_indices(n: int, n_resamples: int = 1000, seed: int = 0) -> np.ndarray:
-    """Bootstrap image indices, shape (n_resamples, n), from ``numpy.random.default_rng(seed)``.
+    """Bootstrap image indices, shape (n_resamples, n): :func:`digitlens.intervals.bootstrap_indices`.
 
     The same rows index both models' predictions: that is what makes the bootstrap paired.
     """
-    if n_resamples < 1:
-        raise DigitlensError(f"n_resamples: must be >= 1, got {n_resamples}")
-    return np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
+    return bootstrap_indices(n, n_resamples, seed)
 
 
-def percentile_interval(samples: np.ndarray, confidence: float = CONFIDENCE) -> list[float]:
-    """``[low, high]`` percentile interval of bootstrap ``samples`` (shape (R,) -> 2 floats, (R, K) -> (K, 2) list)."""
-    tail = (1 - confidence) / 2 * 100
-    lo, hi = np.percentile(samples, [tail, 100 - tail], axis=0)
-    return np.stack([lo, hi], axis=-1).tolist()
+def percentile_interval(samples: np.ndarray, confidence: float = CONFIDENCE) -> list:
+    """``[low, high]`` percentile interval of bootstrap ``samples`` as lists ((R,) -> 2 floats,
+    (R, K) -> K pairs): :func:`digitlens.intervals.percentile_interval`."""
+    return _percentile_interval(samples, confidence).tolist()
 
 
 def bootstrap_p(samples: np.ndarray) -> np.ndarray | float:

@@ -104,6 +104,9 @@ def _summary(runs: dict[str, Path]) -> dict:
             em = read_json(em_path)
             if "most_faithful" in em:  # the explain stage's verdict, never re-derived here
                 row["most_faithful"] = em["most_faithful"] or "none passes both sanity checks"
+                margin = (em.get("faithfulness") or {}).get("margin") or {}
+                if margin.get("within_noise"):
+                    row["most_faithful"] += f" ({margin['runner_up']} within noise)"
         out["models"][name] = row
         for results_path in sorted((run / "adapt").glob("*/results.json")) if (run / "adapt").is_dir() else []:
             results = read_json(results_path)

@@ -15,7 +15,7 @@ from digitlens.explain.faithfulness import (INK_THRESHOLD, RANDOM_LOGIT_THRESHOL
                                             curve_auc, ink_random_order, patch_order, perturbation_curves,
                                             random_logit_similarity, random_order)
 from digitlens.explain.road import ROAD_FRACTIONS, road_auc, road_curves
-from digitlens.explain.verdict import SANITY_MAX_SPEARMAN, rank_methods
+from digitlens.explain.verdict import SANITY_MAX_SPEARMAN, margin_over_runner_up, rank_methods
 from digitlens.explain.methods import (CAM_METHODS, IG_TOLERANCE, INPUT_GRADIENT_METHODS, attribute, fold_batch_norm,
                                       gradcam_layer_name, layer_reach, parse_methods, prepare_model)
 
@@ -80,7 +80,7 @@ def faithfulness_report(model: nn.Module, images: torch.Tensor, targets: np.ndar
     result = {"n_images": int(n), "grid": grid, "sanity_n_images": int(min(sanity_size, n)), "methods": {},
               "road_fractions": list(ROAD_FRACTIONS), "ink_threshold": INK_THRESHOLD,
               "random_logit_threshold": RANDOM_LOGIT_THRESHOLD, "sanity_max_spearman": SANITY_MAX_SPEARMAN}
-    curves = {}
+    curves, per_image_score = {}, {}
     pixel_maps = {m: _abs_maps(model, images, targets, m, batch_size, **method_kwargs.get(m, {})) for m in methods}
     orders = {m: (patch_order(pool_to_grid(a, grid), seed=seed), patch_order(a, seed=seed)) for m, a in pixel_maps.items()}
     orders["random"] = (random_order(n, grid * grid, seed), random_order(n, h * w, seed))
@@ -92,6 +92,7 @@ def faithfulness_report(model: nn.Module, images: torch.Tensor, targets: np.ndar
                 for level, o, g in (("", order, grid), ("_pixel", pixel_order, h)) for mode in ("morf", "lerf")}
         curves[name] = {"deletion": dele.mean(0).tolist(), "insertion": ins.mean(0).tolist(),
                         **{k: v.mean(0).tolist() for k, v in road.items()}}
+        per_image_score[name] = _per_image_area(road["road_lerf"]) - _per_image_area(road["road_morf"])
         row = {"deletion_auc": curve_auc(dele), "insertion_auc": curve_auc(ins),
                **{f"{k}_auc": road_auc(v) for k, v in road.items()}}
         row["insertion_minus_deletion"] = row["insertion_auc"] - row["deletion_auc"]
@@ -132,7 +133,22 @@ def faithfulness_report(model: nn.Module, images: torch.Tensor, targets: np.ndar
             result["methods"][m]["random_logit_spearman"] = float(np.mean(similarity))
             result["methods"][m]["passes_random_logit"] = bool(np.mean(similarity) < RANDOM_LOGIT_THRESHOLD)
     result.update(rank_methods(result["methods"]))
+    margin = margin_over_runner_up(result, per_image_score, seed=seed)
+    if margin:
+        result["margin"] = margin
+        if margin["within_noise"]:
+            lo, hi = margin["difference_ci"]
+            result["verdict"] += (f"; {margin['runner_up'].replace('_', ' ')} is within noise of it (ROAD score "
+                                  f"difference {margin['difference']:.3f}, 95% interval {lo:.3f} to {hi:.3f} over "
+                                  f"{n} images)")
     return result
+
+
+def _per_image_area(curves: np.ndarray, fractions=ROAD_FRACTIONS) -> np.ndarray:
+    """Area under each image's ROAD curve (N, F) -> (N,), as :func:`road_auc` averages it."""
+    f = np.asarray(fractions, dtype=np.float64)
+    c = np.asarray(curves, dtype=np.float64)
+    return ((c[:, 1:] + c[:, :-1]) * np.diff(f)).sum(axis=1) / 2 / (f[-1] - f[0])
 
 
 def explain_model(model: nn.Module, images, labels, *, methods=None, group_by: str = "true", grid: int = 7,

@@ -22,6 +22,8 @@ verdict says so, since then its maps localise the evidence no better than the in
 
 from __future__ import annotations
 
+import numpy as np
+
 #: A method whose maps keep a mean rank correlation of at least this with the maps of a fully
 #: re-initialised model fails the randomisation check (Adebayo et al. 2018 judge by eye; 0.5 is
 #: digitlens' cut-off).
@@ -75,4 +77,27 @@ def rank_methods(rows: dict) -> dict:
                         "patches in random order, so its maps localise the evidence no better than the ink does")
     else:
         verdict = "no method passes both sanity checks, so none is called most faithful"
-    return {"ranking": ranking, "most_faithful": best, "verdict": verdict, "rule": RULE}
+    return {"ranking": ranking, "most_faithful": best, "verdict": verdict, "rule": RULE,
+            "eligible": [m for m in ranking if rows[m]["eligible"]]}
+
+
+def margin_over_runner_up(verdict: dict, per_image_scores: dict, *, n_resamples: int = 1000, seed: int = 0) -> dict:
+    """How far ``verdict['most_faithful']`` is ahead of the next eligible method, paired over images.
+
+    ``per_image_scores``: {method: ndarray (N,) of per-image ROAD scores (LeRF AUC - MoRF AUC)}.
+    Returns {} when there is no runner-up, else ``runner_up``, ``difference`` (mean best - runner-up),
+    ``difference_ci`` (95% paired percentile bootstrap over images, the same resamples for both) and
+    ``within_noise`` (the interval contains 0: the data do not tell the two apart).
+    """
+    from digitlens.intervals import bootstrap_indices, percentile_interval
+
+    best = verdict.get("most_faithful")
+    eligible = [m for m in verdict.get("ranking", []) if m != best and m in verdict.get("eligible", [])]
+    if best is None or not eligible:
+        return {}
+    runner_up = eligible[0]
+    diff = np.asarray(per_image_scores[best], dtype=np.float64) - np.asarray(per_image_scores[runner_up], dtype=np.float64)
+    boot = diff[bootstrap_indices(len(diff), n_resamples, seed)].mean(axis=1)
+    low, high = (float(v) for v in percentile_interval(boot))
+    return {"runner_up": runner_up, "difference": float(diff.mean()), "difference_ci": [low, high],
+            "within_noise": bool(low <= 0.0 <= high)}

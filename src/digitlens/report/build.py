@@ -291,7 +291,9 @@ def best_explain_method(run: RunData) -> str | None:
     it; 'none passes both sanity checks' when it named none; None for runs explained before the verdict."""
     em = run.explain_metrics or {}
     if "most_faithful" in em:
-        return em["most_faithful"] or "none passes both sanity checks"
+        margin = R.dig(em, "faithfulness.margin", default={}) or {}
+        tie = f" ({margin['runner_up']} within noise)" if margin.get("within_noise") else ""
+        return (em["most_faithful"] or "none passes both sanity checks") + tie
     return None
 
 

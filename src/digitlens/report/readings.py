@@ -339,6 +339,11 @@ def reading_faithfulness(run: RunData, stem: str = "") -> list[str]:
     if best:
         line = (f"Most faithful: {label(best)}, ROAD score (LeRF − MoRF AUC) {rows[best]['road_score']:.3f}; it passes "
                 f"the randomisation and random-logit checks")
+        margin = f.get("margin") or {}
+        if margin.get("within_noise"):
+            lo, hi = margin["difference_ci"]
+            line += (f"; {label(margin['runner_up'])} is within noise of it (difference {margin['difference']:.3f}, "
+                     f"95% interval {lo:.3f} to {hi:.3f})")
         if "road_morf_auc" in ink:
             beats = rows[best].get("beats_ink_random")
             line += (f". Removing its most relevant patches first {'hurts the prediction more than' if beats else 'hurts the prediction no more than'} "

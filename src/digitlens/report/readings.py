@@ -195,7 +195,7 @@ def reading_confusion(run: RunData) -> list[str]:
     p = prediction_summary(run)
     if not p:
         return []
-    lines = [f"{p['correct']:,} of {p['n']:,} test images are classified correctly ({accuracy_text(run, p)}); "
+    lines = [f"{p['correct']:,} of {p['n']:,} test images are classified correctly, {accuracy_text(run, p)}; "
              f"the {p['n'] - p['correct']:,} mistakes are the off-diagonal cells."]
     if p["most_confused"]:
         t, q, c = p["most_confused"]

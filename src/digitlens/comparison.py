@@ -22,15 +22,13 @@ from typing import Any
 import numpy as np
 
 from digitlens.errors import DigitlensError
-from digitlens.intervals import bootstrap_indices
+from digitlens.intervals import bootstrap_indices, confusion_matrices, scores_from_confusion
 from digitlens.intervals import percentile_interval as _percentile_interval
 
 #: Significance level of every test here (McNemar, bootstrap, Holm-corrected per digit).
 ALPHA = 0.05
 #: Coverage of the bootstrap intervals.
 CONFIDENCE = 0.95
-#: Resamples drawn at once when building confusion matrices (bounds memory at ~chunk x N indices).
-_CHUNK = 200
 
 
 def _check(y_true: Any, pred_a: Any, pred_b: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -118,25 +116,10 @@ def mcnemar_exact(y_true: Any, pred_a: Any, pred_b: Any, *, n_resamples: int = 1
             "accuracy_difference": float(diff_per_image.mean()), "accuracy_difference_ci": percentile_interval(boot)}
 
 
-def confusions(y_true: np.ndarray, pred: np.ndarray, idx: np.ndarray, n_classes: int) -> np.ndarray:
-    """Confusion matrices of ``pred`` on each resample ``idx[r]``, shape (R, n_classes, n_classes),
-    rows true, columns predicted; one ``np.bincount`` on flattened indices per chunk of resamples."""
-    k2 = n_classes * n_classes
-    cell = y_true * n_classes + pred                   # (N,) cell of each image
-    out = np.empty((idx.shape[0], n_classes, n_classes), dtype=np.int64)
-    for start in range(0, idx.shape[0], _CHUNK):
-        rows = idx[start:start + _CHUNK]
-        keys = (np.arange(rows.shape[0])[:, None] * k2 + cell[rows]).ravel()
-        out[start:start + rows.shape[0]] = np.bincount(keys, minlength=rows.shape[0] * k2).reshape(-1, n_classes, n_classes)
-    return out
-
-
-def f1_from_confusion(cm: np.ndarray) -> np.ndarray:
-    """Per-class F1 = 2TP / (2TP + FP + FN) of confusion matrices (..., K, K) -> (..., K); 0 where undefined
-    (a digit neither present nor predicted), as scikit-learn's ``zero_division=0``."""
-    tp = np.diagonal(cm, axis1=-2, axis2=-1).astype(np.float64)
-    denom = cm.sum(axis=-1) + cm.sum(axis=-2)          # (TP + FN) + (TP + FP)
-    return np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
+def f1_of_resamples(y_true: np.ndarray, pred: np.ndarray, idx: np.ndarray, n_classes: int) -> np.ndarray:
+    """Per-digit F1 of ``pred`` on each resample ``idx[r]``: (R, n_classes), 0 where undefined
+    (scikit-learn's ``zero_division=0``), from :mod:`digitlens.intervals`' confusion matrices."""
+    return scores_from_confusion(confusion_matrices(y_true, pred, idx, n_classes))["f1"]
 
 
 def paired_bootstrap_f1(y_true: Any, pred_a: Any, pred_b: Any, n_classes: int = 10, n_resamples: int = 1000,
@@ -154,9 +137,9 @@ def paired_bootstrap_f1(y_true: Any, pred_a: Any, pred_b: Any, n_classes: int = 
     if idx is None:
         idx = resample_indices(y.size, n_resamples, seed)
     full = np.arange(y.size)[None, :]
-    f1_a = f1_from_confusion(confusions(y, a, full, n_classes))[0]
-    f1_b = f1_from_confusion(confusions(y, b, full, n_classes))[0]
-    boot = f1_from_confusion(confusions(y, a, idx, n_classes)) - f1_from_confusion(confusions(y, b, idx, n_classes))
+    f1_a = f1_of_resamples(y, a, full, n_classes)[0]
+    f1_b = f1_of_resamples(y, b, full, n_classes)[0]
+    boot = f1_of_resamples(y, a, idx, n_classes) - f1_of_resamples(y, b, idx, n_classes)
     macro_boot = boot.mean(axis=1)
     p_digit = bootstrap_p(boot)
     p_holm = holm(p_digit)

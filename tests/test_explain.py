@@ -608,3 +608,26 @@ def test_the_verdict_says_when_the_runner_up_is_within_noise():
     np.testing.assert_allclose(far["difference_ci"], np.quantile(means, [0.025, 0.975]))
     assert margin_over_runner_up({"most_faithful": "a", "ranking": ["a", "b"], "eligible": ["a"]},
                                  {"a": base, "b": base}) == {}
+
+
+def test_explain_compare_carries_the_paired_accuracy_test(tmp_path, tiny_cnn, digits):
+    from scipy.stats import binomtest
+
+    from digitlens.explain.run import explain_run, predict
+
+    run_a = _write_run(tmp_path / "a", tiny_cnn, "cnn", {"widths": [4, 8, 8]})
+    torch.manual_seed(5)
+    other = _train(build_model("cnn", widths=(4, 8, 8)), digits.train.images[:300], digits.train.labels[:300], epochs=1)
+    run_b = _write_run(tmp_path / "b", other, "cnn", {"widths": [4, 8, 8]})
+    summary = explain_run(run_a, methods="saliency", split="val", faithfulness_size=0, figures=False, progress=False,
+                          compare=run_b)
+    comp = summary["comparison"]
+    x, y = digits.val.images, digits.val.labels.numpy()
+    right_a = predict(prepare_model(tiny_cnn), x)[0] == y
+    right_b = predict(prepare_model(other), x)[0] == y
+    b, c = int((right_a & ~right_b).sum()), int((~right_a & right_b).sum())
+    assert (comp["b"], comp["c"]) == (b, c)
+    assert comp["mcnemar_p"] == pytest.approx(binomtest(min(b, c), b + c, 0.5).pvalue if b + c else 1.0)
+    assert "McNemar" in comp["caption"]
+    saved = json.loads((run_a / "explain" / "explain_metrics.json").read_text())
+    assert saved["comparison"]["caption"] == comp["caption"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 import time
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from digitlens.comparison import compare_predictions
 from digitlens.errors import DigitlensError
 from digitlens.explain.aggregate import PerDigitMaps, group_names, has_mass, normalise_maps, pool_to_grid
 from digitlens.explain.faithfulness import (INK_THRESHOLD, RANDOM_LOGIT_THRESHOLD, cascading_randomisation,
@@ -370,7 +372,7 @@ def _peaks_on_unseen(result: dict) -> dict:
 
 def _json_summary(result: dict) -> dict:
     keep = ("methods", "group_by", "group_names", "grid", "target", "n_images", "seconds", "integrated_gradients",
-            "gradcam_layer", "empty_maps", "unseen_patches", "outer_ring_share", "faithfulness")
+            "gradcam_layer", "empty_maps", "unseen_patches", "outer_ring_share", "faithfulness", "comparison")
     summary = {k: result[k] for k in keep if k in result}
     summary["counts"] = result["counts"].tolist()
     summary["peaks_on_unseen_patches"] = _peaks_on_unseen(result)
@@ -452,6 +454,19 @@ def _saved_maps(run_dir: Path, methods, result: dict, split: str) -> dict:
     return {m: load_maps(run_dir, m)["maps"] for m in methods if m in saved}
 
 
+def _paired_accuracy_test(result: dict, name_a: str, name_b: str, other_model: nn.Module, data) -> dict:
+    """McNemar's exact test (and the paired bootstrap) of this run's predictions against the other
+    run's on the same images (:func:`digitlens.comparison.compare_predictions`); a note instead
+    when the two splits are not the same images."""
+    labels_b = data.labels.numpy()
+    if labels_b.shape != result["y_true"].shape or not np.array_equal(labels_b, result["y_true"]):
+        return {"note": f"{name_b} was explained on other images than {name_a}: no paired test"}
+    pred_b, _ = predict(prepare_model(other_model), data.images)
+    out = compare_predictions(result["y_true"], result["y_pred"], pred_b, name_a, name_b)
+    return {k: out[k] for k in ("name_a", "name_b", "n_images", "b", "c", "mcnemar_p", "accuracy_difference",
+                                "accuracy_difference_ci", "significant", "caption") if k in out}
+
+
 def _write_comparisons(run_dir: Path, result: dict, compare, compare_methods: bool, **kw) -> list[str]:
     from digitlens.plots._common import pyplot
 
@@ -467,7 +482,8 @@ def _write_comparisons(run_dir: Path, result: dict, compare, compare_methods: bo
         if len(result["methods"]) < 2:
             raise DigitlensError("--compare-methods: give at least two --methods")
         a, b = result["methods"][:2]
-        pairs.append((f"{a}_vs_{b}", result["maps"][a], result["maps"][b], f"{run_dir.name}: {a}", f"{run_dir.name}: {b}"))
+        pairs.append((f"{a}_vs_{b}", result["maps"][a], result["maps"][b], f"{run_dir.name}: {a}", f"{run_dir.name}: {b}",
+                      None))
     if compare is not None:
         other = Path(compare)
         other_model = load_model(other)
@@ -477,19 +493,21 @@ def _write_comparisons(run_dir: Path, result: dict, compare, compare_methods: bo
             raise DigitlensError(f"--compare {other}: no method applies to both runs")
         other_maps = _saved_maps(other, other_methods, result, kw["split"])
         missing = [m for m in other_methods if m not in other_maps]
+        data = load_run_split(other, kw["split"], kw["data_dir"])
+        result["comparison"] = _paired_accuracy_test(result, run_dir.name, other.name, other_model, data)
         if missing:
-            data = load_run_split(other, kw["split"], kw["data_dir"])
             other_result = explain_model(other_model, data.images, data.labels.numpy(), methods=missing,
                                          group_by=result["group_by"], grid=result["grid"], batch_size=kw["batch_size"],
                                          progress=kw["progress"], faithfulness_size=0, gradcam_layer=kw["gradcam_layer"],
                                          ig_tolerance=kw["ig_tolerance"], ig_n_steps=kw["ig_n_steps"])
             other_maps.update(other_result["maps"])
+        caption = result["comparison"].get("caption")  # the paired accuracy test, on every run-vs-run figure
         for m in other_methods:
             pairs.append((f"{m}_{run_dir.name}_vs_{other.name}", result["maps"][m], other_maps[m],
-                          f"{run_dir.name}: {m}", f"{other.name}: {m}"))
-    for stem, maps_a, maps_b, name_a, name_b in pairs:
+                          f"{run_dir.name}: {m}", f"{other.name}: {m}", textwrap.fill(caption, 160) if caption else None))
+    for stem, maps_a, maps_b, name_a, name_b, title in pairs:
         disp = PerDigitMapsComparisonDisplay(maps_a=maps_a, maps_b=maps_b, name_a=name_a, name_b=name_b,
-                                             group_names=result["group_names"]).plot()
+                                             group_names=result["group_names"], title=title).plot()
         save_figure(disp.figure_, fig_dir / f"compare_{stem}")
         plt.close(disp.figure_)
         written.append(f"compare_{stem}.png")

@@ -258,8 +258,11 @@ def overview_facts(run: RunData) -> dict[str, Any]:
         "Training time (s)": h.get("seconds"),
         "Best validation accuracy": h.get("best_val_accuracy"),
         "Test accuracy": p.get("accuracy", R.dig(run.metrics or {}, "accuracy")),
+        "Test accuracy, 95% interval (Wilson)": _interval_text(R.dig(run.metrics or {}, "accuracy_ci"), percent=True),
         "Macro F1": float(np.mean(p["f1"])) if p else R.dig(run.metrics or {}, "macro.f1", "macro_f1", "f1_macro"),
+        "Macro F1, 95% interval (bootstrap)": _interval_text(R.dig(run.metrics or {}, "macro.f1_ci")),
         "Expected calibration error": R.ece_of(run),
+        "ECE, 95% interval (bootstrap)": _interval_text(R.dig(run.metrics or {}, "ece_ci")),
         "ECE after temperature scaling": R.dig(run.metrics or {}, "ece_calibrated"),
         "Temperature (fitted on validation)": R.dig(run.metrics or {}, "temperature"),
         "Test images": p.get("n"),
@@ -275,6 +278,13 @@ def overview_facts(run: RunData) -> dict[str, Any]:
 
 
 PERCENT_FACTS = {"Best validation accuracy", "Test accuracy"}
+
+
+def _interval_text(ci: Any, percent: bool = False) -> str | None:
+    """``"99.19-99.51%"`` (or ``"0.9915-0.9950"``) for a [low, high] pair from ``metrics.json``; None without one."""
+    if not (isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(v, (int, float)) for v in ci)):
+        return None
+    return f"{ci[0] * 100:.2f}-{ci[1] * 100:.2f}%" if percent else f"{ci[0]:.4f}-{ci[1]:.4f}"
 NO_DIFF_FACTS = {"Seed"}
 
 

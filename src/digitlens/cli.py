@@ -56,6 +56,7 @@ def train_command(
     model: Optional[str] = typer.Option(None, "--model", help="cnn (default), mlp or vit."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs (default: the fast per-model setting, 1 for cnn on mnist)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default 0)."),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="Comma-separated seeds (0,1,2): one run per seed in --out/seed_S/ plus --out/group.json."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder with the MNIST IDX files."),
     resume: bool = typer.Option(False, "--resume", help="Continue the killed run in --out from its last checkpoint."),
     width: Optional[list[int]] = typer.Option(None, "--width", help="Repeat for each width: cnn 3 channel counts, mlp hidden sizes, vit one embedding dim."),
@@ -68,11 +69,25 @@ def train_command(
     schedule: Optional[str] = typer.Option(None, "--schedule", help="onecycle or constant (default onecycle)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
-    """Train a digit classifier; write config.json, history.csv, checkpoints/ and model.safetensors."""
+    """Train a digit classifier; write config.json, history.csv, checkpoints/ and model.safetensors
+    (with --seeds: one such run folder per seed, --out/seed_S/, and --out/group.json)."""
     from digitlens.train import train, width_kwargs
 
     extra = {k: v for k, v in (("val_fraction", val_fraction), ("optimizer", optimizer), ("schedule", schedule))
              if v is not None}
+    if seeds is not None:
+        from digitlens.seeds import parse_seeds, train_seeds
+
+        if seed is not None:
+            raise DigitlensError("--seed and --seeds: give one or the other")
+        group = train_seeds(out, parse_seeds(seeds), dataset=dataset, model=model, epochs=epochs, data_dir=data_dir,
+                            resume=resume, progress=progress, model_kwargs=width_kwargs(model, width),
+                            batch_size=batch_size, lr=lr, augment=augment, threads=threads, **extra)
+        for rel, s in zip(group["runs"], group["summaries"]):
+            typer.echo(f"wrote {Path(out) / rel}: " + ("already finished" if s is None else
+                       f"{s['epochs']} epochs, {s['train_seconds']:.1f} s of training"))
+        typer.echo(f"wrote {Path(out) / 'group.json'}: {len(group['seeds'])} seeds")
+        return
     summary = train(out, dataset=dataset, model=model, epochs=epochs, seed=seed, data_dir=data_dir, resume=resume,
                     progress=progress, model_kwargs=width_kwargs(model, width), batch_size=batch_size, lr=lr,
                     augment=augment, threads=threads, **extra)

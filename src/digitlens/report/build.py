@@ -508,13 +508,14 @@ def overview_table(runs: list[RunData], comparison: dict | None = None, note: st
 # --------------------------------------------------------------------------- writing
 
 
-def render(runs: list[RunData], sections: list[Section]) -> str:
+def render(runs: list[RunData], sections: list[Section], title: str | None = None) -> str:
     import jinja2
 
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)),
                              autoescape=jinja2.select_autoescape(["html"]), trim_blocks=True, lstrip_blocks=True)
     css = (TEMPLATES / "report.css").read_text()
-    title = f"digitlens report: {runs[0].name}" + (f" vs {runs[1].name}" if len(runs) > 1 else "")
+    if title is None:
+        title = f"digitlens report: {runs[0].name}" + (f" vs {runs[1].name}" if len(runs) > 1 else "")
     return env.get_template("report.html").render(
         title=title, css=css, runs=runs, sections=sections, compare=len(runs) > 1,
         generated=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
@@ -527,7 +528,16 @@ def write_report(run_dir: str | Path, *, compare: str | Path | None = None, out:
 
     With ``compare``, when both runs hold ``predictions.npz`` on the same test images, also writes
     ``comparison.json`` beside the report (:func:`paired_comparison`: McNemar's exact test, paired
-    bootstrap intervals, Holm-corrected per-digit F1; this run is A, ``compare`` is B)."""
+    bootstrap intervals, Holm-corrected per-digit F1; this run is A, ``compare`` is B).
+
+    A seed group folder (``digitlens train --seeds``, holds ``group.json``) gets the group report
+    instead (:func:`digitlens.report.group.write_group_report`)."""
+    from digitlens.seeds import is_group
+
+    if is_group(run_dir):
+        from digitlens.report.group import write_group_report
+
+        return write_group_report(run_dir, out=out, compare=compare)
     runs = [collect_run(run_dir)]
     if compare is not None:
         other = collect_run(compare)

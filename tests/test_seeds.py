@@ -87,3 +87,11 @@ def test_bad_seed_lists_and_resume(group, tmp_path):
     # Resuming a finished group leaves every finished seed run as it is.
     result = train_seeds(group, [0, 1], resume=True, progress=False)
     assert result["summaries"] == [None, None]
+
+
+def test_evaluate_on_a_group_evaluates_every_seed_and_prints_the_spread(group):
+    result = CliRunner().invoke(app, ["evaluate", str(group), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    summary = read_json(group / "group_summary.json")
+    assert result.output.startswith(summary["sentence"])
+    assert all((group / f"seed_{s}" / "metrics.json").is_file() for s in (0, 1))

@@ -110,6 +110,14 @@ def evaluate_command(
     """Predict the test split; write predictions.npz, metrics.json, insights.md/json and figures/."""
     from digitlens import evaluate
 
+    from digitlens.seeds import is_group, summarise_group
+
+    if run_dir is not None and is_group(run_dir):  # a `train --seeds` folder: every seed run, then the spread
+        if model_file is not None or dataset is not None or out is not None or history is not None:
+            raise DigitlensError(f"{run_dir}: a group of seed runs takes no --model-file/--dataset/--out/--history")
+        group = summarise_group(run_dir, data_dir=data_dir, progress=progress)
+        typer.echo(f"{group['sentence']}\nwrote {Path(run_dir) / 'group_summary.json'}")
+        return
     if run_dir is not None:
         if dataset is not None or out is not None or history is not None:
             raise DigitlensError("--dataset/--out/--history: only used without a run folder (the run folder has them)")

@@ -62,12 +62,50 @@ def test_history_without_validation_is_reported_as_not_assessed():
     assert detect_overfitting({"epoch": np.arange(1, 4), "loss": np.ones(3)})["available"] is False
 
 
-def test_generalisation_gap_numbers():
+def test_generalisation_gap_compares_like_with_like():
+    # Keras' loss (0.2, label-smoothed, during the epoch) must not enter the gap; train_eval_* do.
     history = _history([0.5, 0.2], [0.4, 0.3], accuracy=[0.9, 0.99], val_accuracy=[0.88, 0.97])
+    history["train_eval_loss"] = np.array([0.35, 0.05])
+    history["train_eval_accuracy"] = np.array([0.9, 0.995])
     gap = generalisation_gap(history, {"accuracy": 0.96})
-    assert gap["accuracy_gap"] == pytest.approx(0.02)
-    assert gap["loss_gap"] == pytest.approx(0.1)
-    assert gap["train_minus_test_accuracy"] == pytest.approx(0.03)
+    assert gap["compared"] == "end-of-epoch eval mode"
+    assert gap["train_loss"] == pytest.approx(0.05) and gap["train_accuracy"] == pytest.approx(0.995)
+    assert gap["loss_gap"] == pytest.approx(0.25)
+    assert gap["accuracy_gap"] == pytest.approx(0.025)
+    assert gap["train_minus_test_accuracy"] == pytest.approx(0.035)
+    found = derive_insights(_metrics_with_known_hard_digit(), history)
+    sentence = next(s for s in found["summary"] if s.startswith("Generalisation gap"))
+    assert "eval mode" in sentence and "validation minus train loss +0.2500" in sentence
+    assert "99.50%" in sentence and "+2.50 points" in sentence
+
+
+def test_old_style_history_gets_no_loss_gap_and_says_why():
+    # A history without train_eval_* (older digitlens runs, Keras): the smoothed, in-epoch training loss
+    # (0.45, floor far above 0) against the validation loss would give an artefact, -0.41.
+    history = _history([0.9, 0.45], [0.1, 0.04], accuracy=[0.9, 0.97], val_accuracy=[0.97, 0.99])
+    gap = generalisation_gap(history, {"accuracy": 0.985})
+    assert gap["compared"] == "not comparable"
+    assert gap["loss_gap"] is None and "during each epoch" in gap["loss_gap_reason"]
+    assert gap["accuracy_gap"] == pytest.approx(-0.02) and "during training" in gap["train_accuracy_measured"]
+    found = derive_insights(_metrics_with_known_hard_digit(), history)
+    sentence = next(s for s in found["summary"] if s.startswith("Generalisation gap"))
+    assert "losses not compared" in sentence and "measured during training" in sentence
+    assert "-0.41" not in sentence and "minus train loss" not in sentence
+    # The overfitting rule falls back on Keras' loss for its direction only.
+    assert found["overfitting"]["train_loss_column"] == "loss"
+
+
+def test_overfitting_uses_the_eval_mode_training_loss_when_present():
+    # Keras' loss keeps falling but the eval-mode training loss rises with val_loss: no "while training loss
+    # falls" streak; without train_eval_loss the same history shows one.
+    loss, val = [0.9, 0.5, 0.3, 0.2, 0.12, 0.08], [0.6, 0.4, 0.30, 0.302, 0.304, 0.306]
+    plain = detect_overfitting(_history(loss, val))
+    assert plain["longest_rise"] == 3 and plain["train_loss_column"] == "loss"
+    history = _history(loss, val)
+    history["train_eval_loss"] = np.array([0.5, 0.3, 0.2, 0.21, 0.22, 0.23])
+    found = detect_overfitting(history)
+    assert found["train_loss_column"] == "train_eval_loss" and found["longest_rise"] == 0
+    assert found["final_train_loss"] == pytest.approx(0.23)
 
 
 def _metrics_with_known_hard_digit():
@@ -185,3 +223,17 @@ def test_when_every_digit_overlaps_the_insight_says_the_test_set_does_not_rank_t
     found = derive_insights(metrics)
     assert len(found["digits"]["easiest_within_noise"]) == 10
     assert any("all 10 digits are within noise of digit" in s and "does not rank them" in s for s in found["summary"])
+
+
+def test_an_old_history_csv_without_train_eval_columns_still_reads(tmp_path):
+    from digitlens.plots.training_curves import read_history
+
+    path = tmp_path / "history.csv"
+    path.write_text("epoch,loss,accuracy,val_loss,val_accuracy,lr,seconds\n"
+                    "1,0.61,0.91,0.12,0.965,0.01,10.0\n2,0.52,0.975,0.08,0.98,0.02,10.0\n")
+    history = read_history(path)
+    assert "train_eval_loss" not in history
+    found = derive_insights(_metrics_with_known_hard_digit(), history)
+    assert found["generalisation_gap"]["compared"] == "not comparable"
+    assert found["generalisation_gap"]["loss_gap"] is None
+    assert found["overfitting"]["available"] is True

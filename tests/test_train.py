@@ -69,6 +69,36 @@ def test_run_folder_files(tmp_path):
     assert float(rows[-1]["val_accuracy"]) == pytest.approx(accuracy_score(val.labels.numpy(), predicted), abs=1e-12)
 
 
+@pytest.mark.parametrize("train_eval_size", [None, 500])
+def test_train_eval_columns_equal_plain_cross_entropy_of_the_saved_model(tmp_path, monkeypatch, train_eval_size):
+    """train_eval_loss / train_eval_accuracy of the last epoch are the saved model's plain cross-entropy
+    (no label smoothing, no augmentation, eval mode) and accuracy on the first train_eval_size training
+    images, recomputed here independently."""
+    import torch.nn.functional as F
+
+    import digitlens.train as train_module
+
+    if train_eval_size is not None:
+        monkeypatch.setattr(train_module, "TRAIN_EVAL_SIZE", train_eval_size)
+    out = tmp_path / "run"
+    train(out, epochs=1, seed=2, label_smoothing=0.1, augment=1, **FAST)
+    config = read_json(out / "config.json")
+    splits = load_splits("digits", val_fraction=config["val_fraction"], seed=2)
+    expected_n = min(train_eval_size or train_module.TRAIN_EVAL_SIZE, len(splits.train))
+    assert config["train_eval_size"] == expected_n
+    with open(out / "history.csv", newline="") as fh:
+        last = list(csv.DictReader(fh))[-1]
+    model = load_model(out).eval()
+    x, y = splits.train.images[:expected_n], splits.train.labels[:expected_n]
+    with torch.no_grad():
+        logits = model(x)
+    assert float(last["train_eval_loss"]) == pytest.approx(float(F.cross_entropy(logits, y)), abs=1e-5)
+    assert float(last["train_eval_accuracy"]) == pytest.approx(float((logits.argmax(1) == y).double().mean()),
+                                                               abs=1e-12)
+    # ...and not Keras' in-epoch, label-smoothed loss, which is recorded beside it unchanged.
+    assert float(last["loss"]) != pytest.approx(float(last["train_eval_loss"]), abs=1e-3)
+
+
 def test_default_cnn_learns_digits(tmp_path):
     summary = train(tmp_path / "run", dataset="digits", model="cnn", epochs=4, threads=1, progress=False)
     assert summary["final"]["val_accuracy"] > 0.9
@@ -118,7 +148,10 @@ def test_resume_after_kill_gives_identical_weights(tmp_path):
     _assert_same_weights(_weights(killed), _weights(whole))
     with open(killed / "history.csv") as fh_a, open(whole / "history.csv") as fh_b:
         rows_a, rows_b = list(csv.DictReader(fh_a)), list(csv.DictReader(fh_b))
-    assert [r["val_loss"] for r in rows_a] == [r["val_loss"] for r in rows_b]
+    for column in HISTORY_COLUMNS:
+        if column != "seconds":
+            assert [r[column] for r in rows_a] == [r[column] for r in rows_b], column
+    assert all(r["train_eval_loss"] != "" for r in rows_a)
 
 
 def test_refusals(tmp_path):

@@ -2,6 +2,12 @@
 easiest and hardest digits, most-confused pairs, overfitting (whether and from which epoch the
 validation loss diverges), the generalisation gap and calibration.
 
+Train and validation numbers are compared like with like: a digitlens history's
+``train_eval_loss``/``train_eval_accuracy`` (training images measured at the end of the epoch in eval
+mode, plain cross-entropy, as ``val_loss``/``val_accuracy`` are). Keras' ``loss``/``accuracy``
+(averaged during the epoch, in train mode, with label smoothing and augmentation) are never set
+against the validation loss: a history without the ``train_eval_*`` columns gets no loss gap.
+
 ``derive_insights(metrics, history)`` returns a JSON-ready dict; ``render_markdown`` turns it into
 ``insights.md``; ``write_insights(out_dir, ...)`` writes both files.
 """
@@ -20,6 +26,19 @@ from digitlens import runio
 DIVERGENCE_PATIENCE = 2
 #: ...or end more than this fraction above its minimum, to count as diverging.
 DIVERGENCE_TOLERANCE = 0.05
+
+#: ``generalisation_gap()["compared"]``: whether train and validation were measured alike.
+COMPARED_EVAL = "end-of-epoch eval mode"
+NOT_COMPARABLE = "not comparable"
+#: Why a history without ``train_eval_loss`` gets no loss gap.
+NOT_COMPARABLE_REASON = ("the history records only the training loss averaged during each epoch (train mode, "
+                         "label smoothing, augmentation), not one measured like val_loss")
+
+
+def _usable(history: dict, name: str) -> bool:
+    """``name`` is a column of ``history`` with at least one finite value."""
+    values = history.get(name)
+    return values is not None and len(values) > 0 and bool(np.any(np.isfinite(np.asarray(values, dtype=np.float64))))
 
 
 def rank_digits(metrics: dict, k: int = 3) -> dict:
@@ -84,12 +103,13 @@ def detect_overfitting(history: dict[str, np.ndarray], *, patience: int = DIVERG
 
     The best epoch is the one with the lowest ``val_loss``. The run *diverges* when, after the
     best epoch, either (a) ``val_loss`` rises on ``patience`` or more consecutive epochs while the
-    training ``loss`` falls on each of them, or (b) the last ``val_loss`` is more than
+    training loss falls on each of them (``train_eval_loss``, measured like ``val_loss``, when the
+    history has it, else Keras' ``loss``: only its direction is used, never its level), or (b) the last ``val_loss`` is more than
     ``tolerance`` (relative) above the minimum. ``from_epoch`` is then the first epoch after the
     best one. Returns a dict with ``available`` (False without ``loss`` and ``val_loss``),
     ``diverges``, ``from_epoch``, ``best_epoch``, ``min_val_loss``, ``final_val_loss``,
     ``final_rise_percent``, ``longest_rise`` (epochs, with training loss falling), ``reasons``,
-    and ``rule`` (this definition in words).
+    ``train_loss_column`` (which training loss was used) and ``rule`` (this definition in words).
     """
     rule = (f"val_loss rises for >= {patience} consecutive epochs after its minimum while training loss "
             f"falls, or ends > {tolerance:.0%} above its minimum")
@@ -100,7 +120,8 @@ def detect_overfitting(history: dict[str, np.ndarray], *, patience: int = DIVERG
         return {"available": False, "diverges": None, "rule": rule,
                 "reason": "the history has no validation loss (trained without a validation split)"}
     epoch = np.asarray(history["epoch"])
-    loss = np.asarray(history["loss"], dtype=np.float64)
+    train_column = "train_eval_loss" if _usable(history, "train_eval_loss") else "loss"
+    loss = np.asarray(history[train_column], dtype=np.float64)
     val = np.asarray(history["val_loss"], dtype=np.float64)
     best = int(np.nanargmin(val))
     min_val, final_val = float(val[best]), float(val[-1])
@@ -135,6 +156,7 @@ def detect_overfitting(history: dict[str, np.ndarray], *, patience: int = DIVERG
         "train_loss_at_best": float(loss[best]),
         "final_train_loss": float(loss[-1]),
         "longest_rise": int(longest),
+        "train_loss_column": train_column,
         "reasons": reasons,
         "rule": rule,
     }
@@ -142,21 +164,43 @@ def detect_overfitting(history: dict[str, np.ndarray], *, patience: int = DIVERG
 
 def generalisation_gap(history: dict[str, np.ndarray] | None, metrics: dict | None = None) -> dict:
     """Train minus validation accuracy and validation minus train loss at the last epoch, and train
-    accuracy minus test accuracy when ``metrics`` are given; missing columns give None."""
+    accuracy minus test accuracy when ``metrics`` are given.
+
+    With ``train_eval_loss``/``train_eval_accuracy`` in the history, ``compared`` is
+    ``"end-of-epoch eval mode"`` and the train side is those columns (``train_loss`` /
+    ``train_accuracy``), measured like the validation split. Without them ``compared`` is
+    ``"not comparable"``: ``loss_gap`` is None and ``loss_gap_reason`` says why, while the accuracy
+    gap still uses Keras' ``accuracy`` and ``train_accuracy_measured`` says how it was measured.
+    Missing columns (or NaN at the last epoch, no validation split) give None."""
     gap: dict[str, Any] = {}
     if history is not None and len(history.get("epoch", ())):
         last = -1
-        def column(name):  # None when missing or NaN at the last epoch (no validation split)
-            values = history.get(name)
-            return None if values is None or np.isnan(float(values[last])) else values
 
-        acc, val_acc = column("accuracy"), column("val_accuracy")
-        loss, val_loss = column("loss"), column("val_loss")
+        def value(name):  # None when missing or NaN at the last epoch (no validation split)
+            values = history.get(name)
+            return None if values is None or np.isnan(float(values[last])) else float(values[last])
+
+        val_acc, val_loss = value("val_accuracy"), value("val_loss")
+        eval_loss, eval_acc = value("train_eval_loss"), value("train_eval_accuracy")
         gap["epoch"] = int(history["epoch"][last])
-        gap["train_accuracy"] = float(acc[last]) if acc is not None else None
-        gap["val_accuracy"] = float(val_acc[last]) if val_acc is not None else None
-        gap["accuracy_gap"] = (float(acc[last] - val_acc[last]) if acc is not None and val_acc is not None else None)
-        gap["loss_gap"] = (float(val_loss[last] - loss[last]) if loss is not None and val_loss is not None else None)
+        if eval_loss is not None and eval_acc is not None:
+            gap["compared"] = COMPARED_EVAL
+            gap["train_loss"], gap["train_accuracy"] = eval_loss, eval_acc
+            gap["train_accuracy_measured"] = "end of epoch, eval mode, no augmentation"
+            gap["loss_gap"] = val_loss - eval_loss if val_loss is not None else None
+            gap["loss_gap_reason"] = None if val_loss is not None else "no validation loss"
+        else:
+            gap["compared"] = NOT_COMPARABLE
+            gap["train_loss"] = None
+            gap["train_accuracy"] = value("accuracy")
+            gap["train_accuracy_measured"] = ("during training (train mode, augmentation, weights changing)"
+                                              if gap["train_accuracy"] is not None else None)
+            gap["loss_gap"] = None
+            gap["loss_gap_reason"] = NOT_COMPARABLE_REASON
+        gap["val_loss"] = val_loss
+        gap["val_accuracy"] = val_acc
+        gap["accuracy_gap"] = (gap["train_accuracy"] - val_acc
+                               if gap["train_accuracy"] is not None and val_acc is not None else None)
     if metrics is not None:
         gap["test_accuracy"] = metrics["accuracy"]
         if gap.get("train_accuracy") is not None:
@@ -281,11 +325,18 @@ def derive_insights(metrics: dict, history: Any = None, *, k: int = 3, top_pairs
     else:
         summary.append(f"Overfitting not assessed: {overfitting['reason']}.")
     if gap.get("accuracy_gap") is not None:
-        summary.append(
-            f"Generalisation gap at epoch {gap['epoch']}: train accuracy {gap['train_accuracy']:.2%} vs "
-            f"validation {gap['val_accuracy']:.2%} ({gap['accuracy_gap'] * 100:+.2f} points); "
-            f"test accuracy {gap['test_accuracy']:.2%}"
-            + (f", validation minus train loss {gap['loss_gap']:+.4f}." if gap.get("loss_gap") is not None else "."))
+        if gap["compared"] == COMPARED_EVAL:
+            head = (f"Generalisation gap at epoch {gap['epoch']} (training images measured like the validation "
+                    f"split: end of epoch, eval mode, no augmentation, plain cross-entropy): train accuracy "
+                    f"{gap['train_accuracy']:.2%} vs validation {gap['val_accuracy']:.2%}")
+            tail = (f", validation minus train loss {gap['loss_gap']:+.4f}." if gap.get("loss_gap") is not None
+                    else ".")
+        else:
+            head = (f"Generalisation gap at epoch {gap['epoch']}: train accuracy {gap['train_accuracy']:.2%} "
+                    f"(measured {gap['train_accuracy_measured']}) vs validation {gap['val_accuracy']:.2%}")
+            tail = "; losses not compared: " + NOT_COMPARABLE_REASON + "."
+        summary.append(f"{head} ({gap['accuracy_gap'] * 100:+.2f} points); test accuracy {gap['test_accuracy']:.2%}"
+                       + tail)
     if calibration is not None:
         summary.append(calibration_sentence(calibration))
     return {

@@ -7,6 +7,12 @@ after every epoch under ``checkpoints/`` and, at the end, ``model.safetensors`` 
 bit-identical final weights to an uninterrupted run: every random draw is either derived from
 ``seed`` and the epoch number (the data order) or restored from the checkpoint (torch's RNG).
 
+``history.csv``'s ``loss`` and ``accuracy`` are Keras': averaged over the epoch's batches while the
+weights change, in train mode, with label smoothing and augmentation. They are not comparable with
+``val_loss``/``val_accuracy`` (end of epoch, eval mode, plain cross-entropy), so every epoch also
+measures ``train_eval_loss``/``train_eval_accuracy`` the way the validation split is measured, on the
+first ``train_eval_size`` (:data:`TRAIN_EVAL_SIZE`) training images.
+
 Data are preloaded as tensors; a DataLoader would only add per-batch Python overhead here.
 """
 
@@ -30,7 +36,15 @@ from torch import nn
 from digitlens.errors import DigitlensError
 from digitlens.runio import atomic_path, read_json, write_json, write_text
 
-HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds")
+HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "train_eval_loss", "train_eval_accuracy",
+                   "lr", "seconds")
+
+#: Training images (the first ones of the training split) measured at the end of every epoch like the
+#: validation split: eval mode, no augmentation, plain cross-entropy (``train_eval_*`` in history.csv).
+TRAIN_EVAL_SIZE = 2000
+#: Batch size of that pass: the ViT's forward runs 2.5x faster in batches of 256 than of 2,000 on a CPU
+#: (0.37 s against 0.92 s for 2,000 MNIST images on 2 cores), about 1% of its 30 s epoch.
+TRAIN_EVAL_BATCH_SIZE = 256
 
 #: Training hyper-parameters per model; any of them can be overridden through ``**hyper``.
 DEFAULT_HYPER: dict[str, dict] = {
@@ -421,6 +435,7 @@ def train(out_dir: str | os.PathLike, *, dataset: str | None = None, model: str 
                 "n_classes": n_classes, "n_parameters": count_parameters(net), "n_train": n_train,
                 "n_val": len(splits.val), "n_test": len(splits.test), "steps_per_epoch": per_epoch,
                 "threads_used": torch.get_num_threads(), "versions": library_versions(),
+                "train_eval_size": min(TRAIN_EVAL_SIZE, n_train),
             })
             out.mkdir(parents=True, exist_ok=True)
             write_json(out / "config.json", config)
@@ -438,6 +453,10 @@ def train(out_dir: str | os.PathLike, *, dataset: str | None = None, model: str 
             start_epoch = int(state["epoch"])
 
         train_seconds = sum(row["seconds"] for row in history)
+        # Older runs have no train_eval_size in config.json; resuming one measures from then on.
+        n_train_eval = int(config.get("train_eval_size", min(TRAIN_EVAL_SIZE, n_train)))
+        train_eval_images = splits.train.images[:n_train_eval]
+        train_eval_labels = splits.train.labels[:n_train_eval]
         with _progress_bar(progress) as bar:
             task = bar.add_task("training", total=per_epoch * (config["epochs"] - start_epoch),
                                      loss=float("nan")) if bar else None
@@ -458,13 +477,18 @@ def train(out_dir: str | os.PathLike, *, dataset: str | None = None, model: str 
                 seconds = time.perf_counter() - tic
                 train_seconds += seconds
                 val_loss, val_accuracy = evaluate_loss_accuracy(net, splits.val.images, splits.val.labels)
+                # Not part of `seconds` (training time), like the validation pass.
+                train_eval_loss, train_eval_accuracy = evaluate_loss_accuracy(
+                    net, train_eval_images, train_eval_labels, batch_size=TRAIN_EVAL_BATCH_SIZE)
                 history.append({"epoch": epoch + 1, "loss": loss, "accuracy": accuracy, "val_loss": val_loss,
-                                "val_accuracy": val_accuracy, "lr": lr_at_start, "seconds": seconds})
+                                "val_accuracy": val_accuracy, "train_eval_loss": train_eval_loss,
+                                "train_eval_accuracy": train_eval_accuracy, "lr": lr_at_start, "seconds": seconds})
                 save_checkpoint(out, epoch + 1, net, optimizer, scheduler, history)
                 _write_history(out, history)
                 if bar is not None:
                     bar.console.print(f"epoch {epoch + 1}/{config['epochs']}: loss {loss:.4f}, accuracy {accuracy:.4f}, "
-                                      f"val_loss {val_loss:.4f}, val_accuracy {val_accuracy:.4f} ({seconds:.1f} s)")
+                                      f"val_loss {val_loss:.4f}, val_accuracy {val_accuracy:.4f}, "
+                                      f"train_eval_loss {train_eval_loss:.4f} ({seconds:.1f} s)")
         save_model(net, out / "model.safetensors")
         summary = {
             "run_dir": str(out), "dataset": config["dataset"], "model": config["model"], "epochs": config["epochs"],

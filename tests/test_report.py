@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import json
 import re
 from html.parser import HTMLParser
 from pathlib import Path
@@ -253,3 +254,19 @@ def test_markdown_tables_with_norm_bars_in_the_header():
     html = markdown_to_html("# Title\n\n| module | ||dW||_F |\n|---|---|\n| q | 0.5 |\n")
     assert "<th>||dW||_F</th>" in html and "<td>0.5</td>" in html
     assert "Title" not in html                      # the file's own h1 is the section title already
+
+
+def test_shares_in_readings_carry_the_wilson_interval_of_their_images(tmp_path, labels):
+    from scipy.stats import binomtest
+
+    from digitlens.report import readings as R
+    from digitlens.report.collect import collect_run
+
+    ci = binomtest(45, 60).proportion_ci(confidence_level=0.95, method="wilson")
+    assert R.wilson_text(0.75, 60) == f"75.00% (95% interval {ci.low * 100:.2f}-{ci.high * 100:.2f}%)"
+    assert R.wilson_text(0.75, None) == "75.00%"  # unknown n: no invented interval
+    run = make_run(tmp_path, "cnn", val_accuracy=[0.5, 0.75], val_loss=[1.0, 0.9], y_true=labels[0], y_pred=labels[1])
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "n_val": 60}))
+    line = R.reading_training(collect_run(run))[0]
+    assert f"peaked at 75.00% (95% interval {ci.low * 100:.2f}-{ci.high * 100:.2f}%)" in line

@@ -86,16 +86,28 @@ def history_summary(run: RunData) -> dict | None:
     return out
 
 
+def wilson_text(share: float | None, n: Any, digits: int = 2) -> str:
+    """A share of ``n`` items with its 95% Wilson interval (``"99.37% (95% interval 99.19-99.51%)"``);
+    the bare percentage when ``n`` is unknown."""
+    from digitlens.intervals import wilson_interval
+
+    if share is None or not isinstance(n, (int, np.integer)) or n <= 0:
+        return pct(share, digits)
+    return pct(share, digits) + interval(wilson_interval(round(float(share) * int(n)), int(n)).tolist(), digits)
+
+
 def reading_training(run: RunData) -> list[str]:
     h = history_summary(run)
     if not h:
         return []
     lines = []
+    n_val = run.config.get("n_val")
     if "best_val_accuracy" in h:
-        line = f"Validation accuracy peaked at {pct(h['best_val_accuracy'], 2)} in epoch {h['best_val_accuracy_epoch']}"
+        line = (f"Validation accuracy peaked at {wilson_text(h['best_val_accuracy'], n_val)} in epoch "
+                f"{h['best_val_accuracy_epoch']}")
         if h.get("train_accuracy_at_best") is not None:
-            line += f" (training accuracy then {pct(h['train_accuracy_at_best'], 2)})"
-        line += f" and ended at {pct(h['final_val_accuracy'], 2)} after {h['epochs']} epochs."
+            line += f" (training accuracy then {pct(h['train_accuracy_at_best'], 2)}, measured during the epoch)"
+        line += f" and ended at {wilson_text(h['final_val_accuracy'], n_val)} after {h['epochs']} epochs."
         lines.append(line)
     if "min_val_loss" in h:
         rise = h.get("val_loss_rise") or 0.0
@@ -294,7 +306,7 @@ def reading_misclassified(run: RunData) -> list[str]:
     wrong = p["n"] - p["correct"]
     if not wrong:
         return ["No test image is misclassified."]
-    lines = [f"{wrong:,} test images ({pct(wrong / p['n'], 2)}) are misclassified, most confident first."]
+    lines = [f"{wrong:,} test images ({wilson_text(wrong / p['n'], p['n'])}) are misclassified, most confident first."]
     if "worst_mistake" in p:
         t, q, c = p["worst_mistake"]
         lines.append(f"The most confident mistake reads a {t} as {q} with {pct(c, 1)} confidence.")
@@ -498,12 +510,14 @@ def reading_adapt(run: RunData, stem: str = "") -> list[str]:
                     f"Recall ranges from {rec.min():.3f} to {rec.max():.3f} over the ten digits."]
     best = max(lora, key=lambda r: r["accuracy_mean"])
     small = min(lora, key=lambda r: r["rank"])
-    line = (f"On task “{task}”, LoRA r = {small['rank']} reaches {pct(small['accuracy_mean'], 2)} with "
+    n_test = res.get("n_test")  # each accuracy (a mean over seeds) with the Wilson interval of that many images
+    line = (f"On task “{task}”, LoRA r = {small['rank']} reaches {wilson_text(small['accuracy_mean'], n_test)} with "
             f"{small['trainable_params']:,} trainable parameters ({small['trainable_fraction'] * 100:.2f}% of the model); "
-            f"the best rank, r = {best['rank']}, {pct(best['accuracy_mean'], 2)}.")
+            f"the best rank, r = {best['rank']}, {wilson_text(best['accuracy_mean'], n_test)}.")
     others = {r["method"]: r for r in rows if r.get("method") in ("head_only", "full")}
-    second = ", ".join(f"{'head only' if k == 'head_only' else 'full fine-tuning'} {pct(v['accuracy_mean'], 2)} "
-                       f"({v['trainable_params']:,} parameters)" for k, v in others.items())
+    second = ", ".join(f"{'head only' if k == 'head_only' else 'full fine-tuning'} "
+                       f"{wilson_text(v['accuracy_mean'], n_test)} ({v['trainable_params']:,} parameters)"
+                       for k, v in others.items())
     return [line] + ([f"Baselines: {second}."] if second else [])
 
 

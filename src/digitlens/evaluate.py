@@ -25,6 +25,7 @@ from torch import nn
 
 from digitlens import runio
 from digitlens.errors import DigitlensError
+from digitlens.intervals import bootstrap_metrics, wilson_interval
 
 #: Stems of the figures written under ``figures/``.
 FIGURES = (
@@ -117,8 +118,6 @@ def most_confused_pairs(confusion: Any, top: int = 10) -> list[dict]:
     predicted digit), as dicts ``true``, ``predicted``, ``count``, ``count_ci`` (95% Wilson interval
     of count / N, times N: the counts a rerun on as many images could give), ``share_of_true``
     (count / row sum) and ``share_of_true_ci`` (its 95% Wilson interval)."""
-    from digitlens.intervals import wilson_interval
-
     cm = np.asarray(confusion)
     rows = cm.sum(axis=1)
     total = int(cm.sum())
@@ -179,8 +178,6 @@ def compute_metrics(y_true: Any, y_pred: Any, proba: Any = None, *, n_classes: i
     for average in ("macro", "weighted"):
         p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, average=average, zero_division=0)
         summary[average] = {"precision": float(p), "recall": float(r), "f1": float(f)}
-    from digitlens.intervals import wilson_interval
-
     accuracy = float(accuracy_score(y_true, y_pred))
     metrics = {
         "n_samples": int(n),
@@ -212,8 +209,6 @@ def add_bootstrap_intervals(metrics: dict, y_true: Any, y_pred: Any, proba: Any 
     ``metrics`` in place and return it: ``precision_ci``, ``recall_ci``, ``f1_ci``, ``accuracy_ci``
     beside each value in ``per_digit``, ``macro.f1_ci``, ``ece_ci`` (with ``proba``),
     ``ece_calibrated_ci`` (with ``proba_calibrated``) and ``bootstrap`` (resamples, seed, confidence)."""
-    from digitlens.intervals import bootstrap_metrics
-
     found = bootstrap_metrics(as_labels(y_true, "y_true"), as_labels(y_pred, "y_pred"), proba,
                               n_classes=metrics["n_classes"], proba_calibrated=proba_calibrated,
                               n_resamples=n_resamples, seed=seed, n_bins=n_bins)

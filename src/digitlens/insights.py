@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from digitlens import runio
+from digitlens.intervals import format_ci, overlapping
 
 #: Validation loss must rise for at least this many consecutive epochs while training loss falls...
 DIVERGENCE_PATIENCE = 2
@@ -49,8 +50,6 @@ def rank_digits(metrics: dict, k: int = 3) -> dict:
     With F1 intervals, ``easiest_within_noise`` / ``hardest_within_noise`` list the digits (best /
     worst first) whose F1 interval overlaps that of the easiest / hardest digit: the data cannot
     order them. Without intervals both are None. ``n_ranked``: digits with test images."""
-    from digitlens.intervals import overlapping
-
     rows = [r for r in metrics["per_digit"] if r["support"] > 0]
     ordered = sorted(rows, key=lambda r: (-r["f1"], -r["recall"], r["digit"]))
     keep = ("digit", "f1", "f1_ci", "precision", "precision_ci", "recall", "recall_ci", "support")
@@ -71,8 +70,6 @@ def rank_digits(metrics: dict, k: int = 3) -> dict:
 def confused_pairs_within_noise(pairs: list[dict]) -> list[int] | None:
     """Positions of the pairs whose ``count_ci`` overlaps that of the first (most confused) pair;
     None when the pairs carry no intervals."""
-    from digitlens.intervals import overlapping
-
     if not pairs or not all("count_ci" in p for p in pairs):
         return None
     return overlapping([p["count_ci"] for p in pairs])
@@ -268,7 +265,6 @@ def derive_insights(metrics: dict, history: Any = None, *, k: int = 3, top_pairs
     without it), ``n_errors``, ``n_samples``, ``digits`` (easiest/hardest, see :func:`rank_digits`),
     ``confused_pairs``, ``confused_pairs_within_noise`` (see :func:`confused_pairs_within_noise`), ``overfitting``, ``generalisation_gap``,
     ``calibration`` and ``summary`` (a list of one-sentence findings with their numbers)."""
-    from digitlens.intervals import format_ci
     from digitlens.plots.training_curves import normalise_history
 
     if history is not None:
@@ -357,8 +353,6 @@ def derive_insights(metrics: dict, history: Any = None, *, k: int = 3, top_pairs
 def render_markdown(insights: dict, title: str = "Insights") -> str:
     """``insights.md``: the summary sentences, then tables of the digits and confused pairs (values
     with their 95% intervals in brackets where the metrics have them)."""
-    from digitlens.intervals import format_ci
-
     lines = [f"# {title}", ""]
     lines += [f"- {sentence}" for sentence in insights["summary"]]
     digits = insights["digits"]

@@ -20,6 +20,7 @@ from digitlens.explain.road import ROAD_FRACTIONS, road_auc, road_curves
 from digitlens.explain.verdict import SANITY_MAX_SPEARMAN, margin_over_runner_up, rank_methods
 from digitlens.explain.methods import (CAM_METHODS, IG_TOLERANCE, INPUT_GRADIENT_METHODS, attribute, fold_batch_norm,
                                       gradcam_layer_name, layer_reach, parse_methods, prepare_model)
+from digitlens.plots._common import pyplot
 
 #: Integrated-gradients steps (Captum's Gauss-Legendre rule) for the per-image overlays.
 OVERLAY_IG_STEPS = 128
@@ -294,8 +295,6 @@ def _overlay_examples(frozen, images, y_true, y_pred, proba, method, method_kwar
 def write_figures(run_dir: Path, result: dict, model: nn.Module, images: torch.Tensor, *, image_index: int = 0,
                   overlay_method: str | None = None, method_kwargs=None) -> list[str]:
     """All figures of the explain stage under ``run_dir/explain/figures/``; returns their PNG names."""
-    from digitlens.plots._common import pyplot
-
     plt = pyplot()  # Agg unless MPLBACKEND chose a backend
     from digitlens.plots.faithfulness import FaithfulnessDisplay
     from digitlens.plots.filters import FeatureMapsDisplay, FiltersDisplay
@@ -468,8 +467,6 @@ def _paired_accuracy_test(result: dict, name_a: str, name_b: str, other_model: n
 
 
 def _write_comparisons(run_dir: Path, result: dict, compare, compare_methods: bool, **kw) -> list[str]:
-    from digitlens.plots._common import pyplot
-
     plt = pyplot()
     from digitlens.models import load_model
     from digitlens.plots.heatmaps import PerDigitMapsComparisonDisplay

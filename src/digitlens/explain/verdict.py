@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from digitlens.intervals import bootstrap_indices, percentile_interval
+
 #: A method whose maps keep a mean rank correlation of at least this with the maps of a fully
 #: re-initialised model fails the randomisation check (Adebayo et al. 2018 judge by eye; 0.5 is
 #: digitlens' cut-off).
@@ -89,8 +91,6 @@ def margin_over_runner_up(verdict: dict, per_image_scores: dict, *, n_resamples:
     ``difference_ci`` (95% paired percentile bootstrap over images, the same resamples for both) and
     ``within_noise`` (the interval contains 0: the data do not tell the two apart).
     """
-    from digitlens.intervals import bootstrap_indices, percentile_interval
-
     best = verdict.get("most_faithful")
     eligible = [m for m in verdict.get("ranking", []) if m != best and m in verdict.get("eligible", [])]
     if best is None or not eligible:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from digitlens.errors import DigitlensError
+from digitlens.intervals import wilson_interval
 from digitlens.plots._common import axes_grid
 
 RAW_COLOUR = "#1f77b4"
@@ -20,8 +21,6 @@ def _nan_for_none(values) -> np.ndarray:
 def bin_accuracy_intervals(accuracy, count, confidence: float = 0.95) -> np.ndarray:
     """95% Wilson interval of the accuracy in each bin from its ``accuracy`` and ``count`` (each
     (n_bins,)): array (n_bins, 2), NaN for empty bins."""
-    from digitlens.intervals import wilson_interval
-
     accuracy = np.nan_to_num(_nan_for_none(accuracy))
     count = np.asarray(count, dtype=np.int64)
     ci = wilson_interval(np.clip(np.rint(accuracy * count), 0, count), count, confidence)

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from digitlens.comparison import compare_predictions, format_p
 from digitlens.errors import DigitlensError
 from digitlens.report import readings as R
 from digitlens.report.collect import RunData, collect_run
@@ -190,8 +191,6 @@ def per_digit_diff_table(a: RunData, b: RunData, comparison: dict | None = None)
 
 def holm_sentence(comparison: dict, name_b: str, name_a: str) -> str:
     """Which per-digit F1 differences (``name_b`` - ``name_a``) are significant after Holm's correction."""
-    from digitlens.comparison import format_p
-
     alpha = comparison["alpha"]
     sig = [d for d in comparison["per_digit"] if d["p_holm"] < alpha]
     head = (f"Paired bootstrap ({comparison['n_resamples']:,} resamples of the same "
@@ -211,8 +210,6 @@ def holm_sentence(comparison: dict, name_b: str, name_a: str) -> str:
 def paired_comparison(a: RunData, b: RunData, *, n_resamples: int = 1000, seed: int = 0) -> tuple[dict | None, str | None]:
     """(:func:`digitlens.comparison.compare_predictions` of ``a`` (A) against ``b`` (B), None) when both
     runs hold ``predictions.npz`` on the same test images; (None, a note saying why not) otherwise."""
-    from digitlens.comparison import compare_predictions
-
     for run in (a, b):
         if not run.predictions or "y_true" not in run.predictions or "y_pred" not in run.predictions:
             return None, f"{run.name} has no predictions.npz, so the two runs cannot be compared image by image"

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from digitlens.intervals import overlapping, wilson_interval
 from digitlens.report.collect import RunData
 
 
@@ -89,8 +90,6 @@ def history_summary(run: RunData) -> dict | None:
 def wilson_text(share: float | None, n: Any, digits: int = 2) -> str:
     """A share of ``n`` items with its 95% Wilson interval (``"99.37% (95% interval 99.19-99.51%)"``);
     the bare percentage when ``n`` is unknown."""
-    from digitlens.intervals import wilson_interval
-
     if share is None or not isinstance(n, (int, np.integer)) or n <= 0:
         return pct(share, digits)
     return pct(share, digits) + interval(wilson_interval(round(float(share) * int(n)), int(n)).tolist(), digits)
@@ -230,8 +229,6 @@ def reading_per_digit(run: RunData) -> list[str]:
             f"{p['precision'][hard]:.3f}, recall {p['recall'][hard]:.3f}); "
             f"easiest: {easy} (F1 {f1[easy]:.3f}{interval(ci.get(easy), 3, False)})")
     if len(ci) == len(f1) and all(ci.values()):
-        from digitlens.intervals import overlapping
-
         digits = sorted(ci, key=lambda d: (f1[d], d))  # hardest first
         tied = [digits[i] for i in overlapping([ci[d] for d in digits])]
         if len(tied) > 1:

@@ -19,21 +19,10 @@ from digitlens.explain import (PerDigitMaps, attention_rollout, attribute, casca
 from digitlens.explain.faithfulness import randomisation_units
 from digitlens.explain.methods import gradcam_layer_name, layer_reach
 from digitlens.models import build_model
+from training import train_briefly
 
 
-def _train(model, x, y, epochs=3, seed=0):
-    torch.manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(epochs):
-        model.train()
-        perm = torch.randperm(len(y))
-        for i in range(0, len(y), 64):
-            idx = perm[i:i + 64]
-            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model.eval()
+_train = train_briefly
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from digitlens.data import load_splits
 from digitlens.explain import PerDigitMaps, attribute, explain_model, prepare_model
 from digitlens.explain.methods import gradcam_layer_name, layer_reach
 from digitlens.models import Attention, build_model
+from training import train_briefly
 
 # The region that matters: patch rows 1-3 and columns 2-4 of the 7x7 grid (pixels 4-15 x 8-19).
 REGION = np.zeros((7, 7), dtype=bool)
@@ -28,20 +29,6 @@ PIXELS = np.kron(REGION, np.ones((4, 4), dtype=bool))  # (28, 28)
 @pytest.fixture(scope="module")
 def digits():
     return load_splits("digits")
-
-
-def _fit(model, x, y, epochs=4, seed=0):
-    torch.manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(epochs):
-        perm = torch.randperm(len(y))
-        for i in range(0, len(y), 64):
-            idx = perm[i:i + 64]
-            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model.eval()
 
 
 class RegionPatchCNN(nn.Module):
@@ -82,13 +69,13 @@ def _region_vit(x, y):
         masked = RegionAttention(16, 2)
         masked.load_state_dict(block.attn.state_dict())
         block.attn = masked
-    return _fit(vit, x, y, epochs=2)
+    return train_briefly(vit, x, y, epochs=2)
 
 
 @pytest.fixture(scope="module")
 def region_cnn(digits):
     torch.manual_seed(0)
-    return _fit(RegionPatchCNN(), digits.train.images[:600], digits.train.labels[:600])
+    return train_briefly(RegionPatchCNN(), digits.train.images[:600], digits.train.labels[:600], epochs=4)
 
 
 @pytest.fixture(scope="module")

@@ -202,15 +202,21 @@ def road_curves(model: nn.Module, images: torch.Tensor, target, order: np.ndarra
     return out
 
 
-def road_auc(curves: np.ndarray, fractions=ROAD_FRACTIONS) -> float:
-    """Mean area under ROAD curves (N, F) over the fractions removed (trapezoid rule on the
+def road_areas(curves: np.ndarray, fractions=ROAD_FRACTIONS) -> np.ndarray:
+    """Area under each ROAD curve (N, F) -> (N,) over the fractions removed (trapezoid rule on the
     fractions themselves), divided by the fraction range so that it lies in [0, 1]."""
     curves = np.asarray(curves, dtype=np.float64)
     f = np.asarray(fractions, dtype=np.float64)
-    if curves.size == 0 or len(f) < 2:
-        return float("nan")
-    area = ((curves[:, 1:] + curves[:, :-1]) * np.diff(f)).sum(axis=1) / 2
-    return float(area.mean() / (f[-1] - f[0]))
+    if len(f) < 2:
+        return np.full(len(curves), np.nan)
+    return ((curves[:, 1:] + curves[:, :-1]) * np.diff(f)).sum(axis=1) / 2 / (f[-1] - f[0])
 
 
-__all__ = ["ROAD_FRACTIONS", "ROAD_TOLERANCE", "linear_imputation", "removed_counts", "road_auc", "road_curves"]
+def road_auc(curves: np.ndarray, fractions=ROAD_FRACTIONS) -> float:
+    """Mean of :func:`road_areas` over the images (NaN without images)."""
+    curves = np.asarray(curves, dtype=np.float64)
+    return float(road_areas(curves, fractions).mean()) if curves.size else float("nan")
+
+
+__all__ = ["ROAD_FRACTIONS", "ROAD_TOLERANCE", "linear_imputation", "removed_counts", "road_areas", "road_auc",
+           "road_curves"]

@@ -16,7 +16,7 @@ from digitlens.explain.aggregate import PerDigitMaps, group_names, has_mass, nor
 from digitlens.explain.faithfulness import (INK_THRESHOLD, RANDOM_LOGIT_THRESHOLD, cascading_randomisation,
                                             curve_auc, ink_random_order, patch_order, perturbation_curves,
                                             random_logit_similarity, random_order)
-from digitlens.explain.road import ROAD_FRACTIONS, road_auc, road_curves
+from digitlens.explain.road import ROAD_FRACTIONS, road_areas, road_auc, road_curves
 from digitlens.explain.verdict import SANITY_MAX_SPEARMAN, margin_over_runner_up, rank_methods
 from digitlens.explain.methods import (CAM_METHODS, IG_TOLERANCE, INPUT_GRADIENT_METHODS, attribute, fold_batch_norm,
                                       gradcam_layer_name, layer_reach, parse_methods, prepare_model)
@@ -95,7 +95,7 @@ def faithfulness_report(model: nn.Module, images: torch.Tensor, targets: np.ndar
                 for level, o, g in (("", order, grid), ("_pixel", pixel_order, h)) for mode in ("morf", "lerf")}
         curves[name] = {"deletion": dele.mean(0).tolist(), "insertion": ins.mean(0).tolist(),
                         **{k: v.mean(0).tolist() for k, v in road.items()}}
-        per_image_score[name] = _per_image_area(road["road_lerf"]) - _per_image_area(road["road_morf"])
+        per_image_score[name] = road_areas(road["road_lerf"]) - road_areas(road["road_morf"])
         row = {"deletion_auc": curve_auc(dele), "insertion_auc": curve_auc(ins),
                **{f"{k}_auc": road_auc(v) for k, v in road.items()}}
         row["insertion_minus_deletion"] = row["insertion_auc"] - row["deletion_auc"]
@@ -146,12 +146,6 @@ def faithfulness_report(model: nn.Module, images: torch.Tensor, targets: np.ndar
                                   f"{n} images)")
     return result
 
-
-def _per_image_area(curves: np.ndarray, fractions=ROAD_FRACTIONS) -> np.ndarray:
-    """Area under each image's ROAD curve (N, F) -> (N,), as :func:`road_auc` averages it."""
-    f = np.asarray(fractions, dtype=np.float64)
-    c = np.asarray(curves, dtype=np.float64)
-    return ((c[:, 1:] + c[:, :-1]) * np.diff(f)).sum(axis=1) / 2 / (f[-1] - f[0])
 
 
 def explain_model(model: nn.Module, images, labels, *, methods=None, group_by: str = "true", grid: int = 7,

@@ -14,7 +14,11 @@ the same saliency maps, with the largest difference between the two libraries' v
 they compute the same thing.
 
     python benchmarks/explain_speed.py --data-dir /path/to/mnist [--run runs/mnist_cnn] [--threads 2]
-        [--tables attribution|faithfulness|all]
+        [--tables attribution|faithfulness|all] [--device cpu|cuda]
+
+``--device cuda`` runs the attribution table (digitlens and Captum alike, images on the GPU for
+Captum, digitlens' own batching) on the GPU and adds its peak GPU memory; the faithfulness table
+stays on the CPU (Quantus is run with device="cpu").
 
 Without --run a default CNN is trained on MNIST for one epoch in a temporary folder.
 """
@@ -71,22 +75,31 @@ def _attribution_error(attr, reference) -> float:
     return float(((attr - reference).abs().sum(dims) / reference.abs().sum(dims).clamp_min(1e-12)).mean())
 
 
-def worker(name: str, run: str, data_dir: str, n: int, threads: int, reference_file: str | None = None) -> dict:
+def worker(name: str, run: str, data_dir: str, n: int, threads: int, reference_file: str | None = None,
+           device: str = "cpu") -> dict:
     import numpy as np
     import torch
 
+    from digitlens.device import resolve_device, synchronize
+
     torch.set_num_threads(threads)
+    dev = resolve_device(device)
     model, x, y = _load(run, data_dir, n)
+    model = model.to(dev)
+    if dev.type == "cuda":  # a warm-up pass, so CUDA's start-up is not timed
+        with torch.no_grad():
+            model.eval()(x[:256].to(dev))
+        synchronize(dev)
     lib, method = name.split(":")
     extra = {}
     if lib == "reference":  # Captum's IG with many steps on the first images (untimed, an oracle)
         from captum.attr import IntegratedGradients
 
         model.eval()
-        xr, yr = x[:n], y[:n]
+        xr, yr = x[:n].to(dev), y[:n].to(dev)
         ref = torch.cat([IntegratedGradients(model).attribute(xr[i:i + 50], baselines=torch.zeros_like(xr[i:i + 50]),
                                                               target=yr[i:i + 50], n_steps=REFERENCE_STEPS,
-                                                              internal_batch_size=1024).detach()
+                                                              internal_batch_size=1024).detach().cpu()
                          for i in range(0, n, 50)])
         torch.save(ref, reference_file)
         return {"name": name, "n": n, "seconds": 0.0, "peak_rss_mb": _peak_rss_mb()}
@@ -100,7 +113,8 @@ def worker(name: str, run: str, data_dir: str, n: int, threads: int, reference_f
         ig = _ig_settings(method)
         method = method.partition("@")[0]
         methods = ["saliency", "integrated_gradients", "gradcam"] if method == "all3" else [method]
-        out = explain_model(model, x, y.numpy(), methods=methods, faithfulness_size=0, batch_size=250, **ig)
+        out = explain_model(model, x, y.numpy(), methods=methods, faithfulness_size=0, device=dev, **ig)
+        synchronize(dev)
         seconds = time.perf_counter() - t0
         if "integrated_gradients" in out:
             extra = {"rel_error": out["integrated_gradients"]["completeness_rel_error_mean"],
@@ -118,10 +132,10 @@ def worker(name: str, run: str, data_dir: str, n: int, threads: int, reference_f
         from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Saliency
 
         model.eval()
-        sums = torch.zeros(10, 28, 28, dtype=torch.float64)
+        sums = torch.zeros(10, 28, 28, dtype=torch.float64, device=dev)
         rel, ref_attr = [], []
         for start in range(0, len(y), 100):
-            xb, yb = x[start:start + 100].clone().requires_grad_(), y[start:start + 100]
+            xb, yb = x[start:start + 100].to(dev).requires_grad_(), y[start:start + 100].to(dev)
             if method == "saliency":
                 a = Saliency(model).attribute(xb, target=yb)
             elif method == "integrated_gradients":
@@ -129,20 +143,23 @@ def worker(name: str, run: str, data_dir: str, n: int, threads: int, reference_f
                                                                 return_convergence_delta=True)
                 with torch.no_grad():
                     gap = (model(xb) - model(torch.zeros_like(xb))).gather(1, yb[:, None])[:, 0]
-                rel.append((delta.abs() / gap.abs().clamp_min(1e-3)).detach().numpy())
+                rel.append((delta.abs() / gap.abs().clamp_min(1e-3)).detach().cpu().numpy())
                 if reference is not None and start < reference.shape[0]:
-                    ref_attr.append(a.detach()[:reference.shape[0] - start])
+                    ref_attr.append(a.detach().cpu()[:reference.shape[0] - start])
             else:
                 convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
                 a = LayerGradCam(model, convs[-1]).attribute(xb, target=yb)
                 a = LayerAttribution.interpolate(a, (28, 28), "bilinear")
             sums.index_add_(0, yb, a.detach().abs().sum(1).double())
+        synchronize(dev)
         seconds = time.perf_counter() - t0
         if rel:
             extra = {"rel_error": float(np.concatenate(rel).mean()), "steps": 50}
         if ref_attr:
             extra["attr_error"] = _attribution_error(torch.cat(ref_attr), reference)
     peak_mb = _peak_rss_mb()
+    if dev.type == "cuda":
+        extra["peak_gpu_mb"] = torch.cuda.max_memory_allocated(dev) / 2 ** 20
     return {"name": name, "n": int(len(y)), "seconds": seconds, "peak_rss_mb": peak_mb, **extra}
 
 
@@ -277,6 +294,7 @@ def main(argv=None):
                         help="test images for Quantus' (slow) faithfulness metrics")
     parser.add_argument("--tables", choices=("attribution", "faithfulness", "all"), default="all",
                         help="which tables to measure")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (the attribution table; default cpu)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--reference-file", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -286,14 +304,15 @@ def main(argv=None):
         if args.worker.startswith("faith:"):
             print(json.dumps(faith_worker(args.worker, args.run, args.data_dir, args.n, args.threads)))
         else:
-            print(json.dumps(worker(args.worker, args.run, args.data_dir, args.n, args.threads, args.reference_file)))
+            print(json.dumps(worker(args.worker, args.run, args.data_dir, args.n, args.threads, args.reference_file,
+                                    args.device)))
         return
     run = args.run
     if run is None:
         from digitlens.train import train
 
         run = os.path.join(tempfile.mkdtemp(prefix="digitlens-bench-"), "mnist_cnn")
-        train(run, dataset="mnist", model="cnn", epochs=1, data_dir=args.data_dir, progress=False)
+        train(run, dataset="mnist", model="cnn", epochs=1, data_dir=args.data_dir, progress=False, device=args.device)
     n_ig = min(args.captum_ig_n, args.n)
     reference_file = os.path.join(tempfile.mkdtemp(prefix="digitlens-bench-ref-"), "reference.pt")
     jobs = [("reference:integrated_gradients", min(args.reference_n, n_ig)),
@@ -315,7 +334,8 @@ def main(argv=None):
     rows, faith_rows = [], []
     for name, n in jobs:
         cmd = [sys.executable, __file__, "--worker", name, "--run", run, "--data-dir", args.data_dir,
-               "--n", str(n), "--threads", str(args.threads), "--reference-file", reference_file]
+               "--n", str(n), "--threads", str(args.threads), "--reference-file", reference_file,
+               "--device", args.device]
         out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
         if out.returncode:
             sys.exit(f"{name} failed:\n{out.stderr[-2000:]}")
@@ -324,7 +344,7 @@ def main(argv=None):
         elif not name.startswith("reference"):
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"done {name}", file=sys.stderr, flush=True)
-    print(f"\nModel: {run} ({args.threads} threads)\n")
+    print(f"\nModel: {run} ({args.threads} threads, device {args.device})\n")
     if faith_rows:
         _faith_table(faith_rows)
         print()
@@ -332,8 +352,9 @@ def main(argv=None):
         return
     n_ref = min(args.reference_n, n_ig)
     print("| method | library | images | seconds | images/s | peak RSS (MB) | IG completeness error (mean rel.) | "
-          f"IG gradient evaluations per image (mean) | IG attribution error vs {REFERENCE_STEPS} steps (mean rel. L1, first {n_ref}) |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+          f"IG gradient evaluations per image (mean) | IG attribution error vs {REFERENCE_STEPS} steps (mean rel. L1, first {n_ref}) | "
+          "peak GPU memory (MB) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         lib, method = r["name"].split(":")
         label = "saliency + integrated_gradients + gradcam" if method == "all3" else method
@@ -344,7 +365,7 @@ def main(argv=None):
         elif method == "integrated_gradients":
             label = "integrated_gradients (50 steps)"
         cells = [f"{r[key]:{fmt}}" if key in r else "" for key, fmt in
-                 (("rel_error", ".4f"), ("steps", ".1f"), ("attr_error", ".4f"))]
+                 (("rel_error", ".4f"), ("steps", ".1f"), ("attr_error", ".4f"), ("peak_gpu_mb", ",.0f"))]
         print(f"| {label} | {lib} | {r['n']:,} | {r['seconds']:.1f} | {r['n'] / r['seconds']:,.0f} | "
               f"{r['peak_rss_mb']:,.0f} | {' | '.join(cells)} |")
 

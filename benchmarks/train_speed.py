@@ -15,6 +15,12 @@ Prints a markdown table: parameters, training seconds to reach 98.5% / 99.0% / 9
 best accuracy, samples/s and peak RSS.
 
     python benchmarks/train_speed.py [--data-dir DIR] [--epochs-ref 3] [--models ref,cnn,cnn-long,vit] [--quick]
+        [--device cpu|cuda] [--precision fp32|bf16]
+
+On ``--device cuda`` the digitlens rows keep the training set on the GPU as `digitlens train` does,
+the reference keeps its DataLoader and moves each batch (as the PyTorch example does), one warm-up
+step (CUDA context, cuDNN) runs before the clock starts, and the GPU is synchronised before every
+reading of the clock.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import time
 TARGETS = (0.985, 0.990, 0.994)
 
 
-def _load(data_dir, quick, row):
+def _load(data_dir, quick, row, device="cpu"):
     """The reference trains on all 60,000 training images, as the PyTorch example does; digitlens
     rows on the 54,000 that `digitlens train` uses (6,000 held out for validation, seed 0)."""
     from digitlens.data import load_mnist_split, load_splits, locate_mnist
@@ -42,10 +48,12 @@ def _load(data_dir, quick, row):
     x, y, xt, yt = train.images, train.labels, test.images, test.labels
     if quick:
         x, y, xt, yt = x[:3000], y[:3000], xt[:1000], yt[:1000]
+    if row != "ref":  # digitlens keeps the data on the training device
+        x, y, xt, yt = (t.to(device) for t in (x, y, xt, yt))
     return x, y, xt, yt
 
 
-def _reference(x, y, xt, yt, epochs, trace):
+def _reference(x, y, xt, yt, epochs, trace, device):
     """The PyTorch-examples MNIST CNN and training loop (examples/mnist/main.py), unchanged in substance."""
     import torch
     import torch.nn.functional as F
@@ -76,38 +84,68 @@ def _reference(x, y, xt, yt, epochs, trace):
     norm = lambda t: (t - 0.1307) / 0.3081  # noqa: E731  transforms.Normalize((0.1307,), (0.3081,))
     loader = DataLoader(TensorDataset(norm(x), y), batch_size=64, shuffle=True)
     test_loader = DataLoader(TensorDataset(norm(xt), yt), batch_size=1000)
-    model = Net()
+    model = Net().to(device)
     optimizer = torch.optim.Adadelta(model.parameters(), lr=1.0)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.7)
     seconds = 0.0
+    _sync(device)
     for _ in range(epochs):
         tic = time.perf_counter()
         model.train()
         for data, target in loader:
+            data, target = data.to(device), target.to(device)
             optimizer.zero_grad()
             loss = F.nll_loss(model(data), target)
             loss.backward()
             optimizer.step()
         scheduler.step()
+        _sync(device)
         seconds += time.perf_counter() - tic
         model.eval()
         correct = 0
         with torch.no_grad():
             for data, target in test_loader:
-                correct += int((model(data).argmax(1) == target).sum())
+                correct += int((model(data.to(device)).argmax(1) == target.to(device)).sum())
         trace.append((seconds, correct / len(yt)))
     return model, seconds, len(y) * epochs
 
 
-def _digitlens(model_name, x, y, xt, yt, epochs, evals_per_epoch, hyper_overrides, model_kwargs, trace):
+def _sync(device):
+    from digitlens.device import synchronize
+
+    synchronize(device)
+
+
+def _warm_up(model_name, hyper, model_kwargs, x, y, device, precision):
+    """One training step of a throwaway copy, so that CUDA's context and cuDNN's kernel choice are
+    not timed (nothing on the CPU)."""
+    import torch.nn.functional as F
+
+    from digitlens import train as T
+    from digitlens.device import autocast
+
+    if device.type == "cpu":
+        return
+    scratch = T.prepare_model(model_name, 10, T.full_model_kwargs(model_name, model_kwargs), hyper).to(device)
+    for _ in range(3):
+        with autocast(device, precision):
+            loss = F.cross_entropy(scratch(x[:int(hyper["batch_size"])]), y[:int(hyper["batch_size"])])
+        loss.backward()
+    T.evaluate_loss_accuracy(scratch, x[:2000], y[:2000])
+    _sync(device)
+
+
+def _digitlens(model_name, x, y, xt, yt, epochs, evals_per_epoch, hyper_overrides, model_kwargs, trace,
+               device, precision):
     import torch
 
     from digitlens import train as T
 
     epochs = epochs or T.DEFAULT_EPOCHS[("mnist", model_name)]
     hyper = T.resolve_hyper(model_name, "mnist", hyper_overrides, epochs)
+    _warm_up(model_name, hyper, model_kwargs, x, y, device, precision)
     torch.manual_seed(0)
-    model = T.prepare_model(model_name, 10, T.full_model_kwargs(model_name, model_kwargs), hyper)
+    model = T.prepare_model(model_name, 10, T.full_model_kwargs(model_name, model_kwargs), hyper).to(device)
     bs = int(hyper["batch_size"])
     per_epoch = T.steps_per_epoch(len(y), bs)
     optimizer, scheduler = T.make_optimizer(model, hyper, per_epoch * epochs)
@@ -116,17 +154,20 @@ def _digitlens(model_name, x, y, xt, yt, epochs, evals_per_epoch, hyper_override
 
     def on_batch(step, _loss):
         if step in eval_at:
+            _sync(device)
             now = time.perf_counter()
             _, acc = T.evaluate_loss_accuracy(model, xt, yt)
             model.train()
             trace.append((now - clock["start"] - clock["paused"], acc))
             clock["paused"] += time.perf_counter() - now
 
+    _sync(device)
     clock["start"] = time.perf_counter()
     for epoch in range(epochs):
         T.train_one_epoch(model, x, y, optimizer, scheduler, batch_size=bs, seed=0, epoch=epoch,
                           label_smoothing=float(hyper["label_smoothing"]), augment=int(hyper["augment"]),
-                          on_batch=on_batch)
+                          on_batch=on_batch, precision=precision)
+    _sync(device)
     seconds = time.perf_counter() - clock["start"] - clock["paused"]
     return model, seconds, per_epoch * bs * epochs
 
@@ -134,19 +175,23 @@ def _digitlens(model_name, x, y, xt, yt, epochs, evals_per_epoch, hyper_override
 def _child(row, args, queue):
     import torch
 
+    from digitlens.device import check_precision, resolve_device
+
     torch.set_num_threads(args.threads)
-    x, y, xt, yt = _load(args.data_dir, args.quick, row)
+    device = resolve_device(args.device)
+    precision = check_precision(args.precision, device)
+    x, y, xt, yt = _load(args.data_dir, args.quick, row, device)
     trace: list[tuple[float, float]] = []
     overrides = json.loads(args.hyper) if args.hyper else {}
     kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
     if row == "ref":
-        model, seconds, samples = _reference(x, y, xt, yt, args.epochs_ref, trace)
+        model, seconds, samples = _reference(x, y, xt, yt, args.epochs_ref, trace, device)
     elif row == "cnn-long":
         model, seconds, samples = _digitlens("cnn", x, y, xt, yt, args.epochs_long, args.evals_per_epoch,
-                                             overrides, kwargs, trace)
+                                             overrides, kwargs, trace, device, precision)
     else:
         model, seconds, samples = _digitlens(row, x, y, xt, yt, args.epochs or None, args.evals_per_epoch,
-                                             overrides, kwargs, trace)
+                                             overrides, kwargs, trace, device, precision)
     params = sum(p.numel() for p in model.parameters())
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     queue.put({"row": row, "params": params, "seconds": seconds, "samples": samples, "trace": trace,
@@ -168,6 +213,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model-kwargs", default="", help="JSON model kwargs for every digitlens row")
     parser.add_argument("--quick", action="store_true", help="smoke test: 3,000 training and 1,000 test images, 1 epoch each")
     parser.add_argument("--json", default="", help="also write the results to this JSON file")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, mps or auto")
+    parser.add_argument("--precision", default="fp32", help="fp32 (default) or bf16 autocast (CUDA only)")
     args = parser.parse_args(argv)
     if args.quick:
         args.epochs_ref, args.epochs_long, args.epochs = 1, 1, args.epochs or 1
@@ -188,7 +235,12 @@ def main(argv=None) -> int:
         print(f"[{row}] {result['seconds']:.1f} s, test accuracy over time: {trace}", file=sys.stderr, flush=True)
 
     load = os.getloadavg()
-    print(f"\nMNIST, {args.threads} threads, torch {__import__('torch').__version__}, "
+    device_name = args.device
+    if args.device.startswith("cuda"):
+        import torch
+
+        device_name = f"{args.device} ({torch.cuda.get_device_name()}), {args.precision}"
+    print(f"\nMNIST, device {device_name}, {args.threads} threads, torch {__import__('torch').__version__}, "
           f"load average at the end {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}{' (QUICK smoke test)' if args.quick else ''}\n")
     header = ["model", "params", "epochs", "train s"] + [f"s to {t * 100:.1f}%" for t in TARGETS] + \
              ["best test acc", "samples/s", "peak RSS MiB"]

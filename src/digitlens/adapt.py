@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from digitlens.device import model_device, resolve_device
 from digitlens.errors import DigitlensError
 from digitlens.runio import figure_batch, read_json, require_run_dir, save_figure, write_json, write_npz, write_text
 
@@ -106,7 +107,7 @@ def _train(model: nn.Module, x, y, *, epochs: int, lr: float, batch_size: int, s
     start = time.perf_counter()
     model.train()
     for epoch in range(epochs):
-        order = torch.randperm(len(y), generator=gen)
+        order = torch.randperm(len(y), generator=gen).to(x.device)  # drawn on the CPU: the same order on any device
         total = 0.0
         for k in range(0, len(y), batch_size):
             idx = order[k:k + batch_size]
@@ -123,9 +124,11 @@ def _train(model: nn.Module, x, y, *, epochs: int, lr: float, batch_size: int, s
 
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 500) -> np.ndarray:
-    """Predicted class per image: ndarray of shape (N,)."""
+    """Predicted class per image: ndarray of shape (N,), computed on the model's device."""
     model.eval()
-    return np.concatenate([model(x[k:k + batch_size]).argmax(1).numpy() for k in range(0, len(x), batch_size)])
+    device = model_device(model)
+    return np.concatenate([model(x[k:k + batch_size].to(device)).argmax(1).cpu().numpy()
+                           for k in range(0, len(x), batch_size)])
 
 
 def _save_adapter_atomically(peft_model, target: Path) -> None:
@@ -202,9 +205,11 @@ def plot_per_digit_groups(metrics: dict, stem, title: str) -> list:
 def adapt_run(run_dir, *, task: str = "groups", ranks=(4, 8, 64), seeds=(0, 1), targets=("q", "v"),
               epochs: int | None = None, data_dir=None, progress: bool = True, n_train: int | None = None,
               n_test: int | None = None, baselines: bool = True, lora_alpha: float | None = None,
-              batch_size: int | None = None) -> dict:
+              batch_size: int | None = None, device=None) -> dict:
     """Train LoRA adapters (every rank x seed) and the head-only / full fine-tuning baselines on
-    ``task``; write ``runs/BASE/adapt/TASK/`` and return the ``results.json`` dict."""
+    ``task``; write ``runs/BASE/adapt/TASK/`` and return the ``results.json`` dict. ``device``: where
+    they train ('auto' by default, see :func:`digitlens.device.resolve_device`); every model starts
+    from the same CPU initialisation, and adapters are saved from the CPU."""
     from peft import get_peft_model
 
     run_dir = require_run_dir(run_dir)
@@ -224,6 +229,8 @@ def adapt_run(run_dir, *, task: str = "groups", ranks=(4, 8, 64), seeds=(0, 1), 
     if epochs < 1:
         raise DigitlensError(f"--epochs {epochs}: must be at least 1")
     train_x, train_y, test_x, test_y, test_digits, n_classes = _task_data(config, task, data_dir, n_train, n_test)
+    run_device = resolve_device(device)
+    train_x, train_y = train_x.to(run_device), train_y.to(run_device)  # the training set lives on the device
     out_dir = run_dir / "adapt" / task
     probe = _fresh_base(run_dir, n_classes, 0)
     _check_targets(probe, targets, run_dir)
@@ -249,7 +256,7 @@ def adapt_run(run_dir, *, task: str = "groups", ranks=(4, 8, 64), seeds=(0, 1), 
     for rank in ranks:
         for seed in seeds:
             torch.manual_seed(seed)
-            model = get_peft_model(_fresh_base(run_dir, n_classes, seed), _lora_config(rank, targets, alpha))
+            model = get_peft_model(_fresh_base(run_dir, n_classes, seed), _lora_config(rank, targets, alpha)).to(run_device)
             seconds = _train(model, train_x, train_y, lr=DEFAULTS["lr_lora"], seed=seed,
                              label=f"lora r={rank} seed {seed}", **common)
             adapter_dir = out_dir / f"r{rank}_s{seed}"
@@ -258,13 +265,13 @@ def adapt_run(run_dir, *, task: str = "groups", ranks=(4, 8, 64), seeds=(0, 1), 
     if baselines:
         seed = seeds[0]
         torch.manual_seed(seed)
-        head_model = _fresh_base(run_dir, n_classes, seed)
+        head_model = _fresh_base(run_dir, n_classes, seed).to(run_device)
         for name, p in head_model.named_parameters():
             p.requires_grad_(name.startswith("head."))
         seconds = _train(head_model, train_x, train_y, lr=DEFAULTS["lr_head"], seed=seed, label="head only", **common)
         record("head_only", 0, seed, head_model, seconds)
         torch.manual_seed(seed)
-        full_model = _fresh_base(run_dir, n_classes, seed)
+        full_model = _fresh_base(run_dir, n_classes, seed).to(run_device)
         seconds = _train(full_model, train_x, train_y, lr=DEFAULTS["lr_full"], seed=seed, label="full fine-tuning",
                          **common)
         from digitlens.models import save_model

@@ -47,10 +47,52 @@ def main() -> None:
 
 # Commands are added below, one function per command, each calling one API function.
 
+DEVICE_HELP = "auto (default: CUDA when available, else the CPU), cpu, cuda, cuda:N or mps."
+NPROC_HELP = "Run in N processes with torchrun (DistributedDataParallel on gloo/NCCL); 1 = this process."
+
+
+def _is_rank0() -> bool:
+    """False in the processes torchrun starts besides rank 0 (they print nothing)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _forward_args(ctx: typer.Context, skip: tuple[str, ...] = ("nproc",)) -> list[str]:
+    """The command line of ``ctx`` rebuilt from its parsed values (defaults left out, ``skip`` dropped):
+    what each torchrun process runs."""
+    args = [ctx.info_name]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if param.name in skip or value is None:
+            continue
+        if param.param_type_name == "argument":
+            args.append(str(value))
+        elif value == param.default:
+            continue
+        elif getattr(param, "is_flag", False):
+            if value:
+                args.append(param.opts[0])
+            elif param.secondary_opts:
+                args.append(param.secondary_opts[0])
+        elif getattr(param, "multiple", False):
+            for item in value:
+                args += [param.opts[0], str(item)]
+        else:
+            args += [param.opts[0], str(value)]
+    return args
+
+
+def _run_with_torchrun(ctx: typer.Context, nproc: int) -> None:
+    from digitlens.distributed import launch
+
+    code = launch(_forward_args(ctx), nproc)
+    if code:
+        raise DigitlensError(f"--nproc {nproc}: torchrun exited with status {code} (its processes' errors are above)")
+
 
 @app.command("train")
 @one_line_errors
 def train_command(
+    ctx: typer.Context,
     out: Path = typer.Option(..., "--out", help="Run folder to create (runs/NAME)."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="mnist or digits (default digits; with --resume: the run's)."),
     model: Optional[str] = typer.Option(None, "--model", help="cnn (default), mlp or vit."),
@@ -67,6 +109,9 @@ def train_command(
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Share of the training images held out for validation (default 0.1; 0 = none)."),
     optimizer: Optional[str] = typer.Option(None, "--optimizer", help="sgd or adamw (default per model)."),
     schedule: Optional[str] = typer.Option(None, "--schedule", help="onecycle or constant (default onecycle)."),
+    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 (default) or bf16 (autocast; CUDA only)."),
+    nproc: Optional[int] = typer.Option(None, "--nproc", help=NPROC_HELP),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Train a digit classifier; write config.json, history.csv, checkpoints/ and model.safetensors
@@ -75,6 +120,14 @@ def train_command(
 
     extra = {k: v for k, v in (("val_fraction", val_fraction), ("optimizer", optimizer), ("schedule", schedule))
              if v is not None}
+    if nproc is not None and nproc != 1:
+        if seeds is not None:
+            raise DigitlensError("--nproc and --seeds: train the seeds one after another without --nproc, or one seed with it")
+        if nproc < 1:
+            raise DigitlensError(f"--nproc {nproc}: must be at least 1")
+        _run_with_torchrun(ctx, nproc)
+        return
+    extra.update(device=device, precision=precision)
     if seeds is not None:
         from digitlens.seeds import parse_seeds, train_seeds
 
@@ -91,6 +144,8 @@ def train_command(
     summary = train(out, dataset=dataset, model=model, epochs=epochs, seed=seed, data_dir=data_dir, resume=resume,
                     progress=progress, model_kwargs=width_kwargs(model, width), batch_size=batch_size, lr=lr,
                     augment=augment, threads=threads, **extra)
+    if not _is_rank0():
+        return
     val_accuracy = summary["final"]["val_accuracy"]
     typer.echo(f"wrote {summary['run_dir']}: {summary['epochs']} epochs, {summary['train_seconds']:.1f} s of training"
                + (f", val_accuracy {val_accuracy:.4f}" if val_accuracy == val_accuracy else ""))
@@ -105,6 +160,7 @@ def evaluate_command(
     dataset: Optional[str] = typer.Option(None, "--dataset", help="Without a run folder: dataset whose test split to use (mnist, digits)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Without a run folder: where to write predictions, metrics, insights and figures."),
     history: Optional[Path] = typer.Option(None, "--history", help="Without a run folder: training history (Keras CSVLogger .csv or history.history .json)."),
+    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Predict the test split; write predictions.npz, metrics.json, insights.md/json and figures/."""
@@ -115,18 +171,18 @@ def evaluate_command(
     if run_dir is not None and is_group(run_dir):  # a `train --seeds` folder: every seed run, then the spread
         if model_file is not None or dataset is not None or out is not None or history is not None:
             raise DigitlensError(f"{run_dir}: a group of seed runs takes no --model-file/--dataset/--out/--history")
-        group = summarise_group(run_dir, data_dir=data_dir, progress=progress)
+        group = summarise_group(run_dir, data_dir=data_dir, progress=progress, device=device)
         typer.echo(f"{group['sentence']}\nwrote {Path(run_dir) / 'group_summary.json'}")
         return
     if run_dir is not None:
         if dataset is not None or out is not None or history is not None:
             raise DigitlensError("--dataset/--out/--history: only used without a run folder (the run folder has them)")
-        summary = evaluate.evaluate_run(run_dir, model=model_file, data_dir=data_dir, progress=progress)
+        summary = evaluate.evaluate_run(run_dir, model=model_file, data_dir=data_dir, progress=progress, device=device)
     else:
         if model_file is None or dataset is None or out is None:
             raise DigitlensError("evaluate: give a run folder, or --model-file, --dataset and --out together")
         summary = evaluate.evaluate_model(model_file, dataset, out_dir=out, data_dir=data_dir, history=history,
-                                          progress=progress)
+                                          progress=progress, device=device)
     calibrated = (f" ({summary['ece_calibrated']:.4f} after temperature scaling, T = {summary['temperature']:.3f})"
                   if summary.get("temperature") is not None and summary.get("ece_calibrated") is not None else "")
     typer.echo(f"accuracy {summary['accuracy']:.4f}  errors {summary['n_errors']}/{summary['n_samples']}  "
@@ -139,6 +195,7 @@ def evaluate_command(
 @app.command("explain")
 @one_line_errors
 def explain_command(
+    ctx: typer.Context,
     run_dir: Path = typer.Argument(..., help="Run folder from `digitlens train` (runs/NAME)."),
     methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated: saliency, input_x_gradient, integrated_gradients, occlusion, gradcam, hirescam, attention, attention_rollout (dashes work too; default: all that apply)."),
     group_by: str = typer.Option("true", "--group-by", help="Group images by true or predicted label, or by correct/incorrect."),
@@ -152,17 +209,26 @@ def explain_command(
     ig_tolerance: Optional[float] = typer.Option(None, "--ig-tolerance", min=0.0, help="Integrated gradients: refine each image until its relative completeness error is at most this (default 0.02)."),
     ig_steps: Optional[int] = typer.Option(None, "--ig-steps", min=1, help="Integrated gradients: a fixed number of steps for every image (Captum's Gauss-Legendre rule) instead of --ig-tolerance."),
     image_index: int = typer.Option(0, "--image-index", help="The image of the split whose feature maps are drawn."),
+    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
+    nproc: Optional[int] = typer.Option(None, "--nproc", help=NPROC_HELP),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Per-digit attribution maps, overlays, filters and faithfulness; write RUN_DIR/explain/."""
     from digitlens.explain import explain_run
     from digitlens.explain.methods import IG_TOLERANCE
 
+    if nproc is not None and nproc != 1:
+        if nproc < 1:
+            raise DigitlensError(f"--nproc {nproc}: must be at least 1")
+        _run_with_torchrun(ctx, nproc)
+        return
     ig_tolerance = IG_TOLERANCE if ig_tolerance is None else ig_tolerance
     summary = explain_run(run_dir, methods=methods, group_by=group_by, grid=grid, data_dir=data_dir, split=split,
                           progress=progress, compare=compare, compare_methods=compare_methods,
                           faithfulness_size=faithfulness_size, gradcam_layer=gradcam_layer, image_index=image_index,
-                          ig_tolerance=ig_tolerance, ig_n_steps=ig_steps)
+                          ig_tolerance=ig_tolerance, ig_n_steps=ig_steps, device=device)
+    if summary is None:  # a torchrun process other than rank 0: rank 0 wrote and reports
+        return
     verdict = summary.get("verdict")
     typer.echo(f"wrote {Path(run_dir) / 'explain'}: maps for {', '.join(summary['methods'])}; "
                f"{len(summary['files']['figures'])} figures" + (f"; {verdict}" if verdict else ""))
@@ -186,11 +252,12 @@ def demo_command(
     dataset: str = typer.Option("digits", "--dataset", help="digits (embedded, no download) or mnist."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder with the MNIST IDX files."),
     out_root: Path = typer.Option(Path("runs"), "--out", help="Folder that receives the demo's run folders."),
+    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
 ) -> None:
     """Train a CNN and a ViT, evaluate, explain, run the LoRA study and write the reports."""
     from digitlens.demo import run_demo
 
-    run_demo(out_root, dataset=dataset, data_dir=data_dir)
+    run_demo(out_root, dataset=dataset, data_dir=data_dir, device=device)
 
 
 @app.command("adapt")
@@ -208,6 +275,7 @@ def adapt_command(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Print one line per epoch."),
     subspace: bool = typer.Option(True, "--subspace/--no-subspace",
                                   help="Then analyse the adapters' subspaces (as `digitlens subspace RUN_DIR --task T`)."),
+    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
 ) -> None:
     """Train LoRA adapters (PEFT) per rank and seed plus head-only and full fine-tuning baselines,
     then (unless --no-subspace) write the subspace analysis: the whole LoRA study in one command."""
@@ -215,12 +283,12 @@ def adapt_command(
 
     results = adapt_run(run_dir, task=task, ranks=_int_list(ranks, "--ranks"), seeds=_int_list(seeds, "--seeds"),
                         targets=[t.strip() for t in targets.split(",") if t.strip()], epochs=epochs, n_train=n_train,
-                        n_test=n_test, data_dir=data_dir, progress=progress)
+                        n_test=n_test, data_dir=data_dir, progress=progress, device=device)
     typer.echo(results["markdown"])
     if subspace:
         from digitlens.subspace import analyse_run
 
-        analyse_run(run_dir, task=task, progress=progress)
+        analyse_run(run_dir, task=task, progress=progress, device=device)
         typer.echo(f"subspace analysis written to {Path(run_dir) / 'subspace' / task}")
 
 
@@ -233,15 +301,17 @@ def subspace_command(
     adapter: Optional[list[Path]] = typer.Option(None, "--adapter", help="PEFT LoRA adapter folder; repeat to compare."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default RUN_DIR/subspace/TASK, or ADAPTER/subspace with --adapter)."),
     module: Optional[list[str]] = typer.Option(None, "--module", help="Analyse only this adapted module (repeat; default: all)."),
+    device: Optional[str] = typer.Option(None, "--device", help="Where the SVDs run (float64): " + DEVICE_HELP),
 ) -> None:
     """Subspace similarity, amplification, spectra and intruder dimensions of LoRA adapters."""
     from digitlens.subspace import analyse_adapters, analyse_run
 
     if run_dir is not None:
-        summary = analyse_run(run_dir, task=task, out_dir=out, progress=True, **({"modules": module} if module else {}))
+        summary = analyse_run(run_dir, task=task, out_dir=out, progress=True, device=device,
+                              **({"modules": module} if module else {}))
     elif base is not None and adapter:
         summary = analyse_adapters(base, adapter, out if out is not None else Path(adapter[0]) / "subspace",
-                                   modules=module or None, progress=True)
+                                   modules=module or None, progress=True, device=device)
     else:
         raise DigitlensError("subspace: give RUN_DIR, or --base FILE --adapter DIR [--adapter DIR] [--out DIR]")
     typer.echo(summary["markdown"])

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from digitlens.device import resolve_device
 from digitlens.errors import DigitlensError
 from digitlens.runio import read_json, write_json
 
@@ -146,16 +147,18 @@ def _print_summary(console, result: dict) -> None:
 
 
 def run_demo(out_root: str | Path = "runs", *, dataset: str = "digits", data_dir: str | Path | None = None,
-             progress: bool = True, fast: bool = False) -> dict:
+             progress: bool = True, fast: bool = False, device=None) -> dict:
     """Train, evaluate, explain, adapt and report on ``dataset``; see the module docstring.
 
-    ``fast=True`` uses tiny epochs and study sizes (for tests). Returns the ``demo.json`` dict.
+    ``fast=True`` uses tiny epochs and study sizes (for tests). ``device``: where every stage
+    computes ('auto' by default: CUDA when available). Returns the ``demo.json`` dict.
     """
     from rich.console import Console
 
     if dataset not in SETTINGS:
         raise DigitlensError(f"--dataset {dataset!r}: the demo runs on {' or '.join(SETTINGS)}")
     settings = FAST if fast else SETTINGS[dataset]
+    device = str(resolve_device(device))
     console = Console(quiet=not progress, highlight=False)
     folder = Path(out_root) / f"demo-{dataset}"
     _prepare(folder)
@@ -180,26 +183,28 @@ def run_demo(out_root: str | Path = "runs", *, dataset: str = "digits", data_dir
     for name in ("cnn", "vit"):
         kwargs = dict(settings["train"][name])
         step(f"Train the {name.upper()} on {dataset}",
-             lambda: train.train(runs[name], dataset=dataset, model=name, data_dir=data_dir, progress=progress, **kwargs))
+             lambda: train.train(runs[name], dataset=dataset, model=name, data_dir=data_dir, progress=progress,
+                                 device=device, **kwargs))
         step(f"Evaluate the {name.upper()}",
-             lambda: evaluate.evaluate_run(runs[name], data_dir=data_dir, progress=progress))
+             lambda: evaluate.evaluate_run(runs[name], data_dir=data_dir, progress=progress, device=device))
     explain_kwargs = settings["explain"]
     step("Explain the CNN (per-digit maps, overlays, filters, faithfulness)",
-         lambda: explain.explain_run(runs["cnn"], data_dir=data_dir, progress=progress, **explain_kwargs["cnn"]))
+         lambda: explain.explain_run(runs["cnn"], data_dir=data_dir, progress=progress, device=device,
+                                     **explain_kwargs["cnn"]))
     step("Explain the ViT, side by side with the CNN",
          lambda: explain.explain_run(runs["vit"], data_dir=data_dir, progress=progress, compare=runs["cnn"],
-                                     **explain_kwargs["vit"]))
+                                     device=device, **explain_kwargs["vit"]))
     adapt_kwargs = dict(settings["adapt"])
     ranks = ", ".join(map(str, adapt_kwargs["ranks"]))
     step(f"LoRA study on the ViT (r = {ranks})",
-         lambda: adapt.adapt_run(runs["vit"], data_dir=data_dir, progress=progress, **adapt_kwargs))
+         lambda: adapt.adapt_run(runs["vit"], data_dir=data_dir, progress=progress, device=device, **adapt_kwargs))
     step("Subspace analysis of the adapters",
-         lambda: subspace.analyse_run(runs["vit"], task=adapt_kwargs["task"]))
+         lambda: subspace.analyse_run(runs["vit"], task=adapt_kwargs["task"], device=device))
     reports = []
     reports.append(step("Write the ViT report", lambda: write_report(runs["vit"])))
     reports.insert(0, step("Write the CNN report, ViT side by side", lambda: write_report(runs["cnn"], compare=runs["vit"])))
 
-    result = {"dataset": dataset, "fast": fast, "runs": {k: str(v) for k, v in runs.items()},
+    result = {"dataset": dataset, "fast": fast, "device": device, "runs": {k: str(v) for k, v in runs.items()},
               "reports": [str(r) for r in reports], "steps": steps,
               "seconds": round(time.perf_counter() - started, 2), "summary": _summary(runs)}
     write_json(folder / MARKER, result)

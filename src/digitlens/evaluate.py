@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from pathlib import Path
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from digitlens import runio
+from digitlens.device import model_device, resolve_device
 from digitlens.errors import DigitlensError
 from digitlens.intervals import bootstrap_metrics, wilson_interval
 
@@ -307,6 +309,14 @@ def _as_module(model: Any) -> nn.Module:
     return model
 
 
+def on_device(model: Any, device: torch.device) -> Any:
+    """``model`` itself when it already lives on ``device`` (or is a plain function), else a copy moved
+    there, so that a caller's model is never moved behind its back."""
+    if not isinstance(model, nn.Module) or model_device(model) == device:
+        return model
+    return copy.deepcopy(model).to(device)
+
+
 def predict_logits(model: Any, images: torch.Tensor, *, batch_size: int = 1000, progress: bool = False,
                    description: str = "predicting") -> np.ndarray:
     """Logits of ``model`` on ``images`` (N, 1, H, W): float32 array of shape (N, n_classes).
@@ -425,12 +435,13 @@ def write_figures(out_dir: Path, *, images: np.ndarray, y_true: np.ndarray, prob
 
 def _evaluate(model: Any, images: torch.Tensor, labels: torch.Tensor, out_dir: Path | None, *,
               history: dict | None, source: dict, progress: bool, val: Any = None,
-              bootstrap: int = 1000, bootstrap_seed: int = 0) -> dict:
+              bootstrap: int = 1000, bootstrap_seed: int = 0, device: Any = None) -> dict:
     """Predict the test ``images``/``labels``, fit the temperature on ``val`` (a DigitDataset or
     None), add the intervals (``bootstrap`` resamples, 0: Wilson accuracy interval only), and write
     every file into ``out_dir`` (None: write nothing); return the summary dict."""
     from digitlens import insights as insights_mod
 
+    model = on_device(_as_module(model), resolve_device(device))
     logits = predict_logits(model, images, progress=progress)
     proba = softmax(logits)
     y_true = labels.numpy().astype(np.int64)
@@ -481,7 +492,7 @@ def _evaluate(model: Any, images: torch.Tensor, labels: torch.Tensor, out_dir: P
 
 
 def evaluate_run(run_dir: str | os.PathLike, *, model: Any = None, data_dir: str | os.PathLike | None = None,
-                 progress: bool = True, bootstrap: int = 1000, bootstrap_seed: int = 0) -> dict:
+                 progress: bool = True, bootstrap: int = 1000, bootstrap_seed: int = 0, device: Any = None) -> dict:
     """Evaluate a training run on its test split and write predictions, metrics, insights and
     figures into the run folder. The temperature (see :func:`temperature_metrics`) is fitted on
     the run's validation split, never on the test split; a run trained with ``val_fraction=0``
@@ -494,6 +505,8 @@ def evaluate_run(run_dir: str | os.PathLike, *, model: Any = None, data_dir: str
 
     ``bootstrap``: resamples of the test images behind the 95% intervals in ``metrics.json``
     (per-digit precision/recall/F1, macro F1, ECE; 0 skips them), drawn with ``bootstrap_seed``.
+    ``device``: where the model predicts ('auto' by default: CUDA when available; see
+    :func:`digitlens.device.resolve_device`); a run trained on a GPU evaluates on a CPU and back.
     """
     from digitlens import data, models
     from digitlens.plots.training_curves import read_history
@@ -513,12 +526,14 @@ def evaluate_run(run_dir: str | os.PathLike, *, model: Any = None, data_dir: str
     history_path = run_dir / "history.csv"
     history = read_history(history_path) if history_path.is_file() else None
     return _evaluate(model, splits.test.images, splits.test.labels, run_dir, history=history, source=source,
-                     progress=progress, val=splits.val, bootstrap=bootstrap, bootstrap_seed=bootstrap_seed)
+                     progress=progress, val=splits.val, bootstrap=bootstrap, bootstrap_seed=bootstrap_seed,
+                     device=device)
 
 
 def evaluate_model(model: Any, dataset: Any = "digits", *, out_dir: str | os.PathLike | None = None,
                    data_dir: str | os.PathLike | None = None, history: Any = None, progress: bool = True,
-                   val_dataset: Any = None, bootstrap: int = 1000, bootstrap_seed: int = 0) -> dict:
+                   val_dataset: Any = None, bootstrap: int = 1000, bootstrap_seed: int = 0,
+                   device: Any = None) -> dict:
     """Evaluate any model without a training run ("bring your own model").
 
     ``model``: an ``nn.Module`` taking (N, 1, 28, 28) images in [0, 1] and returning logits, or a
@@ -532,7 +547,8 @@ def evaluate_model(model: Any, dataset: Any = "digits", *, out_dir: str | os.Pat
     ``val_dataset``: an optional :class:`digitlens.data.DigitDataset` the model was not trained
     on, to fit temperature scaling on; without one the temperature is skipped (``"temperature":
     null`` and a ``calibration_note``), since fitting it on the test split would flatter it.
-    ``bootstrap``, ``bootstrap_seed``: as for :func:`evaluate_run`.
+    ``bootstrap``, ``bootstrap_seed``, ``device``: as for :func:`evaluate_run` (a model on another
+    device is copied there; the caller's model is not moved).
     """
     from digitlens import data
     from digitlens.plots.training_curves import normalise_history, read_history
@@ -557,4 +573,4 @@ def evaluate_model(model: Any, dataset: Any = "digits", *, out_dir: str | os.Pat
     source = {"model": str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__, "dataset": name}
     return _evaluate(model, test.images, test.labels, Path(out_dir) if out_dir is not None else None,
                      history=history, source=source, progress=progress, val=val_dataset,
-                     bootstrap=bootstrap, bootstrap_seed=bootstrap_seed)
+                     bootstrap=bootstrap, bootstrap_seed=bootstrap_seed, device=device)

@@ -143,7 +143,7 @@ def spread_sentence(summary: dict) -> str:
 
 
 def summarise_group(group_dir: str | os.PathLike, *, evaluate: bool = True, data_dir: str | os.PathLike | None = None,
-                    progress: bool = False) -> dict:
+                    progress: bool = False, device=None) -> dict:
     """Mean and spread over the group's seed runs; writes and returns ``group_summary.json``.
 
     A seed run without ``metrics.json`` is evaluated first (:func:`digitlens.evaluate.evaluate_run`)
@@ -159,7 +159,7 @@ def summarise_group(group_dir: str | os.PathLike, *, evaluate: bool = True, data
                 raise DigitlensError(f"{run_dir}: not evaluated (run `digitlens evaluate {run_dir}` first)")
             from digitlens.evaluate import evaluate_run
 
-            evaluate_run(run_dir, data_dir=data_dir, progress=progress)
+            evaluate_run(run_dir, data_dir=data_dir, progress=progress, device=device)
         m = read_json(metrics_path)
         macro_f1 = m.get("macro", {}).get("f1") if isinstance(m.get("macro"), dict) else m.get("macro_f1")
         runs.append({"seed": seed, "run": rel, "accuracy": m.get("accuracy"), "accuracy_ci": m.get("accuracy_ci"),

@@ -29,7 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from digitlens.device import resolve_device
 from digitlens.errors import DigitlensError
 from digitlens.runio import figure_batch, read_json, require_run_dir, save_figure, write_json, write_text
 
@@ -42,11 +44,27 @@ _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[
 # Measures on plain matrices
 # --------------------------------------------------------------------------------------------
 
-def right_singular_vectors(matrix) -> np.ndarray:
-    """Right-singular vectors of ``matrix`` (float64) as rows, strongest first: ndarray of shape
-    (min(m, n), n)."""
+def svd(matrix, *, compute_uv: bool = True, device=None):
+    """The thin SVD of ``matrix`` in float64 as NumPy arrays: (U, S, Vh), or S alone without
+    ``compute_uv``. On the CPU (``device`` None or 'cpu') NumPy's LAPACK computes it; on another
+    device ``torch.linalg.svd`` does (float64 there too), worth it for the 4,096-wide matrices of a
+    language model's adapters. Signs of singular vectors may differ between the two; every measure
+    here (phi, amplification, intruders) is invariant to them."""
     matrix = np.asarray(matrix, dtype=np.float64)
-    _, _, vh = np.linalg.svd(matrix, full_matrices=False)
+    target = None if device is None else resolve_device(device)
+    if target is None or target.type == "cpu":
+        return np.linalg.svd(matrix, full_matrices=False, compute_uv=compute_uv)
+    t = torch.as_tensor(matrix, device=target)
+    if not compute_uv:
+        return torch.linalg.svdvals(t).cpu().numpy()
+    u, s_, vh = torch.linalg.svd(t, full_matrices=False)
+    return u.cpu().numpy(), s_.cpu().numpy(), vh.cpu().numpy()
+
+
+def right_singular_vectors(matrix, device=None) -> np.ndarray:
+    """Right-singular vectors of ``matrix`` (float64) as rows, strongest first: ndarray of shape
+    (min(m, n), n); ``device`` as for :func:`svd`."""
+    _, _, vh = svd(matrix, device=device)
     return vh
 
 
@@ -132,7 +150,7 @@ def random_orthonormal(dim: int, k: int, rng: np.random.Generator) -> np.ndarray
     return q * np.sign(np.diag(r))
 
 
-def amplification(weight, delta, rank: int | None = None, seed: int = 0) -> dict:
+def amplification(weight, delta, rank: int | None = None, seed: int = 0, device=None) -> dict:
     """The paper's Table 7 for one weight matrix: how strongly ``delta`` amplifies directions of
     ``weight`` (both of shape (out, in)).
 
@@ -146,10 +164,10 @@ def amplification(weight, delta, rank: int | None = None, seed: int = 0) -> dict
     dw = np.asarray(delta, dtype=np.float64)
     if w.shape != dw.shape:
         raise DigitlensError(f"amplification: weight shape {w.shape} and update shape {dw.shape} differ")
-    u_d, s_d, vh_d = np.linalg.svd(dw, full_matrices=False)
+    u_d, s_d, vh_d = svd(dw, device=device)
     if rank is None:
         rank = int((s_d > s_d[0] * 1e-10).sum()) if s_d.size and s_d[0] > 0 else 1
-    u_w, _, vh_w = np.linalg.svd(w, full_matrices=False)
+    u_w, _, vh_w = svd(w, device=device)
     rng = np.random.default_rng(seed)
     u_r = random_orthonormal(w.shape[0], rank, rng)
     v_r = random_orthonormal(w.shape[1], rank, rng)
@@ -174,15 +192,15 @@ def amplification(weight, delta, rank: int | None = None, seed: int = 0) -> dict
     }
 
 
-def intruder_dimensions(base_weight, adapted_weight, top_k: int = 10, threshold: float = 0.5) -> dict:
+def intruder_dimensions(base_weight, adapted_weight, top_k: int = 10, threshold: float = 0.5, device=None) -> dict:
     """Intruder dimensions (Shuttleworth et al. 2024): among the top-``top_k`` left-singular vectors
     of the adapted weight, those whose largest |cosine| with every left-singular vector of the
     base weight is below ``threshold``.
 
     Returns ``{"count", "top_k", "threshold", "max_abs_cosine": list of top_k floats}``.
     """
-    u_base, _, _ = np.linalg.svd(np.asarray(base_weight, dtype=np.float64), full_matrices=False)
-    u_new, _, _ = np.linalg.svd(np.asarray(adapted_weight, dtype=np.float64), full_matrices=False)
+    u_base, _, _ = svd(base_weight, device=device)
+    u_new, _, _ = svd(adapted_weight, device=device)
     top_k = min(top_k, u_new.shape[1])
     best = np.abs(u_new[:, :top_k].T @ u_base).max(axis=1)
     return {"count": int((best < threshold).sum()), "top_k": int(top_k), "threshold": float(threshold),
@@ -344,7 +362,8 @@ def match_base_weight(base: dict[str, np.ndarray], module: LoraModule, base_labe
 
 def analyse_adapters(base_path, adapter_dirs, out_dir, *, random_seed: int = 0, intruder_top_k: int = 10,
                      intruder_threshold: float = 0.5, modules: list[str] | None = None,
-                     progress: bool = False, base_weights: dict | None = None, figures: bool = True) -> dict:
+                     progress: bool = False, base_weights: dict | None = None, figures: bool = True,
+                     device=None) -> dict:
     """Analyse PEFT LoRA adapters of any model against its base weights; write JSON and figures.
 
     ``adapter_dirs``: one or more adapter folders (all adapting the same base). For every adapted
@@ -352,7 +371,7 @@ def analyse_adapters(base_path, adapter_dirs, out_dir, *, random_seed: int = 0, 
     (Table 7), intruder dimensions of W + dW, and phi(W, A_k) for each adapter k plus a random
     Gaussian A (the seed-003 four-panel figure). With two or more adapters, phi(A_1, A_k) per
     module. Writes ``out_dir/subspace.json``, ``out_dir/summary.md`` and (with ``figures``)
-    ``out_dir/figures/``; returns the summary dict.
+    ``out_dir/figures/``; returns the summary dict. ``device``: where the SVDs run (see :func:`svd`).
     """
     out_dir = Path(out_dir)
     adapter_dirs = [Path(p) for p in adapter_dirs]
@@ -383,7 +402,7 @@ def analyse_adapters(base_path, adapter_dirs, out_dir, *, random_seed: int = 0, 
         for adapter in adapters[1:]:
             match_base_weight(base, adapter.modules[name], base_label)
         result, panels[name] = _analyse_module(name, weight, [a.modules[name] for a in adapters], labels, rng,
-                                               intruder_top_k, intruder_threshold)
+                                               intruder_top_k, intruder_threshold, device)
         module_results.append(result)
     summary = {
         "base": str(base_path),
@@ -408,16 +427,16 @@ def _unique_labels(adapters: list[LoraAdapter]) -> list[str]:
     return labels
 
 
-def _analyse_module(name, weight, lora_modules: list[LoraModule], labels, rng, top_k, threshold):
+def _analyse_module(name, weight, lora_modules: list[LoraModule], labels, rng, top_k, threshold, device=None):
     """All measures for one module: (JSON-ready dict, list of phi(W, A_k) arrays + the random one)."""
     d_in = weight.shape[1]
-    w_rows = right_singular_vectors(weight)
+    w_rows = right_singular_vectors(weight, device)
     per_adapter = []
     phis_w = []
     for label, module in zip(labels, lora_modules):
         delta = module.delta
-        s = np.linalg.svd(delta, compute_uv=False)
-        phi_w = phi_matrix(w_rows, right_singular_vectors(module.lora_a))
+        s = svd(delta, compute_uv=False, device=device)
+        phi_w = phi_matrix(w_rows, right_singular_vectors(module.lora_a, device))
         phis_w.append(phi_w)
         per_adapter.append({
             "adapter": label,
@@ -426,19 +445,19 @@ def _analyse_module(name, weight, lora_modules: list[LoraModule], labels, rng, t
             "singular_values": s[: max(module.rank, 1)].tolist(),
             "effective_rank": effective_rank(s[: module.rank]),
             "amplification": amplification(weight, delta, rank=module.rank,
-                                           seed=int(rng.integers(2 ** 31))),
-            "intruders": intruder_dimensions(weight, weight + delta, top_k=top_k, threshold=threshold),
+                                           seed=int(rng.integers(2 ** 31)), device=device),
+            "intruders": intruder_dimensions(weight, weight + delta, top_k=top_k, threshold=threshold, device=device),
             "phi_W_A": phi_summary(phi_w, d_in),
         })
     random_rank = max(m.rank for m in lora_modules)
     random_a = rng.standard_normal((random_rank, d_in))
-    phi_random = phi_matrix(w_rows, right_singular_vectors(random_a))
+    phi_random = phi_matrix(w_rows, right_singular_vectors(random_a, device))
     result = {"module": name, "shape": list(weight.shape), "d_in": int(d_in), "adapters": per_adapter,
               "phi_W_random": phi_summary(phi_random, d_in)}
     if len(lora_modules) > 1:
-        first = right_singular_vectors(lora_modules[0].lora_a)
+        first = right_singular_vectors(lora_modules[0].lora_a, device)
         result["phi_between"] = [
-            {"a": labels[0], "b": labels[k], **phi_summary(phi_matrix(first, right_singular_vectors(m.lora_a)), d_in)}
+            {"a": labels[0], "b": labels[k], **phi_summary(phi_matrix(first, right_singular_vectors(m.lora_a, device)), d_in)}
             for k, m in enumerate(lora_modules[1:], start=1)
         ]
     return result, phis_w + [phi_random]
@@ -585,8 +604,8 @@ def _analyse_run(run_dir, task, *, out_dir, seed_for_ranks, figures, progress, *
         grid = {}
         entry = {"kind": kind, "title": title, "modules": []}
         for name in names:
-            p = phi_matrix(right_singular_vectors(first.modules[name].lora_a),
-                           right_singular_vectors(second.modules[name].lora_a))
+            p = phi_matrix(right_singular_vectors(first.modules[name].lora_a, kwargs.get("device")),
+                           right_singular_vectors(second.modules[name].lora_a, kwargs.get("device")))
             grid[name] = p
             entry["modules"].append({"module": name, **phi_summary(p, first.modules[name].lora_a.shape[1])})
         if figures:
@@ -600,7 +619,8 @@ def _analyse_run(run_dir, task, *, out_dir, seed_for_ranks, figures, progress, *
         top_k = kwargs.get("intruder_top_k", 10)
         threshold = kwargs.get("intruder_threshold", 0.5)
         summary["full_finetuning_intruders"] = [
-            {"module": name, **intruder_dimensions(base[f"{name}.weight"], full_weights[f"{name}.weight"], top_k, threshold)}
+            {"module": name, **intruder_dimensions(base[f"{name}.weight"], full_weights[f"{name}.weight"], top_k, threshold,
+                                                   device=kwargs.get("device"))}
             for name in names if f"{name}.weight" in full_weights]
     summary["task"] = task
     summary["markdown"] = summary_markdown(summary) + _comparisons_markdown(summary)

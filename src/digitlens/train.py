@@ -13,7 +13,17 @@ weights change, in train mode, with label smoothing and augmentation. They are n
 measures ``train_eval_loss``/``train_eval_accuracy`` the way the validation split is measured, on the
 first ``train_eval_size`` (:data:`TRAIN_EVAL_SIZE`) training images.
 
-Data are preloaded as tensors; a DataLoader would only add per-batch Python overhead here.
+Data are preloaded as tensors; a DataLoader would only add per-batch Python overhead here. On a
+GPU (``device='cuda'``) the whole training set lives on the GPU as one tensor, batches are gathered
+and shifted there, and ``precision='bf16'`` runs the forward pass under autocast.
+
+Under torchrun (``WORLD_SIZE`` > 1) the model is wrapped in DistributedDataParallel. Every rank
+draws the same epoch order (the equivalent of DistributedSampler with ``set_epoch``: the order is
+a function of seed and epoch) and takes every ``world_size``-th image of each batch, so the global
+batch stays ``batch_size`` and the learning rate is not scaled: the gradient DDP averages is that of
+the same global batch. Batch norm keeps per-rank statistics (of ``batch_size / world_size``
+images), so results fall in the same accuracy band as one process, not on the same bits. Only rank
+0 writes the run folder.
 """
 
 from __future__ import annotations
@@ -33,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from digitlens import distributed
+from digitlens.device import autocast, check_precision, resolve_device, synchronize
 from digitlens.errors import DigitlensError
 from digitlens.runio import atomic_path, read_json, write_json, write_text
 
@@ -177,11 +189,15 @@ def prepare_model(model: str, n_classes: int, model_kwargs: dict, hyper: dict) -
 def make_optimizer(model: nn.Module, hyper: dict, total_steps: int):
     """(optimizer, scheduler) for ``hyper``; the scheduler is stepped once per batch."""
     lr = float(hyper["lr"])
+    # On CUDA the fused kernels (one launch per step instead of one per operation and parameter
+    # group) matter for a model this small; on the CPU torch's default implementation stays, so CPU
+    # results do not change.
+    fused = {"fused": True} if next(model.parameters()).device.type == "cuda" else {}
     if hyper["optimizer"] == "sgd":
         optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=float(hyper["momentum"]),
-                                    nesterov=bool(hyper["nesterov"]), weight_decay=float(hyper["weight_decay"]))
+                                    nesterov=bool(hyper["nesterov"]), weight_decay=float(hyper["weight_decay"]), **fused)
     else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=float(hyper["weight_decay"]))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=float(hyper["weight_decay"]), **fused)
     if hyper["schedule"] == "onecycle":
         scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(1, total_steps),
                                                         pct_start=float(hyper["pct_start"]))
@@ -200,7 +216,7 @@ def epoch_order(n_samples: int, seed: int, epoch: int) -> torch.Tensor:
     """The permutation of the training set for ``epoch`` (0-based), derived from seed and epoch only,
     so a resumed run sees exactly the order an uninterrupted one would."""
     generator = torch.Generator().manual_seed(int(seed) * 100_003 + int(epoch) + 1)
-    return torch.randperm(n_samples, generator=generator)
+    return torch.randperm(n_samples, generator=generator)  # on the CPU on every device: the same order everywhere
 
 
 def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
@@ -211,44 +227,60 @@ def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) ->
     """
     n, c, h, w = x.shape
     padded = F.pad(x, (max_shift,) * 4)
-    dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator)
-    dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator)
-    rows = (dy[:, None] + torch.arange(h)[None, :])[:, None, :, None].expand(n, c, h, w + 2 * max_shift)
+    # The shifts come from a CPU generator (the same draws on every device), the gathers run on x's device.
+    dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator).to(x.device)
+    dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator).to(x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device)[None, :])[:, None, :, None].expand(n, c, h, w + 2 * max_shift)
     out = torch.gather(padded, 2, rows)
-    cols = (dx[:, None] + torch.arange(w)[None, :])[:, None, None, :].expand(n, c, h, w)
+    cols = (dx[:, None] + torch.arange(w, device=x.device)[None, :])[:, None, None, :].expand(n, c, h, w)
     return torch.gather(out, 3, cols)
 
 
 def train_one_epoch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, optimizer, scheduler, *,
                     batch_size: int, seed: int, epoch: int, label_smoothing: float = 0.0, augment: int = 0,
-                    on_batch: Callable[[int, float], None] | None = None) -> tuple[float, float]:
-    """Train ``model`` for one epoch over ``images`` (N, 1, 28, 28); return (mean loss, accuracy)
-    over the training batches, as Keras reports them. ``on_batch(step, loss)`` is called after each batch."""
+                    on_batch: Callable[[int, float], None] | None = None, precision: str = "fp32",
+                    rank: int = 0, world_size: int = 1) -> tuple[float, float]:
+    """Train ``model`` for one epoch over ``images`` (N, 1, 28, 28, on the model's device); return
+    (mean loss, accuracy) over the training batches, as Keras reports them (over all ranks).
+    ``on_batch(step, loss)`` is called after each batch. With ``world_size`` > 1 this rank trains on
+    images ``rank, rank + world_size, ...`` of each global batch of ``batch_size``."""
     model.train()
     n = int(labels.shape[0])
     bs = min(batch_size, n)
-    order = epoch_order(n, seed, epoch)
+    device = images.device
+    order = epoch_order(n, seed, epoch).to(device)
     shift_gen = torch.Generator().manual_seed(int(seed) * 100_003 + int(epoch) + 7_919) if augment else None
-    total_loss = torch.zeros((), dtype=torch.float64)
-    correct = torch.zeros((), dtype=torch.int64)
+    # float64 sums (MPS has no float64; there float32)
+    total_loss = torch.zeros((), dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
     seen = 0
     for step in range(steps_per_epoch(n, bs)):
         index = order[step * bs:(step + 1) * bs]
         xb, yb = images[index], labels[index]
-        if augment:
+        if augment:  # drawn for the whole global batch, so every rank shifts its images as one process would
             xb = random_shift(xb, int(augment), shift_gen)
-        logits = model(xb)
-        loss = F.cross_entropy(logits, yb, label_smoothing=label_smoothing)
+        if world_size > 1:
+            xb, yb = xb[rank::world_size], yb[rank::world_size]
+        with autocast(device, precision):
+            logits = model(xb)
+            loss = F.cross_entropy(logits, yb, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
         with torch.no_grad():
-            total_loss += loss.detach().double() * len(yb)
+            total_loss += loss.detach().to(total_loss.dtype) * len(yb)
             correct += (logits.argmax(1) == yb).sum()
         seen += len(yb)
         if on_batch is not None:
-            on_batch(step, float(loss.detach()))
+            # On an accelerator reading the loss waits for the GPU: only every 50th batch.
+            on_batch(step, float(loss.detach()) if device.type == "cpu" or step % 50 == 0 else None)
+    if world_size > 1:  # the epoch's loss and accuracy over every rank's images
+        totals = torch.stack([total_loss.double().cpu(), correct.double().cpu(), torch.tensor(float(seen), dtype=torch.float64)])
+        if device.type == "cuda":
+            totals = totals.to(device)
+        distributed.all_reduce_sum(totals)
+        total_loss, correct, seen = totals[0], totals[1], float(totals[2])
     return float(total_loss) / seen, int(correct) / seen
 
 
@@ -263,7 +295,7 @@ def evaluate_loss_accuracy(model: nn.Module, images: torch.Tensor, labels: torch
     model.eval()
     total_loss, correct = 0.0, 0
     for start in range(0, n, batch_size):
-        logits = model(images[start:start + batch_size])
+        logits = model(images[start:start + batch_size]).float()
         yb = labels[start:start + batch_size]
         total_loss += float(F.cross_entropy(logits, yb, reduction="sum"))
         correct += int((logits.argmax(1) == yb).sum())
@@ -296,16 +328,28 @@ def _set_numpy_rng_state(state: dict) -> None:
                          state["has_gauss"], state["cached_gaussian"]))
 
 
+def _to_cpu(obj):
+    """``obj`` with every tensor inside (dicts, lists) moved to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
 def save_checkpoint(out_dir: Path, epoch: int, model, optimizer, scheduler, history: list[dict]) -> Path:
     """Write ``checkpoints/epoch_NNN.pt`` (1-based epoch) atomically: model, optimizer and scheduler
     states, torch's and numpy's RNG states and the history so far; only tensors and primitives,
-    so it loads with ``torch.load(..., weights_only=True)``."""
+    all on the CPU, so it loads with ``torch.load(..., weights_only=True)`` on any machine."""
     state = {
         "epoch": int(epoch),
-        "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
-        "optimizer": optimizer.state_dict(),
+        "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "optimizer": _to_cpu(optimizer.state_dict()),
         "scheduler": scheduler.state_dict(),
         "torch_rng": torch.get_rng_state(),
+        **({"cuda_rng": torch.cuda.get_rng_state()} if torch.cuda.is_available() and torch.cuda.is_initialized() else {}),
         "numpy_rng": _numpy_rng_state(),
         "history": [dict(row) for row in history],
     }
@@ -366,7 +410,8 @@ def _prepare_out_dir(out: Path, requested: dict, resume: bool) -> tuple[dict | N
 
 def train(out_dir: str | os.PathLike, *, dataset: str | None = None, model: str | None = None,
           epochs: int | None = None, seed: int | None = None, data_dir: str | os.PathLike | None = None,
-          resume: bool = False, progress: bool = True, model_kwargs: dict | None = None, **hyper) -> dict:
+          resume: bool = False, progress: bool = True, model_kwargs: dict | None = None,
+          device: str | torch.device | None = None, precision: str | None = None, **hyper) -> dict:
     """Train ``model`` (default ``cnn``) on ``dataset`` (default ``digits``) into ``out_dir``.
 
     ``seed`` defaults to 0 and ``epochs`` to a fast per-model/per-dataset value
@@ -375,17 +420,38 @@ def train(out_dir: str | os.PathLike, *, dataset: str | None = None, model: str 
     run in ``out_dir`` continues from its last checkpoint; arguments left as None take the run's
     recorded values and any other value must match them.
 
+    ``device``: 'auto' (default, or ``$DIGITLENS_DEVICE``), 'cpu', 'cuda[:N]' or 'mps';
+    ``precision``: 'fp32' (default) or 'bf16' (autocast, CUDA only). Neither defines the run: a run
+    trained on a GPU resumes on a CPU. Under torchrun the processes train one model together
+    (see the module docstring); only rank 0 writes.
+
     Returns a summary dict (also written to ``train_summary.json``): run folder, dataset, model,
     epochs, parameter count, the last history row, training seconds and samples per second.
     """
-    from digitlens.data import DATASETS, load_splits
-    from digitlens.models import MODELS, count_parameters, save_model
-
     out = Path(out_dir)
     if model_kwargs is not None:  # as config.json will hold them (tuples become lists)
         model_kwargs = json.loads(json.dumps(dict(model_kwargs)))
     requested = {"dataset": dataset, "model": model, "model_kwargs": model_kwargs, "seed": seed, "epochs": epochs}
-    stored, checkpoint_path = _prepare_out_dir(out, requested, resume)
+    run_device = distributed.rank_device(resolve_device(device))
+    precision = check_precision(precision, run_device)
+    ctx = distributed.context(run_device)
+    try:
+        return _train(out, ctx, run_device, precision, requested, dataset=dataset, model=model, epochs=epochs,
+                      seed=seed, data_dir=data_dir, resume=resume, progress=progress, model_kwargs=model_kwargs,
+                      hyper=hyper)
+    finally:
+        distributed.finish(ctx)
+
+
+def _train(out: Path, ctx, run_device: torch.device, precision: str, requested: dict, *, dataset, model, epochs, seed,
+           data_dir, resume, progress, model_kwargs, hyper) -> dict:
+    from digitlens.data import DATASETS, load_splits
+    from digitlens.models import MODELS, count_parameters, save_model
+
+    main = ctx is None or ctx.is_main
+    world_size = 1 if ctx is None else ctx.world_size
+    # Rank 0 checks the folder; every rank gets its answer (or its error).
+    stored, checkpoint_path = distributed.rank0_decides(ctx, lambda: _prepare_out_dir(out, requested, resume))
     if stored is not None:
         config = stored
         if data_dir is not None:
@@ -412,6 +478,9 @@ def train(out_dir: str | os.PathLike, *, dataset: str | None = None, model: str 
             "image_size": 28, "epochs": int(epochs), **resolved,
         }
 
+    if int(config["batch_size"]) % world_size:
+        raise DigitlensError(f"--batch-size {config['batch_size']}: must be a multiple of the {world_size} "
+                             "processes (each trains on an equal share of every batch)")
     # A resumed run uses the thread count of the original, so reductions split the same way.
     threads = config.get("threads") or (config.get("threads_used") if stored is not None else None)
     previous_threads = torch.get_num_threads()
@@ -424,7 +493,7 @@ def train(out_dir: str | os.PathLike, *, dataset: str | None = None, model: str 
         n_classes = max(n_classes, 10)
         torch.manual_seed(config["seed"])
         np.random.seed(config["seed"])
-        net = prepare_model(config["model"], n_classes, config["model_kwargs"], config)
+        net = prepare_model(config["model"], n_classes, config["model_kwargs"], config).to(run_device)
         n_train = len(splits.train)
         bs = min(int(config["batch_size"]), n_train)
         per_epoch = steps_per_epoch(n_train, bs)
@@ -436,9 +505,11 @@ def train(out_dir: str | os.PathLike, *, dataset: str | None = None, model: str 
                 "n_val": len(splits.val), "n_test": len(splits.test), "steps_per_epoch": per_epoch,
                 "threads_used": torch.get_num_threads(), "versions": library_versions(),
                 "train_eval_size": min(TRAIN_EVAL_SIZE, n_train),
+                "device": str(run_device), "precision": precision, "world_size": world_size,
             })
-            out.mkdir(parents=True, exist_ok=True)
-            write_json(out / "config.json", config)
+            if main:
+                out.mkdir(parents=True, exist_ok=True)
+                write_json(out / "config.json", config)
 
         history: list[dict] = []
         start_epoch = 0
@@ -448,6 +519,8 @@ def train(out_dir: str | os.PathLike, *, dataset: str | None = None, model: str 
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             torch.set_rng_state(state["torch_rng"])
+            if run_device.type == "cuda" and "cuda_rng" in state:
+                torch.cuda.set_rng_state(state["cuda_rng"], run_device)
             _set_numpy_rng_state(state["numpy_rng"])
             history = list(state["history"])
             start_epoch = int(state["epoch"])
@@ -455,9 +528,16 @@ def train(out_dir: str | os.PathLike, *, dataset: str | None = None, model: str 
         train_seconds = sum(row["seconds"] for row in history)
         # Older runs have no train_eval_size in config.json; resuming one measures from then on.
         n_train_eval = int(config.get("train_eval_size", min(TRAIN_EVAL_SIZE, n_train)))
-        train_eval_images = splits.train.images[:n_train_eval]
-        train_eval_labels = splits.train.labels[:n_train_eval]
-        with _progress_bar(progress) as bar:
+        # The data live on the training device as whole tensors (no DataLoader, no per-batch copies).
+        train_images, train_labels = splits.train.images.to(run_device), splits.train.labels.to(run_device)
+        val_images, val_labels = splits.val.images.to(run_device), splits.val.labels.to(run_device)
+        train_eval_images, train_eval_labels = train_images[:n_train_eval], train_labels[:n_train_eval]
+        trained = net
+        if ctx is not None:
+            from torch.nn.parallel import DistributedDataParallel
+
+            trained = DistributedDataParallel(net, device_ids=[run_device.index] if run_device.type == "cuda" else None)
+        with _progress_bar(progress and main) as bar:
             task = bar.add_task("training", total=per_epoch * (config["epochs"] - start_epoch),
                                      loss=float("nan")) if bar else None
             for epoch in range(start_epoch, config["epochs"]):
@@ -465,39 +545,47 @@ def train(out_dir: str | os.PathLike, *, dataset: str | None = None, model: str 
                 if bar is not None:
                     bar.update(task, description=f"epoch {epoch + 1}/{config['epochs']}")
 
-                def on_batch(step: int, loss_value: float) -> None:
+                def on_batch(step: int, loss_value: float | None) -> None:
                     if bar is not None:
-                        bar.update(task, advance=1, loss=loss_value)
+                        bar.update(task, advance=1, **({} if loss_value is None else {"loss": loss_value}))
 
+                synchronize(run_device)
                 tic = time.perf_counter()
                 loss, accuracy = train_one_epoch(
-                    net, splits.train.images, splits.train.labels, optimizer, scheduler, batch_size=bs,
+                    trained, train_images, train_labels, optimizer, scheduler, batch_size=bs,
                     seed=config["seed"], epoch=epoch, label_smoothing=float(config["label_smoothing"]),
-                    augment=int(config["augment"]), on_batch=on_batch)
+                    augment=int(config["augment"]), on_batch=on_batch, precision=precision,
+                    rank=0 if ctx is None else ctx.rank, world_size=world_size)
+                synchronize(run_device)
                 seconds = time.perf_counter() - tic
                 train_seconds += seconds
-                val_loss, val_accuracy = evaluate_loss_accuracy(net, splits.val.images, splits.val.labels)
+                # Every rank measures (the same model on the same images), only rank 0 writes.
+                val_loss, val_accuracy = evaluate_loss_accuracy(net, val_images, val_labels)
                 # Not part of `seconds` (training time), like the validation pass.
                 train_eval_loss, train_eval_accuracy = evaluate_loss_accuracy(
                     net, train_eval_images, train_eval_labels, batch_size=TRAIN_EVAL_BATCH_SIZE)
                 history.append({"epoch": epoch + 1, "loss": loss, "accuracy": accuracy, "val_loss": val_loss,
                                 "val_accuracy": val_accuracy, "train_eval_loss": train_eval_loss,
                                 "train_eval_accuracy": train_eval_accuracy, "lr": lr_at_start, "seconds": seconds})
-                save_checkpoint(out, epoch + 1, net, optimizer, scheduler, history)
-                _write_history(out, history)
+                if main:
+                    save_checkpoint(out, epoch + 1, net, optimizer, scheduler, history)
+                    _write_history(out, history)
                 if bar is not None:
                     bar.console.print(f"epoch {epoch + 1}/{config['epochs']}: loss {loss:.4f}, accuracy {accuracy:.4f}, "
                                       f"val_loss {val_loss:.4f}, val_accuracy {val_accuracy:.4f}, "
                                       f"train_eval_loss {train_eval_loss:.4f} ({seconds:.1f} s)")
-        save_model(net, out / "model.safetensors")
         summary = {
             "run_dir": str(out), "dataset": config["dataset"], "model": config["model"], "epochs": config["epochs"],
             "n_parameters": config["n_parameters"], "final": history[-1] if history else None,
             "train_seconds": train_seconds,
             "samples_per_second": n_train * len(history) / train_seconds if train_seconds > 0 else None,
             "resumed_from_epoch": start_epoch if checkpoint_path is not None else None,
+            "device": str(run_device), "precision": precision, "world_size": world_size,
         }
-        write_json(out / "train_summary.json", _finite(summary))
+        if main:
+            save_model(net, out / "model.safetensors")
+            write_json(out / "train_summary.json", _finite(summary))
+        distributed.barrier(ctx)  # nobody returns before rank 0 has written the model
         return summary
     finally:  # the caller's thread count, whatever happened
         torch.set_num_threads(previous_threads)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from digitlens.device import model_device
 from digitlens.errors import DigitlensError
 from digitlens.explain.methods import IGInfo, attribute, parse_methods
 
@@ -85,7 +86,7 @@ class PerDigitMaps:
         labels = torch.as_tensor(labels, dtype=torch.long)
         if predictions is None and self.group_by != "true":
             with torch.no_grad():
-                predictions = self.model(images).argmax(1)
+                predictions = self.model(images.to(model_device(self.model))).argmax(1).cpu()
         predictions = None if predictions is None else torch.as_tensor(predictions, dtype=torch.long)
         target = labels if self.group_by == "true" else predictions
         attr = attribute(self.model, images, target, self.method, ig_info=self.ig_info, **self.method_kwargs)
@@ -101,6 +102,26 @@ class PerDigitMaps:
         self.sums_.index_add_(0, groups, per_image)
         self.counts_ += np.bincount(groups.numpy(), minlength=len(self.group_names))
         return per_image
+
+    def all_reduce(self) -> "PerDigitMaps":
+        """Add up the sums, counts and integrated-gradients records of every rank of the process group
+        (torchrun), so that each rank holds the maps of all images."""
+        import torch.distributed as dist
+
+        from digitlens.distributed import all_reduce_sum
+
+        if self.sums_ is None:  # a rank without images still takes part in the sum
+            raise DigitlensError("PerDigitMaps.all_reduce: this rank saw no images (more processes than batches?)")
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        both = torch.cat([self.sums_.flatten(), torch.as_tensor(self.counts_, dtype=torch.float64)]).to(device)
+        all_reduce_sum(both)
+        both = both.cpu()
+        self.sums_ = both[:self.sums_.numel()].reshape(self.sums_.shape)
+        self.counts_ = both[self.sums_.numel():].round().to(torch.int64).numpy()
+        records = [None] * dist.get_world_size()
+        dist.all_gather_object(records, vars(self.ig_info))
+        self.ig_info = IGInfo(**{key: [v for r in records for v in r[key]] for key in vars(self.ig_info)})
+        return self
 
     def pixel_maps(self) -> np.ndarray:
         """Mean |attribution| per group at full resolution, (n_groups, H, W), not normalised."""

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from digitlens.device import model_device
+
 
 def patch_order(scores: np.ndarray, seed: int | None = None) -> np.ndarray:
     """Patch indices sorted from most to least important: scores (N, g, g) -> (N, g*g).
@@ -120,16 +122,19 @@ def model_scores(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, measu
     """The model's softmax probability of ``targets`` (``measure="probability"``) or 1.0 where its
     arg-max is the target (``"accuracy"``) for the rows of x (R, C, H, W): ndarray (R,)."""
     model.eval()
+    device = model_device(model)
     out = np.zeros(len(x))
     fmt = torch.channels_last if _channels_last(model) else torch.contiguous_format
+    if device.type != "cpu":  # one transfer, then large batches: the GPU is not cache-bound
+        x, targets, batch_size = x.to(device), targets.to(device), max(batch_size, 8192)
     with torch.no_grad():
         for i in range(0, len(x), batch_size):
             logits = model(x[i:i + batch_size].contiguous(memory_format=fmt))
             t = targets[i:i + batch_size, None]
             if measure == "probability":
-                out[i:i + len(t)] = torch.softmax(logits, dim=1).gather(1, t)[:, 0].numpy()
+                out[i:i + len(t)] = torch.softmax(logits, dim=1).gather(1, t)[:, 0].cpu().numpy()
             else:
-                out[i:i + len(t)] = (logits.argmax(dim=1, keepdim=True) == t)[:, 0].numpy()
+                out[i:i + len(t)] = (logits.argmax(dim=1, keepdim=True) == t)[:, 0].cpu().numpy()
     return out
 
 
@@ -183,7 +188,7 @@ def perturbation_curves(model: nn.Module, images: torch.Tensor, target, order: n
     if flat.any():
         blank = torch.full((1, c, h, w), float(baseline), dtype=images.dtype)
         with torch.no_grad():
-            p_blank = torch.softmax(model.eval()(blank), dim=1)[0].double()
+            p_blank = torch.softmax(model.eval()(blank.to(model_device(model))), dim=1)[0].double().cpu()
         out = torch.where(flat, p_blank[targets][:, None], out)
     return out.numpy()
 

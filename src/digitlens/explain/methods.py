@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from digitlens.device import model_device
 from digitlens.errors import DigitlensError
 
 GRADIENT_METHODS = ("saliency", "input_x_gradient", "integrated_gradients", "occlusion", "gradcam", "hirescam")
@@ -143,7 +144,7 @@ def _spatial_outputs(model: nn.Module, images: torch.Tensor) -> list[tuple[str, 
             hooks.append(module.register_forward_hook(hook))
     try:
         with torch.no_grad():
-            model(images[:2])
+            model(images[:2].to(model_device(model)))
     finally:
         for h in hooks:
             h.remove()
@@ -160,7 +161,8 @@ def layer_reach(model: nn.Module, layer: nn.Module | None, images: torch.Tensor)
     these inputs, e.g. a row or column that a floor-mode pooling cuts off.
     """
     gen = torch.Generator().manual_seed(0)
-    probe = torch.cat([images.detach(), torch.rand(images.shape, generator=gen, dtype=images.dtype)]).requires_grad_()
+    probe = torch.cat([images.detach().cpu(), torch.rand(images.shape, generator=gen, dtype=images.dtype)])
+    probe = probe.to(model_device(model)).requires_grad_()
     store = {"out": probe}
     handle = None if layer is None else layer.register_forward_hook(lambda _m, _i, out: store.__setitem__("out", out))
     try:
@@ -170,7 +172,7 @@ def layer_reach(model: nn.Module, layer: nn.Module | None, images: torch.Tensor)
             act = store["out"]
             if not isinstance(act, torch.Tensor) or act.dim() != 4:
                 raise DigitlensError(f"gradcam layer: output of shape {getattr(act, 'shape', None)} is not a (N, C, h, w) map")
-            reach = torch.zeros(act.shape[-2:], dtype=torch.float64)
+            reach = torch.zeros(act.shape[-2:], dtype=torch.float64, device=act.device)
             for c in range(logits.shape[1]):
                 (g,) = torch.autograd.grad(logits[:, c].sum(), act, retain_graph=c + 1 < logits.shape[1],
                                            allow_unused=True)
@@ -179,7 +181,7 @@ def layer_reach(model: nn.Module, layer: nn.Module | None, images: torch.Tensor)
     finally:
         if handle is not None:
             handle.remove()
-    return (reach > 0).numpy()
+    return (reach > 0).cpu().numpy()
 
 
 def _dead_positions_text(reach: np.ndarray) -> str:
@@ -258,10 +260,10 @@ def _resolved_gradcam_layer(model: nn.Module, name: str | None, images: torch.Te
     return cache[name]
 
 
-def _targets(target, n: int) -> torch.Tensor:
+def _targets(target, n: int, device: torch.device | None = None) -> torch.Tensor:
     if isinstance(target, int):
-        return torch.full((n,), target, dtype=torch.long)
-    return torch.as_tensor(target, dtype=torch.long).reshape(-1)
+        return torch.full((n,), target, dtype=torch.long, device=device)
+    return torch.as_tensor(target, dtype=torch.long, device=device).reshape(-1)
 
 
 #: Default per-image completeness tolerance of the adaptive integrated gradients. Measured on the
@@ -325,7 +327,7 @@ def integrated_gradients(model, images, target, *, n_steps=None, tolerance=IG_TO
     faster than 512 on the default CNN but took the whole-test-set run from under 1 GB resident
     to 1.4 GB).
     """
-    target = _targets(target, images.shape[0])
+    target = _targets(target, images.shape[0], images.device)
     base = torch.full_like(images, float(baseline))
     with torch.no_grad():
         gap = (model(images) - model(base)).gather(1, target[:, None])[:, 0]
@@ -336,7 +338,7 @@ def integrated_gradients(model, images, target, *, n_steps=None, tolerance=IG_TO
         attr, delta = IntegratedGradients(model).attribute(
             images, baselines=base, target=target, n_steps=int(n_steps), method=method,
             internal_batch_size=internal_batch_size, return_convergence_delta=True)
-        used = torch.full((images.shape[0],), int(n_steps), dtype=torch.long)
+        used = torch.full((images.shape[0],), int(n_steps), dtype=torch.long, device=images.device)
         evaluated = used
     else:
         attr, delta, used, evaluated = _nested_integrated_gradients(
@@ -358,9 +360,9 @@ def _path_gradients(model, images, target, base, alphas, internal_batch_size):
     saliency = Saliency(model)
     n, k = images.shape[0], len(alphas)
     channels_last = images.dim() == 4 and images.is_contiguous(memory_format=torch.channels_last)
-    alpha_of_row = torch.tensor(alphas, dtype=images.dtype).repeat_interleave(n)  # row r: alpha r // n, image r % n
-    image_of_row = torch.arange(n).repeat(k)
-    grads = torch.empty((k * n,) + tuple(images.shape[1:]), dtype=images.dtype)
+    alpha_of_row = torch.tensor(alphas, dtype=images.dtype, device=images.device).repeat_interleave(n)  # row r: alpha r // n, image r % n
+    image_of_row = torch.arange(n, device=images.device).repeat(k)
+    grads = torch.empty((k * n,) + tuple(images.shape[1:]), dtype=images.dtype, device=images.device)
     for start in range(0, k * n, internal_batch_size):
         rows = slice(start, start + internal_batch_size)
         idx = image_of_row[rows]
@@ -379,10 +381,10 @@ def _nested_integrated_gradients(model, images, target, base, gap, scale, tolera
     per image (N,), counted where they are computed."""
     n = images.shape[0]
     attr = torch.empty_like(images, memory_format=torch.contiguous_format)
-    delta = torch.empty(n, dtype=images.dtype)
-    used = torch.empty(n, dtype=torch.long)
-    evaluated = torch.zeros(n, dtype=torch.long)
-    todo = torch.arange(n)
+    delta = torch.empty(n, dtype=images.dtype, device=images.device)
+    used = torch.empty(n, dtype=torch.long, device=images.device)
+    evaluated = torch.zeros(n, dtype=torch.long, device=images.device)
+    todo = torch.arange(n, device=images.device)
     grads = None  # (len(todo), points so far, C, H, W), in the order of `positions`
     positions = []  # point indices in the rule with `level` intervals
     previous = None
@@ -399,7 +401,7 @@ def _nested_integrated_gradients(model, images, target, base, gap, scale, tolera
         evaluated[todo] += len(new)
         grads = g if grads is None else torch.cat([grads, g], dim=1)
         positions += new
-        w = torch.tensor([weights[p] for p in positions], dtype=images.dtype)
+        w = torch.tensor([weights[p] for p in positions], dtype=images.dtype, device=images.device)
         a = torch.einsum("nk...,k->n...", grads, w) * (images[todo] - base[todo])
         d = a.sum(dim=tuple(range(1, a.dim()))) - gap[todo]
         attr[todo], delta[todo], used[todo] = a, d, level + 1
@@ -453,13 +455,20 @@ def attribute(model: nn.Module, images: torch.Tensor, target, method: str = "sal
     returns a tensor of shape (N, C, H, W) (signed, except saliency, Grad-CAM and attention, which
     are non-negative).
 
-    ``model`` should be in eval mode; :func:`prepare_model` makes a fast frozen copy.
+    ``model`` should be in eval mode; :func:`prepare_model` makes a fast frozen copy. The attribution
+    is computed on the model's device (``images`` and ``target`` are moved there) and returned on
+    ``images``' device.
     """
+    home = images.device
+    device = model_device(model)
+    images = images.to(device)
+    if isinstance(target, torch.Tensor):
+        target = target.to(device)
     if images.dim() == 4 and _runs_channels_last(model):
         images = images.contiguous(memory_format=torch.channels_last)  # _attribute detaches
     attr = _attribute(model, images, target, method, gradcam_layer=gradcam_layer, occlusion_window=occlusion_window,
                       ig_info=ig_info, **ig_kwargs)
-    return attr.detach().contiguous()
+    return attr.detach().contiguous().to(home)
 
 
 def _attribute(model, images, target, method, *, gradcam_layer, occlusion_window, ig_info, **ig_kwargs):
@@ -468,23 +477,23 @@ def _attribute(model, images, target, method, *, gradcam_layer, occlusion_window
     images = images.detach()
     n = images.shape[0]
     if method == "saliency":
-        return Saliency(model).attribute(images.requires_grad_(), target=_targets(target, n), abs=True)
+        return Saliency(model).attribute(images.requires_grad_(), target=_targets(target, n, images.device), abs=True)
     if method == "input_x_gradient":
-        return InputXGradient(model).attribute(images.requires_grad_(), target=_targets(target, n))
+        return InputXGradient(model).attribute(images.requires_grad_(), target=_targets(target, n, images.device))
     if method == "integrated_gradients":
         return integrated_gradients(model, images, target, info=ig_info, **ig_kwargs)
     if method == "occlusion":
         c = images.shape[1]
         w = occlusion_window
         return Occlusion(model).attribute(images, sliding_window_shapes=(c, w, w), strides=(c, w, w), baselines=0.0,
-                                          target=_targets(target, n), perturbations_per_eval=8)
+                                          target=_targets(target, n, images.device), perturbations_per_eval=8)
     if method in CAM_METHODS:
         layer = dict(model.named_modules())[_resolved_gradcam_layer(model, gradcam_layer, images)]
         if method == "gradcam":  # ReLU(sum_k mean(dy/dA_k) A_k): channel weights averaged over positions
-            cam = LayerGradCam(model, layer).attribute(images.requires_grad_(), target=_targets(target, n),
+            cam = LayerGradCam(model, layer).attribute(images.requires_grad_(), target=_targets(target, n, images.device),
                                                         relu_attributions=True).detach()
         else:  # HiResCAM: ReLU(sum_k dy/dA_k * A_k), position by position
-            cam = LayerGradientXActivation(model, layer).attribute(images.requires_grad_(), target=_targets(target, n))
+            cam = LayerGradientXActivation(model, layer).attribute(images.requires_grad_(), target=_targets(target, n, images.device))
             cam = cam.detach().sum(dim=1, keepdim=True).clamp_min(0)
         cam = upsample_to(cam, tuple(images.shape[-2:]))
         return cam.expand(-1, images.shape[1], -1, -1) / images.shape[1]

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from digitlens.device import model_device
 from digitlens.explain.faithfulness import model_scores, targets_tensor, unit_ranks
 
 #: Default fractions of the units (patches or pixels) removed, one curve point each: 0 % to 90 %.
@@ -82,7 +83,7 @@ def _solve(values: torch.Tensor, masks: torch.Tensor, tol: float = ROAD_TOLERANC
     if r_count == 0:
         return out
     m = masks.to(values.dtype)
-    ones = torch.ones(1, h, w, dtype=values.dtype)
+    ones = torch.ones(1, h, w, dtype=values.dtype, device=values.device)
     c1 = (_neighbour_sum(ones)[0] - 4.0) / 12.0 + 1.0 / 3.0  # s_i + 4/12: A u = m c1 u - m S(u) / 12
     b = _neighbour_sum(values * (1.0 - m)).mul_(m / 12.0)
     rr = torch.linalg.vecdot(b.flatten(1), b.flatten(1))
@@ -184,6 +185,11 @@ def road_curves(model: nn.Module, images: torch.Tensor, target, order: np.ndarra
         rank = n_units - 1 - rank
     generator = torch.Generator().manual_seed(int(seed))
     out = np.zeros((n, n_fr))
+    # On a GPU the imputation runs there too, in chunks large enough to keep it busy.
+    device = model_device(model)
+    if device.type != "cpu":
+        batch_size = max(batch_size, 8192)
+        images, rank, counts = images.to(device), rank.to(device), counts.to(device)
     per_chunk = max(1, batch_size // n_fr)
     for start in range(0, n, per_chunk):
         stop = min(n, start + per_chunk)
@@ -193,9 +199,9 @@ def road_curves(model: nn.Module, images: torch.Tensor, target, order: np.ndarra
         values = images[start:stop, None].expand(b, n_fr, c, h, w).reshape(-1, h, w).to(torch.float64)
         with _one_thread():
             imputed = _solve(values, masks, tol)
-        if noise:  # one noise field per image, shared by its fractions (drawn image after image)
+        if noise:  # one noise field per image, shared by its fractions (drawn image after image, on the CPU)
             eps = torch.stack([torch.randn((c, h, w), generator=generator, dtype=torch.float64) for _ in range(b)])
-            imputed += noise * eps[:, None].expand(b, n_fr, c, h, w).reshape(-1, h, w)
+            imputed += noise * eps.to(device)[:, None].expand(b, n_fr, c, h, w).reshape(-1, h, w)
         x = torch.where(masks, imputed, values).to(images.dtype).reshape(b * n_fr, c, h, w)
         t = targets[start:stop].repeat_interleave(n_fr)
         out[start:stop] = model_scores(model, x, t, measure).reshape(b, n_fr)

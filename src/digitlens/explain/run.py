@@ -10,7 +10,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from digitlens import distributed
 from digitlens.comparison import compare_predictions
+from digitlens.device import model_device, resolve_device, synchronize
 from digitlens.errors import DigitlensError
 from digitlens.explain.aggregate import PerDigitMaps, group_names, has_mass, normalise_maps, pool_to_grid
 from digitlens.explain.faithfulness import (INK_THRESHOLD, RANDOM_LOGIT_THRESHOLD, cascading_randomisation,
@@ -34,11 +36,12 @@ def _progress(enabled: bool):
 
 
 def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 1000) -> tuple[np.ndarray, np.ndarray]:
-    """Predicted labels (N,) and class probabilities (N, n_classes) in batches."""
+    """Predicted labels (N,) and class probabilities (N, n_classes) in batches, on the model's device."""
     preds, probs = [], []
+    device = model_device(model)
     with torch.no_grad():
         for start in range(0, images.shape[0], batch_size):
-            p = torch.softmax(model(images[start:start + batch_size]), dim=1)
+            p = torch.softmax(model(images[start:start + batch_size].to(device)).float(), dim=1).cpu()
             probs.append(p.numpy())
             preds.append(p.argmax(1).numpy())
     return np.concatenate(preds), np.concatenate(probs)
@@ -149,9 +152,10 @@ def faithfulness_report(model: nn.Module, images: torch.Tensor, targets: np.ndar
 
 
 def explain_model(model: nn.Module, images, labels, *, methods=None, group_by: str = "true", grid: int = 7,
-                  batch_size: int = 250, n_classes: int | None = None, progress: bool = False,
+                  batch_size: int | None = None, n_classes: int | None = None, progress: bool = False,
                   faithfulness_size: int = 500, sanity_size: int = 64, seed: int = 0,
-                  gradcam_layer: str | None = None, ig_tolerance: float = IG_TOLERANCE, ig_n_steps: int | None = None) -> dict:
+                  gradcam_layer: str | None = None, ig_tolerance: float = IG_TOLERANCE, ig_n_steps: int | None = None,
+                  device: str | torch.device | None = None, dist_context=None) -> dict:
     """Explain a model on images (N, C, H, W) in [0, 1] with labels (N,).
 
     Returns a dict with ``maps`` {method: ndarray (n_groups, grid, grid), sums to 1 per group, all-NaN
@@ -162,13 +166,21 @@ def explain_model(model: nn.Module, images, labels, *, methods=None, group_by: s
     ``group_names``, ``y_pred``, ``proba``, ``seconds`` {method: s}, ``integrated_gradients``
     (completeness summary) and ``faithfulness`` (see :func:`faithfulness_report`; skipped when
     ``faithfulness_size`` is 0).
+
+    ``device`` ('auto' by default, see :func:`digitlens.device.resolve_device`): where the model
+    runs; images stay on the CPU and go over batch by batch (``batch_size``: 250 on the CPU, 4,000
+    on a GPU). ``dist_context`` (:func:`digitlens.distributed.context`): each rank attributes its
+    share of the images and the per-group sums are added with ``all_reduce``; only rank 0 goes on
+    to the faithfulness verdict (the other ranks' result has no ``faithfulness``).
     """
+    run_device = resolve_device(device)
+    batch_size = batch_size or (250 if run_device.type == "cpu" else 4000)
     torch.manual_seed(seed)
     images = torch.as_tensor(images, dtype=torch.float32)
     labels_np = np.asarray(labels, dtype=np.int64)
     if images.ndim != 4 or images.shape[0] != labels_np.shape[0]:
         raise DigitlensError(f"images of shape {tuple(images.shape)}: expected (N, C, H, W) matching {labels_np.shape[0]} labels")
-    frozen = prepare_model(model)
+    frozen = prepare_model(model).to(run_device)
     methods = parse_methods(methods, frozen)
     y_pred, proba = predict(frozen, images)
     n_classes = n_classes or proba.shape[1]
@@ -179,6 +191,8 @@ def explain_model(model: nn.Module, images, labels, *, methods=None, group_by: s
         gradcam_layer = gradcam_layer_name(frozen, probe, gradcam_layer)
     method_kwargs = {"gradcam": {"gradcam_layer": gradcam_layer}, "hirescam": {"gradcam_layer": gradcam_layer},
                      "integrated_gradients": {"tolerance": ig_tolerance, "n_steps": ig_n_steps}}
+    if run_device.type != "cpu":  # a GPU wants many scaled images per pass (on the CPU 512 stay in cache)
+        method_kwargs["integrated_gradients"]["internal_batch_size"] = 16384
     out = {"methods": list(methods), "group_by": group_by, "group_names": names, "grid": grid,
            "target": "true label" if group_by == "true" else "predicted label",
            "n_images": int(images.shape[0]), "maps": {}, "pixel_maps": {}, "seconds": {},
@@ -190,16 +204,22 @@ def explain_model(model: nn.Module, images, labels, *, methods=None, group_by: s
     seen = pool_to_grid(layer_reach(frozen, None, probe).astype(np.float64), grid) > 0
     out["unseen_patches"] = [[int(r), int(c)] for r, c in zip(*np.nonzero(~seen))]
     folded = fold_batch_norm(frozen)  # same function of the input, faster gradients
-    with _progress(progress) as bar:
+    share = distributed.shard(images.shape[0], dist_context)  # this rank's images (all of them for one process)
+    main = dist_context is None or dist_context.is_main
+    with _progress(progress and main) as bar:
         for method in methods:
             agg = PerDigitMaps(folded if method in INPUT_GRADIENT_METHODS else frozen, method, grid=grid,
                                group_by=group_by, n_classes=n_classes, **method_kwargs.get(method, {}))
-            task = bar.add_task(f"{method:<22}", total=images.shape[0])
+            task = bar.add_task(f"{method:<22}", total=share.stop - share.start)
+            synchronize(run_device)
             t0 = time.perf_counter()
-            for start in range(0, images.shape[0], batch_size):
-                sl = slice(start, start + batch_size)
+            for start in range(share.start, share.stop, batch_size):
+                sl = slice(start, min(start + batch_size, share.stop))
                 agg.update(images[sl], torch.as_tensor(labels_np[sl]), torch.as_tensor(y_pred[sl]))
                 bar.advance(task, images[sl].shape[0])
+            if dist_context is not None:
+                agg.all_reduce()
+            synchronize(run_device)
             out["seconds"][method] = time.perf_counter() - t0
             out["maps"][method] = agg.maps()
             out["pixel_maps"][method] = agg.pixel_maps()
@@ -219,7 +239,7 @@ def explain_model(model: nn.Module, images, labels, *, methods=None, group_by: s
                     "fraction_above_tolerance": float((rel > ig_tolerance).mean()),
                 }
     out["outer_ring_share"] = _outer_ring_shares(out, images, labels_np, y_pred)
-    if faithfulness_size > 0:
+    if faithfulness_size > 0 and main:
         idx = _subset(images.shape[0], faithfulness_size, seed)
         t0 = time.perf_counter()
         out["faithfulness"] = faithfulness_report(frozen, images[idx], targets[idx], methods, grid=grid, seed=seed,
@@ -376,26 +396,51 @@ def _json_summary(result: dict) -> dict:
 
 
 def explain_run(run_dir, *, methods=None, group_by: str = "true", grid: int = 7, data_dir=None, split: str = "test",
-                batch_size: int = 250, progress: bool = True, compare=None, compare_methods: bool = False,
+                batch_size: int | None = None, progress: bool = True, compare=None, compare_methods: bool = False,
                 faithfulness_size: int = 500, sanity_size: int = 64, gradcam_layer: str | None = None,
                 ig_tolerance: float = IG_TOLERANCE, ig_n_steps: int | None = None, image_index: int = 0,
-                figures: bool = True, seed: int = 0) -> dict:
+                figures: bool = True, seed: int = 0, device: str | torch.device | None = None) -> dict | None:
     """Explain the model of ``run_dir`` on a whole split and write ``run_dir/explain/``:
     ``maps_<method>.npz`` (maps (G, grid, grid), pixel_maps, counts, group_names), ``manifest.json``,
     ``explain_metrics.json`` and ``figures/``. ``compare`` (another run folder) adds side-by-side
     figures with the difference; ``compare_methods`` compares the first two methods.
     Returns the summary written to ``explain_metrics.json`` plus ``files``.
+
+    Under torchrun (``WORLD_SIZE`` > 1) the split is sharded across the processes, the per-digit
+    sums are added with ``all_reduce`` and rank 0 alone computes the verdict and writes; the other
+    ranks return None.
     """
     from digitlens.models import load_model
-    from digitlens.runio import figure_batch, write_json
 
     run_dir = Path(run_dir)
-    model = load_model(run_dir)
-    data = load_run_split(run_dir, split, data_dir)
-    result = explain_model(model, data.images, data.labels.numpy(), methods=methods, group_by=group_by, grid=grid,
-                           batch_size=batch_size, progress=progress, faithfulness_size=faithfulness_size,
-                           sanity_size=sanity_size, seed=seed, gradcam_layer=gradcam_layer, ig_tolerance=ig_tolerance,
-                           ig_n_steps=ig_n_steps)
+    run_device = distributed.rank_device(resolve_device(device))
+    ctx = distributed.context(run_device)
+    try:
+        model = load_model(run_dir)
+        data = load_run_split(run_dir, split, data_dir)
+        if figures and not 0 <= image_index < len(data):
+            raise DigitlensError(f"--image-index {image_index}: must be between 0 and {len(data) - 1}")
+        result = explain_model(model, data.images, data.labels.numpy(), methods=methods, group_by=group_by, grid=grid,
+                               batch_size=batch_size, progress=progress, faithfulness_size=faithfulness_size,
+                               sanity_size=sanity_size, seed=seed, gradcam_layer=gradcam_layer, ig_tolerance=ig_tolerance,
+                               ig_n_steps=ig_n_steps, device=run_device, dist_context=ctx)
+        summary = None
+        if ctx is None or ctx.is_main:
+            summary = _write_explain_dir(run_dir, result, model, data, split=split, compare=compare,
+                                         compare_methods=compare_methods, data_dir=data_dir, batch_size=batch_size,
+                                         progress=progress, gradcam_layer=gradcam_layer, ig_tolerance=ig_tolerance,
+                                         ig_n_steps=ig_n_steps, image_index=image_index, figures=figures)
+        distributed.barrier(ctx)  # no rank returns before rank 0 has written explain/
+        return summary
+    finally:
+        distributed.finish(ctx)
+
+
+def _write_explain_dir(run_dir: Path, result: dict, model, data, *, split, compare, compare_methods, data_dir,
+                       batch_size, progress, gradcam_layer, ig_tolerance, ig_n_steps, image_index, figures) -> dict:
+    """Write ``run_dir/explain/`` (maps, figures, comparisons, metrics, manifest) for ``result``."""
+    from digitlens.runio import figure_batch, write_json
+
     explain_dir = run_dir / "explain"
     map_files = _save_maps(explain_dir, result)
     figs = []
@@ -406,8 +451,6 @@ def explain_run(run_dir, *, methods=None, group_by: str = "true", grid: int = 7,
     method_kwargs = {"gradcam": {"gradcam_layer": result.get("gradcam_layer", gradcam_layer)},
                      "hirescam": {"gradcam_layer": result.get("gradcam_layer", gradcam_layer)},
                      "integrated_gradients": {"n_steps": ig_n_steps or OVERLAY_IG_STEPS}}
-    if figures and not 0 <= image_index < len(data):
-        raise DigitlensError(f"--image-index {image_index}: must be between 0 and {len(data) - 1}")
     with figure_batch():  # the figures are drawn by worker processes while the comparison computes
         if figures:
             figs = write_figures(run_dir, result, model, data.images, image_index=image_index,

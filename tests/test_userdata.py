@@ -73,7 +73,7 @@ def mnist_first(tmp_path_factory):
     test = data.load_mnist_split(folder, "test")
     first = data.DigitDataset("mnist", "test", test.images[:N_IMAGES], test.labels[:N_IMAGES])
     raw = np.round(first.images[:, 0].numpy() * 255).astype(np.uint8)
-    run_dir, model = brief_mnist_run(tmp_path_factory.mktemp("byom") / "cnn")
+    run_dir, model = brief_mnist_run(tmp_path_factory.getbasetemp() / "brief-mnist-cnn")  # shared with test_predict
     return run_dir, model, first, raw
 
 

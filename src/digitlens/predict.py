@@ -77,7 +77,10 @@ def predict_images(model_or_run: Any, paths, *, top: int = TOP, explain: str | N
     if explain is not None:
         from digitlens.explain.methods import parse_methods
 
-        methods = parse_methods(explain, model)
+        try:
+            methods = parse_methods(explain, model)
+        except DigitlensError as exc:  # its messages name explain's --methods option
+            raise DigitlensError(str(exc).replace("--methods", "--explain", 1)) from None
         if len(methods) != 1:
             raise DigitlensError(f"--explain {explain!r}: give one method")
         method = methods[0]

@@ -131,11 +131,12 @@ def test_a_torchscript_file_predicts_like_its_run(mnist_run, photos, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.jit.script(model).save(str(script))
-    from_file = predict_images(script, photos[:3])
-    from_run = predict_images(run_dir, photos[:3])
+    from_file = predict_images(script, photos[:3], explain="saliency", out_dir=tmp_path / "file")
+    from_run = predict_images(run_dir, photos[:3], explain="saliency", out_dir=tmp_path / "run")
     for a, b in zip(from_file, from_run):
         assert a["prediction"] == b["prediction"]
         np.testing.assert_allclose(a["probabilities"], b["probabilities"], rtol=1e-5, atol=1e-7)
+        assert Path(a["explanation"]).is_file() and Path(a["explanation"]).parent == tmp_path / "file"
 
 
 def test_bad_input_is_one_line_and_writes_nothing(mnist_run, photos, tmp_path):

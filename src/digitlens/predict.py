@@ -118,7 +118,10 @@ def _write_figures(model, images, steps, results, method, out_dir: Path, show_st
     if method is not None:
         targets = torch.tensor([r["prediction"] for r in results])
         try:
-            heatmaps = attribute(prepare_model(model), images, targets, method).sum(dim=1).numpy()
+            # prepare_model's frozen copy cannot be made of a TorchScript module (a deep copy's
+            # parameters are not leaves, so they cannot stop requiring gradients): use it as is.
+            frozen = model if isinstance(model, torch.jit.ScriptModule) else prepare_model(model)
+            heatmaps = attribute(frozen, images, targets, method).sum(dim=1).numpy()
         except (RuntimeError, TypeError, KeyError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise DigitlensError(f"--explain {method}: failed on this model ({first})") from None

@@ -78,7 +78,7 @@ class PredictionExplanationDisplay:
         self.axes_ = axes
         predicted = int(self.probabilities.argmax())
         axes[0].imshow(self.original, cmap="gray", vmin=0, vmax=1)
-        axes[0].set_title(f"your image ({self.original.shape[1]}x{self.original.shape[0]})", fontsize=8)
+        axes[0].set_title(f"your image, greyscale ({self.original.shape[1]}x{self.original.shape[0]})", fontsize=8)
         axes[1].imshow(self.model_input, cmap="gray", vmin=0, vmax=1)
         axes[1].set_title("model input (MNIST form, 28x28)", fontsize=8)
         peak = self.heatmap.max()

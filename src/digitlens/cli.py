@@ -157,8 +157,8 @@ def evaluate_command(
     run_dir: Optional[Path] = typer.Argument(None, help="Run folder from `digitlens train` (omit with --model-file --dataset --out)."),
     model_file: Optional[Path] = typer.Option(None, "--model-file", help="A TorchScript model file to evaluate instead of the run's model."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder with the MNIST IDX files."),
-    dataset: Optional[str] = typer.Option(None, "--dataset", help="Without a run folder: dataset whose test split to use (mnist, digits)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Without a run folder: where to write predictions, metrics, insights and figures."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="mnist, digits (their test split), an image folder root/0..9/ or a Kaggle .csv (all of it). With a run folder: evaluate the run's model on it."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Where to write predictions, metrics, insights and figures (with a run folder and --dataset: default RUN_DIR/evaluate/NAME)."),
     history: Optional[Path] = typer.Option(None, "--history", help="Without a run folder: training history (Keras CSVLogger .csv or history.history .json)."),
     device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
@@ -175,14 +175,19 @@ def evaluate_command(
         typer.echo(f"{group['sentence']}\nwrote {Path(run_dir) / 'group_summary.json'}")
         return
     if run_dir is not None:
-        if dataset is not None or out is not None or history is not None:
-            raise DigitlensError("--dataset/--out/--history: only used without a run folder (the run folder has them)")
-        summary = evaluate.evaluate_run(run_dir, model=model_file, data_dir=data_dir, progress=progress, device=device)
+        if history is not None:
+            raise DigitlensError("--history: only used without a run folder (the run folder has it)")
+        summary = evaluate.evaluate_run(run_dir, model=model_file, data_dir=data_dir, progress=progress,
+                                        dataset=dataset, out_dir=out, device=device)
     else:
         if model_file is None or dataset is None or out is None:
             raise DigitlensError("evaluate: give a run folder, or --model-file, --dataset and --out together")
         summary = evaluate.evaluate_model(model_file, dataset, out_dir=out, data_dir=data_dir, history=history,
                                           progress=progress, device=device)
+    if summary["accuracy"] is None:  # a Kaggle test.csv: no labels, so predictions only
+        typer.echo(f"{summary['n_samples']} images without labels: no accuracy; wrote "
+                   f"{Path(summary['out_dir']) / 'predictions.csv'} (Kaggle submission format ImageId,Label)")
+        return
     calibrated = (f" ({summary['ece_calibrated']:.4f} after temperature scaling, T = {summary['temperature']:.3f})"
                   if summary.get("temperature") is not None and summary.get("ece_calibrated") is not None else "")
     typer.echo(f"accuracy {summary['accuracy']:.4f}  errors {summary['n_errors']}/{summary['n_samples']}  "
@@ -232,6 +237,36 @@ def explain_command(
     verdict = summary.get("verdict")
     typer.echo(f"wrote {Path(run_dir) / 'explain'}: maps for {', '.join(summary['methods'])}; "
                f"{len(summary['files']['figures'])} figures" + (f"; {verdict}" if verdict else ""))
+
+
+@app.command("predict")
+@one_line_errors
+def predict_command(
+    model_or_run: Path = typer.Argument(..., help="A run folder (runs/NAME) or a TorchScript model file."),
+    images: list[Path] = typer.Argument(..., help="Image files (PNG, JPEG, BMP): photos, scans or drawings of one digit each."),
+    json_lines: bool = typer.Option(False, "--json", help="Print one JSON object per image: file, prediction, probabilities."),
+    explain: Optional[str] = typer.Option(None, "--explain", help="Write an overlay PNG per image with this method (saliency, integrated_gradients, gradcam, occlusion, ...)."),
+    show_steps: bool = typer.Option(False, "--show-steps", help="Write a PNG per image with the preprocessing stages side by side."),
+    out: Path = typer.Option(Path("."), "--out", help="Folder for the --explain and --show-steps PNGs."),
+    top: int = typer.Option(3, "--top", help="How many of the most probable digits to print."),
+) -> None:
+    """Predict the digit in each image, after MNIST's own preprocessing (greyscale, polarity,
+    crop to the ink, fit into 20x20, centre by mass in 28x28)."""
+    import json
+
+    from digitlens.predict import predict_images
+
+    results = predict_images(model_or_run, images, top=top, explain=explain, show_steps=show_steps, out_dir=out)
+    for r in results:
+        if json_lines:
+            keys = ("file", "prediction", "probabilities", "steps", "explanation")
+            typer.echo(json.dumps({k: r[k] for k in keys if k in r}))
+            continue
+        ranked = ", ".join(f"{d} ({p:.1%})" for d, p in r["top"])
+        typer.echo(f"{r['file']}: {ranked}")
+        for key in ("steps", "explanation"):
+            if key in r:
+                typer.echo(f"  wrote {r[key]}")
 
 
 @app.command("report")

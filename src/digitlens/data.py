@@ -6,6 +6,8 @@
   cache and the SHA-256 of each decompressed file is checked.
 - ``digits``: scikit-learn's bundled 8x8 ``load_digits`` (no download), resized to 28x28 by
   default so the same models apply.
+- a path: an image folder (``root/0/*.png ... root/9/*.png``) or a Kaggle Digit Recognizer CSV,
+  whose whole content is the test split (see :mod:`digitlens.userdata`).
 
 Images are not normalised here: models carry their own normalisation, so attributions and
 galleries work in pixel space.
@@ -20,7 +22,7 @@ import shutil
 import struct
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -53,16 +55,19 @@ _IDX_MAGIC = {3: 2051, 1: 2049}  # ndim -> magic number of unsigned-byte IDX fil
 class DigitDataset:
     """Images and labels of one split.
 
-    images: float32 tensor of shape (N, 1, H, W) in [0, 1]; labels: int64 tensor of shape (N,).
+    images: float32 tensor of shape (N, 1, H, W) in [0, 1]; labels: int64 tensor of shape (N,),
+    or None for unlabelled data (a Kaggle test.csv); files: the image file of each sample, for
+    image folders (else None).
     """
 
     name: str
     split: str
     images: torch.Tensor
-    labels: torch.Tensor
+    labels: torch.Tensor | None
+    files: list[str] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
-        return int(self.labels.shape[0])
+        return int(self.images.shape[0])
 
 
 @dataclass
@@ -270,8 +275,15 @@ def load_splits(name: str, *, data_dir: str | os.PathLike | None = None, val_fra
 
     The validation split is held out of the training set, stratified and deterministic by
     ``seed``. For ``digits`` (no official test split) 25% is held out as test with a fixed seed 0,
-    so every run on ``digits`` is tested on the same images.
+    so every run on ``digits`` is tested on the same images. A path (an image folder or a Kaggle
+    CSV, see :mod:`digitlens.userdata`) is all test split: its train and validation splits are empty.
     """
+    from digitlens import userdata
+
+    if userdata.is_path_dataset(name):
+        test = userdata.load_path_dataset(name)
+        empty = DigitDataset(test.name, "train", test.images[:0], torch.zeros(0, dtype=torch.int64))
+        return Splits(empty, DigitDataset(test.name, "val", empty.images, empty.labels), test)
     if name == "mnist":
         folder = locate_mnist(data_dir, download=download)
         full_train = load_mnist_split(folder, "train")
@@ -280,7 +292,8 @@ def load_splits(name: str, *, data_dir: str | os.PathLike | None = None, val_fra
         everything = load_digits_dataset(size=size)
         full_train, test = split_dataset(everything, 0.25, 0, ("train", "test"))
     else:
-        raise DigitlensError(f"--dataset {name!r}: unknown dataset (choose from {', '.join(DATASETS)})")
+        raise DigitlensError(f"--dataset {name!r}: unknown dataset (choose from {', '.join(DATASETS)}, "
+                             f"an image folder root/0..9/ or a Kaggle .csv file)")
     if val_fraction > 0:
         train, val = split_dataset(full_train, val_fraction, seed, ("train", "val"))
     else:

@@ -10,6 +10,10 @@
 
 ``evaluate_model(model, dataset, out_dir=...)`` does the same for any PyTorch model (an
 ``nn.Module`` or a TorchScript file) and a dataset, without a training run.
+
+A dataset may be an image folder or a Kaggle CSV (:mod:`digitlens.userdata`); one without labels
+(Kaggle's test.csv) gets ``predictions.csv`` (``ImageId,Label``) and ``predictions.npz`` (y_pred,
+proba) instead of metrics (see :func:`write_unlabelled_predictions`).
 """
 
 from __future__ import annotations
@@ -433,15 +437,50 @@ def write_figures(out_dir: Path, *, images: np.ndarray, y_true: np.ndarray, prob
     return written
 
 
-def _evaluate(model: Any, images: torch.Tensor, labels: torch.Tensor, out_dir: Path | None, *,
+def write_unlabelled_predictions(model: Any, images: torch.Tensor, out_dir: Path | None, *, source: dict,
+                                 progress: bool, files: list[str] | None = None) -> dict:
+    """Predict images that have no labels (a Kaggle test.csv): no accuracy, no metrics. With
+    ``out_dir`` writes ``predictions.csv`` in Kaggle's submission format (``ImageId,Label``,
+    ImageId from 1), ``predictions.npz`` (``y_pred`` (N,), ``proba`` (N, n_classes), and ``files``
+    (N,) for an image folder) and ``evaluation.json``. Returns the summary dict: ``accuracy``
+    None, ``n_samples``, ``labelled`` False, ``note``, ``y_pred`` (list) without ``out_dir``."""
+    from digitlens.userdata import write_kaggle_submission
+
+    proba = softmax(predict_logits(model, images, progress=progress))
+    y_pred = proba.argmax(axis=1).astype(np.int64)
+    counts = np.bincount(y_pred, minlength=proba.shape[1])
+    summary = {"accuracy": None, "n_samples": int(len(y_pred)), "labelled": False,
+               "predicted_counts": counts.astype(int).tolist(), "source": source,
+               "note": "no labels: no accuracy; predictions in Kaggle's submission format (ImageId,Label)"}
+    if out_dir is None:
+        summary["y_pred"] = y_pred.tolist()
+        return summary
+    out_dir.mkdir(parents=True, exist_ok=True)
+    arrays = {"y_pred": y_pred, "proba": proba.astype(np.float32)}
+    if files is not None:
+        arrays["files"] = np.asarray(files, dtype=str)
+    runio.write_npz(out_dir / "predictions.npz", **arrays)
+    write_kaggle_submission(out_dir / "predictions.csv", y_pred)
+    summary.update({"out_dir": str(out_dir), "files": ["predictions.csv", "predictions.npz"], "figures": [],
+                    "insights": []})
+    runio.write_json(out_dir / "evaluation.json", summary)
+    return summary
+
+
+def _evaluate(model: Any, images: torch.Tensor, labels: torch.Tensor | None, out_dir: Path | None, *,
               history: dict | None, source: dict, progress: bool, val: Any = None,
-              bootstrap: int = 1000, bootstrap_seed: int = 0, device: Any = None) -> dict:
+              bootstrap: int = 1000, bootstrap_seed: int = 0, files: list[str] | None = None,
+              device: Any = None) -> dict:
     """Predict the test ``images``/``labels``, fit the temperature on ``val`` (a DigitDataset or
     None), add the intervals (``bootstrap`` resamples, 0: Wilson accuracy interval only), and write
-    every file into ``out_dir`` (None: write nothing); return the summary dict."""
+    every file into ``out_dir`` (None: write nothing); return the summary dict. ``labels`` None:
+    :func:`write_unlabelled_predictions`. ``files``: the image file of each sample (an image
+    folder), kept in ``predictions.npz``."""
     from digitlens import insights as insights_mod
 
     model = on_device(_as_module(model), resolve_device(device))
+    if labels is None:
+        return write_unlabelled_predictions(model, images, out_dir, source=source, progress=progress, files=files)
     logits = predict_logits(model, images, progress=progress)
     proba = softmax(logits)
     y_true = labels.numpy().astype(np.int64)
@@ -475,6 +514,8 @@ def _evaluate(model: Any, images: torch.Tensor, labels: torch.Tensor, out_dir: P
     arrays = {"y_true": y_true, "y_pred": y_pred, "proba": proba.astype(np.float32)}
     if proba_calibrated is not None:
         arrays["proba_calibrated"] = proba_calibrated
+    if files is not None:
+        arrays["files"] = np.asarray(files, dtype=str)
     runio.write_npz(out_dir / "predictions.npz", **arrays)
     runio.write_json(out_dir / "metrics.json", metrics)
     found = insights_mod.write_insights(out_dir, metrics, history)
@@ -492,7 +533,8 @@ def _evaluate(model: Any, images: torch.Tensor, labels: torch.Tensor, out_dir: P
 
 
 def evaluate_run(run_dir: str | os.PathLike, *, model: Any = None, data_dir: str | os.PathLike | None = None,
-                 progress: bool = True, bootstrap: int = 1000, bootstrap_seed: int = 0, device: Any = None) -> dict:
+                 progress: bool = True, bootstrap: int = 1000, bootstrap_seed: int = 0,
+                 dataset: Any = None, out_dir: str | os.PathLike | None = None, device: Any = None) -> dict:
     """Evaluate a training run on its test split and write predictions, metrics, insights and
     figures into the run folder. The temperature (see :func:`temperature_metrics`) is fitted on
     the run's validation split, never on the test split; a run trained with ``val_fraction=0``
@@ -507,6 +549,12 @@ def evaluate_run(run_dir: str | os.PathLike, *, model: Any = None, data_dir: str
     (per-digit precision/recall/F1, macro F1, ECE; 0 skips them), drawn with ``bootstrap_seed``.
     ``device``: where the model predicts ('auto' by default: CUDA when available; see
     :func:`digitlens.device.resolve_device`); a run trained on a GPU evaluates on a CPU and back.
+
+    ``dataset``: evaluate on other data than the run's test split: a dataset name, an image
+    folder or a Kaggle CSV (:mod:`digitlens.userdata`; all of it is the test split), or a
+    DigitDataset. Its files go to ``out_dir`` (default ``RUN_DIR/evaluate/NAME/``, NAME the
+    file or folder name), so the run's own evaluation stays; the temperature is still fitted on
+    the run's validation split.
     """
     from digitlens import data, models
     from digitlens.plots.training_curves import read_history
@@ -521,13 +569,39 @@ def evaluate_run(run_dir: str | os.PathLike, *, model: Any = None, data_dir: str
     else:
         source = {"model": str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__,
                   "run_dir": str(run_dir)}
-    splits = data.load_splits_for_run(config, data_dir=data_dir)
-    source["dataset"] = config["dataset"]
+    if dataset is not None:  # the user's data first: a bad file fails before the run's data is read
+        test, name = _test_split(dataset, data_dir)
+        target = Path(out_dir) if out_dir is not None else run_dir / "evaluate" / _out_name(dataset, name)
+    elif out_dir is not None:
+        raise DigitlensError("--out: only used with --dataset (the run's own evaluation is written into the run folder)")
+    splits = data.load_splits_for_run(config, data_dir=data_dir) if dataset is None or test.labels is not None else None
+    if dataset is None:
+        test, name, target = splits.test, config["dataset"], run_dir
+    source["dataset"] = name
     history_path = run_dir / "history.csv"
     history = read_history(history_path) if history_path.is_file() else None
-    return _evaluate(model, splits.test.images, splits.test.labels, run_dir, history=history, source=source,
-                     progress=progress, val=splits.val, bootstrap=bootstrap, bootstrap_seed=bootstrap_seed,
-                     device=device)
+    return _evaluate(model, test.images, test.labels, target, history=history, source=source,
+                     progress=progress, val=splits.val if splits is not None else None, bootstrap=bootstrap,
+                     bootstrap_seed=bootstrap_seed, files=test.files, device=device)
+
+
+def _test_split(dataset: Any, data_dir) -> tuple[Any, str]:
+    """The test split of ``dataset`` (a name, a path or a DigitDataset) and the name recorded for it."""
+    from digitlens import data
+
+    if isinstance(dataset, data.DigitDataset):
+        return dataset, f"{dataset.name}/{dataset.split}"
+    if isinstance(dataset, (str, os.PathLike)):
+        return data.load_splits(str(dataset), data_dir=data_dir, val_fraction=0).test, str(dataset)
+    raise DigitlensError(f"dataset: expected a dataset name, a path or a DigitDataset, got {type(dataset).__name__}")
+
+
+def _out_name(dataset: Any, name: str) -> str:
+    """The folder name under RUN_DIR/evaluate/ for ``dataset``: its file or folder name."""
+    from digitlens.userdata import dataset_name, is_path_dataset
+
+    return dataset_name(dataset) if isinstance(dataset, (str, os.PathLike)) and is_path_dataset(dataset) \
+        else name.replace("/", "_")
 
 
 def evaluate_model(model: Any, dataset: Any = "digits", *, out_dir: str | os.PathLike | None = None,
@@ -537,8 +611,8 @@ def evaluate_model(model: Any, dataset: Any = "digits", *, out_dir: str | os.Pat
     """Evaluate any model without a training run ("bring your own model").
 
     ``model``: an ``nn.Module`` taking (N, 1, 28, 28) images in [0, 1] and returning logits, or a
-    TorchScript file path. ``dataset``: a :class:`digitlens.data.DigitDataset` or a dataset name
-    (its test split is used). ``history``: optional training history (dict, DataFrame, or a path to
+    TorchScript file path. ``dataset``: a :class:`digitlens.data.DigitDataset`, a dataset name
+    (its test split is used), or the path of an image folder or Kaggle CSV (all of it). ``history``: optional training history (dict, DataFrame, or a path to
     a Keras CSVLogger / history JSON / digitlens history.csv) for the training-curves figure and
     the overfitting insight. With ``out_dir`` every file of :func:`evaluate_run` is written there;
     without, nothing is written and the summary carries the full ``metrics`` dict and the
@@ -553,13 +627,7 @@ def evaluate_model(model: Any, dataset: Any = "digits", *, out_dir: str | os.Pat
     from digitlens import data
     from digitlens.plots.training_curves import normalise_history, read_history
 
-    if isinstance(dataset, str):
-        test = data.load_splits(dataset, data_dir=data_dir, val_fraction=0).test
-        name = dataset
-    elif isinstance(dataset, data.DigitDataset):
-        test, name = dataset, f"{dataset.name}/{dataset.split}"
-    else:
-        raise DigitlensError(f"dataset: expected a dataset name or a DigitDataset, got {type(dataset).__name__}")
+    test, name = _test_split(dataset, data_dir)
     if val_dataset is not None:
         if not isinstance(val_dataset, data.DigitDataset):
             raise DigitlensError(f"val_dataset: expected a DigitDataset or None, got {type(val_dataset).__name__}")
@@ -573,4 +641,4 @@ def evaluate_model(model: Any, dataset: Any = "digits", *, out_dir: str | os.Pat
     source = {"model": str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__, "dataset": name}
     return _evaluate(model, test.images, test.labels, Path(out_dir) if out_dir is not None else None,
                      history=history, source=source, progress=progress, val=val_dataset,
-                     bootstrap=bootstrap, bootstrap_seed=bootstrap_seed, device=device)
+                     bootstrap=bootstrap, bootstrap_seed=bootstrap_seed, files=test.files, device=device)

@@ -464,6 +464,11 @@ def _train(out: Path, ctx, run_device: torch.device, precision: str, requested: 
         dataset = dataset or "digits"
         model = model or "cnn"
         if dataset not in DATASETS:
+            from digitlens.userdata import is_path_dataset
+
+            if is_path_dataset(dataset):
+                raise DigitlensError(f"--dataset {dataset}: a folder or CSV is test data only; train on "
+                                     f"{' or '.join(DATASETS)}, then `digitlens evaluate RUN --dataset {dataset}`")
             raise DigitlensError(f"--dataset {dataset!r}: unknown dataset (choose from {', '.join(DATASETS)})")
         if model not in MODELS:
             raise DigitlensError(f"--model {model!r}: unknown model (choose from {', '.join(MODELS)})")

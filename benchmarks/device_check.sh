@@ -33,7 +33,7 @@ PY
   cp /tmp/runs/demo-mnist/demo.json "$OUT/" 2>/dev/null
   ;;
 suite)
-  timeout 420 python3 -m pytest -q -x -p no:cacheprovider --device cuda --deselect tests/test_browser.py tests/ \
+  timeout 420 python3 -m pytest -q -p no:cacheprovider --device cuda --deselect tests/test_browser.py tests/ \
     2>&1 | tee "$OUT/suite.log" | tail -25
   ;;
 esac

@@ -177,3 +177,63 @@ def test_nproc_errors(tmp_path):
     done = subprocess.run([sys.executable, "-m", "digitlens", "train", "--out", str(tmp_path / "r"), "--nproc", "2",
                            "--seeds", "0,1"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "--nproc and --seeds" in done.stderr and "Traceback" not in done.stderr
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on a lent device machine)")
+
+
+@needs_cuda
+def test_a_gpu_run_evaluates_explains_and_resumes_on_the_cpu(tmp_path):
+    from digitlens.evaluate import evaluate_run
+    from digitlens.explain import explain_model
+    from digitlens.explain.run import load_run_split
+    from digitlens.models import load_model
+    from digitlens.train import train
+
+    run = tmp_path / "gpu"
+    train(run, dataset="digits", epochs=3, progress=False, device="cuda", precision="bf16")
+    config = json.loads((run / "config.json").read_text())
+    assert config["device"].startswith("cuda") and config["precision"] == "bf16"
+    cpu_eval = evaluate_run(run, device="cpu", progress=False)
+    assert cpu_eval["accuracy"] > 0.8
+    # the last epoch lost: resume it on the CPU from the GPU's checkpoint
+    (run / "checkpoints" / "epoch_003.pt").unlink()
+    (run / "model.safetensors").unlink()
+    summary = train(run, resume=True, progress=False, device="cpu")
+    assert summary["resumed_from_epoch"] == 2 and summary["device"] == "cpu"
+    data = load_run_split(run, "test")
+    model = load_model(run)
+    on_gpu = explain_model(model, data.images, data.labels.numpy(), methods=["saliency", "gradcam"],
+                           faithfulness_size=0, device="cuda")
+    on_cpu = explain_model(model, data.images, data.labels.numpy(), methods=["saliency", "gradcam"],
+                           faithfulness_size=0, device="cpu")
+    for method in ("saliency", "gradcam"):
+        np.testing.assert_allclose(on_gpu["maps"][method], on_cpu["maps"][method], rtol=2e-3, atol=1e-6)
+    np.testing.assert_array_equal(on_gpu["y_pred"], on_cpu["y_pred"])
+
+
+def test_nproc_forwards_every_given_option_to_torchrun(monkeypatch, tmp_path):
+    """`--nproc` rebuilds the command line for torchrun's processes from the parsed options: every
+    option given (repeated ones and --no-flags too), nothing left at its default, no --nproc."""
+    from typer.testing import CliRunner
+
+    import digitlens.distributed
+    from digitlens.cli import app
+
+    seen = {}
+
+    def fake_launch(args, nproc, timeout=None):
+        seen["args"], seen["nproc"] = args, nproc
+        return 0
+
+    monkeypatch.setattr(digitlens.distributed, "launch", fake_launch)
+    result = CliRunner().invoke(app, ["train", "--out", str(tmp_path / "r"), "--nproc", "3", "--width", "8",
+                                      "--width", "16", "--width", "32", "--epochs", "2", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert seen["nproc"] == 3
+    assert seen["args"] == ["train", "--out", str(tmp_path / "r"), "--epochs", "2", "--width", "8", "--width", "16",
+                            "--width", "32", "--no-progress"]
+    result = CliRunner().invoke(app, ["explain", str(tmp_path / "r"), "--nproc", "2", "--methods", "saliency",
+                                      "--faithfulness-size", "0"])
+    assert result.exit_code == 0, result.output
+    assert seen["args"] == ["explain", str(tmp_path / "r"), "--methods", "saliency", "--faithfulness-size", "0"]

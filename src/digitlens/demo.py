@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from digitlens.errors import DigitlensError
+from digitlens.intervals import DEFAULT_BOOTSTRAP
 from digitlens.runio import read_json, write_json
 
 # Epochs and study sizes per dataset: the digits demo must finish in under 2 minutes on 2 CPU
@@ -146,11 +147,16 @@ def _print_summary(console, result: dict) -> None:
 
 
 def run_demo(out_root: str | Path = "runs", *, dataset: str = "digits", data_dir: str | Path | None = None,
-             progress: bool = True, fast: bool = False) -> dict:
+             progress: bool = True, fast: bool = False, bootstrap: int = DEFAULT_BOOTSTRAP) -> dict:
     """Train, evaluate, explain, adapt and report on ``dataset``; see the module docstring.
 
-    ``fast=True`` uses tiny epochs and study sizes (for tests). Returns the ``demo.json`` dict.
+    ``fast=True`` uses tiny epochs and study sizes (for tests). ``bootstrap``: resamples behind the
+    evaluation's intervals and the CNN-vs-ViT paired bootstrap (:func:`digitlens.evaluate.evaluate_run`,
+    :func:`digitlens.report.write_report`). Returns the ``demo.json`` dict.
     """
+    from digitlens.evaluate import check_bootstrap
+
+    bootstrap = check_bootstrap(bootstrap)
     from rich.console import Console
 
     if dataset not in SETTINGS:
@@ -182,7 +188,7 @@ def run_demo(out_root: str | Path = "runs", *, dataset: str = "digits", data_dir
         step(f"Train the {name.upper()} on {dataset}",
              lambda: train.train(runs[name], dataset=dataset, model=name, data_dir=data_dir, progress=progress, **kwargs))
         step(f"Evaluate the {name.upper()}",
-             lambda: evaluate.evaluate_run(runs[name], data_dir=data_dir, progress=progress))
+             lambda: evaluate.evaluate_run(runs[name], data_dir=data_dir, progress=progress, bootstrap=bootstrap))
     explain_kwargs = settings["explain"]
     step("Explain the CNN (per-digit maps, overlays, filters, faithfulness)",
          lambda: explain.explain_run(runs["cnn"], data_dir=data_dir, progress=progress, **explain_kwargs["cnn"]))
@@ -196,8 +202,8 @@ def run_demo(out_root: str | Path = "runs", *, dataset: str = "digits", data_dir
     step("Subspace analysis of the adapters",
          lambda: subspace.analyse_run(runs["vit"], task=adapt_kwargs["task"]))
     reports = []
-    reports.append(step("Write the ViT report", lambda: write_report(runs["vit"])))
-    reports.insert(0, step("Write the CNN report, ViT side by side", lambda: write_report(runs["cnn"], compare=runs["vit"])))
+    reports.append(step("Write the ViT report", lambda: write_report(runs["vit"], bootstrap=bootstrap)))
+    reports.insert(0, step("Write the CNN report, ViT side by side", lambda: write_report(runs["cnn"], compare=runs["vit"], bootstrap=bootstrap)))
 
     result = {"dataset": dataset, "fast": fast, "runs": {k: str(v) for k, v in runs.items()},
               "reports": [str(r) for r in reports], "steps": steps,

@@ -25,7 +25,7 @@ from torch import nn
 
 from digitlens import runio
 from digitlens.errors import DigitlensError
-from digitlens.intervals import bootstrap_metrics, wilson_interval
+from digitlens.intervals import DEFAULT_BOOTSTRAP, DEFAULT_SEED, bootstrap_metrics, wilson_interval
 
 #: Stems of the figures written under ``figures/``.
 FIGURES = (
@@ -203,7 +203,8 @@ def compute_metrics(y_true: Any, y_pred: Any, proba: Any = None, *, n_classes: i
 
 
 def add_bootstrap_intervals(metrics: dict, y_true: Any, y_pred: Any, proba: Any = None,
-                            proba_calibrated: Any = None, *, n_resamples: int = 1000, seed: int = 0,
+                            proba_calibrated: Any = None, *, n_resamples: int = DEFAULT_BOOTSTRAP,
+                            seed: int = DEFAULT_SEED,
                             n_bins: int = ECE_BINS) -> dict:
     """Add 95% percentile-bootstrap intervals (see :func:`digitlens.intervals.bootstrap_metrics`) to
     ``metrics`` in place and return it: ``precision_ci``, ``recall_ci``, ``f1_ci``, ``accuracy_ci``
@@ -423,9 +424,17 @@ def write_figures(out_dir: Path, *, images: np.ndarray, y_true: np.ndarray, prob
     return written
 
 
+def check_bootstrap(bootstrap: Any) -> int:
+    """``bootstrap`` as a number of resamples >= 0 (0: no bootstrap intervals); a one-line error otherwise."""
+    if isinstance(bootstrap, bool) or not isinstance(bootstrap, (int, np.integer)) or bootstrap < 0:
+        raise DigitlensError(f"--bootstrap {bootstrap!r}: expected a number of resamples >= 0 "
+                             f"(0 skips the bootstrap intervals; default {DEFAULT_BOOTSTRAP})")
+    return int(bootstrap)
+
+
 def _evaluate(model: Any, images: torch.Tensor, labels: torch.Tensor, out_dir: Path | None, *,
               history: dict | None, source: dict, progress: bool, val: Any = None,
-              bootstrap: int = 1000, bootstrap_seed: int = 0) -> dict:
+              bootstrap: int = DEFAULT_BOOTSTRAP, bootstrap_seed: int = DEFAULT_SEED) -> dict:
     """Predict the test ``images``/``labels``, fit the temperature on ``val`` (a DigitDataset or
     None), add the intervals (``bootstrap`` resamples, 0: Wilson accuracy interval only), and write
     every file into ``out_dir`` (None: write nothing); return the summary dict."""
@@ -444,8 +453,6 @@ def _evaluate(model: Any, images: torch.Tensor, labels: torch.Tensor, out_dir: P
     calibrated, proba_calibrated = temperature_metrics(y_true, logits, val_logits, val_labels,
                                                        split=getattr(val, "split", "val"))
     metrics.update(calibrated)
-    if bootstrap < 0:
-        raise DigitlensError(f"bootstrap: expected a number of resamples >= 0, got {bootstrap}")
     if bootstrap:
         add_bootstrap_intervals(metrics, y_true, y_pred, proba, proba_calibrated,
                                 n_resamples=bootstrap, seed=bootstrap_seed)
@@ -481,7 +488,7 @@ def _evaluate(model: Any, images: torch.Tensor, labels: torch.Tensor, out_dir: P
 
 
 def evaluate_run(run_dir: str | os.PathLike, *, model: Any = None, data_dir: str | os.PathLike | None = None,
-                 progress: bool = True, bootstrap: int = 1000, bootstrap_seed: int = 0) -> dict:
+                 progress: bool = True, bootstrap: int = DEFAULT_BOOTSTRAP, bootstrap_seed: int = DEFAULT_SEED) -> dict:
     """Evaluate a training run on its test split and write predictions, metrics, insights and
     figures into the run folder. The temperature (see :func:`temperature_metrics`) is fitted on
     the run's validation split, never on the test split; a run trained with ``val_fraction=0``
@@ -498,6 +505,7 @@ def evaluate_run(run_dir: str | os.PathLike, *, model: Any = None, data_dir: str
     from digitlens import data, models
     from digitlens.plots.training_curves import read_history
 
+    bootstrap = check_bootstrap(bootstrap)
     run_dir = runio.require_run_dir(run_dir)
     config = runio.read_json(run_dir / "config.json")
     if "dataset" not in config:
@@ -518,7 +526,7 @@ def evaluate_run(run_dir: str | os.PathLike, *, model: Any = None, data_dir: str
 
 def evaluate_model(model: Any, dataset: Any = "digits", *, out_dir: str | os.PathLike | None = None,
                    data_dir: str | os.PathLike | None = None, history: Any = None, progress: bool = True,
-                   val_dataset: Any = None, bootstrap: int = 1000, bootstrap_seed: int = 0) -> dict:
+                   val_dataset: Any = None, bootstrap: int = DEFAULT_BOOTSTRAP, bootstrap_seed: int = DEFAULT_SEED) -> dict:
     """Evaluate any model without a training run ("bring your own model").
 
     ``model``: an ``nn.Module`` taking (N, 1, 28, 28) images in [0, 1] and returning logits, or a
@@ -537,6 +545,7 @@ def evaluate_model(model: Any, dataset: Any = "digits", *, out_dir: str | os.Pat
     from digitlens import data
     from digitlens.plots.training_curves import normalise_history, read_history
 
+    bootstrap = check_bootstrap(bootstrap)
     if isinstance(dataset, str):
         test = data.load_splits(dataset, data_dir=data_dir, val_fraction=0).test
         name = dataset

@@ -19,6 +19,7 @@ import numpy as np
 
 from digitlens.comparison import compare_predictions, format_p
 from digitlens.errors import DigitlensError
+from digitlens.intervals import DEFAULT_BOOTSTRAP
 from digitlens.report import readings as R
 from digitlens.report.collect import RunData, collect_run
 from digitlens.runio import write_json, write_text
@@ -207,7 +208,7 @@ def holm_sentence(comparison: dict, name_b: str, name_a: str) -> str:
     return head + "significant for " + "; ".join(parts) + "."
 
 
-def paired_comparison(a: RunData, b: RunData, *, n_resamples: int = 1000, seed: int = 0) -> tuple[dict | None, str | None]:
+def paired_comparison(a: RunData, b: RunData, *, n_resamples: int = DEFAULT_BOOTSTRAP, seed: int = 0) -> tuple[dict | None, str | None]:
     """(:func:`digitlens.comparison.compare_predictions` of ``a`` (A) against ``b`` (B), None) when both
     runs hold ``predictions.npz`` on the same test images; (None, a note saying why not) otherwise."""
     for run in (a, b):
@@ -519,22 +520,26 @@ def render(runs: list[RunData], sections: list[Section], title: str | None = Non
     )
 
 
-def write_report(run_dir: str | Path, *, compare: str | Path | None = None, out: str | Path | None = None) -> Path:
+def write_report(run_dir: str | Path, *, compare: str | Path | None = None, out: str | Path | None = None,
+                 bootstrap: int = DEFAULT_BOOTSTRAP) -> Path:
     """Write ``run_dir/report.html`` (or ``out``): one self-contained HTML file for the run,
     with ``compare`` (another run folder) side by side when given. Returns the path written.
 
     With ``compare``, when both runs hold ``predictions.npz`` on the same test images, also writes
     ``comparison.json`` beside the report (:func:`paired_comparison`: McNemar's exact test, paired
-    bootstrap intervals, Holm-corrected per-digit F1; this run is A, ``compare`` is B).
+    bootstrap intervals with ``bootstrap`` resamples, Holm-corrected per-digit F1; this run is A,
+    ``compare`` is B).
 
     A seed group folder (``digitlens train --seeds``, holds ``group.json``) gets the group report
     instead (:func:`digitlens.report.group.write_group_report`)."""
+    from digitlens.evaluate import check_bootstrap
     from digitlens.seeds import is_group
 
+    bootstrap = check_bootstrap(bootstrap)
     if is_group(run_dir):
         from digitlens.report.group import write_group_report
 
-        return write_group_report(run_dir, out=out, compare=compare)
+        return write_group_report(run_dir, out=out, compare=compare, bootstrap=bootstrap)
     runs = [collect_run(run_dir)]
     if compare is not None:
         other = collect_run(compare)
@@ -544,7 +549,7 @@ def write_report(run_dir: str | Path, *, compare: str | Path | None = None, out:
             other.name = f"{other.run_dir.resolve().parent.name}/{other.name}"
         runs.append(other)
     target = Path(out) if out is not None else runs[0].run_dir / "report.html"
-    comparison, note = paired_comparison(*runs) if len(runs) == 2 else (None, None)
+    comparison, note = paired_comparison(*runs, n_resamples=bootstrap or DEFAULT_BOOTSTRAP) if len(runs) == 2 else (None, None)
     if comparison:
         write_json(target.parent / "comparison.json", comparison)
     sections = build_sections(runs, comparison, note)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from digitlens.errors import DigitlensError
+from digitlens.intervals import DEFAULT_BOOTSTRAP
 from digitlens.runio import write_text
 
 
@@ -48,9 +49,11 @@ def seeds_section(summary: dict):
                    tables=[table])
 
 
-def write_group_report(group_dir: str | Path, *, out: str | Path | None = None, compare=None) -> Path:
+def write_group_report(group_dir: str | Path, *, out: str | Path | None = None, compare=None,
+                       bootstrap: int = DEFAULT_BOOTSTRAP) -> Path:
     """Write ``group_dir/report.html``: the "Across seeds" section, then the first seed's report.
-    Seed runs without ``metrics.json`` are evaluated first; ``group_summary.json`` is (re)written."""
+    Seed runs without ``metrics.json`` are evaluated first (``bootstrap`` resamples);
+    ``group_summary.json`` is (re)written."""
     from digitlens.report.build import build_sections, render
     from digitlens.report.collect import collect_run
     from digitlens.seeds import summarise_group
@@ -58,7 +61,7 @@ def write_group_report(group_dir: str | Path, *, out: str | Path | None = None, 
     group_dir = Path(group_dir)
     if compare is not None:
         raise DigitlensError(f"--compare: not available for the seed group {group_dir}; compare two seed runs instead")
-    summary = summarise_group(group_dir)
+    summary = summarise_group(group_dir, bootstrap=bootstrap)
     first = collect_run(group_dir / summary["runs"][0]["run"])
     first.name = f"{group_dir.name}/{first.name}"
     sections = [seeds_section(summary)] + build_sections([first])

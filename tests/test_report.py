@@ -206,6 +206,17 @@ def test_later_stages_add_their_sections(tmp_path, labels):
     # LoRA: the stage's own table and a reading from results.json
     assert "LoRA r = 4 reaches 97.00% with 1,234 trainable parameters" in text
     assert "0.9700" in text
+    # no paired test possible (no predictions.npz, no seeds): the higher rank is not called best
+    assert "best rank" not in text and "r = 8 has the highest mean accuracy (98.00%), untested" in text
+    # with the task's predictions the reading quotes McNemar's test instead (computed by compare_variants)
+    y = labels[0]
+    good, bad = y.copy(), y.copy()
+    bad[:40] = (y[:40] + 1) % 10
+    write_npz(run / "adapt/groups/predictions.npz", y_true=y, lora_r4_s0=bad, lora_r8_s0=good)
+    results = json.loads((run / "adapt/groups/results.json").read_text())
+    (run / "adapt/groups/results.json").write_text(json.dumps({**results, "seeds": [0]}))
+    text = parse(write_report(run)).text_all
+    assert "r = 8 is the most accurate: better than r = 4 (p < 0.001)" in text
 
 
 def test_compare_puts_runs_side_by_side(tmp_path, labels):

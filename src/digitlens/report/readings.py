@@ -505,17 +505,40 @@ def reading_adapt(run: RunData, stem: str = "") -> list[str]:
                     f"(recall {rec[lo]:.3f}); the group that others leak into most is that of {pd['digit'][plo]} "
                     f"(precision {prec[plo]:.3f}).",
                     f"Recall ranges from {rec.min():.3f} to {rec.max():.3f} over the ten digits."]
-    best = max(lora, key=lambda r: r["accuracy_mean"])
     small = min(lora, key=lambda r: r["rank"])
     n_test = res.get("n_test")  # each accuracy (a mean over seeds) with the Wilson interval of that many images
     line = (f"On task “{task}”, LoRA r = {small['rank']} reaches {wilson_text(small['accuracy_mean'], n_test)} with "
             f"{small['trainable_params']:,} trainable parameters ({small['trainable_fraction'] * 100:.2f}% of the model); "
-            f"the best rank, r = {best['rank']}, {wilson_text(best['accuracy_mean'], n_test)}.")
+            + rank_sentence(run, task, res, lora))
     others = {r["method"]: r for r in rows if r.get("method") in ("head_only", "full")}
     second = ", ".join(f"{'head only' if k == 'head_only' else 'full fine-tuning'} "
                        f"{wilson_text(v['accuracy_mean'], n_test)} ({v['trainable_params']:,} parameters)"
                        for k, v in others.items())
     return [line] + ([f"Baselines: {second}."] if second else [])
+
+
+def rank_sentence(run: RunData, task: str, res: dict, lora: list[dict]) -> str:
+    """The paired test of the LoRA ranks (``rank_comparison`` in ``results.json``, or computed from the
+    task's ``predictions.npz`` for results written before it existed); without predictions, the highest
+    mean accuracy marked as untested, never a "best rank"."""
+    found = res.get("rank_comparison")
+    if not found and len(lora) > 1:
+        path = run.run_dir / "adapt" / task / "predictions.npz"
+        seeds, ranks = res.get("seeds"), [r["rank"] for r in lora]
+        if path.is_file() and seeds:
+            from digitlens.adapt import rank_comparison
+            from digitlens.runio import read_npz
+
+            preds = read_npz(path)
+            if all(f"lora_r{r}_s{s}" in preds for r in ranks for s in seeds):
+                found = rank_comparison(preds["y_true"], preds, ranks, seeds)
+    if found:
+        return found["sentence"]
+    if len(lora) < 2:
+        return "only one rank was trained."
+    top = max(lora, key=lambda r: r["accuracy_mean"])
+    return (f"r = {top['rank']} has the highest mean accuracy ({wilson_text(top['accuracy_mean'], res.get('n_test'))}), "
+            "untested: the task's predictions.npz is missing, so no rank is called best.")
 
 
 def _subspace_summary(run: RunData, stem: str) -> dict | None:

@@ -147,8 +147,10 @@ def test_report_readings_quote_the_intervals_and_old_runs_still_read(tmp_path):
     assert "overlap" in per_digit
     old = RunData(run_dir=Path(tmp_path), name="old", config={}, metrics={"ece": metrics["ece"]},
                   predictions=predictions)  # a metrics.json from before the intervals
-    assert "interval" not in " ".join(reading_confusion(old) + reading_per_digit(old) + reading_reliability(old)
-                                      + reading_predictions(old))
+    # the accuracy's Wilson interval comes from the predictions' counts (the same as metrics.json's);
+    # no bootstrap interval of F1 or ECE is invented for it
+    assert quoted in reading_confusion(old)[0] and quoted in reading_predictions(old)[1]
+    assert "interval" not in " ".join(reading_per_digit(old)) and "interval" not in reading_reliability(old)[0]
     assert reading_per_digit(old)[0].startswith(f"Hardest digit: {hard['digit']} (F1 {hard['f1']:.3f}, precision")
 
 
@@ -188,3 +190,18 @@ def test_figures_draw_the_intervals():
     ci = bin_accuracy_intervals([0.5, None, 1.0], [10, 0, 4])
     ci10 = binomtest(5, 10).proportion_ci(method="wilson")
     assert ci[0] == pytest.approx([ci10.low, ci10.high]) and np.isnan(ci[1]).all() and ci[2][1] == 1.0
+
+
+def test_mean_interval_is_the_textbook_student_t_interval():
+    from digitlens.intervals import mean_interval
+
+    values = np.arange(1, 11, dtype=float)  # mean 5.5, sample sd sqrt(110/12); t(0.975, 9) = 2.2621571627...
+    half = 2.2621571627982 * np.sqrt(110 / 12) / np.sqrt(10)
+    assert mean_interval(values) == pytest.approx([5.5 - half, 5.5 + half], abs=1e-9)
+    assert mean_interval([0.7]).tolist() == [0.7, 0.7] and mean_interval([0.9] * 5).tolist() == [0.9, 0.9]
+    with pytest.raises(DigitlensError, match="no values"):
+        mean_interval([])
+    # calibration_bins quotes it for the mean confidence
+    proba = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.3, 0.7]])
+    bins = calibration_bins(np.array([0, 1, 1, 1]), proba, n_bins=5)
+    assert bins["mean_confidence_ci"] == pytest.approx(mean_interval([0.9, 0.6, 0.8, 0.7]).tolist())

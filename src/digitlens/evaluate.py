@@ -25,7 +25,7 @@ from torch import nn
 
 from digitlens import runio
 from digitlens.errors import DigitlensError
-from digitlens.intervals import DEFAULT_BOOTSTRAP, DEFAULT_SEED, bootstrap_metrics, wilson_interval
+from digitlens.intervals import DEFAULT_BOOTSTRAP, DEFAULT_SEED, bootstrap_metrics, mean_interval, wilson_interval
 
 #: Stems of the figures written under ``figures/``.
 FIGURES = (
@@ -77,7 +77,8 @@ def calibration_bins(y_true: Any, proba: Any, n_bins: int = ECE_BINS) -> dict:
 
     Returns a dict of lists of length ``n_bins``: ``bin_edges`` (n_bins + 1), ``confidence`` (mean
     top probability per bin, None when empty), ``accuracy`` (share of correct top labels, None
-    when empty), ``count``; and ``ece`` = sum_b count_b / N * |accuracy_b - confidence_b|.
+    when empty), ``count``; ``ece`` = sum_b count_b / N * |accuracy_b - confidence_b|, and
+    ``mean_confidence`` with its 95% Student-t interval ``mean_confidence_ci``.
 
     A sample falls in bin b when edges[b] < confidence <= edges[b+1] (confidence 0 in bin 0), as
     in ``sklearn.calibration.calibration_curve``. Written by hand because scikit-learn has no
@@ -105,6 +106,7 @@ def calibration_bins(y_true: Any, proba: Any, n_bins: int = ECE_BINS) -> dict:
         "count": count.astype(int).tolist(),
         "ece": ece,
         "mean_confidence": float(confidence.mean()) if len(y_true) else 0.0,
+        "mean_confidence_ci": mean_interval(confidence).tolist() if len(y_true) else [0.0, 0.0],
     }
 
 
@@ -434,10 +436,11 @@ def check_bootstrap(bootstrap: Any) -> int:
 
 def _evaluate(model: Any, images: torch.Tensor, labels: torch.Tensor, out_dir: Path | None, *,
               history: dict | None, source: dict, progress: bool, val: Any = None,
-              bootstrap: int = DEFAULT_BOOTSTRAP, bootstrap_seed: int = DEFAULT_SEED) -> dict:
+              bootstrap: int = DEFAULT_BOOTSTRAP, bootstrap_seed: int = DEFAULT_SEED, sizes: dict | None = None) -> dict:
     """Predict the test ``images``/``labels``, fit the temperature on ``val`` (a DigitDataset or
     None), add the intervals (``bootstrap`` resamples, 0: Wilson accuracy interval only), and write
-    every file into ``out_dir`` (None: write nothing); return the summary dict."""
+    every file into ``out_dir`` (None: write nothing); return the summary dict. ``sizes``: ``n_val``
+    and ``n_train_eval`` for the insights (:func:`digitlens.insights.derive_insights`)."""
     from digitlens import insights as insights_mod
 
     logits = predict_logits(model, images, progress=progress)
@@ -465,7 +468,7 @@ def _evaluate(model: Any, images: torch.Tensor, labels: torch.Tensor, out_dir: P
         summary["calibration_note"] = metrics["calibration_note"]
     if out_dir is None:
         summary["metrics"] = metrics
-        summary["insights"] = insights_mod.derive_insights(metrics, history)["summary"]
+        summary["insights"] = insights_mod.derive_insights(metrics, history, **(sizes or {}))["summary"]
         return summary
     out_dir.mkdir(parents=True, exist_ok=True)
     arrays = {"y_true": y_true, "y_pred": y_pred, "proba": proba.astype(np.float32)}
@@ -473,7 +476,7 @@ def _evaluate(model: Any, images: torch.Tensor, labels: torch.Tensor, out_dir: P
         arrays["proba_calibrated"] = proba_calibrated
     runio.write_npz(out_dir / "predictions.npz", **arrays)
     runio.write_json(out_dir / "metrics.json", metrics)
-    found = insights_mod.write_insights(out_dir, metrics, history)
+    found = insights_mod.write_insights(out_dir, metrics, history, **(sizes or {}))
     figures = write_figures(out_dir, images=images.numpy(), y_true=y_true, proba=proba, history=history,
                             proba_calibrated=proba_calibrated, temperature=metrics["temperature"],
                             metrics=metrics)
@@ -520,8 +523,11 @@ def evaluate_run(run_dir: str | os.PathLike, *, model: Any = None, data_dir: str
     source["dataset"] = config["dataset"]
     history_path = run_dir / "history.csv"
     history = read_history(history_path) if history_path.is_file() else None
+    sizes = {"n_val": config.get("n_val", len(splits.val) if splits.val is not None else None),
+             "n_train_eval": config.get("train_eval_size")}
     return _evaluate(model, splits.test.images, splits.test.labels, run_dir, history=history, source=source,
-                     progress=progress, val=splits.val, bootstrap=bootstrap, bootstrap_seed=bootstrap_seed)
+                     progress=progress, val=splits.val, bootstrap=bootstrap, bootstrap_seed=bootstrap_seed,
+                     sizes=sizes)
 
 
 def evaluate_model(model: Any, dataset: Any = "digits", *, out_dir: str | os.PathLike | None = None,

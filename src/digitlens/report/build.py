@@ -19,7 +19,7 @@ import numpy as np
 
 from digitlens.comparison import compare_predictions, format_p
 from digitlens.errors import DigitlensError
-from digitlens.intervals import DEFAULT_BOOTSTRAP
+from digitlens.intervals import DEFAULT_BOOTSTRAP, format_ci, wilson_interval
 from digitlens.report import readings as R
 from digitlens.report.collect import RunData, collect_run
 from digitlens.runio import write_json, write_text
@@ -237,16 +237,43 @@ def confused_pairs_table(run: RunData, top: int = 5) -> Table | None:
         t, q = np.unravel_index(flat, off.shape)
         if off[t, q] == 0:
             break
-        rows.append([f"{t} → {q}", f"{int(off[t, q]):,}", f"{off[t, q] / max(p['support'][t], 1) * 100:.1f}%"])
-    return Table("Most-confused pairs", ["True → predicted", "Images", "Share of true digit"], rows,
-                 "", run.name)
+        support = int(p["support"][t])
+        rows.append([f"{t} → {q}", f"{int(off[t, q]):,}",
+                     format_ci(off[t, q] / max(support, 1), wilson_interval(int(off[t, q]), support), digits=1)])
+    return Table("Most-confused pairs", ["True → predicted", "Images", "Share of true digit (95% Wilson interval)"],
+                 rows, "", run.name)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A number estimated from a sample of images with its 95% interval (``ci``: [low, high] or None)."""
+
+    value: float
+    ci: Any = None
+
+
+def _estimate(value: Any, ci: Any = None) -> Estimate | None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    ok = isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(v, (int, float)) for v in ci)
+    return Estimate(float(value), list(ci) if ok else None)
+
+
+def _wilson_estimate(share: Any, n: Any) -> Estimate | None:
+    """``share`` of ``n`` images with its Wilson interval (none when ``n`` is unknown)."""
+    if not isinstance(share, (int, float)) or not isinstance(n, int) or n <= 0:
+        return _estimate(share)
+    return _estimate(share, wilson_interval(round(float(share) * n), n).tolist())
 
 
 def overview_facts(run: RunData) -> dict[str, Any]:
-    """Headline numbers of a run (used by the overview table and by the comparison)."""
+    """Headline numbers of a run (used by the overview table and by the comparison); numbers estimated
+    from images are :class:`Estimate` with their 95% intervals."""
     cfg = run.config
     h = R.history_summary(run) or {}
     p = R.prediction_summary(run) or {}
+    metrics = R.metrics_of(run, p) if p else (run.metrics or {})
+    test_ci = metrics.get("accuracy_ci") or (wilson_interval(p["correct"], p["n"]).tolist() if p else None)
     facts: dict[str, Any] = {
         "Dataset": cfg.get("dataset"),
         "Model": cfg.get("model"),
@@ -254,14 +281,14 @@ def overview_facts(run: RunData) -> dict[str, Any]:
         "Epochs": cfg.get("epochs", h.get("epochs")),
         "Seed": cfg.get("seed"),
         "Training time (s)": h.get("seconds"),
-        "Best validation accuracy": h.get("best_val_accuracy"),
-        "Test accuracy": p.get("accuracy", R.dig(run.metrics or {}, "accuracy")),
-        "Test accuracy, 95% interval (Wilson)": _interval_text(R.dig(run.metrics or {}, "accuracy_ci"), percent=True),
-        "Macro F1": float(np.mean(p["f1"])) if p else R.dig(run.metrics or {}, "macro.f1", "macro_f1", "f1_macro"),
-        "Macro F1, 95% interval (bootstrap)": _interval_text(R.dig(run.metrics or {}, "macro.f1_ci")),
-        "Expected calibration error": R.ece_of(run),
-        "ECE, 95% interval (bootstrap)": _interval_text(R.dig(run.metrics or {}, "ece_ci")),
-        "ECE after temperature scaling": R.dig(run.metrics or {}, "ece_calibrated"),
+        "Best validation accuracy (95% Wilson interval)": _wilson_estimate(h.get("best_val_accuracy"), cfg.get("n_val")),
+        "Test accuracy (95% Wilson interval)": _estimate(p.get("accuracy", R.dig(run.metrics or {}, "accuracy")), test_ci),
+        "Macro F1 (95% bootstrap interval)": _estimate(
+            float(np.mean(p["f1"])) if p else R.dig(run.metrics or {}, "macro.f1", "macro_f1", "f1_macro"),
+            R.dig(metrics, "macro.f1_ci")),
+        "Expected calibration error (95% bootstrap interval)": _estimate(R.ece_of(run), R.dig(metrics, "ece_ci")),
+        "ECE after temperature scaling (95% bootstrap interval)": _estimate(R.dig(run.metrics or {}, "ece_calibrated"),
+                                                                           R.dig(metrics, "ece_calibrated_ci")),
         "Temperature (fitted on validation)": R.dig(run.metrics or {}, "temperature"),
         "Test images": p.get("n"),
         "Mistakes": (p["n"] - p["correct"]) if p else None,
@@ -275,18 +302,15 @@ def overview_facts(run: RunData) -> dict[str, Any]:
     return {k: v for k, v in facts.items() if v is not None}
 
 
-PERCENT_FACTS = {"Best validation accuracy", "Test accuracy"}
-
-
-def _interval_text(ci: Any, percent: bool = False) -> str | None:
-    """``"99.19-99.51%"`` (or ``"0.9915-0.9950"``) for a [low, high] pair from ``metrics.json``; None without one."""
-    if not (isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(v, (int, float)) for v in ci)):
-        return None
-    return f"{ci[0] * 100:.2f}-{ci[1] * 100:.2f}%" if percent else f"{ci[0]:.4f}-{ci[1]:.4f}"
+PERCENT_FACTS = {"Best validation accuracy (95% Wilson interval)", "Test accuracy (95% Wilson interval)"}
 NO_DIFF_FACTS = {"Seed"}
+TEST_ACCURACY = "Test accuracy (95% Wilson interval)"
 
 
 def fmt_fact(key: str, value: Any) -> str:
+    """A cell of the overview table: estimates as ``99.31% (99.13-99.45)`` or ``0.0123 (0.0101-0.0150)``."""
+    if isinstance(value, Estimate):
+        return format_ci(value.value, value.ci, percent=key in PERCENT_FACTS, digits=2 if key in PERCENT_FACTS else 4)
     if key in PERCENT_FACTS and isinstance(value, (int, float)):
         return R.pct(value, 2)
     if key == "Training time (s)" and isinstance(value, (int, float)):
@@ -482,7 +506,7 @@ def overview_table(runs: list[RunData], comparison: dict | None = None, note: st
     for key in keys:
         row = [key] + [fmt_fact(key, f.get(key)) if key in f else "—" for f in facts]
         if len(runs) == 2:
-            a, b = facts[0].get(key), facts[1].get(key)
+            a, b = (v.value if isinstance(v, Estimate) else v for v in (facts[0].get(key), facts[1].get(key)))
             numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b))
             if numeric and a != b and key not in NO_DIFF_FACTS:
                 d = b - a
@@ -495,11 +519,11 @@ def overview_table(runs: list[RunData], comparison: dict | None = None, note: st
     caption = ""
     if len(runs) == 2 and comparison:
         caption = comparison["caption"] + " Difference: second run minus first."
-    elif len(runs) == 2 and all("Test accuracy" in f for f in facts):
-        a, b = facts[0]["Test accuracy"], facts[1]["Test accuracy"]
-        caption = (f"Test accuracy {R.pct(a, 2)} ({runs[0].name}) against {R.pct(b, 2)} ({runs[1].name}), "
-                   f"{abs(b - a) * 100:.2f} points apart; untested: {note or 'no paired test'}. "
-                   "Difference: second run minus first.")
+    elif len(runs) == 2 and all(TEST_ACCURACY in f for f in facts):
+        a, b = facts[0][TEST_ACCURACY], facts[1][TEST_ACCURACY]
+        caption = (f"Test accuracy {R.pct_ci(a.value, a.ci)} ({runs[0].name}) against {R.pct_ci(b.value, b.ci)} "
+                   f"({runs[1].name}), {abs(b.value - a.value) * 100:.2f} points apart; untested: "
+                   f"{note or 'no paired test'}. Difference: second run minus first.")
     return Table(title, columns, rows, caption)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from digitlens.errors import DigitlensError
-from digitlens.intervals import DEFAULT_BOOTSTRAP
+from digitlens.intervals import DEFAULT_BOOTSTRAP, format_ci
 from digitlens.runio import write_text
 
 
@@ -25,20 +25,19 @@ def seeds_section(summary: dict):
     fmt = {"accuracy": _pct, "macro_f1": _num, "ece": _num}
     rows = []
     for r in summary["runs"]:
-        ci = r.get("accuracy_ci")
-        interval = f"{_pct(ci[0])} – {_pct(ci[1])}" if ci else "—"
-        rows.append([r["run"], _pct(r["accuracy"]), interval, _num(r["macro_f1"]), _num(r["ece"])])
+        accuracy = "—" if r["accuracy"] is None else format_ci(r["accuracy"], r.get("accuracy_ci"))
+        rows.append([r["run"], accuracy, _num(r["macro_f1"]), _num(r["ece"])])
     m = summary["metrics"]
 
     def stat_row(label, pick, fmt_acc, fmt_other):
-        return [label, fmt_acc(pick(m["accuracy"])), ""] + [fmt_other(pick(m[k])) if k in m else "—"
+        return [label, fmt_acc(pick(m["accuracy"]))] + [fmt_other(pick(m[k])) if k in m else "—"
                                                            for k in ("macro_f1", "ece")]
 
     rows.append(stat_row("Mean", lambda s: s["mean"], _pct, _num))
     rows.append(stat_row("Standard deviation", lambda s: s["std"], lambda v: f"{v * 100:.2f} pts", _num))
     rows.append(stat_row("Min – max", lambda s: (s["min"], s["max"]),
                          lambda v: f"{_pct(v[0])} – {_pct(v[1])}", lambda v: f"{_num(v[0])} – {_num(v[1])}"))
-    table = Table("Across seeds", ["Run", "Test accuracy", "95% interval", "Macro F1", "ECE"], rows,
+    table = Table("Across seeds", ["Run", "Test accuracy (95% Wilson interval of each run)", "Macro F1", "ECE"], rows,
                   caption=f"Standard deviation over the {len(summary['runs'])} seed runs with ddof=1; "
                           "each run's interval is its metrics.json accuracy_ci. Numbers from group_summary.json.")
     n = len(summary["seeds"])

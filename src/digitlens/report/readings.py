@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from digitlens.intervals import overlapping, wilson_interval
+from digitlens.intervals import mean_interval, overlapping, wilson_interval
 from digitlens.report.collect import RunData
 
 
@@ -75,6 +75,9 @@ def history_summary(run: RunData) -> dict | None:
         best = int(np.argmax(val_acc))
         out.update(best_val_accuracy=val_acc[best], best_val_accuracy_epoch=epochs[best],
                    train_accuracy_at_best=rows[best].get("accuracy"), final_val_accuracy=val_acc[-1])
+        measured = rows[best].get("train_eval_accuracy")  # training images measured like validation
+        if measured is not None and not (isinstance(measured, float) and math.isnan(measured)):
+            out["train_eval_accuracy_at_best"] = measured
     val_loss = [r.get("val_loss") for r in rows]
     if all(v is not None for v in val_loss):
         low = int(np.argmin(val_loss))
@@ -87,12 +90,18 @@ def history_summary(run: RunData) -> dict | None:
     return out
 
 
+def pct_ci(value: float | None, ci: Any, digits: int = 2) -> str:
+    """A percentage with its 95% interval in a sentence (``"99.37% (95% interval 99.19-99.51%)"``);
+    the bare percentage without an interval. Tables use :func:`digitlens.intervals.format_ci`."""
+    return pct(value, digits) + interval(ci, digits)
+
+
 def wilson_text(share: float | None, n: Any, digits: int = 2) -> str:
     """A share of ``n`` items with its 95% Wilson interval (``"99.37% (95% interval 99.19-99.51%)"``);
     the bare percentage when ``n`` is unknown."""
     if share is None or not isinstance(n, (int, np.integer)) or n <= 0:
         return pct(share, digits)
-    return pct(share, digits) + interval(wilson_interval(round(float(share) * int(n)), int(n)).tolist(), digits)
+    return pct_ci(share, wilson_interval(round(float(share) * int(n)), int(n)).tolist(), digits)
 
 
 def reading_training(run: RunData) -> list[str]:
@@ -104,7 +113,13 @@ def reading_training(run: RunData) -> list[str]:
     if "best_val_accuracy" in h:
         line = (f"Validation accuracy peaked at {wilson_text(h['best_val_accuracy'], n_val)} in epoch "
                 f"{h['best_val_accuracy_epoch']}")
-        if h.get("train_accuracy_at_best") is not None:
+        n_train_eval = run.config.get("train_eval_size")
+        if h.get("train_eval_accuracy_at_best") is not None:
+            line += (f" (accuracy on {n_train_eval:,} training images measured the same way then "
+                     f"{wilson_text(h['train_eval_accuracy_at_best'], n_train_eval)})"
+                     if isinstance(n_train_eval, int) else
+                     f" (training images measured the same way then {pct(h['train_eval_accuracy_at_best'], 2)})")
+        elif h.get("train_accuracy_at_best") is not None:  # older runs: only Keras' in-epoch running mean
             line += f" (training accuracy then {pct(h['train_accuracy_at_best'], 2)}, measured during the epoch)"
         line += f" and ended at {wilson_text(h['final_val_accuracy'], n_val)} after {h['epochs']} epochs."
         lines.append(line)
@@ -125,7 +140,8 @@ def reading_training(run: RunData) -> list[str]:
 
 
 def prediction_summary(run: RunData) -> dict | None:
-    """Accuracy, per-digit scores (scikit-learn), confusion and mistakes from ``predictions.npz``."""
+    """Accuracy, per-digit scores (scikit-learn), confusion and mistakes from ``predictions.npz``; mean
+    confidences (all, right, wrong) with their Student-t intervals (``*_ci``)."""
     pred = run.predictions
     if not pred or "y_true" not in pred or "y_pred" not in pred:
         return None
@@ -151,14 +167,17 @@ def prediction_summary(run: RunData) -> dict | None:
     if proba is not None and proba.ndim == 2 and proba.shape[0] == y_true.size:
         conf = proba.max(1)
         out["mean_confidence"] = float(conf.mean())
+        out["mean_confidence_ci"] = mean_interval(conf).tolist()
         wrong = np.flatnonzero(y_true != y_pred)
         if wrong.size:
             worst = wrong[np.argmax(conf[wrong])]
             out["worst_mistake"] = (int(y_true[worst]), int(y_pred[worst]), float(conf[worst]))
             out["mean_confidence_wrong"] = float(conf[wrong].mean())
+            out["mean_confidence_wrong_ci"] = mean_interval(conf[wrong]).tolist()
         right = np.flatnonzero(y_true == y_pred)
         if right.size:
             out["mean_confidence_right"] = float(conf[right].mean())
+            out["mean_confidence_right_ci"] = mean_interval(conf[right]).tolist()
     return out
 
 
@@ -198,8 +217,9 @@ def interval(ci: Any, digits: int = 2, percent: bool = True) -> str:
 
 
 def accuracy_text(run: RunData, p: dict) -> str:
-    """The test accuracy in percent with its Wilson interval when ``metrics.json`` has one."""
-    return pct(p["accuracy"], 2) + interval(metrics_of(run, p).get("accuracy_ci"))
+    """The test accuracy in percent with its Wilson interval (``metrics.json``'s, else from the counts)."""
+    ci = metrics_of(run, p).get("accuracy_ci") or wilson_interval(p["correct"], p["n"]).tolist()
+    return pct_ci(p["accuracy"], ci)
 
 
 def reading_confusion(run: RunData) -> list[str]:
@@ -211,7 +231,7 @@ def reading_confusion(run: RunData) -> list[str]:
     if p["most_confused"]:
         t, q, c = p["most_confused"]
         lines.append(f"The most frequent confusion is a true {t} read as {q} ({c} image{'s' if c != 1 else ''}, "
-                     f"{c / max(p['support'][t], 1) * 100:.1f}% of the {t}s).")
+                     f"{wilson_text(c / max(p['support'][t], 1), int(p['support'][t]), 1)} of the {t}s).")
     else:
         lines.append("There is no confusion at all: every test image lies on the diagonal.")
     return lines
@@ -281,7 +301,8 @@ def reading_reliability(run: RunData) -> list[str]:
         lines.append(line)
     if p and "mean_confidence" in p:
         gap = p["mean_confidence"] - p["accuracy"]
-        lines.append(f"Mean confidence {pct(p['mean_confidence'], 2)} against accuracy {accuracy_text(run, p)}: "
+        lines.append(f"Mean confidence {pct_ci(p['mean_confidence'], p['mean_confidence_ci'])} against accuracy "
+                     f"{accuracy_text(run, p)}: "
                      f"the model is {'over' if gap > 0 else 'under'}confident by {abs(gap) * 100:.2f} points overall.")
     return lines
 
@@ -290,8 +311,10 @@ def reading_predictions(run: RunData) -> list[str]:
     p = prediction_summary(run)
     if not p or "mean_confidence" not in p:
         return reading_confusion(run)[:1]
-    lines = [f"Correct predictions carry a mean confidence of {pct(p.get('mean_confidence_right'), 1)}"
-             + (f", mistakes {pct(p['mean_confidence_wrong'], 1)}." if "mean_confidence_wrong" in p else ".")]
+    lines = [f"Correct predictions carry a mean confidence of "
+             f"{pct_ci(p.get('mean_confidence_right'), p.get('mean_confidence_right_ci'), 1)}"
+             + (f", mistakes {pct_ci(p['mean_confidence_wrong'], p['mean_confidence_wrong_ci'], 1)}."
+                if "mean_confidence_wrong" in p else ".")]
     lines.append(f"Accuracy over the whole test split is {accuracy_text(run, p)} ({p['correct']:,} of {p['n']:,}).")
     return lines
 

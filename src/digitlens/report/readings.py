@@ -238,6 +238,8 @@ def reading_confusion(run: RunData) -> list[str]:
 
 
 def reading_per_digit(run: RunData) -> list[str]:
+    """The lowest and highest F1; a "hardest" or "easiest" digit is named only when its bootstrap F1
+    interval overlaps no other digit's (without intervals, only the lowest and highest F1)."""
     p = prediction_summary(run)
     if not p:
         return []
@@ -245,17 +247,31 @@ def reading_per_digit(run: RunData) -> list[str]:
     hard, easy = int(np.argmin(f1)), int(np.argmax(f1))
     rows = metrics_of(run, p).get("per_digit") or []
     ci = {r["digit"]: r.get("f1_ci") for r in rows if isinstance(r, dict) and "digit" in r}
-    line = (f"Hardest digit: {hard} (F1 {f1[hard]:.3f}{interval(ci.get(hard), 3, False)}, precision "
-            f"{p['precision'][hard]:.3f}, recall {p['recall'][hard]:.3f}); "
-            f"easiest: {easy} (F1 {f1[easy]:.3f}{interval(ci.get(easy), 3, False)})")
-    if len(ci) == len(f1) and all(ci.values()):
-        digits = sorted(ci, key=lambda d: (f1[d], d))  # hardest first
-        tied = [digits[i] for i in overlapping([ci[d] for d in digits])]
-        if len(tied) > 1:
-            line += (f"; but the F1 intervals of digits {', '.join(map(str, tied))} overlap {hard}'s, "
-                     f"so the test set does not single out the hardest digit")
+    known = len(ci) == len(f1) and all(ci.values())
+
+    def tied_with(d: int, hardest_first: bool) -> list[int]:
+        order = sorted(ci, key=lambda x: (f1[x], x) if hardest_first else (-f1[x], x))
+        return [order[i] for i in overlapping([ci[x] for x in order])]
+
+    hard_f1 = (f"F1 {f1[hard]:.3f}{interval(ci.get(hard), 3, False)}, precision {p['precision'][hard]:.3f}, "
+               f"recall {p['recall'][hard]:.3f}")
+    easy_f1 = f"F1 {f1[easy]:.3f}{interval(ci.get(easy), 3, False)}"
+    if not known:
+        line = (f"Lowest F1: digit {hard} ({hard_f1}); highest: digit {easy} ({easy_f1}); without bootstrap "
+                f"intervals (evaluate the run again) no digit is called hardest or easiest")
+    else:
+        tied_hard, tied_easy = tied_with(hard, True), tied_with(easy, False)
+        if len(tied_hard) == 1:
+            line = f"Hardest digit: {hard} ({hard_f1}); its F1 interval overlaps no other digit's"
         else:
-            line += f"; {hard}'s F1 interval overlaps no other digit's"
+            line = (f"Lowest F1: digit {hard} ({hard_f1}); but the F1 intervals of digits "
+                    f"{', '.join(map(str, tied_hard))} overlap {hard}'s, so the test set does not single out "
+                    f"the hardest digit")
+        if len(tied_easy) == 1:
+            line += f"; easiest: {easy} ({easy_f1}), beyond noise"
+        else:
+            line += (f"; highest F1: digit {easy} ({easy_f1}), within noise of digit"
+                     f"{'s' if len(tied_easy) > 2 else ''} {', '.join(map(str, tied_easy[1:]))}")
     lines = [line + "."]
     low_recall = int(np.argmin(p["recall"]))
     lines.append(f"Lowest recall is for {low_recall} ({p['recall'][low_recall]:.3f}: "

@@ -165,7 +165,8 @@ def evaluated_run(tmp_path_factory):
     result = CliRunner().invoke(app, ["evaluate", str(run_dir), "--no-progress"])
     assert result.exit_code == 0, result.output
     summary = runio.read_json(run_dir / "evaluation.json")
-    assert f"accuracy {summary['accuracy']:.4f}" in result.output
+    low, high = summary["accuracy_ci"]
+    assert f"accuracy {summary['accuracy']:.4f} (95% Wilson interval {low:.4f}-{high:.4f})" in result.output
     return run_dir, summary
 
 

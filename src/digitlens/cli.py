@@ -132,7 +132,9 @@ def evaluate_command(
                                           progress=progress, bootstrap=bootstrap)
     calibrated = (f" ({summary['ece_calibrated']:.4f} after temperature scaling, T = {summary['temperature']:.3f})"
                   if summary.get("temperature") is not None and summary.get("ece_calibrated") is not None else "")
-    typer.echo(f"accuracy {summary['accuracy']:.4f}  errors {summary['n_errors']}/{summary['n_samples']}  "
+    low, high = summary["accuracy_ci"]
+    typer.echo(f"accuracy {summary['accuracy']:.4f} (95% Wilson interval {low:.4f}-{high:.4f})  "
+               f"errors {summary['n_errors']}/{summary['n_samples']}  "
                f"macro F1 {summary['macro_f1']:.4f}  ECE {summary['ece']:.4f}{calibrated}")
     for sentence in summary["insights"][1:]:
         typer.echo(f"- {sentence}")

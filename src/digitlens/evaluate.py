@@ -106,7 +106,7 @@ def calibration_bins(y_true: Any, proba: Any, n_bins: int = ECE_BINS) -> dict:
         "count": count.astype(int).tolist(),
         "ece": ece,
         "mean_confidence": float(confidence.mean()) if len(y_true) else 0.0,
-        "mean_confidence_ci": mean_interval(confidence).tolist() if len(y_true) else [0.0, 0.0],
+        "mean_confidence_ci": mean_interval(confidence, bounds=(0.0, 1.0)).tolist() if len(y_true) else [0.0, 0.0],
     }
 
 

@@ -56,9 +56,11 @@ def wilson_interval(k: Any, n: Any, confidence: float = CONFIDENCE) -> np.ndarra
     return np.stack([low, high], axis=-1)
 
 
-def mean_interval(values: Any, confidence: float = CONFIDENCE) -> np.ndarray:
+def mean_interval(values: Any, confidence: float = CONFIDENCE, bounds: tuple[float, float] | None = None) -> np.ndarray:
     """Student-t interval of the mean of ``values`` (1-D, e.g. the model's confidence on each test
-    image): array (low, high); (mean, mean) for fewer than two values or no spread."""
+    image): array (low, high); (mean, mean) for fewer than two values or no spread. ``bounds``
+    (low, high): the range the values live in (probabilities: (0, 1)); the interval is clipped to it,
+    which matters only for a handful of values."""
     from scipy.stats import t as student_t
 
     values = np.asarray(values, dtype=np.float64).ravel()
@@ -69,7 +71,8 @@ def mean_interval(values: Any, confidence: float = CONFIDENCE) -> np.ndarray:
         return np.array([mean, mean])
     half = float(student_t.ppf(0.5 + _check_confidence(confidence) / 2, values.size - 1)
                  * values.std(ddof=1) / np.sqrt(values.size))
-    return np.array([mean - half, mean + half])
+    out = np.array([mean - half, mean + half])
+    return out if bounds is None else np.clip(out, *bounds)
 
 
 def bootstrap_indices(n: int, n_resamples: int = DEFAULT_BOOTSTRAP, seed: int = DEFAULT_SEED) -> np.ndarray:

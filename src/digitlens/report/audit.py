@@ -30,6 +30,7 @@ NOT_ESTIMATES: tuple[tuple[str, str], ...] = (
      "shares of attribution mass in the averaged maps drawn beside it, not rates over images"),
     (rf"rose {_NUM}% by the last epoch", "relative change of the validation loss, not a proportion"),
     (rf"by more than {_NUM}%", "the threshold of the overfitting rule"),
+    (rf"norm under {_NUM}% of the largest", "the threshold of the flat-kernel rule"),
     (rf"ends > {_NUM}% above its minimum", "the threshold of the overfitting rule"),
     (rf"is {_NUM}% above its minimum", "relative change of the validation loss, not a proportion"),
     (rf"(?:final|ends at) \d+\.\d+,? \(?{_NUM}%\)", "relative change of the validation loss, not a proportion"),

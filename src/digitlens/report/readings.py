@@ -167,17 +167,17 @@ def prediction_summary(run: RunData) -> dict | None:
     if proba is not None and proba.ndim == 2 and proba.shape[0] == y_true.size:
         conf = proba.max(1)
         out["mean_confidence"] = float(conf.mean())
-        out["mean_confidence_ci"] = mean_interval(conf).tolist()
+        out["mean_confidence_ci"] = mean_interval(conf, bounds=(0.0, 1.0)).tolist()
         wrong = np.flatnonzero(y_true != y_pred)
         if wrong.size:
             worst = wrong[np.argmax(conf[wrong])]
             out["worst_mistake"] = (int(y_true[worst]), int(y_pred[worst]), float(conf[worst]))
             out["mean_confidence_wrong"] = float(conf[wrong].mean())
-            out["mean_confidence_wrong_ci"] = mean_interval(conf[wrong]).tolist()
+            out["mean_confidence_wrong_ci"] = mean_interval(conf[wrong], bounds=(0.0, 1.0)).tolist()
         right = np.flatnonzero(y_true == y_pred)
         if right.size:
             out["mean_confidence_right"] = float(conf[right].mean())
-            out["mean_confidence_right_ci"] = mean_interval(conf[right]).tolist()
+            out["mean_confidence_right_ci"] = mean_interval(conf[right], bounds=(0.0, 1.0)).tolist()
     return out
 
 
@@ -261,17 +261,21 @@ def reading_per_digit(run: RunData) -> list[str]:
                 f"intervals (evaluate the run again) no digit is called hardest or easiest")
     else:
         tied_hard, tied_easy = tied_with(hard, True), tied_with(easy, False)
-        if len(tied_hard) == 1:
-            line = f"Hardest digit: {hard} ({hard_f1}); its F1 interval overlaps no other digit's"
+        if len(tied_hard) == len(tied_easy) == len(f1) > 2:
+            line = (f"Lowest F1: digit {hard} ({hard_f1}); highest: digit {easy} ({easy_f1}); but every digit's F1 "
+                    f"interval overlaps both, so the test set ranks no digit hardest or easiest")
         else:
-            line = (f"Lowest F1: digit {hard} ({hard_f1}); but the F1 intervals of digits "
-                    f"{', '.join(map(str, tied_hard))} overlap {hard}'s, so the test set does not single out "
-                    f"the hardest digit")
-        if len(tied_easy) == 1:
-            line += f"; easiest: {easy} ({easy_f1}), beyond noise"
-        else:
-            line += (f"; highest F1: digit {easy} ({easy_f1}), within noise of digit"
-                     f"{'s' if len(tied_easy) > 2 else ''} {', '.join(map(str, tied_easy[1:]))}")
+            if len(tied_hard) == 1:
+                line = f"Hardest digit: {hard} ({hard_f1}); its F1 interval overlaps no other digit's"
+            else:
+                line = (f"Lowest F1: digit {hard} ({hard_f1}); but the F1 intervals of digits "
+                        f"{', '.join(map(str, tied_hard))} overlap {hard}'s, so the test set does not single out "
+                        f"the hardest digit")
+            if len(tied_easy) == 1:
+                line += f"; easiest: {easy} ({easy_f1}), beyond noise"
+            else:
+                line += (f"; highest F1: digit {easy} ({easy_f1}), within noise of digit"
+                         f"{'s' if len(tied_easy) > 2 else ''} {', '.join(map(str, tied_easy[1:]))}")
     lines = [line + "."]
     low_recall = int(np.argmin(p["recall"]))
     lines.append(f"Lowest recall is for {low_recall} ({p['recall'][low_recall]:.3f}: "

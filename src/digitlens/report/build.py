@@ -156,12 +156,25 @@ def per_digit_table(run: RunData) -> Table | None:
     p = R.prediction_summary(run)
     if not p:
         return None
-    rows = [[str(d), f"{p['precision'][d]:.3f}", f"{p['recall'][d]:.3f}", f"{p['f1'][d]:.3f}",
-             f"{p['per_digit_accuracy'][d]:.3f}", f"{int(p['support'][d]):,}"] for d in p["labels"]]
+    by_digit = {r["digit"]: r for r in R.metrics_of(run, p).get("per_digit") or [] if isinstance(r, dict) and "digit" in r}
+
+    def cell(d: int, key: str, value: float) -> str:  # with the bootstrap interval of metrics.json when it has one
+        return format_ci(value, (by_digit.get(d) or {}).get(f"{key}_ci"), percent=False, digits=3)
+
+    rows = [[str(d), cell(d, "precision", p["precision"][d]), cell(d, "recall", p["recall"][d]), cell(d, "f1", p["f1"][d]),
+             cell(d, "accuracy", p["per_digit_accuracy"][d]), f"{int(p['support'][d]):,}"] for d in p["labels"]]
     hard = int(np.argmin(p["f1"]))
+    _, tied, _ = R.f1_ties(run, p)
+    if tied is None:
+        noise = ""
+    elif len(tied) == 1:
+        noise = ", below every other digit's F1 interval"
+    else:
+        noise = f", but its F1 interval overlaps those of digits {', '.join(map(str, tied[1:]))}: within noise"
+    macro = format_ci(float(p["f1"].mean()), R.dig(R.metrics_of(run, p), "macro.f1_ci"), percent=False, digits=3)
     return Table("Per-digit metrics", ["Digit", "Precision", "Recall", "F1", "Accuracy (one-vs-rest)", "Support"], rows,
-                 f"Digit {hard} has the lowest F1 ({p['f1'][hard]:.3f}); the macro F1 over all digits is {p['f1'].mean():.3f}.",
-                 run.name)
+                 f"Values with their 95% bootstrap intervals where metrics.json has them. Digit {hard} has the lowest "
+                 f"F1 ({p['f1'][hard]:.3f}){noise}; the macro F1 over all digits is {macro}.", run.name)
 
 
 def per_digit_diff_table(a: RunData, b: RunData, comparison: dict | None = None) -> Table | None:

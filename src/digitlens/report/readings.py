@@ -237,6 +237,23 @@ def reading_confusion(run: RunData) -> list[str]:
     return lines
 
 
+def f1_ties(run: RunData, p: dict) -> tuple[dict, list[int] | None, list[int] | None]:
+    """(digit -> F1 bootstrap interval from ``metrics.json``, the digits whose F1 interval overlaps
+    that of the lowest F1 (it first), those overlapping the highest (it first)); the lists are None
+    without an interval for every digit."""
+    f1 = p["f1"]
+    rows = metrics_of(run, p).get("per_digit") or []
+    ci = {r["digit"]: r.get("f1_ci") for r in rows if isinstance(r, dict) and "digit" in r}
+    if not (len(ci) == len(f1) and all(ci.values())):
+        return ci, None, None
+
+    def tied(hardest_first: bool) -> list[int]:
+        order = sorted(ci, key=lambda x: (f1[x], x) if hardest_first else (-f1[x], x))
+        return [order[i] for i in overlapping([ci[x] for x in order])]
+
+    return ci, tied(True), tied(False)
+
+
 def reading_per_digit(run: RunData) -> list[str]:
     """The lowest and highest F1; a "hardest" or "easiest" digit is named only when its bootstrap F1
     interval overlaps no other digit's (without intervals, only the lowest and highest F1)."""
@@ -245,14 +262,8 @@ def reading_per_digit(run: RunData) -> list[str]:
         return []
     f1 = p["f1"]
     hard, easy = int(np.argmin(f1)), int(np.argmax(f1))
-    rows = metrics_of(run, p).get("per_digit") or []
-    ci = {r["digit"]: r.get("f1_ci") for r in rows if isinstance(r, dict) and "digit" in r}
-    known = len(ci) == len(f1) and all(ci.values())
-
-    def tied_with(d: int, hardest_first: bool) -> list[int]:
-        order = sorted(ci, key=lambda x: (f1[x], x) if hardest_first else (-f1[x], x))
-        return [order[i] for i in overlapping([ci[x] for x in order])]
-
+    ci, tied_hard, tied_easy = f1_ties(run, p)
+    known = tied_hard is not None
     hard_f1 = (f"F1 {f1[hard]:.3f}{interval(ci.get(hard), 3, False)}, precision {p['precision'][hard]:.3f}, "
                f"recall {p['recall'][hard]:.3f}")
     easy_f1 = f"F1 {f1[easy]:.3f}{interval(ci.get(easy), 3, False)}"
@@ -260,7 +271,6 @@ def reading_per_digit(run: RunData) -> list[str]:
         line = (f"Lowest F1: digit {hard} ({hard_f1}); highest: digit {easy} ({easy_f1}); without bootstrap "
                 f"intervals (evaluate the run again) no digit is called hardest or easiest")
     else:
-        tied_hard, tied_easy = tied_with(hard, True), tied_with(easy, False)
         if len(tied_hard) == len(tied_easy) == len(f1) > 2:
             line = (f"Lowest F1: digit {hard} ({hard_f1}); highest: digit {easy} ({easy_f1}); but every digit's F1 "
                     f"interval overlaps both, so the test set ranks no digit hardest or easiest")

@@ -57,6 +57,36 @@ def test_adapt_writes_peft_adapters_and_a_table(adapted_run):
     assert (run / "adapt" / "groups" / "figures" / "per_digit_groups_r2.png").is_file()
 
 
+def test_ranks_are_compared_by_mcnemar_on_the_saved_predictions(adapted_run):
+    """results.json's rank_comparison: McNemar's exact test (scipy's binomtest on the discordant images,
+    counted here by hand) of r = 2 against r = 4 in each seed; results.md quotes it and its intervals."""
+    from scipy.stats import binomtest
+
+    from digitlens.intervals import wilson_interval
+
+    run, results = adapted_run
+    saved = read_npz(run / "adapt" / "groups" / "predictions.npz")
+    found = results["rank_comparison"]
+    pair = found["pairs"][0]
+    assert (pair["a"], pair["b"]) == (2, 4) and found["n_seeds"] == 2 and found["n_images"] == 200
+    p_values = []
+    for seed, counted in zip((0, 1), pair["per_seed"]):
+        right2, right4 = saved[f"lora_r2_s{seed}"] == saved["y_true"], saved[f"lora_r4_s{seed}"] == saved["y_true"]
+        b, c = int(np.sum(right2 & ~right4)), int(np.sum(~right2 & right4))
+        assert (counted["b"], counted["c"]) == (b, c)
+        p_values.append(1.0 if b + c == 0 else binomtest(min(b, c), b + c, 0.5).pvalue)
+    assert pair["p"] == pytest.approx(max(p_values)) and pair["p_holm"] == pytest.approx(max(p_values))
+    markdown = (run / "adapt" / "groups" / "results.md").read_text()
+    assert f"Ranks compared: {found['sentence']}" in markdown
+    best = found["best"]
+    assert (("is the most accurate" in found["sentence"]) == (pair["p_holm"] < 0.05 and found["significant"])
+            and f"r = {best}" in found["sentence"])
+    row = next(r for r in results["summary"] if r["method"] == "lora" and r["rank"] == 4)
+    low, high = wilson_interval(round(row["accuracy_mean"] * 200), 200)
+    assert (f"| {row['accuracy_mean'] * 100:.2f}% ({low * 100:.2f}-{high * 100:.2f}) | {row['accuracy_std'] * 100:.2f} |"
+            in markdown)
+
+
 def test_peft_round_trip_reproduces_the_saved_predictions(adapted_run):
     from peft import PeftModel
 

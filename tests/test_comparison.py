@@ -171,3 +171,71 @@ def test_report_without_a_paired_test_says_why(tmp_path):
     (b / "predictions.npz").unlink()
     text = parse(write_report(a, compare=b)).text_all
     assert "untested: vit has no predictions.npz" in text
+
+
+def _wrong_on(y: np.ndarray, images) -> np.ndarray:
+    """``y`` with the images at ``images`` misread (as the next digit)."""
+    pred = y.copy()
+    pred[list(images)] = (y[list(images)] + 1) % 10
+    return pred
+
+
+def _holm_by_loop(p):
+    order = sorted(range(len(p)), key=lambda i: p[i])
+    out, running = [0.0] * len(p), 0.0
+    for step, i in enumerate(order):
+        running = max(running, min(1.0, (len(p) - step) * p[i]))
+        out[i] = running
+    return out
+
+
+def test_compare_variants_names_a_best_only_where_mcnemar_supports_it():
+    from digitlens.comparison import compare_variants, variants_sentence
+
+    y = np.random.default_rng(0).integers(0, 10, 400)
+    # r = 8 errs on 5 images in each seed; r = 4 on 7 (4 of them shared); r = 64 on 40
+    variants = {4: [_wrong_on(y, range(0, 7)), _wrong_on(y, range(1, 8))],
+                8: [_wrong_on(y, range(3, 8)), _wrong_on(y, range(3, 8))],
+                64: [_wrong_on(y, range(100, 140)), _wrong_on(y, range(200, 240))]}
+    r = compare_variants(y, variants)
+    right = {k: [p == y for p in v] for k, v in variants.items()}
+    raw = []
+    for pair in r["pairs"]:
+        expected = []
+        for ra, rb in zip(right[pair["a"]], right[pair["b"]]):
+            b, c = int(sum(ra & ~rb)), int(sum(~ra & rb))
+            expected.append(binomtest(min(b, c), b + c, 0.5).pvalue)
+            assert (b, c) in [(s["b"], s["c"]) for s in pair["per_seed"]]
+        assert pair["p"] == pytest.approx(max(expected))
+        raw.append(max(expected))
+    assert [p["p_holm"] for p in r["pairs"]] == pytest.approx(_holm_by_loop(raw))
+    assert r["best"] == 8 and r["accuracy"] == pytest.approx([np.mean([(p == y).mean() for p in variants[k]])
+                                                              for k in (4, 8, 64)])
+    assert not r["significant"] and r["within_noise_of_best"] == [8, 4] and not r["all_within_noise"]
+    sentence = variants_sentence(r)
+    assert sentence.startswith("r = 8 has the highest accuracy, but r = 4 (p = ") and "within noise of it" in sentence
+    assert "r = 64 (p < 0.001) is significantly less accurate" in sentence
+    assert "most accurate" not in sentence
+    # without r = 4, r = 8 beats r = 64 in both seeds: named, with its p-value
+    r = compare_variants(y, {8: variants[8], 64: variants[64]})
+    assert r["significant"] and r["within_noise_of_best"] == [8]
+    assert variants_sentence(r).startswith("r = 8 is the most accurate: better than r = 64 (p < 0.001)")
+    # r = 4 against r = 8 alone: within noise, no best
+    r = compare_variants(y, {4: variants[4], 8: variants[8]})
+    assert r["all_within_noise"] and not r["significant"]
+    assert variants_sentence(r).startswith("r = 4 and r = 8 are within noise of each other (smallest corrected p = ")
+
+
+def test_compare_variants_wants_the_same_winner_in_every_seed():
+    from digitlens.comparison import compare_variants
+
+    y = np.random.default_rng(1).integers(0, 10, 400)
+    # seed 0: A far better; seed 1: B far better -> each seed alone is significant, the pair is not
+    r = compare_variants(y, {"A": [_wrong_on(y, range(2)), _wrong_on(y, range(60))],
+                             "B": [_wrong_on(y, range(100, 160)), _wrong_on(y, range(100, 102))]})
+    assert all(s["mcnemar_p"] < 1e-6 for s in r["pairs"][0]["per_seed"])
+    assert not r["pairs"][0]["significant"] and not r["significant"]
+    with pytest.raises(DigitlensError, match="same seeds"):
+        compare_variants(y, {"A": [y, y], "B": [y]})
+    with pytest.raises(DigitlensError, match="at least two"):
+        compare_variants(y, {"A": [y]})

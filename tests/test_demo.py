@@ -93,3 +93,22 @@ def test_refuses_a_folder_it_did_not_write(tmp_path):
     assert (tmp_path / "demo-digits" / "precious.txt").read_text() == "keep me"
     with pytest.raises(DigitlensError, match="--dataset 'fashion'"):
         run_demo(tmp_path, dataset="fashion", progress=False)
+
+
+def test_every_percentage_in_the_demo_reports_has_its_interval(demo):
+    """The issue's "every percentage in the report has its interval": each report the demo writes, and its
+    generated markdown (insights.md, the LoRA results.md), hold no percentage without a 95% interval except
+    those of the documented allow-list (digitlens.report.audit.NOT_ESTIMATES: numbers that are not estimates)."""
+    from digitlens.report.audit import NOT_ESTIMATES, bare_percentages
+
+    assert all(reason for _, reason in NOT_ESTIMATES)
+    for report in demo["reports"]:
+        assert bare_percentages(Path(report).read_text()) == [], report
+    for name in ("cnn", "vit"):
+        run = Path(demo["runs"][name])
+        for md in [run / "insights.md", *sorted((run / "adapt").glob("*/results.md"))]:
+            assert bare_percentages(md.read_text()) == [], md
+    results = json.loads((Path(demo["runs"]["vit"]) / "adapt/groups/results.json").read_text())
+    # the LoRA reading names a best rank only with McNemar's support
+    text = Path(demo["reports"][1]).read_text()
+    assert "the best rank" not in text and html.escape(results["rank_comparison"]["sentence"]) in text

@@ -165,7 +165,8 @@ def evaluated_run(tmp_path_factory):
     result = CliRunner().invoke(app, ["evaluate", str(run_dir), "--no-progress"])
     assert result.exit_code == 0, result.output
     summary = runio.read_json(run_dir / "evaluation.json")
-    assert f"accuracy {summary['accuracy']:.4f}" in result.output
+    low, high = summary["accuracy_ci"]
+    assert f"accuracy {summary['accuracy']:.4f} (95% Wilson interval {low:.4f}-{high:.4f})" in result.output
     return run_dir, summary
 
 
@@ -418,3 +419,36 @@ def test_cli_evaluates_a_torchscript_file_on_mnist_without_a_run(evaluated_run, 
     metrics = runio.read_json(out / "metrics.json")
     _assert_matches_sklearn(preds["y_true"], preds["y_pred"], metrics)
     assert sum(row["support"] for row in metrics["per_digit"]) == 10000
+
+
+def test_cli_bootstrap_option_sets_the_resamples_and_refuses_negatives(evaluated_run, tmp_path):
+    import shutil
+
+    from digitlens.cli import app
+    from digitlens.intervals import bootstrap_metrics
+
+    run_dir, _ = evaluated_run
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("config.json", "model.safetensors", "history.csv"):
+        shutil.copy(run_dir / name, copy / name)
+    runner = CliRunner()
+    result = runner.invoke(app, ["evaluate", str(copy), "--no-progress", "--bootstrap", "200"])
+    assert result.exit_code == 0, result.output
+    metrics = runio.read_json(copy / "metrics.json")
+    assert metrics["bootstrap"] == {"n_resamples": 200, "seed": 0, "confidence": 0.95}
+    preds = runio.read_npz(copy / "predictions.npz")
+    again = bootstrap_metrics(preds["y_true"], preds["y_pred"], preds["proba"], n_resamples=200, seed=0)
+    assert metrics["macro"]["f1_ci"] == pytest.approx(again["macro_f1"].tolist())
+    result = runner.invoke(app, ["evaluate", str(copy), "--no-progress", "--bootstrap", "0"])
+    assert result.exit_code == 0, result.output
+    metrics = runio.read_json(copy / "metrics.json")
+    assert "bootstrap" not in metrics and "f1_ci" not in metrics["macro"] and metrics["accuracy_ci"]
+    # a negative count is refused in one line, before any prediction, by every command that evaluates
+    for args in (["evaluate", str(copy), "--bootstrap", "-1"], ["report", str(copy), "--bootstrap", "-5"],
+                 ["demo", "--out", str(tmp_path / "demo"), "--bootstrap", "-2"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, (args, result.output)
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: --bootstrap -"), (args, result.output)
+    assert not (tmp_path / "demo").exists()

@@ -77,6 +77,16 @@ def test_generalisation_gap_compares_like_with_like():
     sentence = next(s for s in found["summary"] if s.startswith("Generalisation gap"))
     assert "eval mode" in sentence and "validation minus train loss +0.2500" in sentence
     assert "99.50%" in sentence and "+2.50 points" in sentence
+    # with the image counts behind them, both accuracies carry scipy's Wilson interval
+    from scipy.stats import binomtest
+
+    found = derive_insights(_metrics_with_known_hard_digit(), history, n_val=100, n_train_eval=200)
+    sentence = next(s for s in found["summary"] if s.startswith("Generalisation gap"))
+    for k, n in ((199, 200), (97, 100)):
+        ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+        assert f"{k / n * 100:.2f}% ({ci.low * 100:.2f}-{ci.high * 100:.2f})" in sentence
+    assert found["generalisation_gap"]["val_accuracy_ci"] == pytest.approx(
+        list(binomtest(97, 100).proportion_ci(method="wilson")))
 
 
 def test_old_style_history_gets_no_loss_gap_and_says_why():

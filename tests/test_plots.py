@@ -128,6 +128,39 @@ def test_training_curves_without_validation_and_on_given_axes():
     assert set(display.lines_) == {"loss", "accuracy"}
 
 
+def test_training_curves_pair_the_end_of_epoch_train_measurement_with_validation(tmp_path):
+    """train_eval_* (measured like validation) is the drawn train curve; Keras' in-epoch loss stays only as
+    a faint dotted line, and a history without train_eval_* says on the figure that it is not like for like."""
+    from digitlens.plots.training_curves import NOT_LIKE_FOR_LIKE_NOTE
+
+    measured = {"train_eval_loss": [0.9, 0.4, 0.2, 0.15, 0.12], "train_eval_accuracy": [0.7, 0.85, 0.93, 0.95, 0.97]}
+    path = tmp_path / "history.csv"  # digitlens' own history.csv, as train writes it
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["epoch", *HISTORY, *measured, "lr", "seconds"])
+        for i in range(5):
+            writer.writerow([i + 1, *(HISTORY[k][i] for k in HISTORY), *(measured[k][i] for k in measured), 0.1, 1.0])
+    display = TrainingCurvesDisplay.from_history(path).plot()
+    assert display.note_ is None
+    for name in ("loss", "accuracy"):
+        measured_line, in_epoch, val = (display.lines_[k] for k in (f"train_eval_{name}", name, f"val_{name}"))
+        np.testing.assert_allclose(measured_line.get_ydata(), measured[f"train_eval_{name}"])
+        np.testing.assert_allclose(in_epoch.get_ydata(), HISTORY[name])
+        np.testing.assert_allclose(val.get_ydata(), HISTORY[f"val_{name}"])
+        assert measured_line.get_linestyle() == "-" and in_epoch.get_linestyle() == ":"
+        assert in_epoch.get_alpha() < 1 and "not like for like" in in_epoch.get_label()
+        assert "eval mode" in measured_line.get_label()
+    assert not any(NOT_LIKE_FOR_LIKE_NOTE in t.get_text() for t in display.figure_.texts)
+    plt.close(display.figure_)
+    # an old run (no train_eval_* columns, or only NaN in them): the in-epoch curve, with the note
+    for history in (HISTORY, {**HISTORY, "train_eval_loss": [float("nan")] * 5}):
+        display = TrainingCurvesDisplay.from_history(history).plot()
+        assert display.note_ == NOT_LIKE_FOR_LIKE_NOTE
+        assert any(t.get_text() == NOT_LIKE_FOR_LIKE_NOTE for t in display.figure_.texts)
+        assert "train_eval_loss" not in display.lines_ and display.lines_["loss"].get_linestyle() == "-"
+        plt.close(display.figure_)
+
+
 def test_bad_history_files_name_the_file(tmp_path):
     ragged = tmp_path / "ragged.csv"
     ragged.write_text("epoch,loss\n0,0.5\n1\n")

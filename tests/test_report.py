@@ -206,6 +206,17 @@ def test_later_stages_add_their_sections(tmp_path, labels):
     # LoRA: the stage's own table and a reading from results.json
     assert "LoRA r = 4 reaches 97.00% with 1,234 trainable parameters" in text
     assert "0.9700" in text
+    # no paired test possible (no predictions.npz, no seeds): the higher rank is not called best
+    assert "best rank" not in text and "r = 8 has the highest mean accuracy (98.00%), untested" in text
+    # with the task's predictions the reading quotes McNemar's test instead (computed by compare_variants)
+    y = labels[0]
+    good, bad = y.copy(), y.copy()
+    bad[:40] = (y[:40] + 1) % 10
+    write_npz(run / "adapt/groups/predictions.npz", y_true=y, lora_r4_s0=bad, lora_r8_s0=good)
+    results = json.loads((run / "adapt/groups/results.json").read_text())
+    (run / "adapt/groups/results.json").write_text(json.dumps({**results, "seeds": [0]}))
+    text = parse(write_report(run)).text_all
+    assert "r = 8 is the most accurate: better than r = 4 (p < 0.001)" in text
 
 
 def test_compare_puts_runs_side_by_side(tmp_path, labels):
@@ -270,3 +281,31 @@ def test_shares_in_readings_carry_the_wilson_interval_of_their_images(tmp_path, 
     (run / "config.json").write_text(json.dumps({**config, "n_val": 60}))
     line = R.reading_training(collect_run(run))[0]
     assert f"peaked at 75.00% (95% interval {ci.low * 100:.2f}-{ci.high * 100:.2f}%)" in line
+
+
+def test_no_bare_percentages_in_the_hand_built_reports(tmp_path, labels):
+    """Every percentage the report prints for a run (and for two runs side by side) carries its 95% interval;
+    the audit itself finds a bare one and passes intervals, confidence levels and the allow-list."""
+    from scipy.stats import binomtest
+
+    from digitlens.report.audit import bare_percentages
+
+    assert bare_percentages("accuracy 99.31% on the test set") == ["accuracy 99.31% on the test set"]
+    assert bare_percentages("<p>accuracy 99.31% (99.13-99.45), 98.2% (95% interval 97.1-98.9%)</p>"
+                            "<style>td { width: 100% }</style>") == []
+    assert bare_percentages("with 97.3% confidence; (0.52% of the model)") == []
+    y_true, y_pred = labels
+    a = make_run(tmp_path, "cnn", val_accuracy=[0.9, 0.95], val_loss=[0.3, 0.2], y_true=y_true, y_pred=y_pred,
+                 figures=FIGS)
+    b = make_run(tmp_path, "vit", val_accuracy=[0.8, 0.9], val_loss=[0.5, 0.4], y_true=y_true, y_pred=y_true,
+                 figures=FIGS[:1])
+    for run in (a, b):  # train writes n_val into config.json: the validation accuracy's interval needs it
+        config = json.loads((run / "config.json").read_text())
+        (run / "config.json").write_text(json.dumps({**config, "n_val": 60}))
+    for out in (write_report(a), write_report(a, compare=b)):
+        page = out.read_text()
+        assert bare_percentages(page) == [], out
+    # the overview's test accuracy: a table cell "99.31% (99.13-99.45)" with scipy's Wilson interval
+    k, n = int((y_true == y_pred).sum()), y_true.size
+    ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    assert f"{k / n * 100:.2f}% ({ci.low * 100:.2f}-{ci.high * 100:.2f})" in parse(write_report(a)).text_all

@@ -63,6 +63,9 @@ def test_report_of_the_group_holds_the_table(group):
     for run in summary["runs"]:
         assert f"{run['accuracy'] * 100:.2f}%" in page
     assert 'id="overview"' in page  # the first seed's own report follows
+    from digitlens.report.audit import bare_percentages
+
+    assert bare_percentages(page) == []  # each run's accuracy with its interval; means and min-max: allow-listed
 
 
 def test_seed_with_seeds_is_refused_in_one_line(tmp_path):

@@ -288,6 +288,8 @@ def adapt_run(run_dir, *, task: str = "groups", ranks=(4, 8, 64), seeds=(0, 1), 
         "learning_rates": {k: DEFAULTS[k] for k in ("lr_lora", "lr_head", "lr_full")},
         "rows": rows, "summary": _summarise(rows), "figures": [],
     }
+    if len(ranks) > 1:  # a best rank only where the paired test supports it
+        results["rank_comparison"] = rank_comparison(test_y.numpy(), predictions, ranks, seeds)
     with figure_batch():  # worker processes draw the figures side by side
         if task == "groups":
             results["per_digit_definition"] = ("per digit d of group g, on the test images of d plus those of the other "
@@ -328,17 +330,38 @@ def _summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
+def rank_comparison(y_true, predictions: dict, ranks, seeds) -> dict:
+    """:func:`digitlens.comparison.compare_variants` of the LoRA ranks on the same test images (each
+    rank's predictions per seed, ``predictions`` keyed ``lora_r{rank}_s{seed}``) plus its ``sentence``."""
+    from digitlens.comparison import compare_variants, variants_sentence
+
+    found = compare_variants(y_true, {int(r): [predictions[f"lora_r{r}_s{s}"] for s in seeds] for r in ranks})
+    found["sentence"] = variants_sentence(found, "r = ")
+    return found
+
+
 def results_markdown(results: dict) -> str:
-    """Accuracy against trainable parameters as a markdown table."""
-    lines = [f"Task `{results['task']}`: {results['n_train']} training images, {results['n_test']} test images, "
+    """Accuracy against trainable parameters as a markdown table, then the paired test of the ranks.
+
+    Test accuracy is the mean over seeds with the 95% Wilson interval of ``n_test`` images (the
+    test-set noise of one run: the seeds share the images) and the spread (std) over seeds."""
+    from digitlens.intervals import format_ci, wilson_interval
+
+    n_test = int(results["n_test"])
+    lines = [f"Task `{results['task']}`: {results['n_train']} training images, {n_test} test images, "
              f"{results['epochs']} epochs; LoRA on {', '.join(results['targets'])} with alpha = {results['lora_alpha']:g}.",
-             "", "| method | r | trainable parameters | % of model | test accuracy (mean ± std over seeds) | seeds "
-             "| train s |", "|---|---|---|---|---|---|---|"]
+             "", f"| method | r | trainable parameters | % of model | test accuracy, mean over seeds (95% Wilson interval "
+             f"of {n_test} images) | std over seeds (points) | seeds | train s |", "|---|---|---|---|---|---|---|---|"]
     for row in results["summary"]:
         name = {"lora": "LoRA", "head_only": "head only", "full": "full fine-tuning"}[row["method"]]
+        mean = row["accuracy_mean"]
+        ci = wilson_interval(round(mean * n_test), n_test) if n_test > 0 else None
         lines.append(f"| {name} | {row['rank'] or ''} | {row['trainable_params']:,} | {100 * row['trainable_fraction']:.2f} "
-                     f"| {row['accuracy_mean']:.4f} ± {row['accuracy_std']:.4f} | {row['n_seeds']} "
+                     f"| {format_ci(mean, ci)} | {100 * row['accuracy_std']:.2f} | {row['n_seeds']} "
                      f"| {row['train_seconds_mean']:.1f} |")
+    comparison = results.get("rank_comparison")
+    if comparison:
+        lines += ["", f"Ranks compared: {comparison['sentence']}"]
     return "\n".join(lines) + "\n"
 
 

@@ -15,6 +15,7 @@ from typing import Optional
 import typer
 
 from digitlens.errors import DigitlensError
+from digitlens.intervals import DEFAULT_BOOTSTRAP
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Train handwritten-digit recognisers and see what they learned and where they fail.")
@@ -161,6 +162,7 @@ def evaluate_command(
     out: Optional[Path] = typer.Option(None, "--out", help="Where to write predictions, metrics, insights and figures (with a run folder and --dataset: default RUN_DIR/evaluate/NAME)."),
     history: Optional[Path] = typer.Option(None, "--history", help="Without a run folder: training history (Keras CSVLogger .csv or history.history .json)."),
     device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
+    bootstrap: int = typer.Option(DEFAULT_BOOTSTRAP, "--bootstrap", help="Resamples of the test images behind the 95% intervals of per-digit scores, macro F1 and ECE (0 = Wilson accuracy interval only)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Predict the test split; write predictions.npz, metrics.json, insights.md/json and figures/."""
@@ -171,26 +173,29 @@ def evaluate_command(
     if run_dir is not None and is_group(run_dir):  # a `train --seeds` folder: every seed run, then the spread
         if model_file is not None or dataset is not None or out is not None or history is not None:
             raise DigitlensError(f"{run_dir}: a group of seed runs takes no --model-file/--dataset/--out/--history")
-        group = summarise_group(run_dir, data_dir=data_dir, progress=progress, device=device)
+        group = summarise_group(run_dir, data_dir=data_dir, progress=progress, bootstrap=bootstrap, reevaluate=True,
+                                device=device)
         typer.echo(f"{group['sentence']}\nwrote {Path(run_dir) / 'group_summary.json'}")
         return
     if run_dir is not None:
         if history is not None:
             raise DigitlensError("--history: only used without a run folder (the run folder has it)")
         summary = evaluate.evaluate_run(run_dir, model=model_file, data_dir=data_dir, progress=progress,
-                                        dataset=dataset, out_dir=out, device=device)
+                                        dataset=dataset, out_dir=out, device=device, bootstrap=bootstrap)
     else:
         if model_file is None or dataset is None or out is None:
             raise DigitlensError("evaluate: give a run folder, or --model-file, --dataset and --out together")
         summary = evaluate.evaluate_model(model_file, dataset, out_dir=out, data_dir=data_dir, history=history,
-                                          progress=progress, device=device)
+                                          progress=progress, device=device, bootstrap=bootstrap)
     if summary["accuracy"] is None:  # a Kaggle test.csv: no labels, so predictions only
         typer.echo(f"{summary['n_samples']} images without labels: no accuracy; wrote "
                    f"{Path(summary['out_dir']) / 'predictions.csv'} (Kaggle submission format ImageId,Label)")
         return
     calibrated = (f" ({summary['ece_calibrated']:.4f} after temperature scaling, T = {summary['temperature']:.3f})"
                   if summary.get("temperature") is not None and summary.get("ece_calibrated") is not None else "")
-    typer.echo(f"accuracy {summary['accuracy']:.4f}  errors {summary['n_errors']}/{summary['n_samples']}  "
+    low, high = summary["accuracy_ci"]
+    typer.echo(f"accuracy {summary['accuracy']:.4f} (95% Wilson interval {low:.4f}-{high:.4f})  "
+               f"errors {summary['n_errors']}/{summary['n_samples']}  "
                f"macro F1 {summary['macro_f1']:.4f}  ECE {summary['ece']:.4f}{calibrated}")
     for sentence in summary["insights"][1:]:
         typer.echo(f"- {sentence}")
@@ -274,11 +279,12 @@ def predict_command(
 def report_command(
     run_dir: Path = typer.Argument(..., help="Run folder to report on (runs/NAME)."),
     compare: Optional[Path] = typer.Option(None, "--compare", help="A second run folder to show side by side."),
+    bootstrap: int = typer.Option(DEFAULT_BOOTSTRAP, "--bootstrap", help="Resamples of the paired bootstrap (--compare; 0 = the default) and of seed runs evaluated for a group report."),
 ) -> None:
     """Write RUN_DIR/report.html: one self-contained page with every figure, table and insight."""
     from digitlens.report import write_report
 
-    typer.echo(f"wrote {write_report(run_dir, compare=compare)}")
+    typer.echo(f"wrote {write_report(run_dir, compare=compare, bootstrap=bootstrap)}")
 
 
 @app.command("demo")
@@ -288,11 +294,12 @@ def demo_command(
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder with the MNIST IDX files."),
     out_root: Path = typer.Option(Path("runs"), "--out", help="Folder that receives the demo's run folders."),
     device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
+    bootstrap: int = typer.Option(DEFAULT_BOOTSTRAP, "--bootstrap", help="Resamples of the test images behind the evaluation's intervals and the CNN-vs-ViT paired bootstrap."),
 ) -> None:
     """Train a CNN and a ViT, evaluate, explain, run the LoRA study and write the reports."""
     from digitlens.demo import run_demo
 
-    run_demo(out_root, dataset=dataset, data_dir=data_dir, device=device)
+    run_demo(out_root, dataset=dataset, data_dir=data_dir, device=device, bootstrap=bootstrap)
 
 
 @app.command("adapt")

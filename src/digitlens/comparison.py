@@ -197,3 +197,98 @@ def compare_predictions(y_true: Any, pred_a: Any, pred_b: Any, name_a: str = "A"
                            "F1 p-values; per-digit p-values Holm-corrected across digits")})
     out["caption"] = caption(out, alpha)
     return out
+
+
+def compare_variants(y_true: Any, variants: dict, *, alpha: float = ALPHA) -> dict:
+    """Which of several variants (LoRA ranks, say) is more accurate than the others on the same images.
+
+    ``variants``: label -> list of prediction arrays (N,), one per seed, the seeds in the same order
+    for every variant. Every pair of variants is compared with McNemar's exact test seed by seed
+    (the same seed on the same images); a pair's p-value is the largest over the seeds (the
+    difference must hold in every seed: an intersection-union test, valid at ``alpha``), and the
+    pairs' p-values are Holm-corrected. ``best`` (highest mean accuracy) is named ``significant``
+    only when it beats every other variant after the correction.
+
+    Returns ``{"labels", "n_images", "n_seeds", "accuracy" (mean over seeds, in the order of labels), "best",
+    "significant", "within_noise_of_best" (labels, best first), "all_within_noise", "pairs": [{"a", "b",
+    "accuracy_difference" (mean over seeds, a - b), "per_seed": [{"b", "c", "mcnemar_p"}], "p", "p_holm",
+    "significant"}], "alpha", "method"}``.
+    """
+    from scipy.stats import binomtest
+
+    labels = list(variants)
+    if len(labels) < 2:
+        raise DigitlensError(f"variants: need at least two to compare, got {len(labels)}")
+    y = np.asarray(y_true, dtype=np.int64)
+    right = {}
+    for label in labels:
+        preds = [np.asarray(p) for p in variants[label]]
+        if not preds or any(p.shape != y.shape for p in preds):
+            raise DigitlensError(f"variants[{label!r}]: expected one prediction array of shape {y.shape} per seed")
+        right[label] = np.stack([p == y for p in preds])
+    n_seeds = {len(r) for r in right.values()}
+    if len(n_seeds) != 1:
+        raise DigitlensError(f"variants: every variant needs the same seeds (got {sorted(n_seeds)} prediction arrays)")
+    accuracy = {label: float(right[label].mean()) for label in labels}
+    pairs = []
+    for i, a in enumerate(labels):
+        for b in labels[i + 1:]:
+            per_seed = []
+            for ra, rb in zip(right[a], right[b]):
+                n_b, n_c = int(np.sum(ra & ~rb)), int(np.sum(~ra & rb))
+                p = 1.0 if n_b + n_c == 0 else min(1.0, float(binomtest(min(n_b, n_c), n_b + n_c, 0.5).pvalue))
+                per_seed.append({"b": n_b, "c": n_c, "mcnemar_p": p})
+            pairs.append({"a": a, "b": b, "accuracy_difference": accuracy[a] - accuracy[b], "per_seed": per_seed,
+                          "p": max(s["mcnemar_p"] for s in per_seed)})
+    for pair, p_holm in zip(pairs, holm([pair["p"] for pair in pairs])):
+        pair["p_holm"] = float(p_holm)
+        # significant only when the same side wins in every seed
+        sides = {np.sign(s["b"] - s["c"]) for s in pair["per_seed"]}
+        pair["significant"] = bool(p_holm < alpha and len(sides) == 1 and 0 not in sides)
+    best = max(labels, key=lambda label: accuracy[label])
+
+    def against_best(label):
+        return next(p for p in pairs if {p["a"], p["b"]} == {best, label})
+
+    within = [best] + [label for label in sorted(labels, key=lambda v: -accuracy[v])
+                       if label != best and not against_best(label)["significant"]]
+    return {"labels": labels, "n_images": int(y.size), "n_seeds": n_seeds.pop(),
+            "accuracy": [accuracy[label] for label in labels], "best": best,
+            "significant": len(within) == 1, "within_noise_of_best": within,
+            "all_within_noise": not any(p["significant"] for p in pairs), "pairs": pairs, "alpha": alpha,
+            "method": ("McNemar exact test per seed on the same test images; a pair's p is the largest over the seeds; "
+                       "Holm-corrected across pairs")}
+
+
+def _and_list(items: list) -> str:
+    items = [str(i) for i in items]
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def variants_sentence(result: dict, name: str = "r = ") -> str:
+    """One sentence on :func:`compare_variants`: the best variant only where the test supports it,
+    else which are within noise of each other (or of the best), with the corrected p-values."""
+    alpha, best = result["alpha"], result["best"]
+    how = (f"McNemar exact test on the same {result['n_images']:,} test images"
+           + (f", in each of {result['n_seeds']} seeds (largest p)" if result["n_seeds"] > 1 else "")
+           + ", Holm-corrected")
+
+    def p_of(a, b):
+        pair = next(p for p in result["pairs"] if {p["a"], p["b"]} == {a, b})
+        return f"p {format_p(pair['p_holm'], alpha)}"
+
+    others = [v for v in result["labels"] if v != best]
+    if result["significant"]:
+        return (f"{name}{best} is the most accurate: better than " + _and_list([f"{name}{v} ({p_of(best, v)})" for v in others])
+                + f" ({how}).")
+    if result["all_within_noise"]:
+        low = min(result["pairs"], key=lambda p: p["p_holm"])
+        return (f"{_and_list([f'{name}{v}' for v in result['labels']])} are within noise of each other "
+                f"(smallest corrected p {format_p(low['p_holm'], alpha)}, {name}{low['a']} against {name}{low['b']}; {how}), "
+                "so the data name no best one.")
+    tied = result["within_noise_of_best"][1:]
+    worse = [v for v in others if v not in tied]
+    return (f"{name}{best} has the highest accuracy, but " + _and_list([f"{name}{v} ({p_of(best, v)})" for v in tied])
+            + (" is" if len(tied) == 1 else " are") + " within noise of it; "
+            + _and_list([f"{name}{v} ({p_of(best, v)})" for v in worse]) + (" is" if len(worse) == 1 else " are")
+            + f" significantly less accurate ({how}).")

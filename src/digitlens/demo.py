@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 from digitlens.device import resolve_device
 from digitlens.errors import DigitlensError
+from digitlens.intervals import DEFAULT_BOOTSTRAP, format_ci, wilson_interval
 from digitlens.runio import read_json, write_json
 
 # Epochs and study sizes per dataset: the digits demo must finish in under 2 minutes on 2 CPU
@@ -97,6 +98,7 @@ def _summary(runs: dict[str, Path]) -> dict:
         if metrics_path.is_file():
             metrics = read_json(metrics_path)
             row["accuracy"] = metrics.get("accuracy")
+            row["accuracy_ci"] = metrics.get("accuracy_ci")
             pairs = metrics.get("most_confused") or []
             if pairs:
                 row["most_confused"] = f"{pairs[0]['true']} → {pairs[0]['predicted']} ({pairs[0]['count']})"
@@ -111,10 +113,18 @@ def _summary(runs: dict[str, Path]) -> dict:
         out["models"][name] = row
         for results_path in sorted((run / "adapt").glob("*/results.json")) if (run / "adapt").is_dir() else []:
             results = read_json(results_path)
+            n_test = results.get("n_test")
             for s in results.get("summary", []):
+                acc = s.get("accuracy_mean")
                 out["lora"].append({"model": name, "task": results.get("task"), "method": s.get("method"),
-                                    "rank": s.get("rank"), "accuracy": s.get("accuracy_mean"),
+                                    "rank": s.get("rank"), "accuracy": acc,
+                                    # the mean over seeds with the Wilson interval of the n_test images
+                                    "accuracy_ci": (wilson_interval(round(acc * n_test), n_test).tolist()
+                                                    if isinstance(acc, float) and isinstance(n_test, int) and n_test > 0
+                                                    else None),
                                     "trainable_params": s.get("trainable_params")})
+            if (results.get("rank_comparison") or {}).get("sentence"):
+                out["lora_ranks"] = results["rank_comparison"]["sentence"]
     return out
 
 
@@ -122,11 +132,11 @@ def _print_summary(console, result: dict) -> None:
     from rich.table import Table
 
     table = Table(title="digitlens demo: what the models learned", title_justify="left")
-    for col in ("model", "test accuracy", "most-confused pair", "most faithful explanation"):
-        table.add_column(col, justify="right" if col == "test accuracy" else "left")
+    for col in ("model", "test accuracy (95% interval)", "most-confused pair", "most faithful explanation"):
+        table.add_column(col, justify="right" if col.startswith("test accuracy") else "left")
     for name, row in result["summary"]["models"].items():
         acc = row.get("accuracy")
-        table.add_row(name, "—" if acc is None else f"{acc * 100:.2f}%", row.get("most_confused", "—"),
+        table.add_row(name, "—" if acc is None else format_ci(acc, row.get("accuracy_ci")), row.get("most_confused", "—"),
                       row.get("most_faithful", "—"))
     console.print(table)
     comparison = result["summary"].get("comparison")
@@ -135,24 +145,31 @@ def _print_summary(console, result: dict) -> None:
     lora = result["summary"]["lora"]
     if lora:
         table = Table(title=f"LoRA study on the ViT (task “{lora[0]['task']}”)", title_justify="left")
-        for col in ("method", "rank", "trainable parameters", "test accuracy"):
+        for col in ("method", "rank", "trainable parameters", "test accuracy (95% interval)"):
             table.add_column(col, justify="left" if col == "method" else "right")
         for row in lora:
             table.add_row(row["method"], str(row["rank"] or "—"), f"{row['trainable_params']:,}",
-                          f"{row['accuracy'] * 100:.2f}%")
+                          format_ci(row["accuracy"], row.get("accuracy_ci")))
         console.print(table)
+        if result["summary"].get("lora_ranks"):
+            console.print(f"LoRA ranks compared: {result['summary']['lora_ranks']}")
     console.print(f"[bold green]Done in {result['seconds']:.0f} s.[/] Open the report: [bold]{result['reports'][0]}[/]")
     for extra in result["reports"][1:]:
         console.print(f"  and {extra}")
 
 
 def run_demo(out_root: str | Path = "runs", *, dataset: str = "digits", data_dir: str | Path | None = None,
-             progress: bool = True, fast: bool = False, device=None) -> dict:
+             progress: bool = True, fast: bool = False, device=None, bootstrap: int = DEFAULT_BOOTSTRAP) -> dict:
     """Train, evaluate, explain, adapt and report on ``dataset``; see the module docstring.
 
     ``fast=True`` uses tiny epochs and study sizes (for tests). ``device``: where every stage
-    computes ('auto' by default: CUDA when available). Returns the ``demo.json`` dict.
+    computes ('auto' by default: CUDA when available). ``bootstrap``: resamples behind the
+    evaluation's intervals and the CNN-vs-ViT paired bootstrap (:func:`digitlens.evaluate.evaluate_run`,
+    :func:`digitlens.report.write_report`). Returns the ``demo.json`` dict.
     """
+    from digitlens.evaluate import check_bootstrap
+
+    bootstrap = check_bootstrap(bootstrap)
     from rich.console import Console
 
     if dataset not in SETTINGS:
@@ -186,7 +203,8 @@ def run_demo(out_root: str | Path = "runs", *, dataset: str = "digits", data_dir
              lambda: train.train(runs[name], dataset=dataset, model=name, data_dir=data_dir, progress=progress,
                                  device=device, **kwargs))
         step(f"Evaluate the {name.upper()}",
-             lambda: evaluate.evaluate_run(runs[name], data_dir=data_dir, progress=progress, device=device))
+             lambda: evaluate.evaluate_run(runs[name], data_dir=data_dir, progress=progress, device=device,
+                                           bootstrap=bootstrap))
     explain_kwargs = settings["explain"]
     step("Explain the CNN (per-digit maps, overlays, filters, faithfulness)",
          lambda: explain.explain_run(runs["cnn"], data_dir=data_dir, progress=progress, device=device,
@@ -201,8 +219,8 @@ def run_demo(out_root: str | Path = "runs", *, dataset: str = "digits", data_dir
     step("Subspace analysis of the adapters",
          lambda: subspace.analyse_run(runs["vit"], task=adapt_kwargs["task"], device=device))
     reports = []
-    reports.append(step("Write the ViT report", lambda: write_report(runs["vit"])))
-    reports.insert(0, step("Write the CNN report, ViT side by side", lambda: write_report(runs["cnn"], compare=runs["vit"])))
+    reports.append(step("Write the ViT report", lambda: write_report(runs["vit"], bootstrap=bootstrap)))
+    reports.insert(0, step("Write the CNN report, ViT side by side", lambda: write_report(runs["cnn"], compare=runs["vit"], bootstrap=bootstrap)))
 
     result = {"dataset": dataset, "fast": fast, "device": device, "runs": {k: str(v) for k, v in runs.items()},
               "reports": [str(r) for r in reports], "steps": steps,

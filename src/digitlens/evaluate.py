@@ -31,7 +31,7 @@ from torch import nn
 from digitlens import runio
 from digitlens.device import model_device, resolve_device
 from digitlens.errors import DigitlensError
-from digitlens.intervals import bootstrap_metrics, wilson_interval
+from digitlens.intervals import DEFAULT_BOOTSTRAP, DEFAULT_SEED, bootstrap_metrics, mean_interval, wilson_interval
 
 #: Stems of the figures written under ``figures/``.
 FIGURES = (
@@ -83,7 +83,8 @@ def calibration_bins(y_true: Any, proba: Any, n_bins: int = ECE_BINS) -> dict:
 
     Returns a dict of lists of length ``n_bins``: ``bin_edges`` (n_bins + 1), ``confidence`` (mean
     top probability per bin, None when empty), ``accuracy`` (share of correct top labels, None
-    when empty), ``count``; and ``ece`` = sum_b count_b / N * |accuracy_b - confidence_b|.
+    when empty), ``count``; ``ece`` = sum_b count_b / N * |accuracy_b - confidence_b|, and
+    ``mean_confidence`` with its 95% Student-t interval ``mean_confidence_ci``.
 
     A sample falls in bin b when edges[b] < confidence <= edges[b+1] (confidence 0 in bin 0), as
     in ``sklearn.calibration.calibration_curve``. Written by hand because scikit-learn has no
@@ -111,6 +112,7 @@ def calibration_bins(y_true: Any, proba: Any, n_bins: int = ECE_BINS) -> dict:
         "count": count.astype(int).tolist(),
         "ece": ece,
         "mean_confidence": float(confidence.mean()) if len(y_true) else 0.0,
+        "mean_confidence_ci": mean_interval(confidence, bounds=(0.0, 1.0)).tolist() if len(y_true) else [0.0, 0.0],
     }
 
 
@@ -209,7 +211,8 @@ def compute_metrics(y_true: Any, y_pred: Any, proba: Any = None, *, n_classes: i
 
 
 def add_bootstrap_intervals(metrics: dict, y_true: Any, y_pred: Any, proba: Any = None,
-                            proba_calibrated: Any = None, *, n_resamples: int = 1000, seed: int = 0,
+                            proba_calibrated: Any = None, *, n_resamples: int = DEFAULT_BOOTSTRAP,
+                            seed: int = DEFAULT_SEED,
                             n_bins: int = ECE_BINS) -> dict:
     """Add 95% percentile-bootstrap intervals (see :func:`digitlens.intervals.bootstrap_metrics`) to
     ``metrics`` in place and return it: ``precision_ci``, ``recall_ci``, ``f1_ci``, ``accuracy_ci``
@@ -467,14 +470,23 @@ def write_unlabelled_predictions(model: Any, images: torch.Tensor, out_dir: Path
     return summary
 
 
+def check_bootstrap(bootstrap: Any) -> int:
+    """``bootstrap`` as a number of resamples >= 0 (0: no bootstrap intervals); a one-line error otherwise."""
+    if isinstance(bootstrap, bool) or not isinstance(bootstrap, (int, np.integer)) or bootstrap < 0:
+        raise DigitlensError(f"--bootstrap {bootstrap!r}: expected a number of resamples >= 0 "
+                             f"(0 skips the bootstrap intervals; default {DEFAULT_BOOTSTRAP})")
+    return int(bootstrap)
+
+
 def _evaluate(model: Any, images: torch.Tensor, labels: torch.Tensor | None, out_dir: Path | None, *,
               history: dict | None, source: dict, progress: bool, val: Any = None,
-              bootstrap: int = 1000, bootstrap_seed: int = 0, files: list[str] | None = None,
-              device: Any = None) -> dict:
+              bootstrap: int = DEFAULT_BOOTSTRAP, bootstrap_seed: int = DEFAULT_SEED, sizes: dict | None = None,
+              files: list[str] | None = None, device: Any = None) -> dict:
     """Predict the test ``images``/``labels``, fit the temperature on ``val`` (a DigitDataset or
     None), add the intervals (``bootstrap`` resamples, 0: Wilson accuracy interval only), and write
-    every file into ``out_dir`` (None: write nothing); return the summary dict. ``labels`` None:
-    :func:`write_unlabelled_predictions`. ``files``: the image file of each sample (an image
+    every file into ``out_dir`` (None: write nothing); return the summary dict. ``sizes``: ``n_val``
+    and ``n_train_eval`` for the insights (:func:`digitlens.insights.derive_insights`). ``labels``
+    None: :func:`write_unlabelled_predictions`. ``files``: the image file of each sample (an image
     folder), kept in ``predictions.npz``."""
     from digitlens import insights as insights_mod
 
@@ -494,8 +506,6 @@ def _evaluate(model: Any, images: torch.Tensor, labels: torch.Tensor | None, out
     calibrated, proba_calibrated = temperature_metrics(y_true, logits, val_logits, val_labels,
                                                        split=getattr(val, "split", "val"))
     metrics.update(calibrated)
-    if bootstrap < 0:
-        raise DigitlensError(f"bootstrap: expected a number of resamples >= 0, got {bootstrap}")
     if bootstrap:
         add_bootstrap_intervals(metrics, y_true, y_pred, proba, proba_calibrated,
                                 n_resamples=bootstrap, seed=bootstrap_seed)
@@ -508,7 +518,7 @@ def _evaluate(model: Any, images: torch.Tensor, labels: torch.Tensor | None, out
         summary["calibration_note"] = metrics["calibration_note"]
     if out_dir is None:
         summary["metrics"] = metrics
-        summary["insights"] = insights_mod.derive_insights(metrics, history)["summary"]
+        summary["insights"] = insights_mod.derive_insights(metrics, history, **(sizes or {}))["summary"]
         return summary
     out_dir.mkdir(parents=True, exist_ok=True)
     arrays = {"y_true": y_true, "y_pred": y_pred, "proba": proba.astype(np.float32)}
@@ -518,7 +528,7 @@ def _evaluate(model: Any, images: torch.Tensor, labels: torch.Tensor | None, out
         arrays["files"] = np.asarray(files, dtype=str)
     runio.write_npz(out_dir / "predictions.npz", **arrays)
     runio.write_json(out_dir / "metrics.json", metrics)
-    found = insights_mod.write_insights(out_dir, metrics, history)
+    found = insights_mod.write_insights(out_dir, metrics, history, **(sizes or {}))
     figures = write_figures(out_dir, images=images.numpy(), y_true=y_true, proba=proba, history=history,
                             proba_calibrated=proba_calibrated, temperature=metrics["temperature"],
                             metrics=metrics)
@@ -533,7 +543,7 @@ def _evaluate(model: Any, images: torch.Tensor, labels: torch.Tensor | None, out
 
 
 def evaluate_run(run_dir: str | os.PathLike, *, model: Any = None, data_dir: str | os.PathLike | None = None,
-                 progress: bool = True, bootstrap: int = 1000, bootstrap_seed: int = 0,
+                 progress: bool = True, bootstrap: int = DEFAULT_BOOTSTRAP, bootstrap_seed: int = DEFAULT_SEED,
                  dataset: Any = None, out_dir: str | os.PathLike | None = None, device: Any = None) -> dict:
     """Evaluate a training run on its test split and write predictions, metrics, insights and
     figures into the run folder. The temperature (see :func:`temperature_metrics`) is fitted on
@@ -559,6 +569,7 @@ def evaluate_run(run_dir: str | os.PathLike, *, model: Any = None, data_dir: str
     from digitlens import data, models
     from digitlens.plots.training_curves import read_history
 
+    bootstrap = check_bootstrap(bootstrap)
     run_dir = runio.require_run_dir(run_dir)
     config = runio.read_json(run_dir / "config.json")
     if "dataset" not in config:
@@ -580,9 +591,12 @@ def evaluate_run(run_dir: str | os.PathLike, *, model: Any = None, data_dir: str
     source["dataset"] = name
     history_path = run_dir / "history.csv"
     history = read_history(history_path) if history_path.is_file() else None
+    val = splits.val if splits is not None else None
+    sizes = {"n_val": config.get("n_val", len(val) if val is not None else None),
+             "n_train_eval": config.get("train_eval_size")}
     return _evaluate(model, test.images, test.labels, target, history=history, source=source,
-                     progress=progress, val=splits.val if splits is not None else None, bootstrap=bootstrap,
-                     bootstrap_seed=bootstrap_seed, files=test.files, device=device)
+                     progress=progress, val=val, bootstrap=bootstrap, bootstrap_seed=bootstrap_seed,
+                     sizes=sizes, files=test.files, device=device)
 
 
 def _test_split(dataset: Any, data_dir) -> tuple[Any, str]:
@@ -606,7 +620,7 @@ def _out_name(dataset: Any, name: str) -> str:
 
 def evaluate_model(model: Any, dataset: Any = "digits", *, out_dir: str | os.PathLike | None = None,
                    data_dir: str | os.PathLike | None = None, history: Any = None, progress: bool = True,
-                   val_dataset: Any = None, bootstrap: int = 1000, bootstrap_seed: int = 0,
+                   val_dataset: Any = None, bootstrap: int = DEFAULT_BOOTSTRAP, bootstrap_seed: int = DEFAULT_SEED,
                    device: Any = None) -> dict:
     """Evaluate any model without a training run ("bring your own model").
 
@@ -627,6 +641,7 @@ def evaluate_model(model: Any, dataset: Any = "digits", *, out_dir: str | os.Pat
     from digitlens import data
     from digitlens.plots.training_curves import normalise_history, read_history
 
+    bootstrap = check_bootstrap(bootstrap)
     test, name = _test_split(dataset, data_dir)
     if val_dataset is not None:
         if not isinstance(val_dataset, data.DigitDataset):

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from digitlens import runio
-from digitlens.intervals import format_ci, overlapping
+from digitlens.intervals import format_ci, overlapping, wilson_interval
 
 #: Validation loss must rise for at least this many consecutive epochs while training loss falls...
 DIVERGENCE_PATIENCE = 2
@@ -213,14 +213,16 @@ def _calibration_insight(metrics: dict) -> dict | None:
     mean_conf = metrics["calibration"]["mean_confidence"]
     diff = mean_conf - metrics["accuracy"]
     tendency = "over-confident" if diff > 0.005 else "under-confident" if diff < -0.005 else "well calibrated"
-    found = {"ece": metrics["ece"], "mean_confidence": mean_conf, "accuracy": metrics["accuracy"],
-             "confidence_minus_accuracy": diff, "tendency": tendency}
+    found = {"ece": metrics["ece"], "mean_confidence": mean_conf,
+             "mean_confidence_ci": metrics["calibration"].get("mean_confidence_ci"), "accuracy": metrics["accuracy"],
+             "accuracy_ci": metrics.get("accuracy_ci"), "confidence_minus_accuracy": diff, "tendency": tendency}
     if metrics.get("temperature") is not None and metrics.get("ece_calibrated") is not None:
         fit = metrics.get("temperature_fit") or {}
         found.update({
             "temperature": metrics["temperature"],
             "ece_calibrated": metrics["ece_calibrated"],
             "mean_confidence_calibrated": (metrics.get("calibration_calibrated") or {}).get("mean_confidence"),
+            "mean_confidence_calibrated_ci": (metrics.get("calibration_calibrated") or {}).get("mean_confidence_ci"),
             "fit_split": fit.get("split", "val"),
             "fit_n_images": fit.get("n_images"),
             "fit_at_bound": fit.get("at_bound"),
@@ -232,11 +234,25 @@ def _calibration_insight(metrics: dict) -> dict | None:
     return found
 
 
+def _add_gap_intervals(gap: dict, metrics: dict, n_val: int | None, n_train_eval: int | None) -> None:
+    """Wilson intervals of the generalisation gap's accuracies, in place: ``test_accuracy_ci`` (from
+    ``metrics``), ``val_accuracy_ci`` (``n_val`` images) and, for a train accuracy measured like
+    validation, ``train_accuracy_ci`` (``n_train_eval`` images); none where the count is unknown."""
+    if "test_accuracy" in gap:
+        gap["test_accuracy_ci"] = metrics.get("accuracy_ci")
+    for key, n in (("val_accuracy", n_val), ("train_accuracy", n_train_eval)):
+        if key == "train_accuracy" and gap.get("compared") != COMPARED_EVAL:
+            continue  # Keras' in-epoch running mean: no sample of one model's predictions
+        if gap.get(key) is not None and isinstance(n, (int, np.integer)) and n > 0:
+            gap[f"{key}_ci"] = wilson_interval(round(gap[key] * n), int(n)).tolist()
+
+
 def calibration_sentence(calibration: dict) -> str:
     """The one-sentence calibration finding of :func:`derive_insights` (a str)."""
     c = calibration
-    head = (f"Calibration: ECE {c['ece']:.4f} ({c['tendency']}: mean confidence {c['mean_confidence']:.2%} "
-            f"vs accuracy {c['accuracy']:.2%})")
+    head = (f"Calibration: ECE {c['ece']:.4f} ({c['tendency']}: mean confidence "
+            f"{format_ci(c['mean_confidence'], c.get('mean_confidence_ci'))} vs accuracy "
+            f"{format_ci(c['accuracy'], c.get('accuracy_ci'))})")
     if c.get("ece_calibrated") is not None:
         split = "validation split" if c.get("fit_split") == "val" else f"{c.get('fit_split')} split"
         n = f", {c['fit_n_images']:,} images" if c.get("fit_n_images") else ""
@@ -249,7 +265,7 @@ def calibration_sentence(calibration: dict) -> str:
             n_val = c["fit_n_images"]
             bound += (f"; the validation split has no mistakes, so the NLL has no minimum and T is set for a "
                       f"mean confidence of (n+1)/(n+2) = {(n_val + 1) / (n_val + 2):.2%}")
-        after = (f"; mean confidence {c['mean_confidence_calibrated']:.2%}"
+        after = (f"; mean confidence {format_ci(c['mean_confidence_calibrated'], c.get('mean_confidence_calibrated_ci'))}"
                  if c.get("mean_confidence_calibrated") is not None else "")
         return (f"{head}; temperature scaling fitted on the {split} (T = {c['temperature']:.3g}{n}{bound}) "
                 f"{effect}{after} — "
@@ -260,11 +276,16 @@ def calibration_sentence(calibration: dict) -> str:
     return f"{head}."
 
 
-def derive_insights(metrics: dict, history: Any = None, *, k: int = 3, top_pairs: int = 5) -> dict:
+def derive_insights(metrics: dict, history: Any = None, *, k: int = 3, top_pairs: int = 5,
+                    n_val: int | None = None, n_train_eval: int | None = None) -> dict:
     """All insights as a JSON-ready dict with keys ``accuracy``, ``accuracy_ci`` (None for metrics
     without it), ``n_errors``, ``n_samples``, ``digits`` (easiest/hardest, see :func:`rank_digits`),
     ``confused_pairs``, ``confused_pairs_within_noise`` (see :func:`confused_pairs_within_noise`), ``overfitting``, ``generalisation_gap``,
-    ``calibration`` and ``summary`` (a list of one-sentence findings with their numbers)."""
+    ``calibration`` and ``summary`` (a list of one-sentence findings with their numbers).
+
+    ``n_val``, ``n_train_eval``: images behind ``val_accuracy`` and ``train_eval_accuracy`` in the
+    history (the run's ``n_val`` and ``train_eval_size``); with them the generalisation gap quotes
+    both accuracies with their Wilson intervals (``val_accuracy_ci``, ``train_accuracy_ci``)."""
     from digitlens.plots.training_curves import normalise_history
 
     if history is not None:
@@ -274,6 +295,7 @@ def derive_insights(metrics: dict, history: Any = None, *, k: int = 3, top_pairs
     overfitting = detect_overfitting(history) if history is not None else {
         "available": False, "diverges": None, "reason": "no training history"}
     gap = generalisation_gap(history, metrics)
+    _add_gap_intervals(gap, metrics, n_val, n_train_eval)
     calibration = _calibration_insight(metrics)
 
     def fmt_digit(r):
@@ -324,14 +346,17 @@ def derive_insights(metrics: dict, history: Any = None, *, k: int = 3, top_pairs
         if gap["compared"] == COMPARED_EVAL:
             head = (f"Generalisation gap at epoch {gap['epoch']} (training images measured like the validation "
                     f"split: end of epoch, eval mode, no augmentation, plain cross-entropy): train accuracy "
-                    f"{gap['train_accuracy']:.2%} vs validation {gap['val_accuracy']:.2%}")
+                    f"{format_ci(gap['train_accuracy'], gap.get('train_accuracy_ci'))} vs validation "
+                    f"{format_ci(gap['val_accuracy'], gap.get('val_accuracy_ci'))}")
             tail = (f", validation minus train loss {gap['loss_gap']:+.4f}." if gap.get("loss_gap") is not None
                     else ".")
         else:
             head = (f"Generalisation gap at epoch {gap['epoch']}: train accuracy {gap['train_accuracy']:.2%} "
-                    f"(measured {gap['train_accuracy_measured']}) vs validation {gap['val_accuracy']:.2%}")
+                    f"(measured {gap['train_accuracy_measured']}) vs validation "
+                    f"{format_ci(gap['val_accuracy'], gap.get('val_accuracy_ci'))}")
             tail = "; losses not compared: " + NOT_COMPARABLE_REASON + "."
-        summary.append(f"{head} ({gap['accuracy_gap'] * 100:+.2f} points); test accuracy {gap['test_accuracy']:.2%}"
+        summary.append(f"{head} ({gap['accuracy_gap'] * 100:+.2f} points); test accuracy "
+                       f"{format_ci(gap['test_accuracy'], gap.get('test_accuracy_ci'))}"
                        + tail)
     if calibration is not None:
         summary.append(calibration_sentence(calibration))
@@ -379,10 +404,12 @@ def render_markdown(insights: dict, title: str = "Insights") -> str:
     return "\n".join(lines)
 
 
-def write_insights(out_dir: str | os.PathLike, metrics: dict, history: Any = None) -> dict:
-    """Derive the insights and write ``insights.json`` and ``insights.md`` into ``out_dir``; return them."""
+def write_insights(out_dir: str | os.PathLike, metrics: dict, history: Any = None, *, n_val: int | None = None,
+                   n_train_eval: int | None = None) -> dict:
+    """Derive the insights (:func:`derive_insights`) and write ``insights.json`` and ``insights.md`` into
+    ``out_dir``; return them."""
     out_dir = Path(out_dir)
-    found = derive_insights(metrics, history)
+    found = derive_insights(metrics, history, n_val=n_val, n_train_eval=n_train_eval)
     runio.write_json(out_dir / "insights.json", found)
     runio.write_text(out_dir / "insights.md", render_markdown(found))
     return found

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from digitlens.errors import DigitlensError
+from digitlens.intervals import DEFAULT_BOOTSTRAP
 from digitlens.runio import read_json, write_json
 
 GROUP_FILE = "group.json"
@@ -143,23 +144,28 @@ def spread_sentence(summary: dict) -> str:
 
 
 def summarise_group(group_dir: str | os.PathLike, *, evaluate: bool = True, data_dir: str | os.PathLike | None = None,
-                    progress: bool = False, device=None) -> dict:
+                    progress: bool = False, bootstrap: int = DEFAULT_BOOTSTRAP, reevaluate: bool = False,
+                    device=None) -> dict:
     """Mean and spread over the group's seed runs; writes and returns ``group_summary.json``.
 
-    A seed run without ``metrics.json`` is evaluated first (:func:`digitlens.evaluate.evaluate_run`)
-    when ``evaluate`` is true; otherwise it is a one-line error."""
+    A seed run without ``metrics.json`` (every seed run with ``reevaluate``) is evaluated first
+    (:func:`digitlens.evaluate.evaluate_run` with ``bootstrap`` resamples) when ``evaluate`` is true;
+    otherwise a missing one is a one-line error."""
+    from digitlens.evaluate import check_bootstrap
+
+    bootstrap = check_bootstrap(bootstrap)
     group_dir = Path(group_dir)
     group = read_group(group_dir)
     runs = []
     for seed, rel in zip(group["seeds"], group["runs"]):
         run_dir = group_dir / rel
         metrics_path = run_dir / "metrics.json"
-        if not metrics_path.is_file():
+        if reevaluate or not metrics_path.is_file():
             if not evaluate:
                 raise DigitlensError(f"{run_dir}: not evaluated (run `digitlens evaluate {run_dir}` first)")
             from digitlens.evaluate import evaluate_run
 
-            evaluate_run(run_dir, data_dir=data_dir, progress=progress, device=device)
+            evaluate_run(run_dir, data_dir=data_dir, progress=progress, bootstrap=bootstrap, device=device)
         m = read_json(metrics_path)
         macro_f1 = m.get("macro", {}).get("f1") if isinstance(m.get("macro"), dict) else m.get("macro_f1")
         runs.append({"seed": seed, "run": rel, "accuracy": m.get("accuracy"), "accuracy_ci": m.get("accuracy_ci"),

@@ -19,6 +19,7 @@ import numpy as np
 
 from digitlens.comparison import compare_predictions, format_p
 from digitlens.errors import DigitlensError
+from digitlens.intervals import DEFAULT_BOOTSTRAP, format_ci, wilson_interval
 from digitlens.report import readings as R
 from digitlens.report.collect import RunData, collect_run
 from digitlens.runio import write_json, write_text
@@ -155,12 +156,25 @@ def per_digit_table(run: RunData) -> Table | None:
     p = R.prediction_summary(run)
     if not p:
         return None
-    rows = [[str(d), f"{p['precision'][d]:.3f}", f"{p['recall'][d]:.3f}", f"{p['f1'][d]:.3f}",
-             f"{p['per_digit_accuracy'][d]:.3f}", f"{int(p['support'][d]):,}"] for d in p["labels"]]
+    by_digit = {r["digit"]: r for r in R.metrics_of(run, p).get("per_digit") or [] if isinstance(r, dict) and "digit" in r}
+
+    def cell(d: int, key: str, value: float) -> str:  # with the bootstrap interval of metrics.json when it has one
+        return format_ci(value, (by_digit.get(d) or {}).get(f"{key}_ci"), percent=False, digits=3)
+
+    rows = [[str(d), cell(d, "precision", p["precision"][d]), cell(d, "recall", p["recall"][d]), cell(d, "f1", p["f1"][d]),
+             cell(d, "accuracy", p["per_digit_accuracy"][d]), f"{int(p['support'][d]):,}"] for d in p["labels"]]
     hard = int(np.argmin(p["f1"]))
+    _, tied, _ = R.f1_ties(run, p)
+    if tied is None:
+        noise = ""
+    elif len(tied) == 1:
+        noise = ", below every other digit's F1 interval"
+    else:
+        noise = f", but its F1 interval overlaps those of digits {', '.join(map(str, tied[1:]))}: within noise"
+    macro = format_ci(float(p["f1"].mean()), R.dig(R.metrics_of(run, p), "macro.f1_ci"), percent=False, digits=3)
     return Table("Per-digit metrics", ["Digit", "Precision", "Recall", "F1", "Accuracy (one-vs-rest)", "Support"], rows,
-                 f"Digit {hard} has the lowest F1 ({p['f1'][hard]:.3f}); the macro F1 over all digits is {p['f1'].mean():.3f}.",
-                 run.name)
+                 f"Values with their 95% bootstrap intervals where metrics.json has them. Digit {hard} has the lowest "
+                 f"F1 ({p['f1'][hard]:.3f}){noise}; the macro F1 over all digits is {macro}.", run.name)
 
 
 def per_digit_diff_table(a: RunData, b: RunData, comparison: dict | None = None) -> Table | None:
@@ -207,7 +221,7 @@ def holm_sentence(comparison: dict, name_b: str, name_a: str) -> str:
     return head + "significant for " + "; ".join(parts) + "."
 
 
-def paired_comparison(a: RunData, b: RunData, *, n_resamples: int = 1000, seed: int = 0) -> tuple[dict | None, str | None]:
+def paired_comparison(a: RunData, b: RunData, *, n_resamples: int = DEFAULT_BOOTSTRAP, seed: int = 0) -> tuple[dict | None, str | None]:
     """(:func:`digitlens.comparison.compare_predictions` of ``a`` (A) against ``b`` (B), None) when both
     runs hold ``predictions.npz`` on the same test images; (None, a note saying why not) otherwise."""
     for run in (a, b):
@@ -236,16 +250,43 @@ def confused_pairs_table(run: RunData, top: int = 5) -> Table | None:
         t, q = np.unravel_index(flat, off.shape)
         if off[t, q] == 0:
             break
-        rows.append([f"{t} → {q}", f"{int(off[t, q]):,}", f"{off[t, q] / max(p['support'][t], 1) * 100:.1f}%"])
-    return Table("Most-confused pairs", ["True → predicted", "Images", "Share of true digit"], rows,
-                 "", run.name)
+        support = int(p["support"][t])
+        rows.append([f"{t} → {q}", f"{int(off[t, q]):,}",
+                     format_ci(off[t, q] / max(support, 1), wilson_interval(int(off[t, q]), support), digits=1)])
+    return Table("Most-confused pairs", ["True → predicted", "Images", "Share of true digit (95% Wilson interval)"],
+                 rows, "", run.name)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A number estimated from a sample of images with its 95% interval (``ci``: [low, high] or None)."""
+
+    value: float
+    ci: Any = None
+
+
+def _estimate(value: Any, ci: Any = None) -> Estimate | None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    ok = isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(v, (int, float)) for v in ci)
+    return Estimate(float(value), list(ci) if ok else None)
+
+
+def _wilson_estimate(share: Any, n: Any) -> Estimate | None:
+    """``share`` of ``n`` images with its Wilson interval (none when ``n`` is unknown)."""
+    if not isinstance(share, (int, float)) or not isinstance(n, int) or n <= 0:
+        return _estimate(share)
+    return _estimate(share, wilson_interval(round(float(share) * n), n).tolist())
 
 
 def overview_facts(run: RunData) -> dict[str, Any]:
-    """Headline numbers of a run (used by the overview table and by the comparison)."""
+    """Headline numbers of a run (used by the overview table and by the comparison); numbers estimated
+    from images are :class:`Estimate` with their 95% intervals."""
     cfg = run.config
     h = R.history_summary(run) or {}
     p = R.prediction_summary(run) or {}
+    metrics = R.metrics_of(run, p) if p else (run.metrics or {})
+    test_ci = metrics.get("accuracy_ci") or (wilson_interval(p["correct"], p["n"]).tolist() if p else None)
     facts: dict[str, Any] = {
         "Dataset": cfg.get("dataset"),
         "Model": cfg.get("model"),
@@ -253,14 +294,14 @@ def overview_facts(run: RunData) -> dict[str, Any]:
         "Epochs": cfg.get("epochs", h.get("epochs")),
         "Seed": cfg.get("seed"),
         "Training time (s)": h.get("seconds"),
-        "Best validation accuracy": h.get("best_val_accuracy"),
-        "Test accuracy": p.get("accuracy", R.dig(run.metrics or {}, "accuracy")),
-        "Test accuracy, 95% interval (Wilson)": _interval_text(R.dig(run.metrics or {}, "accuracy_ci"), percent=True),
-        "Macro F1": float(np.mean(p["f1"])) if p else R.dig(run.metrics or {}, "macro.f1", "macro_f1", "f1_macro"),
-        "Macro F1, 95% interval (bootstrap)": _interval_text(R.dig(run.metrics or {}, "macro.f1_ci")),
-        "Expected calibration error": R.ece_of(run),
-        "ECE, 95% interval (bootstrap)": _interval_text(R.dig(run.metrics or {}, "ece_ci")),
-        "ECE after temperature scaling": R.dig(run.metrics or {}, "ece_calibrated"),
+        "Best validation accuracy (95% Wilson interval)": _wilson_estimate(h.get("best_val_accuracy"), cfg.get("n_val")),
+        "Test accuracy (95% Wilson interval)": _estimate(p.get("accuracy", R.dig(run.metrics or {}, "accuracy")), test_ci),
+        "Macro F1 (95% bootstrap interval)": _estimate(
+            float(np.mean(p["f1"])) if p else R.dig(run.metrics or {}, "macro.f1", "macro_f1", "f1_macro"),
+            R.dig(metrics, "macro.f1_ci")),
+        "Expected calibration error (95% bootstrap interval)": _estimate(R.ece_of(run), R.dig(metrics, "ece_ci")),
+        "ECE after temperature scaling (95% bootstrap interval)": _estimate(R.dig(run.metrics or {}, "ece_calibrated"),
+                                                                           R.dig(metrics, "ece_calibrated_ci")),
         "Temperature (fitted on validation)": R.dig(run.metrics or {}, "temperature"),
         "Test images": p.get("n"),
         "Mistakes": (p["n"] - p["correct"]) if p else None,
@@ -274,18 +315,15 @@ def overview_facts(run: RunData) -> dict[str, Any]:
     return {k: v for k, v in facts.items() if v is not None}
 
 
-PERCENT_FACTS = {"Best validation accuracy", "Test accuracy"}
-
-
-def _interval_text(ci: Any, percent: bool = False) -> str | None:
-    """``"99.19-99.51%"`` (or ``"0.9915-0.9950"``) for a [low, high] pair from ``metrics.json``; None without one."""
-    if not (isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(v, (int, float)) for v in ci)):
-        return None
-    return f"{ci[0] * 100:.2f}-{ci[1] * 100:.2f}%" if percent else f"{ci[0]:.4f}-{ci[1]:.4f}"
+PERCENT_FACTS = {"Best validation accuracy (95% Wilson interval)", "Test accuracy (95% Wilson interval)"}
 NO_DIFF_FACTS = {"Seed"}
+TEST_ACCURACY = "Test accuracy (95% Wilson interval)"
 
 
 def fmt_fact(key: str, value: Any) -> str:
+    """A cell of the overview table: estimates as ``99.31% (99.13-99.45)`` or ``0.0123 (0.0101-0.0150)``."""
+    if isinstance(value, Estimate):
+        return format_ci(value.value, value.ci, percent=key in PERCENT_FACTS, digits=2 if key in PERCENT_FACTS else 4)
     if key in PERCENT_FACTS and isinstance(value, (int, float)):
         return R.pct(value, 2)
     if key == "Training time (s)" and isinstance(value, (int, float)):
@@ -481,7 +519,7 @@ def overview_table(runs: list[RunData], comparison: dict | None = None, note: st
     for key in keys:
         row = [key] + [fmt_fact(key, f.get(key)) if key in f else "—" for f in facts]
         if len(runs) == 2:
-            a, b = facts[0].get(key), facts[1].get(key)
+            a, b = (v.value if isinstance(v, Estimate) else v for v in (facts[0].get(key), facts[1].get(key)))
             numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b))
             if numeric and a != b and key not in NO_DIFF_FACTS:
                 d = b - a
@@ -494,11 +532,11 @@ def overview_table(runs: list[RunData], comparison: dict | None = None, note: st
     caption = ""
     if len(runs) == 2 and comparison:
         caption = comparison["caption"] + " Difference: second run minus first."
-    elif len(runs) == 2 and all("Test accuracy" in f for f in facts):
-        a, b = facts[0]["Test accuracy"], facts[1]["Test accuracy"]
-        caption = (f"Test accuracy {R.pct(a, 2)} ({runs[0].name}) against {R.pct(b, 2)} ({runs[1].name}), "
-                   f"{abs(b - a) * 100:.2f} points apart; untested: {note or 'no paired test'}. "
-                   "Difference: second run minus first.")
+    elif len(runs) == 2 and all(TEST_ACCURACY in f for f in facts):
+        a, b = facts[0][TEST_ACCURACY], facts[1][TEST_ACCURACY]
+        caption = (f"Test accuracy {R.pct_ci(a.value, a.ci)} ({runs[0].name}) against {R.pct_ci(b.value, b.ci)} "
+                   f"({runs[1].name}), {abs(b.value - a.value) * 100:.2f} points apart; untested: "
+                   f"{note or 'no paired test'}. Difference: second run minus first.")
     return Table(title, columns, rows, caption)
 
 
@@ -519,22 +557,26 @@ def render(runs: list[RunData], sections: list[Section], title: str | None = Non
     )
 
 
-def write_report(run_dir: str | Path, *, compare: str | Path | None = None, out: str | Path | None = None) -> Path:
+def write_report(run_dir: str | Path, *, compare: str | Path | None = None, out: str | Path | None = None,
+                 bootstrap: int = DEFAULT_BOOTSTRAP) -> Path:
     """Write ``run_dir/report.html`` (or ``out``): one self-contained HTML file for the run,
     with ``compare`` (another run folder) side by side when given. Returns the path written.
 
     With ``compare``, when both runs hold ``predictions.npz`` on the same test images, also writes
     ``comparison.json`` beside the report (:func:`paired_comparison`: McNemar's exact test, paired
-    bootstrap intervals, Holm-corrected per-digit F1; this run is A, ``compare`` is B).
+    bootstrap intervals with ``bootstrap`` resamples, Holm-corrected per-digit F1; this run is A,
+    ``compare`` is B).
 
     A seed group folder (``digitlens train --seeds``, holds ``group.json``) gets the group report
     instead (:func:`digitlens.report.group.write_group_report`)."""
+    from digitlens.evaluate import check_bootstrap
     from digitlens.seeds import is_group
 
+    bootstrap = check_bootstrap(bootstrap)
     if is_group(run_dir):
         from digitlens.report.group import write_group_report
 
-        return write_group_report(run_dir, out=out, compare=compare)
+        return write_group_report(run_dir, out=out, compare=compare, bootstrap=bootstrap)
     runs = [collect_run(run_dir)]
     if compare is not None:
         other = collect_run(compare)
@@ -544,7 +586,7 @@ def write_report(run_dir: str | Path, *, compare: str | Path | None = None, out:
             other.name = f"{other.run_dir.resolve().parent.name}/{other.name}"
         runs.append(other)
     target = Path(out) if out is not None else runs[0].run_dir / "report.html"
-    comparison, note = paired_comparison(*runs) if len(runs) == 2 else (None, None)
+    comparison, note = paired_comparison(*runs, n_resamples=bootstrap or DEFAULT_BOOTSTRAP) if len(runs) == 2 else (None, None)
     if comparison:
         write_json(target.parent / "comparison.json", comparison)
     sections = build_sections(runs, comparison, note)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from digitlens.errors import DigitlensError
+from digitlens.intervals import DEFAULT_BOOTSTRAP, format_ci
 from digitlens.runio import write_text
 
 
@@ -24,20 +25,19 @@ def seeds_section(summary: dict):
     fmt = {"accuracy": _pct, "macro_f1": _num, "ece": _num}
     rows = []
     for r in summary["runs"]:
-        ci = r.get("accuracy_ci")
-        interval = f"{_pct(ci[0])} – {_pct(ci[1])}" if ci else "—"
-        rows.append([r["run"], _pct(r["accuracy"]), interval, _num(r["macro_f1"]), _num(r["ece"])])
+        accuracy = "—" if r["accuracy"] is None else format_ci(r["accuracy"], r.get("accuracy_ci"))
+        rows.append([r["run"], accuracy, _num(r["macro_f1"]), _num(r["ece"])])
     m = summary["metrics"]
 
     def stat_row(label, pick, fmt_acc, fmt_other):
-        return [label, fmt_acc(pick(m["accuracy"])), ""] + [fmt_other(pick(m[k])) if k in m else "—"
+        return [label, fmt_acc(pick(m["accuracy"]))] + [fmt_other(pick(m[k])) if k in m else "—"
                                                            for k in ("macro_f1", "ece")]
 
     rows.append(stat_row("Mean", lambda s: s["mean"], _pct, _num))
     rows.append(stat_row("Standard deviation", lambda s: s["std"], lambda v: f"{v * 100:.2f} pts", _num))
     rows.append(stat_row("Min – max", lambda s: (s["min"], s["max"]),
                          lambda v: f"{_pct(v[0])} – {_pct(v[1])}", lambda v: f"{_num(v[0])} – {_num(v[1])}"))
-    table = Table("Across seeds", ["Run", "Test accuracy", "95% interval", "Macro F1", "ECE"], rows,
+    table = Table("Across seeds", ["Run", "Test accuracy (95% Wilson interval of each run)", "Macro F1", "ECE"], rows,
                   caption=f"Standard deviation over the {len(summary['runs'])} seed runs with ddof=1; "
                           "each run's interval is its metrics.json accuracy_ci. Numbers from group_summary.json.")
     n = len(summary["seeds"])
@@ -48,9 +48,11 @@ def seeds_section(summary: dict):
                    tables=[table])
 
 
-def write_group_report(group_dir: str | Path, *, out: str | Path | None = None, compare=None) -> Path:
+def write_group_report(group_dir: str | Path, *, out: str | Path | None = None, compare=None,
+                       bootstrap: int = DEFAULT_BOOTSTRAP) -> Path:
     """Write ``group_dir/report.html``: the "Across seeds" section, then the first seed's report.
-    Seed runs without ``metrics.json`` are evaluated first; ``group_summary.json`` is (re)written."""
+    Seed runs without ``metrics.json`` are evaluated first (``bootstrap`` resamples);
+    ``group_summary.json`` is (re)written."""
     from digitlens.report.build import build_sections, render
     from digitlens.report.collect import collect_run
     from digitlens.seeds import summarise_group
@@ -58,7 +60,7 @@ def write_group_report(group_dir: str | Path, *, out: str | Path | None = None, 
     group_dir = Path(group_dir)
     if compare is not None:
         raise DigitlensError(f"--compare: not available for the seed group {group_dir}; compare two seed runs instead")
-    summary = summarise_group(group_dir)
+    summary = summarise_group(group_dir, bootstrap=bootstrap)
     first = collect_run(group_dir / summary["runs"][0]["run"])
     first.name = f"{group_dir.name}/{first.name}"
     sections = [seeds_section(summary)] + build_sections([first])

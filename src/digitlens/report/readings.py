@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from digitlens.intervals import overlapping, wilson_interval
+from digitlens.intervals import mean_interval, overlapping, wilson_interval
 from digitlens.report.collect import RunData
 
 
@@ -75,6 +75,9 @@ def history_summary(run: RunData) -> dict | None:
         best = int(np.argmax(val_acc))
         out.update(best_val_accuracy=val_acc[best], best_val_accuracy_epoch=epochs[best],
                    train_accuracy_at_best=rows[best].get("accuracy"), final_val_accuracy=val_acc[-1])
+        measured = rows[best].get("train_eval_accuracy")  # training images measured like validation
+        if measured is not None and not (isinstance(measured, float) and math.isnan(measured)):
+            out["train_eval_accuracy_at_best"] = measured
     val_loss = [r.get("val_loss") for r in rows]
     if all(v is not None for v in val_loss):
         low = int(np.argmin(val_loss))
@@ -87,12 +90,18 @@ def history_summary(run: RunData) -> dict | None:
     return out
 
 
+def pct_ci(value: float | None, ci: Any, digits: int = 2) -> str:
+    """A percentage with its 95% interval in a sentence (``"99.37% (95% interval 99.19-99.51%)"``);
+    the bare percentage without an interval. Tables use :func:`digitlens.intervals.format_ci`."""
+    return pct(value, digits) + interval(ci, digits)
+
+
 def wilson_text(share: float | None, n: Any, digits: int = 2) -> str:
     """A share of ``n`` items with its 95% Wilson interval (``"99.37% (95% interval 99.19-99.51%)"``);
     the bare percentage when ``n`` is unknown."""
     if share is None or not isinstance(n, (int, np.integer)) or n <= 0:
         return pct(share, digits)
-    return pct(share, digits) + interval(wilson_interval(round(float(share) * int(n)), int(n)).tolist(), digits)
+    return pct_ci(share, wilson_interval(round(float(share) * int(n)), int(n)).tolist(), digits)
 
 
 def reading_training(run: RunData) -> list[str]:
@@ -104,7 +113,13 @@ def reading_training(run: RunData) -> list[str]:
     if "best_val_accuracy" in h:
         line = (f"Validation accuracy peaked at {wilson_text(h['best_val_accuracy'], n_val)} in epoch "
                 f"{h['best_val_accuracy_epoch']}")
-        if h.get("train_accuracy_at_best") is not None:
+        n_train_eval = run.config.get("train_eval_size")
+        if h.get("train_eval_accuracy_at_best") is not None:
+            line += (f" (accuracy on {n_train_eval:,} training images measured the same way then "
+                     f"{wilson_text(h['train_eval_accuracy_at_best'], n_train_eval)})"
+                     if isinstance(n_train_eval, int) else
+                     f" (training images measured the same way then {pct(h['train_eval_accuracy_at_best'], 2)})")
+        elif h.get("train_accuracy_at_best") is not None:  # older runs: only Keras' in-epoch running mean
             line += f" (training accuracy then {pct(h['train_accuracy_at_best'], 2)}, measured during the epoch)"
         line += f" and ended at {wilson_text(h['final_val_accuracy'], n_val)} after {h['epochs']} epochs."
         lines.append(line)
@@ -125,7 +140,8 @@ def reading_training(run: RunData) -> list[str]:
 
 
 def prediction_summary(run: RunData) -> dict | None:
-    """Accuracy, per-digit scores (scikit-learn), confusion and mistakes from ``predictions.npz``."""
+    """Accuracy, per-digit scores (scikit-learn), confusion and mistakes from ``predictions.npz``; mean
+    confidences (all, right, wrong) with their Student-t intervals (``*_ci``)."""
     pred = run.predictions
     if not pred or "y_true" not in pred or "y_pred" not in pred:
         return None
@@ -151,14 +167,17 @@ def prediction_summary(run: RunData) -> dict | None:
     if proba is not None and proba.ndim == 2 and proba.shape[0] == y_true.size:
         conf = proba.max(1)
         out["mean_confidence"] = float(conf.mean())
+        out["mean_confidence_ci"] = mean_interval(conf, bounds=(0.0, 1.0)).tolist()
         wrong = np.flatnonzero(y_true != y_pred)
         if wrong.size:
             worst = wrong[np.argmax(conf[wrong])]
             out["worst_mistake"] = (int(y_true[worst]), int(y_pred[worst]), float(conf[worst]))
             out["mean_confidence_wrong"] = float(conf[wrong].mean())
+            out["mean_confidence_wrong_ci"] = mean_interval(conf[wrong], bounds=(0.0, 1.0)).tolist()
         right = np.flatnonzero(y_true == y_pred)
         if right.size:
             out["mean_confidence_right"] = float(conf[right].mean())
+            out["mean_confidence_right_ci"] = mean_interval(conf[right], bounds=(0.0, 1.0)).tolist()
     return out
 
 
@@ -198,8 +217,9 @@ def interval(ci: Any, digits: int = 2, percent: bool = True) -> str:
 
 
 def accuracy_text(run: RunData, p: dict) -> str:
-    """The test accuracy in percent with its Wilson interval when ``metrics.json`` has one."""
-    return pct(p["accuracy"], 2) + interval(metrics_of(run, p).get("accuracy_ci"))
+    """The test accuracy in percent with its Wilson interval (``metrics.json``'s, else from the counts)."""
+    ci = metrics_of(run, p).get("accuracy_ci") or wilson_interval(p["correct"], p["n"]).tolist()
+    return pct_ci(p["accuracy"], ci)
 
 
 def reading_confusion(run: RunData) -> list[str]:
@@ -211,31 +231,61 @@ def reading_confusion(run: RunData) -> list[str]:
     if p["most_confused"]:
         t, q, c = p["most_confused"]
         lines.append(f"The most frequent confusion is a true {t} read as {q} ({c} image{'s' if c != 1 else ''}, "
-                     f"{c / max(p['support'][t], 1) * 100:.1f}% of the {t}s).")
+                     f"{wilson_text(c / max(p['support'][t], 1), int(p['support'][t]), 1)} of the {t}s).")
     else:
         lines.append("There is no confusion at all: every test image lies on the diagonal.")
     return lines
 
 
+def f1_ties(run: RunData, p: dict) -> tuple[dict, list[int] | None, list[int] | None]:
+    """(digit -> F1 bootstrap interval from ``metrics.json``, the digits whose F1 interval overlaps
+    that of the lowest F1 (it first), those overlapping the highest (it first)); the lists are None
+    without an interval for every digit."""
+    f1 = p["f1"]
+    rows = metrics_of(run, p).get("per_digit") or []
+    ci = {r["digit"]: r.get("f1_ci") for r in rows if isinstance(r, dict) and "digit" in r}
+    if not (len(ci) == len(f1) and all(ci.values())):
+        return ci, None, None
+
+    def tied(hardest_first: bool) -> list[int]:
+        order = sorted(ci, key=lambda x: (f1[x], x) if hardest_first else (-f1[x], x))
+        return [order[i] for i in overlapping([ci[x] for x in order])]
+
+    return ci, tied(True), tied(False)
+
+
 def reading_per_digit(run: RunData) -> list[str]:
+    """The lowest and highest F1; a "hardest" or "easiest" digit is named only when its bootstrap F1
+    interval overlaps no other digit's (without intervals, only the lowest and highest F1)."""
     p = prediction_summary(run)
     if not p:
         return []
     f1 = p["f1"]
     hard, easy = int(np.argmin(f1)), int(np.argmax(f1))
-    rows = metrics_of(run, p).get("per_digit") or []
-    ci = {r["digit"]: r.get("f1_ci") for r in rows if isinstance(r, dict) and "digit" in r}
-    line = (f"Hardest digit: {hard} (F1 {f1[hard]:.3f}{interval(ci.get(hard), 3, False)}, precision "
-            f"{p['precision'][hard]:.3f}, recall {p['recall'][hard]:.3f}); "
-            f"easiest: {easy} (F1 {f1[easy]:.3f}{interval(ci.get(easy), 3, False)})")
-    if len(ci) == len(f1) and all(ci.values()):
-        digits = sorted(ci, key=lambda d: (f1[d], d))  # hardest first
-        tied = [digits[i] for i in overlapping([ci[d] for d in digits])]
-        if len(tied) > 1:
-            line += (f"; but the F1 intervals of digits {', '.join(map(str, tied))} overlap {hard}'s, "
-                     f"so the test set does not single out the hardest digit")
+    ci, tied_hard, tied_easy = f1_ties(run, p)
+    known = tied_hard is not None
+    hard_f1 = (f"F1 {f1[hard]:.3f}{interval(ci.get(hard), 3, False)}, precision {p['precision'][hard]:.3f}, "
+               f"recall {p['recall'][hard]:.3f}")
+    easy_f1 = f"F1 {f1[easy]:.3f}{interval(ci.get(easy), 3, False)}"
+    if not known:
+        line = (f"Lowest F1: digit {hard} ({hard_f1}); highest: digit {easy} ({easy_f1}); without bootstrap "
+                f"intervals (evaluate the run again) no digit is called hardest or easiest")
+    else:
+        if len(tied_hard) == len(tied_easy) == len(f1) > 2:
+            line = (f"Lowest F1: digit {hard} ({hard_f1}); highest: digit {easy} ({easy_f1}); but every digit's F1 "
+                    f"interval overlaps both, so the test set ranks no digit hardest or easiest")
         else:
-            line += f"; {hard}'s F1 interval overlaps no other digit's"
+            if len(tied_hard) == 1:
+                line = f"Hardest digit: {hard} ({hard_f1}); its F1 interval overlaps no other digit's"
+            else:
+                line = (f"Lowest F1: digit {hard} ({hard_f1}); but the F1 intervals of digits "
+                        f"{', '.join(map(str, tied_hard))} overlap {hard}'s, so the test set does not single out "
+                        f"the hardest digit")
+            if len(tied_easy) == 1:
+                line += f"; easiest: {easy} ({easy_f1}), beyond noise"
+            else:
+                line += (f"; highest F1: digit {easy} ({easy_f1}), within noise of digit"
+                         f"{'s' if len(tied_easy) > 2 else ''} {', '.join(map(str, tied_easy[1:]))}")
     lines = [line + "."]
     low_recall = int(np.argmin(p["recall"]))
     lines.append(f"Lowest recall is for {low_recall} ({p['recall'][low_recall]:.3f}: "
@@ -281,7 +331,8 @@ def reading_reliability(run: RunData) -> list[str]:
         lines.append(line)
     if p and "mean_confidence" in p:
         gap = p["mean_confidence"] - p["accuracy"]
-        lines.append(f"Mean confidence {pct(p['mean_confidence'], 2)} against accuracy {accuracy_text(run, p)}: "
+        lines.append(f"Mean confidence {pct_ci(p['mean_confidence'], p['mean_confidence_ci'])} against accuracy "
+                     f"{accuracy_text(run, p)}: "
                      f"the model is {'over' if gap > 0 else 'under'}confident by {abs(gap) * 100:.2f} points overall.")
     return lines
 
@@ -290,8 +341,10 @@ def reading_predictions(run: RunData) -> list[str]:
     p = prediction_summary(run)
     if not p or "mean_confidence" not in p:
         return reading_confusion(run)[:1]
-    lines = [f"Correct predictions carry a mean confidence of {pct(p.get('mean_confidence_right'), 1)}"
-             + (f", mistakes {pct(p['mean_confidence_wrong'], 1)}." if "mean_confidence_wrong" in p else ".")]
+    lines = [f"Correct predictions carry a mean confidence of "
+             f"{pct_ci(p.get('mean_confidence_right'), p.get('mean_confidence_right_ci'), 1)}"
+             + (f", mistakes {pct_ci(p['mean_confidence_wrong'], p['mean_confidence_wrong_ci'], 1)}."
+                if "mean_confidence_wrong" in p else ".")]
     lines.append(f"Accuracy over the whole test split is {accuracy_text(run, p)} ({p['correct']:,} of {p['n']:,}).")
     return lines
 
@@ -505,17 +558,40 @@ def reading_adapt(run: RunData, stem: str = "") -> list[str]:
                     f"(recall {rec[lo]:.3f}); the group that others leak into most is that of {pd['digit'][plo]} "
                     f"(precision {prec[plo]:.3f}).",
                     f"Recall ranges from {rec.min():.3f} to {rec.max():.3f} over the ten digits."]
-    best = max(lora, key=lambda r: r["accuracy_mean"])
     small = min(lora, key=lambda r: r["rank"])
     n_test = res.get("n_test")  # each accuracy (a mean over seeds) with the Wilson interval of that many images
     line = (f"On task “{task}”, LoRA r = {small['rank']} reaches {wilson_text(small['accuracy_mean'], n_test)} with "
             f"{small['trainable_params']:,} trainable parameters ({small['trainable_fraction'] * 100:.2f}% of the model); "
-            f"the best rank, r = {best['rank']}, {wilson_text(best['accuracy_mean'], n_test)}.")
+            + rank_sentence(run, task, res, lora))
     others = {r["method"]: r for r in rows if r.get("method") in ("head_only", "full")}
     second = ", ".join(f"{'head only' if k == 'head_only' else 'full fine-tuning'} "
                        f"{wilson_text(v['accuracy_mean'], n_test)} ({v['trainable_params']:,} parameters)"
                        for k, v in others.items())
     return [line] + ([f"Baselines: {second}."] if second else [])
+
+
+def rank_sentence(run: RunData, task: str, res: dict, lora: list[dict]) -> str:
+    """The paired test of the LoRA ranks (``rank_comparison`` in ``results.json``, or computed from the
+    task's ``predictions.npz`` for results written before it existed); without predictions, the highest
+    mean accuracy marked as untested, never a "best rank"."""
+    found = res.get("rank_comparison")
+    if not found and len(lora) > 1:
+        path = run.run_dir / "adapt" / task / "predictions.npz"
+        seeds, ranks = res.get("seeds"), [r["rank"] for r in lora]
+        if path.is_file() and seeds:
+            from digitlens.adapt import rank_comparison
+            from digitlens.runio import read_npz
+
+            preds = read_npz(path)
+            if all(f"lora_r{r}_s{s}" in preds for r in ranks for s in seeds):
+                found = rank_comparison(preds["y_true"], preds, ranks, seeds)
+    if found:
+        return found["sentence"]
+    if len(lora) < 2:
+        return "only one rank was trained."
+    top = max(lora, key=lambda r: r["accuracy_mean"])
+    return (f"r = {top['rank']} has the highest mean accuracy ({wilson_text(top['accuracy_mean'], res.get('n_test'))}), "
+            "untested: the task's predictions.npz is missing, so no rank is called best.")
 
 
 def _subspace_summary(run: RunData, stem: str) -> dict | None:

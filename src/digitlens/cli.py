@@ -47,6 +47,31 @@ def main() -> None:
 
 # Commands are added below, one function per command, each calling one API function.
 
+INPUT_SCALE_HELP = "A user's model (--model-file): pixels it expects, 1 ([0, 1], default) or 255 ([0, 255])."
+NORMALIZE_HELP = "A user's model: MEAN,STD it normalises the scaled pixels with, e.g. 0.1307,0.3081."
+OUTPUTS_HELP = "A user's model: what it returns, auto (detected, default), logits, probs or log_probs."
+
+
+def preprocessing_flags(input_scale: Optional[int], normalize: Optional[str], outputs: Optional[str]) -> Optional[dict]:
+    """The --input-scale/--normalize/--outputs given, as a preprocessing dict (None when none is)."""
+    from digitlens.external import parse_normalize
+
+    flags = {"input_scale": input_scale, "normalize": parse_normalize(normalize), "outputs": outputs}
+    flags = {k: v for k, v in flags.items() if v is not None}
+    return flags or None
+
+
+def describe_user_model(info: dict) -> str:
+    """One line: the user's model, the layout it was fed and what its outputs were taken as."""
+    from digitlens.external import LAYOUTS
+
+    prep = info["preprocessing"]
+    shape = "(N, " + ", ".join(str(s) for s in LAYOUTS[info["layout"]]) + ")"
+    norm = f", normalize {prep['normalize'][0]:g},{prep['normalize'][1]:g}" if prep.get("normalize") else ""
+    return (f"model {Path(info['model_file']).name if info.get('model_file') else 'module'} ({info['format']}): "
+            f"input {shape}, input scale {prep['input_scale']}{norm}, outputs {info['outputs']}"
+            f" ({'detected' if info['outputs_detected'] else 'declared'})")
+
 
 @app.command("train")
 @one_line_errors
@@ -105,9 +130,13 @@ def evaluate_command(
     dataset: Optional[str] = typer.Option(None, "--dataset", help="Without a run folder: dataset whose test split to use (mnist, digits)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Without a run folder: where to write predictions, metrics, insights and figures."),
     history: Optional[Path] = typer.Option(None, "--history", help="Without a run folder: training history (Keras CSVLogger .csv or history.history .json)."),
+    input_scale: Optional[int] = typer.Option(None, "--input-scale", help=INPUT_SCALE_HELP),
+    normalize: Optional[str] = typer.Option(None, "--normalize", help=NORMALIZE_HELP),
+    outputs: Optional[str] = typer.Option(None, "--outputs", help=OUTPUTS_HELP),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
-    """Predict the test split; write predictions.npz, metrics.json, insights.md/json and figures/."""
+    """Predict the test split; write predictions.npz, metrics.json, insights.md/json and figures/
+    (for --model-file also config.json, so explain and report on --out use the same model and flags)."""
     from digitlens import evaluate
 
     from digitlens.seeds import is_group, summarise_group
@@ -121,12 +150,17 @@ def evaluate_command(
     if run_dir is not None:
         if dataset is not None or out is not None or history is not None:
             raise DigitlensError("--dataset/--out/--history: only used without a run folder (the run folder has them)")
-        summary = evaluate.evaluate_run(run_dir, model=model_file, data_dir=data_dir, progress=progress)
+        summary = evaluate.evaluate_run(run_dir, model=model_file, data_dir=data_dir, progress=progress,
+                                        preprocessing=preprocessing_flags(input_scale, normalize, outputs))
     else:
         if model_file is None or dataset is None or out is None:
             raise DigitlensError("evaluate: give a run folder, or --model-file, --dataset and --out together")
         summary = evaluate.evaluate_model(model_file, dataset, out_dir=out, data_dir=data_dir, history=history,
-                                          progress=progress)
+                                          progress=progress,
+                                          preprocessing=preprocessing_flags(input_scale, normalize, outputs))
+    user = summary["source"].get("user_model")
+    if user:
+        typer.echo(describe_user_model(user))
     calibrated = (f" ({summary['ece_calibrated']:.4f} after temperature scaling, T = {summary['temperature']:.3f})"
                   if summary.get("temperature") is not None and summary.get("ece_calibrated") is not None else "")
     typer.echo(f"accuracy {summary['accuracy']:.4f}  errors {summary['n_errors']}/{summary['n_samples']}  "

@@ -1,0 +1,263 @@
+"""Bring your own model: declared preprocessing, checked outputs, TorchScript and ONNX files.
+
+The issue's example, reproduced: the PyTorch-examples MNIST CNN (it expects normalised pixels and
+returns log-probabilities) saved as TorchScript and exported to ONNX must get from digitlens
+exactly the accuracy of its own evaluation loop once ``--normalize 0.1307,0.3081`` is given, and
+another accuracy without it. A scikit-learn classifier converted by skl2onnx must get
+scikit-learn's own probabilities.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from typer.testing import CliRunner
+
+from digitlens import data, runio
+from digitlens.errors import DigitlensError
+from digitlens.evaluate import evaluate_model, evaluate_run
+from digitlens.external import Preprocessing, detect_outputs, load_user_model
+
+MEAN, STD = 0.1307, 0.3081  # what the PyTorch example normalises with (torchvision's Normalize)
+
+
+class ExampleNet(nn.Module):
+    """The PyTorch-examples MNIST CNN (pytorch/examples, mnist/main.py), as users copy it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 32, 3, 1)
+        self.conv2 = nn.Conv2d(32, 64, 3, 1)
+        self.dropout1 = nn.Dropout(0.25)
+        self.dropout2 = nn.Dropout(0.5)
+        self.fc1 = nn.Linear(9216, 128)
+        self.fc2 = nn.Linear(128, 10)
+
+    def forward(self, x):
+        x = F.relu(self.conv1(x))
+        x = F.relu(self.conv2(x))
+        x = F.max_pool2d(x, 2)
+        x = self.dropout1(x)
+        x = torch.flatten(x, 1)
+        x = F.relu(self.fc1(x))
+        x = self.dropout2(x)
+        return F.log_softmax(self.fc2(x), dim=1)
+
+
+def _export_onnx(model: nn.Module, path, example: torch.Tensor, output_name: str = "output") -> None:
+    """torch.onnx.export with a dynamic batch axis; the legacy (TorchScript-based) exporter, since
+    the dynamo one needs onnxscript."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["input"],
+                          output_names=[output_name],
+                          dynamic_axes={"input": {0: "batch"}, output_name: {0: "batch"}})
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The example CNN trained briefly on digits as its script does (Adadelta lr 1.0, normalised
+    inputs, NLL of log_softmax), saved as ref.pt (TorchScript) and ref.onnx; with its own test loop."""
+    splits = data.load_splits("digits", val_fraction=0)
+    torch.manual_seed(0)
+    model = ExampleNet()
+    opt = torch.optim.Adadelta(model.parameters(), lr=1.0)
+    x, y = splits.train.images, splits.train.labels
+    model.train()
+    for step in range(120):
+        idx = torch.randint(0, len(y), (32,))
+        loss = F.nll_loss(model((x[idx] - MEAN) / STD), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    # The example's own test loop: normalise, forward, argmax, count.
+    test = splits.test
+    with torch.no_grad():
+        own_log_probs = model((test.images - MEAN) / STD)
+    own_accuracy = (own_log_probs.argmax(1) == test.labels).sum().item() / len(test)
+    folder = tmp_path_factory.mktemp("ref")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.script(model).save(str(folder / "ref.pt"))
+    _export_onnx(model, folder / "ref.onnx", torch.zeros(1, 1, 28, 28), "log_probs")
+    return {"model": model, "pt": folder / "ref.pt", "onnx": folder / "ref.onnx", "test": test,
+            "own_accuracy": own_accuracy, "own_log_probs": own_log_probs}
+
+
+@pytest.mark.parametrize("fmt", ["pt", "onnx"])
+def test_declared_normalisation_gives_the_models_own_accuracy(reference, fmt):
+    own = reference["own_accuracy"]
+    assert own > 0.8  # trained, not chance
+    declared = evaluate_model(reference[fmt], "digits", preprocessing=Preprocessing(normalize=(MEAN, STD)),
+                              progress=False, bootstrap=0)
+    assert declared["accuracy"] == own  # to the last digit
+    user = declared["source"]["user_model"]
+    assert (user["format"], user["layout"], user["outputs"], user["outputs_detected"]) == \
+        ("torchscript" if fmt == "pt" else "onnx", "nchw", "log_probs", True)
+    # The issue: without the flag the same file is silently fed unnormalised pixels.
+    plain = evaluate_model(reference[fmt], "digits", progress=False, bootstrap=0)
+    assert plain["accuracy"] != own
+    assert declared["ece"] < plain["ece"] / 3  # the issue's "under-confident" ECE was an artefact too
+    assert plain["source"]["user_model"]["preprocessing"]["normalize"] is None
+
+
+def test_onnx_predictions_equal_pytorch(reference):
+    images = reference["test"].images
+    onnx = load_user_model(reference["onnx"], Preprocessing(normalize=(MEAN, STD)))
+    logits = onnx.predict_logits(images)
+    torch_logits = reference["own_log_probs"]
+    assert torch.equal(logits.argmax(1), torch_logits.argmax(1))
+    assert (logits - torch_logits).abs().max().item() < 1e-4
+    assert not onnx.is_differentiable
+    assert load_user_model(reference["pt"]).is_differentiable
+
+
+def test_cli_records_the_flags_and_later_stages_reuse_them(reference, tmp_path, monkeypatch):
+    import digitlens.evaluate
+    from digitlens.cli import app
+
+    monkeypatch.setattr(digitlens.evaluate, "write_figures", lambda *a, **k: [])  # figures: test_evaluate
+    out = tmp_path / "onnx_eval"
+    result = CliRunner().invoke(app, ["evaluate", "--model-file", str(reference["onnx"]), "--dataset", "digits",
+                                      "--normalize", f"{MEAN},{STD}", "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "outputs log_probs (detected)" in result.output
+    config = runio.read_json(out / "config.json")
+    assert config["model_file"] == str(reference["onnx"].resolve())
+    assert config["preprocessing"] == {"input_scale": 1, "normalize": [MEAN, STD], "outputs": "auto", "layout": "auto"}
+    assert (config["layout"], config["outputs"]) == ("nchw", "log_probs")
+    metrics = runio.read_json(out / "metrics.json")
+    assert metrics["accuracy"] == reference["own_accuracy"]
+    assert metrics["source"]["user_model"]["outputs"] == "log_probs"
+    # A later stage on the folder reads the model and its flags from config.json.
+    again = evaluate_run(out, progress=False, bootstrap=0)
+    assert again["accuracy"] == reference["own_accuracy"]
+    # A flag given again overrides only itself: declaring the outputs keeps the normalisation.
+    declared = evaluate_run(out, progress=False, bootstrap=0, preprocessing={"outputs": "log_probs"})
+    assert declared["accuracy"] == reference["own_accuracy"]
+    config = runio.read_json(out / "config.json")
+    assert config["preprocessing"]["normalize"] == [MEAN, STD] and config["outputs_detected"] is False
+
+
+def test_output_detection_against_softmax_and_log_softmax():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(50, 10, generator=gen) * 3
+    assert detect_outputs(logits) == "logits"
+    assert detect_outputs(torch.softmax(logits, 1)) == "probs"
+    assert detect_outputs(torch.log_softmax(logits, 1)) == "log_probs"
+    assert detect_outputs(torch.softmax(logits, 1) * 0.5) == "logits"  # in [0, 1] but rows sum to 0.5
+
+
+@pytest.mark.parametrize("head", ["probs", "log_probs", "logits"])
+def test_any_output_kind_gives_the_same_predictions_and_probabilities(head):
+    """A module returning probabilities, log-probabilities or logits from (N, 784) pixels in [0, 255]
+    gets, after detection, the softmax of its logits: the probabilities a plain loop computes."""
+    torch.manual_seed(0)
+    linear = nn.Linear(784, 10)
+
+    class Flat255(nn.Module):
+        def forward(self, x):  # x: (N, 784) in [0, 255], as Keras-style models take it
+            z = linear(x / 255.0 * 4)
+            return {"probs": torch.softmax, "log_probs": torch.log_softmax}.get(head, lambda t, dim: t)(z, dim=1)
+
+    images = data.load_splits("digits", val_fraction=0).test.images
+    expected = torch.softmax(linear(images.reshape(-1, 784) * 4), 1)
+    user = load_user_model(Flat255(), Preprocessing(input_scale=255))
+    proba = torch.softmax(user.predict_logits(images), 1)
+    assert (user.layout, user.outputs) == ("flat", head)
+    assert torch.allclose(proba, expected, atol=1e-6)
+
+
+def test_declared_outputs_override_detection():
+    user = load_user_model(nn.Sequential(nn.Flatten(), nn.Linear(784, 10), nn.Softmax(dim=1)),
+                           Preprocessing(outputs="logits"))
+    user.predict_logits(torch.zeros(4, 1, 28, 28))
+    assert user.outputs == "logits" and not user.outputs_detected
+
+
+def test_scikit_learn_model_through_skl2onnx_equals_predict_proba(tmp_path):
+    from skl2onnx import to_onnx
+    from sklearn.linear_model import LogisticRegression
+
+    splits = data.load_splits("digits", val_fraction=0)
+    x_train = splits.train.images.reshape(len(splits.train), 784).numpy()
+    clf = LogisticRegression(max_iter=300).fit(x_train, splits.train.labels.numpy())
+    path = tmp_path / "logreg.onnx"
+    path.write_bytes(to_onnx(clf, x_train[:1], options={id(clf): {"zipmap": False}}).SerializeToString())
+    test = splits.test
+    x_test = test.images.reshape(len(test), 784).numpy()
+    user = load_user_model(path)
+    proba = torch.softmax(user.predict_logits(test.images), 1).numpy()
+    assert (user.layout, user.outputs) == ("flat", "probs")  # label output skipped, probabilities picked
+    np.testing.assert_allclose(proba, clf.predict_proba(x_test), atol=1e-5)
+    summary = evaluate_model(path, "digits", progress=False, bootstrap=0)
+    assert summary["accuracy"] == clf.score(x_test, test.labels.numpy())
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad files and flags: one line naming the file
+# ---------------------------------------------------------------------------------------------
+
+def _cli_error(args) -> str:
+    from digitlens.cli import app
+
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+def test_bad_model_files_give_one_line(tmp_path):
+    not_onnx = tmp_path / "junk.onnx"
+    not_onnx.write_bytes(b"this is not a protobuf")
+    line = _cli_error(["evaluate", "--model-file", str(not_onnx), "--dataset", "digits", "--out", str(tmp_path / "a")])
+    assert "junk.onnx" in line and "not a valid ONNX model" in line
+
+    five = tmp_path / "five.onnx"
+    _export_onnx(nn.Sequential(nn.Flatten(), nn.Linear(784, 5)), five, torch.zeros(1, 1, 28, 28))
+    line = _cli_error(["evaluate", "--model-file", str(five), "--dataset", "digits", "--out", str(tmp_path / "b")])
+    assert "five.onnx" in line and "returns 5 scores per image" in line
+
+    colour = tmp_path / "colour32.onnx"  # a CIFAR-sized model: (N, 3, 32, 32)
+    _export_onnx(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 30 * 30, 10)), colour,
+                 torch.zeros(1, 3, 32, 32))
+    line = _cli_error(["evaluate", "--model-file", str(colour), "--dataset", "digits", "--out", str(tmp_path / "c")])
+    assert "colour32.onnx" in line and "(N, 1, 28, 28)" in line and "3, 32, 32" in line
+
+    script = tmp_path / "wide.pt"  # TorchScript that takes (N, 1000): every layout tried fails
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.script(nn.Linear(1000, 10)).save(str(script))
+    line = _cli_error(["evaluate", "--model-file", str(script), "--dataset", "digits", "--out", str(tmp_path / "d")])
+    assert "wide.pt" in line and "(N, 1, 28, 28) or (N, 784)" in line
+    assert not (tmp_path / "d" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--normalize", "0.1307"], "--normalize"),
+    (["--normalize", "0.1,0"], "positive STD"),
+    (["--input-scale", "3"], "--input-scale 3"),
+    (["--outputs", "softmax"], "--outputs 'softmax'"),
+])
+def test_bad_flags_give_one_line(reference, tmp_path, flags, message):
+    line = _cli_error(["evaluate", "--model-file", str(reference["onnx"]), "--dataset", "digits",
+                       "--out", str(tmp_path / "x"), *flags])
+    assert message in line
+
+
+def test_flags_on_a_digitlens_run_are_refused(tmp_path):
+    from digitlens import models
+
+    run = tmp_path / "run"
+    run.mkdir()
+    runio.write_json(run / "config.json", {"dataset": "digits", "model": "mlp", "n_classes": 10})
+    models.save_model(models.build_model("mlp"), run / "model.safetensors")
+    with pytest.raises(DigitlensError, match="normalises its own inputs"):
+        evaluate_run(run, progress=False, preprocessing={"normalize": (MEAN, STD)})

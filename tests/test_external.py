@@ -69,12 +69,17 @@ def reference(tmp_path_factory):
     opt = torch.optim.Adadelta(model.parameters(), lr=1.0)
     x, y = splits.train.images, splits.train.labels
     model.train()
-    for step in range(120):
-        idx = torch.randint(0, len(y), (32,))
-        loss = F.nll_loss(model((x[idx] - MEAN) / STD), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # batches of 32: one thread is faster, and far faster on a busy machine
+    try:
+        for _ in range(100):
+            idx = torch.randint(0, len(y), (32,))
+            loss = F.nll_loss(model((x[idx] - MEAN) / STD), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
     model.eval()
     # The example's own test loop: normalise, forward, argmax, count.
     test = splits.test
@@ -93,7 +98,7 @@ def reference(tmp_path_factory):
 @pytest.mark.parametrize("fmt", ["pt", "onnx"])
 def test_declared_normalisation_gives_the_models_own_accuracy(reference, fmt):
     own = reference["own_accuracy"]
-    assert own > 0.8  # trained, not chance
+    assert own > 0.9  # trained, not chance
     declared = evaluate_model(reference[fmt], "digits", preprocessing=Preprocessing(normalize=(MEAN, STD)),
                               progress=False, bootstrap=0)
     assert declared["accuracy"] == own  # to the last digit
@@ -187,7 +192,9 @@ def test_scikit_learn_model_through_skl2onnx_equals_predict_proba(tmp_path):
 
     splits = data.load_splits("digits", val_fraction=0)
     x_train = splits.train.images.reshape(len(splits.train), 784).numpy()
-    clf = LogisticRegression(max_iter=300).fit(x_train, splits.train.labels.numpy())
+    with warnings.catch_warnings():  # 30 iterations (not converged) keep the test fast; any fit will do
+        warnings.simplefilter("ignore")
+        clf = LogisticRegression(max_iter=30).fit(x_train, splits.train.labels.numpy())
     path = tmp_path / "logreg.onnx"
     path.write_bytes(to_onnx(clf, x_train[:1], options={id(clf): {"zipmap": False}}).SerializeToString())
     test = splits.test
@@ -261,3 +268,87 @@ def test_flags_on_a_digitlens_run_are_refused(tmp_path):
     models.save_model(models.build_model("mlp"), run / "model.safetensors")
     with pytest.raises(DigitlensError, match="normalises its own inputs"):
         evaluate_run(run, progress=False, preprocessing={"normalize": (MEAN, STD)})
+
+
+# ---------------------------------------------------------------------------------------------
+# Explanations of a user's model
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_cnn(tmp_path_factory):
+    """digitlens' own CNN trained briefly on digits, as an nn.Module and exported to ONNX."""
+    from training import train_briefly
+
+    from digitlens import models
+
+    splits = data.load_splits("digits", val_fraction=0)
+    torch.manual_seed(0)
+    model = train_briefly(models.build_model("cnn"), splits.train.images, splits.train.labels, epochs=1)
+    path = tmp_path_factory.mktemp("cnn") / "cnn.onnx"
+    _export_onnx(model, path, torch.zeros(1, 1, 28, 28), "logits")
+    return {"model": model, "onnx": path, "test": splits.test}
+
+
+def test_onnx_perturbation_maps_equal_pytorch_ones(small_cnn):
+    """Occlusion, feature ablation and Shapley value sampling on the ONNX forward give the maps
+    of the same methods on the PyTorch model; occlusion and feature ablation over 4x4 patches
+    (two Captum implementations) agree with each other."""
+    from digitlens.explain import explain_model
+
+    test = small_cnn["test"]
+    images, labels = test.images[:16], test.labels[:16].numpy()
+    methods = ("occlusion", "feature_ablation", "shapley_value_sampling")
+    onnx = explain_model(load_user_model(small_cnn["onnx"]), images, labels, methods=methods, faithfulness_size=0)
+    torch_result = explain_model(small_cnn["model"], images, labels, methods=methods, faithfulness_size=0)
+    for method in methods:
+        np.testing.assert_allclose(onnx["pixel_maps"][method], torch_result["pixel_maps"][method], rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(onnx["pixel_maps"]["occlusion"], onnx["pixel_maps"]["feature_ablation"], atol=1e-6)
+    assert not np.allclose(onnx["pixel_maps"]["shapley_value_sampling"], onnx["pixel_maps"]["occlusion"])
+    np.testing.assert_array_equal(onnx["y_pred"], torch_result["y_pred"])
+
+
+def test_torchscript_attributions_are_on_the_users_pixel_scale(reference):
+    """Saliency of the TorchScript reference with --normalize is the gradient of its score with
+    respect to the [0, 1] pixels (the normalisation is inside the explained function), computed
+    here by autograd on the plain module."""
+    from digitlens.explain import explain_model
+
+    test = reference["test"]
+    images, labels = test.images[:24], test.labels[:24]
+    user = load_user_model(reference["pt"], Preprocessing(normalize=(MEAN, STD)))
+    result = explain_model(user, images, labels.numpy(), methods=("saliency",), faithfulness_size=0)
+    x = images.clone().requires_grad_()
+    scores = reference["model"]((x - MEAN) / STD)  # log-probabilities, used as logits
+    (grad,) = torch.autograd.grad(scores[torch.arange(len(labels)), labels].sum(), x)
+    expected = np.zeros((10, 28, 28))
+    np.add.at(expected, labels.numpy(), grad.abs()[:, 0].double().numpy())
+    expected /= np.maximum(np.bincount(labels.numpy(), minlength=10), 1)[:, None, None]
+    np.testing.assert_allclose(result["pixel_maps"]["saliency"], expected, rtol=1e-4, atol=1e-7)
+
+
+def test_cli_explains_and_reports_an_onnx_model(small_cnn, tmp_path, monkeypatch):
+    import digitlens.evaluate
+    from digitlens.cli import app
+
+    monkeypatch.setattr(digitlens.evaluate, "FIGURE_FORMATS", ("png",))
+    out = tmp_path / "onnx_run"
+    runner = CliRunner()
+    result = runner.invoke(app, ["evaluate", "--model-file", str(small_cnn["onnx"]), "--dataset", "digits",
+                                 "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    line = _cli_error(["explain", str(out), "--methods", "saliency", "--no-progress"])
+    assert line == ("error: saliency needs a PyTorch model; cnn.onnx is ONNX "
+                    "(use occlusion, feature_ablation or shapley_value_sampling)")
+    line = _cli_error(["explain", str(out), "--methods", "occlusion", "--normalize", "0.1,0.3", "--input-scale", "7"])
+    assert "--input-scale 7" in line
+    result = runner.invoke(app, ["explain", str(out), "--methods", "occlusion", "--faithfulness-size", "20",
+                                 "--no-progress"])
+    assert result.exit_code == 0, result.output
+    metrics = runio.read_json(out / "explain" / "explain_metrics.json")
+    assert metrics["methods"] == ["occlusion"] and metrics["user_model"]["format"] == "onnx"
+    assert "randomisation_note" in metrics["faithfulness"] and "random-logit" in metrics["verdict"]
+    assert (out / "explain" / "figures" / "per_digit_occlusion.png").is_file()
+    result = runner.invoke(app, ["report", str(out)])
+    assert result.exit_code == 0, result.output
+    html = (out / "report.html").read_text()
+    assert "cnn.onnx" in html and "onnx file, pixels in [0, 1], not normalised, layout nchw, outputs logits (detected)" in html

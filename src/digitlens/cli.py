@@ -174,7 +174,7 @@ def evaluate_command(
 @one_line_errors
 def explain_command(
     run_dir: Path = typer.Argument(..., help="Run folder from `digitlens train` (runs/NAME)."),
-    methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated: saliency, input_x_gradient, integrated_gradients, occlusion, gradcam, hirescam, attention, attention_rollout (dashes work too; default: all that apply)."),
+    methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated: saliency, input_x_gradient, integrated_gradients, occlusion, gradcam, hirescam, attention, attention_rollout, feature_ablation, shapley_value_sampling (dashes work too; default: all that apply)."),
     group_by: str = typer.Option("true", "--group-by", help="Group images by true or predicted label, or by correct/incorrect."),
     grid: int = typer.Option(7, "--grid", help="Patch grid of the per-digit maps (7 = 4x4 patches on 28x28)."),
     compare: Optional[Path] = typer.Option(None, "--compare", help="A second run folder: side-by-side maps with the difference."),
@@ -186,9 +186,14 @@ def explain_command(
     ig_tolerance: Optional[float] = typer.Option(None, "--ig-tolerance", min=0.0, help="Integrated gradients: refine each image until its relative completeness error is at most this (default 0.02)."),
     ig_steps: Optional[int] = typer.Option(None, "--ig-steps", min=1, help="Integrated gradients: a fixed number of steps for every image (Captum's Gauss-Legendre rule) instead of --ig-tolerance."),
     image_index: int = typer.Option(0, "--image-index", help="The image of the split whose feature maps are drawn."),
+    input_scale: Optional[int] = typer.Option(None, "--input-scale", help=INPUT_SCALE_HELP + " Default: as recorded by evaluate --model-file --out."),
+    normalize: Optional[str] = typer.Option(None, "--normalize", help=NORMALIZE_HELP),
+    outputs: Optional[str] = typer.Option(None, "--outputs", help=OUTPUTS_HELP),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
-    """Per-digit attribution maps, overlays, filters and faithfulness; write RUN_DIR/explain/."""
+    """Per-digit attribution maps, overlays, filters and faithfulness; write RUN_DIR/explain/.
+    RUN_DIR may be the --out folder of `evaluate --model-file` (a TorchScript or ONNX model; ONNX:
+    occlusion, feature_ablation and shapley_value_sampling only)."""
     from digitlens.explain import explain_run
     from digitlens.explain.methods import IG_TOLERANCE
 
@@ -196,7 +201,8 @@ def explain_command(
     summary = explain_run(run_dir, methods=methods, group_by=group_by, grid=grid, data_dir=data_dir, split=split,
                           progress=progress, compare=compare, compare_methods=compare_methods,
                           faithfulness_size=faithfulness_size, gradcam_layer=gradcam_layer, image_index=image_index,
-                          ig_tolerance=ig_tolerance, ig_n_steps=ig_steps)
+                          ig_tolerance=ig_tolerance, ig_n_steps=ig_steps,
+                          preprocessing=preprocessing_flags(input_scale, normalize, outputs))
     verdict = summary.get("verdict")
     typer.echo(f"wrote {Path(run_dir) / 'explain'}: maps for {', '.join(summary['methods'])}; "
                f"{len(summary['files']['figures'])} figures" + (f"; {verdict}" if verdict else ""))

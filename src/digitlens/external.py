@@ -170,6 +170,10 @@ def load_torchscript(path: str | os.PathLike) -> nn.Module:
     except (RuntimeError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else type(exc).__name__
         raise DigitlensError(f"--model-file {path}: not a TorchScript model ({first})") from None
+    # Frozen: digitlens only reads the model, and a deep copy of a ScriptModule whose parameters
+    # require gradients has non-leaf parameters that cannot be frozen afterwards (torch 2.13).
+    for p in model.parameters():
+        p.requires_grad_(False)
     return model.eval()
 
 
@@ -188,6 +192,9 @@ class OnnxForward(nn.Module):
         self.path = path
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only: no warnings on stderr
+        # Idle worker threads sleep instead of spinning: explanations call the session many times
+        # with small batches, and spinning threads slow everything else on a busy CPU.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own exception types (InvalidProtobuf, Fail, ...)

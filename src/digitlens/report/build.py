@@ -249,6 +249,7 @@ def overview_facts(run: RunData) -> dict[str, Any]:
     facts: dict[str, Any] = {
         "Dataset": cfg.get("dataset"),
         "Model": cfg.get("model"),
+        "Model input (declared; outputs as used)": _user_model_text(cfg),
         "Parameters": R.dig(cfg, "n_parameters", "parameters", "num_parameters"),
         "Epochs": cfg.get("epochs", h.get("epochs")),
         "Seed": cfg.get("seed"),
@@ -272,6 +273,20 @@ def overview_facts(run: RunData) -> dict[str, Any]:
     if best:
         facts["Most faithful explanation"] = best
     return {k: v for k, v in facts.items() if v is not None}
+
+
+def _user_model_text(cfg: dict) -> str | None:
+    """A user's model file (config.json of `evaluate --model-file --out`): its format, declared
+    preprocessing and the outputs it was read as; None for a digitlens run."""
+    if not cfg.get("model_file"):
+        return None
+    prep = cfg.get("preprocessing") or {}
+    norm = prep.get("normalize")
+    parts = [f"{cfg.get('model_format', 'model')} file", f"pixels in [0, {prep.get('input_scale', 1)}]",
+             f"normalised with mean {norm[0]:g}, std {norm[1]:g}" if norm else "not normalised",
+             f"layout {cfg.get('layout')}",
+             f"outputs {cfg.get('outputs')} ({'detected' if cfg.get('outputs_detected') else 'declared'})"]
+    return ", ".join(parts)
 
 
 PERCENT_FACTS = {"Best validation accuracy", "Test accuracy"}

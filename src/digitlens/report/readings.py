@@ -343,11 +343,13 @@ def reading_faithfulness(run: RunData, stem: str = "") -> list[str]:
         return [f"Ranked by insertion − deletion (patches set to 0), {label(best)} comes first "
                 f"({rows[best]['insertion_minus_deletion']:.3f}); this run predates the ROAD and sanity-check verdict: "
                 f"run `digitlens explain` again for it."]
+    from digitlens.explain.verdict import checks_passed  # the verdict's own words (imports torch: only here)
+
     best = f["most_faithful"]
     ink = f["methods"].get("ink_random", {})
     if best:
         line = (f"Most faithful: {label(best)}, ROAD score (LeRF − MoRF AUC) {rows[best]['road_score']:.3f}; it passes "
-                f"the randomisation and random-logit checks")
+                f"{checks_passed(rows[best])}")
         margin = f.get("margin") or {}
         if margin.get("within_noise"):
             lo, hi = margin["difference_ci"]

@@ -246,6 +246,11 @@ def test_bad_model_files_give_one_line(tmp_path):
     assert "wide.pt" in line and "(N, 1, 28, 28) or (N, 784)" in line
     assert not (tmp_path / "d" / "metrics.json").exists()
 
+    state_dict = tmp_path / "weights.pth"  # what many users save: never unpickled
+    torch.save(nn.Linear(784, 10).state_dict(), state_dict)
+    line = _cli_error(["evaluate", "--model-file", str(state_dict), "--dataset", "digits", "--out", str(tmp_path / "e")])
+    assert "weights.pth" in line and "torch.jit.save" in line
+
 
 @pytest.mark.parametrize("flags, message", [
     (["--normalize", "0.1307"], "--normalize"),

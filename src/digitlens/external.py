@@ -169,7 +169,8 @@ def load_torchscript(path: str | os.PathLike) -> nn.Module:
             model = torch.jit.load(str(path), map_location="cpu")
     except (RuntimeError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else type(exc).__name__
-        raise DigitlensError(f"--model-file {path}: not a TorchScript model ({first})") from None
+        raise DigitlensError(f"--model-file {path}: not a TorchScript model ({first}); a state dict or a pickled "
+                             "model is not loaded (unsafe): save it with torch.jit.save or export it to .onnx") from None
     # Frozen: digitlens only reads the model, and a deep copy of a ScriptModule whose parameters
     # require gradients has non-leaf parameters that cannot be frozen afterwards (torch 2.13).
     for p in model.parameters():

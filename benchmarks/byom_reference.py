@@ -91,7 +91,7 @@ def main() -> None:
     for name in ("ref.pt", "ref.onnx"):
         for flags in ([], ["--normalize", f"{MEAN},{STD}"]):
             run_dir = out / f"{name.replace('.', '_')}{'_normalized' if flags else ''}"
-            cmd = [sys.executable, "-m", "digitlens", "evaluate", "--model-file", str(out / name), "--dataset", "mnist",
+            cmd = [sys.executable, "-m", "digitlens.cli", "evaluate", "--model-file", str(out / name), "--dataset", "mnist",
                    "--out", str(run_dir), "--no-progress", *flags] + (["--data-dir", args.data_dir] if args.data_dir else [])
             t0 = time.perf_counter()
             done = subprocess.run(cmd, capture_output=True, text=True)

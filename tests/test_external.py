@@ -148,6 +148,11 @@ def test_cli_records_the_flags_and_later_stages_reuse_them(reference, tmp_path, 
     assert declared["accuracy"] == reference["own_accuracy"]
     config = runio.read_json(out / "config.json")
     assert config["preprocessing"]["normalize"] == [MEAN, STD] and config["outputs_detected"] is False
+    # load_user_model on the folder (what `predict` calls) gives the recorded file with its flags.
+    from_folder = load_user_model(out)
+    assert from_folder.format == "onnx" and from_folder.preprocessing.normalize == (MEAN, STD)
+    assert torch.equal(from_folder.predict_logits(reference["test"].images).argmax(1),
+                       reference["own_log_probs"].argmax(1))
 
 
 def test_output_detection_against_softmax_and_log_softmax():
@@ -157,6 +162,9 @@ def test_output_detection_against_softmax_and_log_softmax():
     assert detect_outputs(torch.softmax(logits, 1)) == "probs"
     assert detect_outputs(torch.log_softmax(logits, 1)) == "log_probs"
     assert detect_outputs(torch.softmax(logits, 1) * 0.5) == "logits"  # in [0, 1] but rows sum to 0.5
+    underflow = torch.log(torch.softmax(logits * 100, 1))  # log of probabilities that underflowed to 0: -inf
+    assert torch.isinf(underflow).any() and detect_outputs(underflow) == "log_probs"
+    assert detect_outputs(torch.full((2, 10), float("nan"))) == "logits"
 
 
 @pytest.mark.parametrize("head", ["probs", "log_probs", "logits"])
@@ -310,6 +318,9 @@ def test_onnx_perturbation_maps_equal_pytorch_ones(small_cnn):
     np.testing.assert_allclose(onnx["pixel_maps"]["occlusion"], onnx["pixel_maps"]["feature_ablation"], atol=1e-6)
     assert not np.allclose(onnx["pixel_maps"]["shapley_value_sampling"], onnx["pixel_maps"]["occlusion"])
     np.testing.assert_array_equal(onnx["y_pred"], torch_result["y_pred"])
+    from digitlens.explain.methods import default_methods
+
+    assert default_methods(load_user_model(small_cnn["onnx"]).prepare(images).torch_module()) == ("occlusion",)
 
 
 def test_torchscript_attributions_are_on_the_users_pixel_scale(reference):

@@ -193,7 +193,7 @@ def explain_command(
 ) -> None:
     """Per-digit attribution maps, overlays, filters and faithfulness; write RUN_DIR/explain/.
     RUN_DIR may be the --out folder of `evaluate --model-file` (a TorchScript or ONNX model; ONNX:
-    occlusion, feature_ablation and shapley_value_sampling only)."""
+    occlusion by default, feature_ablation and shapley_value_sampling on request)."""
     from digitlens.explain import explain_run
     from digitlens.explain.methods import IG_TOLERANCE
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -116,29 +116,14 @@ def parse_normalize(text: str | None) -> tuple[float, float] | None:
     return mean, std
 
 
-def make_preprocessing(input_scale: float | None = None, normalize: Any = None, outputs: str | None = None,
-                       base: Preprocessing | dict | None = None) -> Preprocessing:
-    """A :class:`Preprocessing` from CLI-style values (``normalize`` as "MEAN,STD" or a pair); values
-    left None keep those of ``base`` (e.g. the one recorded in a run folder's config.json)."""
-    base = base if isinstance(base, Preprocessing) else Preprocessing.from_dict(base)
-    changes: dict[str, Any] = {}
-    if input_scale is not None:
-        changes["input_scale"] = input_scale
-    if normalize is not None:
-        changes["normalize"] = parse_normalize(normalize) if isinstance(normalize, str) else tuple(normalize)
-    if outputs is not None:
-        changes["outputs"] = outputs
-    return replace(base, **changes)
-
-
 def detect_outputs(out: torch.Tensor) -> str:
     """``probs`` when every value is in [0, 1] and every row sums to 1, ``log_probs`` when every
     value is <= 0 and every row of exp(out) sums to 1, else ``logits`` (``out`` is (N, C))."""
     x = out.detach().double()
-    if not torch.isfinite(x).all():
-        return "log_probs" if bool((x <= 1e-6).all()) and bool(torch.isfinite(x.exp().sum(1)).all()) and \
-            bool(((x.exp().sum(1) - 1).abs() < SUM_TOLERANCE).all()) else "logits"
-    if bool((x >= -1e-6).all() and (x <= 1 + 1e-6).all()) and bool(((x.sum(1) - 1).abs() < SUM_TOLERANCE).all()):
+    if bool(torch.isnan(x).any()):
+        return "logits"
+    in_unit = bool(((x >= -1e-6) & (x <= 1 + 1e-6)).all())
+    if in_unit and bool(((x.sum(1) - 1).abs() < SUM_TOLERANCE).all()):
         return "probs"
     if bool((x <= 1e-6).all()) and bool(((x.exp().sum(1) - 1).abs() < SUM_TOLERANCE).all()):
         return "log_probs"
@@ -431,7 +416,8 @@ def load_user_model(model: Any, preprocessing: Preprocessing | dict | None = Non
 
     ``model``: a path to a TorchScript file (``torch.jit.save``; any suffix but ``.onnx``), an ONNX
     file (``.onnx``, run by onnxruntime on the CPU), a digitlens run folder (its config.json and
-    model.safetensors), an ``nn.Module`` taking (N, 1, 28, 28) [0, 1] images, or a UserModel
+    model.safetensors; the ``--out`` folder of ``evaluate --model-file`` gives the file it recorded,
+    with the recorded preprocessing, which a ``preprocessing`` dict overrides key by key), an ``nn.Module`` taking (N, 1, 28, 28) [0, 1] images, or a UserModel
     (returned with ``preprocessing`` applied when given). ``preprocessing``: a
     :class:`Preprocessing` or its dict (default: pixels in [0, 1], no normalisation, layout and
     outputs detected). Bad files raise a one-line :class:`DigitlensError` naming the file.
@@ -452,8 +438,13 @@ def load_user_model(model: Any, preprocessing: Preprocessing | dict | None = Non
     if isinstance(model, (str, os.PathLike)):
         path = Path(model)
         if path.is_dir():
-            from digitlens import models
+            from digitlens import models, runio
 
+            config = runio.read_json(runio.require_run_dir(path) / "config.json")
+            if config.get("model_file"):  # the --out folder of `evaluate --model-file`: its file, its flags
+                recorded = config.get("preprocessing") or {}
+                merged = {**recorded, **preprocessing} if isinstance(preprocessing, dict) else (preprocessing or recorded)
+                return load_user_model(config["model_file"], merged)
             return UserModel(models.load_model(path), fmt="run", path=str(path), preprocessing=prep)
         if not path.is_file():
             raise DigitlensError(f"--model-file {path}: file not found")

@@ -32,10 +32,11 @@ ATTENTION_METHODS = ("attention", "attention_rollout")
 #: they explain models without gradients too (ONNX files run by onnxruntime).
 PERTURBATION_METHODS = ("occlusion", "feature_ablation", "shapley_value_sampling")
 METHODS = GRADIENT_METHODS + ATTENTION_METHODS + ("feature_ablation", "shapley_value_sampling")
-#: The default methods for a model without gradients. Feature ablation over the 4x4 patches
-#: gives the same maps as occlusion with 4x4 windows and stride 4 (each patch set to 0 once), so it
-#: is there on request only.
-DEFAULT_METHODS_FORWARD_ONLY = ("occlusion", "shapley_value_sampling")
+#: The default methods for a model without gradients: occlusion (49 forward passes per image).
+#: Feature ablation over the 4x4 patches gives the same maps as occlusion with 4x4 windows and
+#: stride 4 (each patch set to 0 once); Shapley value sampling costs SHAPLEY_SAMPLES x 49 forward
+#: passes per image, too many for a whole MNIST split by default: both on request (--methods).
+DEFAULT_METHODS_FORWARD_ONLY = ("occlusion",)
 #: Random feature permutations ShapleyValueSampling averages over (Captum's default is 25; 49
 #: patches each cost 49 forward passes per image and permutation).
 SHAPLEY_SAMPLES = 10

@@ -181,8 +181,8 @@ def explain_model(model: nn.Module, images, labels, *, methods=None, group_by: s
     ``model`` may be a :class:`digitlens.external.UserModel` (a TorchScript or ONNX file with its
     declared preprocessing): it is explained on ``images`` as given, so attributions are on the
     [0, 1] pixels, not on the normalised tensor; ``user_model`` records what was declared and
-    detected. An ONNX model runs forward only: occlusion, feature ablation and Shapley value
-    sampling (the default there), no randomisation check.
+    detected. An ONNX model runs forward only: occlusion (its default), feature ablation and
+    Shapley value sampling; no randomisation check.
     """
     torch.manual_seed(seed)
     images = torch.as_tensor(images, dtype=torch.float32)

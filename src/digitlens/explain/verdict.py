@@ -88,7 +88,10 @@ def rank_methods(rows: dict) -> dict:
             verdict += (", but removing its most relevant patches hurts the prediction no more than removing ink "
                         "patches in random order, so its maps localise the evidence no better than the ink does")
     else:
-        verdict = "no method passes both sanity checks, so none is called most faithful"
+        ran_randomisation = any("passes_sanity_check" in rows[m] for m in names)
+        verdict = ("no method passes both sanity checks, so none is called most faithful" if ran_randomisation else
+                   "no method passes the random-logit check (the randomisation check needs re-initialisable "
+                   "PyTorch layers), so none is called most faithful")
     return {"ranking": ranking, "most_faithful": best, "verdict": verdict, "rule": RULE,
             "eligible": [m for m in ranking if rows[m]["eligible"]]}
 

@@ -483,8 +483,8 @@ def evaluate_run(run_dir: str | os.PathLike, *, model: Any = None, data_dir: str
     folder's config.json by :func:`evaluate_model`), a user's ``nn.Module``, or the path of a
     TorchScript or ONNX file. ``preprocessing``: what a user's model expects
     (:class:`digitlens.external.Preprocessing`, or a dict; for a user model's folder the one
-    recorded in config.json is the default and a dict overrides only the keys it holds). Returns a summary dict (also written as ``evaluation.json``) with
-    ``accuracy``, ``ece``, ``temperature``, ``ece_calibrated``, ``n_errors``, ``macro_f1``,
+    recorded in config.json is the default and a dict overrides only the keys it holds). Returns a
+    summary dict (also written as ``evaluation.json``) with ``accuracy``, ``ece``, ``temperature``, ``ece_calibrated``, ``n_errors``, ``macro_f1``,
     ``files``, ``figures`` and ``insights``.
 
     ``bootstrap``: resamples of the test images behind the 95% intervals in ``metrics.json``
@@ -538,8 +538,8 @@ def evaluate_model(model: Any, dataset: Any = "digits", *, out_dir: str | os.Pat
     or its dict: ``input_scale`` 1 or 255, ``normalize`` (mean, std), ``outputs`` auto, logits,
     probs or log_probs); a file's input layout and outputs are detected unless declared. With
     ``out_dir`` a ``config.json`` records the model file, dataset and preprocessing, so ``explain``
-    and ``report`` on that folder use the same model the same way. ``dataset``: a :class:`digitlens.data.DigitDataset` or a dataset name
-    (its test split is used). ``history``: optional training history (dict, DataFrame, or a path to
+    and ``report`` on that folder use the same model the same way. ``dataset``: a
+    :class:`digitlens.data.DigitDataset` or a dataset name (its test split is used). ``history``: optional training history (dict, DataFrame, or a path to
     a Keras CSVLogger / history JSON / digitlens history.csv) for the training-curves figure and
     the overfitting insight. With ``out_dir`` every file of :func:`evaluate_run` is written there;
     without, nothing is written and the summary carries the full ``metrics`` dict and the
@@ -578,7 +578,7 @@ def evaluate_model(model: Any, dataset: Any = "digits", *, out_dir: str | os.Pat
     summary = _evaluate(model, test.images, test.labels, Path(out_dir) if out_dir is not None else None,
                         history=history, source=source, progress=progress, val=val_dataset,
                         bootstrap=bootstrap, bootstrap_seed=bootstrap_seed)
-    if out_dir is not None and isinstance(model, UserModel):
+    if out_dir is not None and isinstance(model, UserModel) and model.path:  # a module has no file to reload
         write_user_model_config(Path(out_dir), model, dataset=name, data_dir=data_dir)
     return summary
 
@@ -596,6 +596,7 @@ def write_user_model_config(out_dir: Path, model: UserModel, *, dataset: str, da
     config = {"model": model.name, "model_file": str(Path(model.path).resolve()) if model.path else None,
               "model_format": info["format"], "preprocessing": info["preprocessing"], "layout": info["layout"],
               "outputs": info["outputs"], "outputs_detected": info["outputs_detected"], "dataset": dataset,
-              "data_dir": str(data_dir) if data_dir is not None else None, "n_classes": 10, "val_fraction": 0.0,
+              "data_dir": str(Path(data_dir).resolve()) if data_dir is not None else None, "n_classes": 10,
+              "val_fraction": 0.0,
               "seed": 0}
     return runio.write_json(path, config)

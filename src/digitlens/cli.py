@@ -88,6 +88,30 @@ def _run_with_torchrun(ctx: typer.Context, nproc: int) -> None:
     code = launch(_forward_args(ctx), nproc)
     if code:
         raise DigitlensError(f"--nproc {nproc}: torchrun exited with status {code} (its processes' errors are above)")
+INPUT_SCALE_HELP = "A user's model (--model-file): pixels it expects, 1 ([0, 1], default) or 255 ([0, 255])."
+NORMALIZE_HELP = "A user's model: MEAN,STD it normalises the scaled pixels with, e.g. 0.1307,0.3081."
+OUTPUTS_HELP = "A user's model: what it returns, auto (detected, default), logits, probs or log_probs."
+
+
+def preprocessing_flags(input_scale: Optional[int], normalize: Optional[str], outputs: Optional[str]) -> Optional[dict]:
+    """The --input-scale/--normalize/--outputs given, as a preprocessing dict (None when none is)."""
+    from digitlens.external import parse_normalize
+
+    flags = {"input_scale": input_scale, "normalize": parse_normalize(normalize), "outputs": outputs}
+    flags = {k: v for k, v in flags.items() if v is not None}
+    return flags or None
+
+
+def describe_user_model(info: dict) -> str:
+    """One line: the user's model, the layout it was fed and what its outputs were taken as."""
+    from digitlens.external import LAYOUTS
+
+    prep = info["preprocessing"]
+    shape = "(N, " + ", ".join(str(s) for s in LAYOUTS[info["layout"]]) + ")"
+    norm = f", normalize {prep['normalize'][0]:g},{prep['normalize'][1]:g}" if prep.get("normalize") else ""
+    return (f"model {Path(info['model_file']).name if info.get('model_file') else 'module'} ({info['format']}): "
+            f"input {shape}, input scale {prep['input_scale']}{norm}, outputs {info['outputs']}"
+            f" ({'detected' if info['outputs_detected'] else 'declared'})")
 
 
 @app.command("train")
@@ -163,9 +187,13 @@ def evaluate_command(
     history: Optional[Path] = typer.Option(None, "--history", help="Without a run folder: training history (Keras CSVLogger .csv or history.history .json)."),
     device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
     bootstrap: int = typer.Option(DEFAULT_BOOTSTRAP, "--bootstrap", help="Resamples of the test images behind the 95% intervals of per-digit scores, macro F1 and ECE (0 = Wilson accuracy interval only)."),
+    input_scale: Optional[int] = typer.Option(None, "--input-scale", help=INPUT_SCALE_HELP),
+    normalize: Optional[str] = typer.Option(None, "--normalize", help=NORMALIZE_HELP),
+    outputs: Optional[str] = typer.Option(None, "--outputs", help=OUTPUTS_HELP),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
-    """Predict the test split; write predictions.npz, metrics.json, insights.md/json and figures/."""
+    """Predict the test split; write predictions.npz, metrics.json, insights.md/json and figures/
+    (for --model-file also config.json, so explain and report on --out use the same model and flags)."""
     from digitlens import evaluate
 
     from digitlens.seeds import is_group, summarise_group
@@ -181,16 +209,21 @@ def evaluate_command(
         if history is not None:
             raise DigitlensError("--history: only used without a run folder (the run folder has it)")
         summary = evaluate.evaluate_run(run_dir, model=model_file, data_dir=data_dir, progress=progress,
-                                        dataset=dataset, out_dir=out, device=device, bootstrap=bootstrap)
+                                        dataset=dataset, out_dir=out, device=device, bootstrap=bootstrap,
+                                        preprocessing=preprocessing_flags(input_scale, normalize, outputs))
     else:
         if model_file is None or dataset is None or out is None:
             raise DigitlensError("evaluate: give a run folder, or --model-file, --dataset and --out together")
         summary = evaluate.evaluate_model(model_file, dataset, out_dir=out, data_dir=data_dir, history=history,
-                                          progress=progress, device=device, bootstrap=bootstrap)
+                                          progress=progress, device=device, bootstrap=bootstrap,
+                                          preprocessing=preprocessing_flags(input_scale, normalize, outputs))
     if summary["accuracy"] is None:  # a Kaggle test.csv: no labels, so predictions only
         typer.echo(f"{summary['n_samples']} images without labels: no accuracy; wrote "
                    f"{Path(summary['out_dir']) / 'predictions.csv'} (Kaggle submission format ImageId,Label)")
         return
+    user = summary["source"].get("user_model")
+    if user:
+        typer.echo(describe_user_model(user))
     calibrated = (f" ({summary['ece_calibrated']:.4f} after temperature scaling, T = {summary['temperature']:.3f})"
                   if summary.get("temperature") is not None and summary.get("ece_calibrated") is not None else "")
     low, high = summary["accuracy_ci"]
@@ -207,7 +240,7 @@ def evaluate_command(
 def explain_command(
     ctx: typer.Context,
     run_dir: Path = typer.Argument(..., help="Run folder from `digitlens train` (runs/NAME)."),
-    methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated: saliency, input_x_gradient, integrated_gradients, occlusion, gradcam, hirescam, attention, attention_rollout (dashes work too; default: all that apply)."),
+    methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated: saliency, input_x_gradient, integrated_gradients, occlusion, gradcam, hirescam, attention, attention_rollout, feature_ablation, shapley_value_sampling (dashes work too; default: all that apply)."),
     group_by: str = typer.Option("true", "--group-by", help="Group images by true or predicted label, or by correct/incorrect."),
     grid: int = typer.Option(7, "--grid", help="Patch grid of the per-digit maps (7 = 4x4 patches on 28x28)."),
     compare: Optional[Path] = typer.Option(None, "--compare", help="A second run folder: side-by-side maps with the difference."),
@@ -221,9 +254,14 @@ def explain_command(
     image_index: int = typer.Option(0, "--image-index", help="The image of the split whose feature maps are drawn."),
     device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
     nproc: Optional[int] = typer.Option(None, "--nproc", help=NPROC_HELP),
+    input_scale: Optional[int] = typer.Option(None, "--input-scale", help=INPUT_SCALE_HELP + " Default: as recorded by evaluate --model-file --out."),
+    normalize: Optional[str] = typer.Option(None, "--normalize", help=NORMALIZE_HELP),
+    outputs: Optional[str] = typer.Option(None, "--outputs", help=OUTPUTS_HELP),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
-    """Per-digit attribution maps, overlays, filters and faithfulness; write RUN_DIR/explain/."""
+    """Per-digit attribution maps, overlays, filters and faithfulness; write RUN_DIR/explain/.
+    RUN_DIR may be the --out folder of `evaluate --model-file` (a TorchScript or ONNX model; ONNX:
+    occlusion by default, feature_ablation and shapley_value_sampling on request)."""
     from digitlens.explain import explain_run
     from digitlens.explain.methods import IG_TOLERANCE
 
@@ -236,7 +274,8 @@ def explain_command(
     summary = explain_run(run_dir, methods=methods, group_by=group_by, grid=grid, data_dir=data_dir, split=split,
                           progress=progress, compare=compare, compare_methods=compare_methods,
                           faithfulness_size=faithfulness_size, gradcam_layer=gradcam_layer, image_index=image_index,
-                          ig_tolerance=ig_tolerance, ig_n_steps=ig_steps, device=device)
+                          ig_tolerance=ig_tolerance, ig_n_steps=ig_steps, device=device,
+                          preprocessing=preprocessing_flags(input_scale, normalize, outputs))
     if summary is None:  # a torchrun process other than rank 0: rank 0 wrote and reports
         return
     verdict = summary.get("verdict")

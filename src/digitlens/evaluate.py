@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from torch import nn
 from digitlens import runio
 from digitlens.device import model_device, resolve_device
 from digitlens.errors import DigitlensError
+from digitlens.external import Preprocessing, UserModel, load_torchscript, load_user_model  # noqa: F401 (re-exported)
 from digitlens.intervals import DEFAULT_BOOTSTRAP, DEFAULT_SEED, bootstrap_metrics, mean_interval, wilson_interval
 
 #: Stems of the figures written under ``figures/``.
@@ -293,26 +293,11 @@ def temperature_metrics(y_true: Any, logits: Any, val_logits: Any = None, val_la
 # Prediction
 # --------------------------------------------------------------------------------------------
 
-def load_torchscript(path: str | os.PathLike) -> nn.Module:
-    """Load a TorchScript model file (``torch.jit.save``) on the CPU, in eval mode."""
-    path = Path(path)
-    if not path.is_file():
-        raise DigitlensError(f"--model-file {path}: file not found")
-    try:
-        with warnings.catch_warnings():  # torch 2.13 deprecates TorchScript; users still ship it
-            warnings.simplefilter("ignore", DeprecationWarning)
-            model = torch.jit.load(str(path), map_location="cpu")
-    except (RuntimeError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else type(exc).__name__
-        raise DigitlensError(f"--model-file {path}: not a TorchScript model ({first})") from None
-    return model.eval()
-
-
-def _as_module(model: Any) -> nn.Module:
+def _as_module(model: Any) -> Any:
     if isinstance(model, (str, os.PathLike)):
-        return load_torchscript(model)
-    if not isinstance(model, nn.Module) and not callable(model):
-        raise DigitlensError(f"model: expected a torch.nn.Module or a TorchScript file, got {type(model).__name__}")
+        return load_user_model(model)
+    if not isinstance(model, (nn.Module, UserModel)) and not callable(model):
+        raise DigitlensError(f"model: expected a torch.nn.Module or a model file, got {type(model).__name__}")
     return model
 
 
@@ -330,8 +315,12 @@ def predict_logits(model: Any, images: torch.Tensor, *, batch_size: int = 1000, 
 
     Runs in batches under ``torch.inference_mode()`` with the model in eval mode (its previous
     mode is restored). A model returning a tuple (e.g. logits and attentions) uses its first item.
+    ``model`` may be a :class:`digitlens.external.UserModel` or a model file (its declared
+    preprocessing applied, its outputs turned into logits).
     """
     model = _as_module(model)
+    if isinstance(model, UserModel):
+        model = model.prepare(images).torch_module()
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
@@ -494,6 +483,8 @@ def _evaluate(model: Any, images: torch.Tensor, labels: torch.Tensor | None, out
     if labels is None:
         return write_unlabelled_predictions(model, images, out_dir, source=source, progress=progress, files=files)
     logits = predict_logits(model, images, progress=progress)
+    if isinstance(model, UserModel):  # what was declared and what was detected, after the first prediction
+        source = {**source, "user_model": model.describe()}
     proba = softmax(logits)
     y_true = labels.numpy().astype(np.int64)
     y_pred = proba.argmax(axis=1).astype(np.int64)
@@ -544,15 +535,19 @@ def _evaluate(model: Any, images: torch.Tensor, labels: torch.Tensor | None, out
 
 def evaluate_run(run_dir: str | os.PathLike, *, model: Any = None, data_dir: str | os.PathLike | None = None,
                  progress: bool = True, bootstrap: int = DEFAULT_BOOTSTRAP, bootstrap_seed: int = DEFAULT_SEED,
-                 dataset: Any = None, out_dir: str | os.PathLike | None = None, device: Any = None) -> dict:
+                 dataset: Any = None, out_dir: str | os.PathLike | None = None, device: Any = None,
+                 preprocessing: Preprocessing | dict | None = None) -> dict:
     """Evaluate a training run on its test split and write predictions, metrics, insights and
     figures into the run folder. The temperature (see :func:`temperature_metrics`) is fitted on
     the run's validation split, never on the test split; a run trained with ``val_fraction=0``
     gets ``"temperature": null`` and a ``calibration_note``.
 
-    ``model``: None (the run's own ``model.safetensors``), a user's ``nn.Module``, or the path of
-    a TorchScript file. Returns a summary dict (also written as ``evaluation.json``) with
-    ``accuracy``, ``ece``, ``temperature``, ``ece_calibrated``, ``n_errors``, ``macro_f1``,
+    ``model``: None (the run's own ``model.safetensors``, or the model file recorded in the
+    folder's config.json by :func:`evaluate_model`), a user's ``nn.Module``, or the path of a
+    TorchScript or ONNX file. ``preprocessing``: what a user's model expects
+    (:class:`digitlens.external.Preprocessing`, or a dict; for a user model's folder the one
+    recorded in config.json is the default and a dict overrides only the keys it holds). Returns a
+    summary dict (also written as ``evaluation.json``) with ``accuracy``, ``ece``, ``temperature``, ``ece_calibrated``, ``n_errors``, ``macro_f1``,
     ``files``, ``figures`` and ``insights``.
 
     ``bootstrap``: resamples of the test images behind the 95% intervals in ``metrics.json``
@@ -574,11 +569,22 @@ def evaluate_run(run_dir: str | os.PathLike, *, model: Any = None, data_dir: str
     config = runio.read_json(run_dir / "config.json")
     if "dataset" not in config:
         raise DigitlensError(f"{run_dir / 'config.json'}: missing key 'dataset'")
-    if model is None:
+    if model is None and config.get("model_file"):  # a folder written by evaluate_model for a user's model
+        recorded = config.get("preprocessing") or {}
+        if isinstance(preprocessing, dict):  # a dict overrides only the keys it holds
+            preprocessing = {**recorded, **preprocessing}
+        model = load_user_model(config["model_file"], preprocessing if preprocessing is not None else recorded)
+        source = {"model": str(config["model_file"]), "run_dir": str(run_dir)}
+    elif model is None:
+        if preprocessing is not None:
+            raise DigitlensError(f"{run_dir}: --input-scale/--normalize/--outputs describe a user's model "
+                                 "(--model-file); a digitlens run normalises its own inputs")
         model = models.load_model(run_dir)
         source = {"model": "run", "run_dir": str(run_dir), "architecture": config.get("model")}
     else:
-        source = {"model": str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__,
+        if isinstance(model, (str, os.PathLike)) or preprocessing is not None:
+            model = load_user_model(model, preprocessing)
+        source = {"model": (model.path or model.name) if isinstance(model, UserModel) else type(model).__name__,
                   "run_dir": str(run_dir)}
     if dataset is not None:  # the user's data first: a bad file fails before the run's data is read
         test, name = _test_split(dataset, data_dir)
@@ -594,9 +600,14 @@ def evaluate_run(run_dir: str | os.PathLike, *, model: Any = None, data_dir: str
     val = splits.val if splits is not None else None
     sizes = {"n_val": config.get("n_val", len(val) if val is not None else None),
              "n_train_eval": config.get("train_eval_size")}
-    return _evaluate(model, test.images, test.labels, target, history=history, source=source,
-                     progress=progress, val=val, bootstrap=bootstrap, bootstrap_seed=bootstrap_seed,
-                     sizes=sizes, files=test.files, device=device)
+    summary = _evaluate(model, test.images, test.labels, target, history=history, source=source,
+                        progress=progress, val=val, bootstrap=bootstrap, bootstrap_seed=bootstrap_seed,
+                        sizes=sizes, files=test.files, device=device)
+    if dataset is None and config.get("model_file") and isinstance(model, UserModel):
+        # the flags given now are what later stages on this folder reuse
+        write_user_model_config(run_dir, model, dataset=config["dataset"],
+                                data_dir=data_dir if data_dir is not None else config.get("data_dir"))
+    return summary
 
 
 def _test_split(dataset: Any, data_dir) -> tuple[Any, str]:
@@ -621,12 +632,18 @@ def _out_name(dataset: Any, name: str) -> str:
 def evaluate_model(model: Any, dataset: Any = "digits", *, out_dir: str | os.PathLike | None = None,
                    data_dir: str | os.PathLike | None = None, history: Any = None, progress: bool = True,
                    val_dataset: Any = None, bootstrap: int = DEFAULT_BOOTSTRAP, bootstrap_seed: int = DEFAULT_SEED,
-                   device: Any = None) -> dict:
+                   preprocessing: Preprocessing | dict | None = None, device: Any = None) -> dict:
     """Evaluate any model without a training run ("bring your own model").
 
-    ``model``: an ``nn.Module`` taking (N, 1, 28, 28) images in [0, 1] and returning logits, or a
-    TorchScript file path. ``dataset``: a :class:`digitlens.data.DigitDataset`, a dataset name
-    (its test split is used), or the path of an image folder or Kaggle CSV (all of it). ``history``: optional training history (dict, DataFrame, or a path to
+    ``model``: an ``nn.Module`` taking (N, 1, 28, 28) images in [0, 1] and returning logits, a
+    TorchScript (``.pt``) or ONNX (``.onnx``) file path, or a :class:`digitlens.external.UserModel`.
+    ``preprocessing``: what the model expects and returns (:class:`digitlens.external.Preprocessing`
+    or its dict: ``input_scale`` 1 or 255, ``normalize`` (mean, std), ``outputs`` auto, logits,
+    probs or log_probs); a file's input layout and outputs are detected unless declared. With
+    ``out_dir`` a ``config.json`` records the model file, dataset and preprocessing, so ``explain``
+    and ``report`` on that folder use the same model the same way. ``dataset``: a
+    :class:`digitlens.data.DigitDataset`, a dataset name (its test split is used), or the path of an
+    image folder or Kaggle CSV (all of it). ``history``: optional training history (dict, DataFrame, or a path to
     a Keras CSVLogger / history JSON / digitlens history.csv) for the training-curves figure and
     the overfitting insight. With ``out_dir`` every file of :func:`evaluate_run` is written there;
     without, nothing is written and the summary carries the full ``metrics`` dict and the
@@ -653,7 +670,33 @@ def evaluate_model(model: Any, dataset: Any = "digits", *, out_dir: str | os.Pat
         history = read_history(history)
     elif history is not None:
         history = normalise_history(history)
-    source = {"model": str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__, "dataset": name}
-    return _evaluate(model, test.images, test.labels, Path(out_dir) if out_dir is not None else None,
-                     history=history, source=source, progress=progress, val=val_dataset,
-                     bootstrap=bootstrap, bootstrap_seed=bootstrap_seed, files=test.files, device=device)
+    if isinstance(model, (str, os.PathLike, UserModel)) or preprocessing is not None:
+        model = load_user_model(model, preprocessing)
+        source = {"model": model.path or model.name, "dataset": name}
+    else:
+        source = {"model": type(model).__name__, "dataset": name}
+    summary = _evaluate(model, test.images, test.labels, Path(out_dir) if out_dir is not None else None,
+                        history=history, source=source, progress=progress, val=val_dataset,
+                        bootstrap=bootstrap, bootstrap_seed=bootstrap_seed, files=test.files, device=device)
+    if out_dir is not None and isinstance(model, UserModel) and model.path:  # a module has no file to reload
+        write_user_model_config(Path(out_dir), model, dataset=name, data_dir=data_dir)
+    return summary
+
+
+def write_user_model_config(out_dir: Path, model: UserModel, *, dataset: str, data_dir: Any = None) -> Path | None:
+    """Write ``out_dir/config.json`` for a user's model: ``model`` (the file's name), ``model_file``
+    (absolute path), ``model_format``, ``preprocessing`` (as declared), ``layout`` and ``outputs``
+    (as used), ``dataset``, ``data_dir``, ``n_classes``, ``val_fraction`` 0 and ``seed`` 0, so that
+    ``evaluate``, ``explain`` and ``report`` on ``out_dir`` reuse them. A training run's config.json
+    there is left alone (returns None)."""
+    path = out_dir / "config.json"
+    if path.is_file() and not runio.read_json(path).get("model_file"):
+        return None
+    info = model.describe()
+    config = {"model": model.name, "model_file": str(Path(model.path).resolve()) if model.path else None,
+              "model_format": info["format"], "preprocessing": info["preprocessing"], "layout": info["layout"],
+              "outputs": info["outputs"], "outputs_detected": info["outputs_detected"], "dataset": dataset,
+              "data_dir": str(Path(data_dir).resolve()) if data_dir is not None else None, "n_classes": 10,
+              "val_fraction": 0.0,
+              "seed": 0}
+    return runio.write_json(path, config)

@@ -3,7 +3,9 @@
 Gradient and perturbation methods go through Captum (Simonyan et al. 2014 saliency, Shrikumar
 et al. 2016 input x gradient, Sundararajan et al. 2017 integrated gradients, Zeiler & Fergus
 2014 occlusion, Selvaraju et al. 2017 Grad-CAM, and Draelos & Carin 2020 HiResCAM through
-Captum's LayerGradientXActivation). Captum has no attention maps for vision
+Captum's LayerGradientXActivation); feature ablation and Shapley value sampling (Strumbelj &
+Kononenko 2010) over 4x4 patches need only forward calls, so they explain ONNX models too (see
+:data:`PERTURBATION_METHODS`). Captum has no attention maps for vision
 transformers, so last-layer class-token attention and attention rollout (Abnar & Zuidema 2020)
 are written here by hand, in a few lines each.
 """
@@ -27,7 +29,20 @@ GRADIENT_METHODS = ("saliency", "input_x_gradient", "integrated_gradients", "occ
 #: Methods that read a layer's map (Grad-CAM's layer, see :func:`gradcam_layer_name`).
 CAM_METHODS = ("gradcam", "hirescam")
 ATTENTION_METHODS = ("attention", "attention_rollout")
-METHODS = GRADIENT_METHODS + ATTENTION_METHODS
+#: Methods that only call the model forward (Captum's perturbation methods over 4x4 patches), so
+#: they explain models without gradients too (ONNX files run by onnxruntime).
+PERTURBATION_METHODS = ("occlusion", "feature_ablation", "shapley_value_sampling")
+METHODS = GRADIENT_METHODS + ATTENTION_METHODS + ("feature_ablation", "shapley_value_sampling")
+#: The default methods for a model without gradients: occlusion (49 forward passes per image).
+#: Feature ablation over the 4x4 patches gives the same maps as occlusion with 4x4 windows and
+#: stride 4 (each patch set to 0 once); Shapley value sampling costs SHAPLEY_SAMPLES x 49 forward
+#: passes per image, too many for a whole MNIST split by default: both on request (--methods).
+DEFAULT_METHODS_FORWARD_ONLY = ("occlusion",)
+#: Random feature permutations ShapleyValueSampling averages over (Captum's default is 25; 49
+#: patches each cost 49 forward passes per image and permutation).
+SHAPLEY_SAMPLES = 10
+#: Side of the square patches the perturbation methods remove (4: a 7x7 grid on 28x28 images).
+PATCH = 4
 # Grad-CAM needs a conv layer with spatial structure; on the ViT only ``patch_embed`` qualifies
 # (a 7x7 map of patch embeddings, coarse and rarely informative), so it is not a ViT default.
 DEFAULT_METHODS_CNN = ("saliency", "input_x_gradient", "integrated_gradients", "occlusion", "gradcam", "hirescam")
@@ -45,13 +60,31 @@ def is_attention_model(model: nn.Module) -> bool:
         return False
 
 
+def forward_only_file(model: nn.Module) -> str | None:
+    """The file name of the model without gradients inside ``model`` (an ONNX file run by
+    onnxruntime, :class:`digitlens.external.OnnxForward`), or None when gradients flow."""
+    from digitlens.external import OnnxForward
+
+    found = next((m for m in model.modules() if isinstance(m, OnnxForward)), None) if isinstance(model, nn.Module) else None
+    return found.path.name if found is not None else None
+
+
 def default_methods(model: nn.Module) -> tuple[str, ...]:
-    """The methods explained by default: the ViT list for attention models, else the CNN list."""
-    return DEFAULT_METHODS_VIT if is_attention_model(model) else DEFAULT_METHODS_CNN
+    """The methods explained by default: the perturbation methods for a model without gradients,
+    the ViT list for attention models, else the CNN list (without Grad-CAM and HiResCAM when the
+    model has no ``nn.Conv2d`` layer, e.g. an MLP or a TorchScript file)."""
+    if forward_only_file(model):
+        return DEFAULT_METHODS_FORWARD_ONLY
+    if is_attention_model(model):
+        return DEFAULT_METHODS_VIT
+    if not any(isinstance(m, nn.Conv2d) for m in model.modules()):  # an MLP, or a TorchScript file: no CAM layer
+        return tuple(m for m in DEFAULT_METHODS_CNN if m not in CAM_METHODS)
+    return DEFAULT_METHODS_CNN
 
 
 def parse_methods(methods, model: nn.Module) -> tuple[str, ...]:
-    """Validate a list (or comma-separated string) of method names; None -> the defaults."""
+    """Validate a list (or comma-separated string) of method names; None -> the defaults. A
+    gradient method asked of a model without gradients (ONNX) is a one-line error."""
     if methods is None:
         return default_methods(model)
     if isinstance(methods, str):
@@ -62,6 +95,10 @@ def parse_methods(methods, model: nn.Module) -> tuple[str, ...]:
     for name in methods:
         if name not in METHODS:
             raise DigitlensError(f"--methods {name!r}: unknown method (choose from {', '.join(METHODS)})")
+        onnx_file = forward_only_file(model)
+        if onnx_file and name not in PERTURBATION_METHODS:
+            raise DigitlensError(f"{name} needs a PyTorch model; {onnx_file} is ONNX "
+                                 f"(use {', '.join(PERTURBATION_METHODS[:-1])} or {PERTURBATION_METHODS[-1]})")
         if name in ATTENTION_METHODS and not is_attention_model(model):
             raise DigitlensError(f"--methods {name!r}: needs a transformer model with attention maps (e.g. --model vit)")
     return methods
@@ -82,7 +119,8 @@ def prepare_model(model: nn.Module) -> nn.Module:
 
 #: Methods whose maps depend only on the model as a function of its input (not on a layer's
 #: activations), so they may run on :func:`fold_batch_norm`'s copy.
-INPUT_GRADIENT_METHODS = ("saliency", "input_x_gradient", "integrated_gradients", "occlusion")
+INPUT_GRADIENT_METHODS = ("saliency", "input_x_gradient", "integrated_gradients", "occlusion", "feature_ablation",
+                          "shapley_value_sampling")
 
 
 def fold_batch_norm(model: nn.Module) -> nn.Module:
@@ -448,6 +486,16 @@ def attention_rollout(attention_mats) -> torch.Tensor:
     return result
 
 
+def patch_mask(images: torch.Tensor, patch: int = PATCH) -> torch.Tensor:
+    """Captum feature mask (1, C, H, W) of ``images`` (N, C, H, W): the index of each pixel's
+    ``patch`` x ``patch`` square, row by row (0..48 for 4x4 patches of 28x28), shared by channels."""
+    _, c, h, w = images.shape
+    rows = torch.arange(h, device=images.device) // patch
+    cols = torch.arange(w, device=images.device) // patch
+    index = rows[:, None] * ((w + patch - 1) // patch) + cols[None, :]
+    return index.expand(1, c, h, w)
+
+
 def attribute(model: nn.Module, images: torch.Tensor, target, method: str = "saliency", *,
               gradcam_layer: str | None = None, occlusion_window: int = 4, ig_info: IGInfo | None = None,
               **ig_kwargs) -> torch.Tensor:
@@ -472,7 +520,8 @@ def attribute(model: nn.Module, images: torch.Tensor, target, method: str = "sal
 
 
 def _attribute(model, images, target, method, *, gradcam_layer, occlusion_window, ig_info, **ig_kwargs):
-    from captum.attr import InputXGradient, LayerGradCam, LayerGradientXActivation, Occlusion, Saliency
+    from captum.attr import (FeatureAblation, InputXGradient, LayerGradCam, LayerGradientXActivation, Occlusion,
+                             Saliency, ShapleyValueSampling)
 
     images = images.detach()
     n = images.shape[0]
@@ -487,6 +536,14 @@ def _attribute(model, images, target, method, *, gradcam_layer, occlusion_window
         w = occlusion_window
         return Occlusion(model).attribute(images, sliding_window_shapes=(c, w, w), strides=(c, w, w), baselines=0.0,
                                           target=_targets(target, n, images.device), perturbations_per_eval=8)
+    if method == "feature_ablation":
+        return FeatureAblation(model).attribute(images, baselines=0.0, feature_mask=patch_mask(images, occlusion_window),
+                                                target=_targets(target, n, images.device), perturbations_per_eval=8)
+    if method == "shapley_value_sampling":
+        return ShapleyValueSampling(model).attribute(images, baselines=0.0,
+                                                     feature_mask=patch_mask(images, occlusion_window),
+                                                     target=_targets(target, n, images.device), n_samples=SHAPLEY_SAMPLES,
+                                                     perturbations_per_eval=8)
     if method in CAM_METHODS:
         layer = dict(model.named_modules())[_resolved_gradcam_layer(model, gradcam_layer, images)]
         if method == "gradcam":  # ReLU(sum_k mean(dy/dA_k) A_k): channel weights averaged over positions

@@ -14,6 +14,7 @@ from digitlens import distributed
 from digitlens.comparison import compare_predictions
 from digitlens.device import model_device, resolve_device, synchronize
 from digitlens.errors import DigitlensError
+from digitlens.external import OnnxForward, UserModel, load_user_model
 from digitlens.explain.aggregate import PerDigitMaps, group_names, has_mass, normalise_maps, pool_to_grid
 from digitlens.explain.faithfulness import (INK_THRESHOLD, RANDOM_LOGIT_THRESHOLD, cascading_randomisation,
                                             curve_auc, ink_random_order, patch_order, perturbation_curves,
@@ -21,7 +22,8 @@ from digitlens.explain.faithfulness import (INK_THRESHOLD, RANDOM_LOGIT_THRESHOL
 from digitlens.explain.road import ROAD_FRACTIONS, road_areas, road_auc, road_curves
 from digitlens.explain.verdict import SANITY_MAX_SPEARMAN, margin_over_runner_up, rank_methods
 from digitlens.explain.methods import (CAM_METHODS, IG_TOLERANCE, INPUT_GRADIENT_METHODS, attribute, fold_batch_norm,
-                                      gradcam_layer_name, layer_reach, parse_methods, prepare_model)
+                                      forward_only_file, gradcam_layer_name, layer_reach, parse_methods,
+                                      prepare_model)
 from digitlens.plots._common import pyplot
 
 #: Integrated-gradients steps (Captum's Gauss-Legendre rule) for the per-image overlays.
@@ -68,7 +70,7 @@ def _abs_maps(model, images, targets, method, batch_size, **kw) -> np.ndarray:
 
 def faithfulness_report(model: nn.Module, images: torch.Tensor, targets: np.ndarray, methods, *, grid: int = 7,
                  batch_size: int = 256, seed: int = 0, sanity_size: int = 64, method_kwargs=None,
-                 scoring_model: nn.Module | None = None, n_classes: int = 10) -> dict:
+                 scoring_model: nn.Module | None = None, n_classes: int = 10, randomisation: bool = True) -> dict:
     """How far each method's maps can be trusted, on ``images`` (N, C, H, W) towards ``targets`` (N,).
 
     Per method (and for two random baselines, ``random``: any patch, ``ink_random``: ink patches
@@ -78,7 +80,9 @@ def faithfulness_report(model: nn.Module, images: torch.Tensor, targets: np.ndar
     check (Adebayo et al. 2018) and the random-logit check (Sixt et al. 2020). Then the verdict of
     :mod:`digitlens.explain.verdict`: ``ranking``, ``most_faithful``, ``verdict``, and per method
     ``eligible`` and ``reasons``. ``scoring_model`` (default ``model``) is the same function of
-    the input evaluated for the curves (e.g. the batch-norm-folded copy). Returns a JSON-able dict.
+    the input evaluated for the curves (e.g. the batch-norm-folded copy). ``randomisation=False``
+    skips the randomisation check (a TorchScript or ONNX file has no layers digitlens can
+    re-initialise; ``randomisation_note`` says so). Returns a JSON-able dict.
     """
     method_kwargs = method_kwargs or {}
     scorer = scoring_model if scoring_model is not None else model
@@ -124,15 +128,20 @@ def faithfulness_report(model: nn.Module, images: torch.Tensor, targets: np.ndar
             return {m: _abs_maps(m_, images[sub], targets[sub], m, batch_size, **sanity_kwargs[m]).reshape(-1, h * w)
                     for m in methods}
 
-        stages = cascading_randomisation(model, map_fn, seed=seed)
-        result["randomisation"] = {
-            "layers": [name for name, _ in stages],
-            "spearman": {m: [float(np.mean(c[m])) for _, c in stages] for m in methods},
-        }
+        if randomisation:
+            stages = cascading_randomisation(model, map_fn, seed=seed)
+            result["randomisation"] = {
+                "layers": [name for name, _ in stages],
+                "spearman": {m: [float(np.mean(c[m])) for _, c in stages] for m in methods},
+            }
+        else:
+            result["randomisation_note"] = ("randomisation check skipped: the model is a TorchScript or ONNX file "
+                                            "whose layers digitlens cannot re-initialise")
         for m in methods:
-            final = result["randomisation"]["spearman"][m][-1]
-            result["methods"][m]["spearman_fully_randomised"] = final
-            result["methods"][m]["passes_sanity_check"] = bool(abs(final) < SANITY_MAX_SPEARMAN)
+            if randomisation:
+                final = result["randomisation"]["spearman"][m][-1]
+                result["methods"][m]["spearman_fully_randomised"] = final
+                result["methods"][m]["passes_sanity_check"] = bool(abs(final) < SANITY_MAX_SPEARMAN)
             similarity = random_logit_similarity(
                 lambda x, t, m=m: _abs_maps(model, x, np.asarray(t), m, batch_size, **sanity_kwargs[m]),
                 images[sub], targets[sub], n_classes, seed=seed)
@@ -149,6 +158,12 @@ def faithfulness_report(model: nn.Module, images: torch.Tensor, targets: np.ndar
                                   f"{n} images)")
     return result
 
+
+
+def can_reinitialise(model: nn.Module) -> bool:
+    """False when ``model`` holds a TorchScript module or an ONNX session: their layers cannot be
+    re-initialised by their ``reset_parameters`` (the randomisation check needs that)."""
+    return not any(isinstance(m, (torch.jit.ScriptModule, OnnxForward)) for m in model.modules())
 
 
 def explain_model(model: nn.Module, images, labels, *, methods=None, group_by: str = "true", grid: int = 7,
@@ -172,6 +187,11 @@ def explain_model(model: nn.Module, images, labels, *, methods=None, group_by: s
     on a GPU). ``dist_context`` (:func:`digitlens.distributed.context`): each rank attributes its
     share of the images and the per-group sums are added with ``all_reduce``; only rank 0 goes on
     to the faithfulness verdict (the other ranks' result has no ``faithfulness``).
+    ``model`` may be a :class:`digitlens.external.UserModel` (a TorchScript or ONNX file with its
+    declared preprocessing): it is explained on ``images`` as given, so attributions are on the
+    [0, 1] pixels, not on the normalised tensor; ``user_model`` records what was declared and
+    detected. An ONNX model runs forward only: occlusion (its default), feature ablation and
+    Shapley value sampling; no randomisation check.
     """
     run_device = resolve_device(device)
     batch_size = batch_size or (250 if run_device.type == "cpu" else 4000)
@@ -180,6 +200,8 @@ def explain_model(model: nn.Module, images, labels, *, methods=None, group_by: s
     labels_np = np.asarray(labels, dtype=np.int64)
     if images.ndim != 4 or images.shape[0] != labels_np.shape[0]:
         raise DigitlensError(f"images of shape {tuple(images.shape)}: expected (N, C, H, W) matching {labels_np.shape[0]} labels")
+    if isinstance(model, UserModel):
+        model = model.prepare(images).torch_module()
     frozen = prepare_model(model).to(run_device)
     methods = parse_methods(methods, frozen)
     y_pred, proba = predict(frozen, images)
@@ -201,8 +223,11 @@ def explain_model(model: nn.Module, images, labels, *, methods=None, group_by: s
         out["gradcam_layer"] = gradcam_layer
     # Patches of the input that no class score depends on (none for digitlens' models): a map whose
     # largest patch lies there would point at what the model cannot see.
-    seen = pool_to_grid(layer_reach(frozen, None, probe).astype(np.float64), grid) > 0
-    out["unseen_patches"] = [[int(r), int(c)] for r, c in zip(*np.nonzero(~seen))]
+    if forward_only_file(frozen) is None:
+        seen = pool_to_grid(layer_reach(frozen, None, probe).astype(np.float64), grid) > 0
+        out["unseen_patches"] = [[int(r), int(c)] for r, c in zip(*np.nonzero(~seen))]
+    else:  # no gradients to ask which input patches reach the output
+        out["unseen_patches"] = []
     folded = fold_batch_norm(frozen)  # same function of the input, faster gradients
     share = distributed.shard(images.shape[0], dist_context)  # this rank's images (all of them for one process)
     main = dist_context is None or dist_context.is_main
@@ -244,7 +269,8 @@ def explain_model(model: nn.Module, images, labels, *, methods=None, group_by: s
         t0 = time.perf_counter()
         out["faithfulness"] = faithfulness_report(frozen, images[idx], targets[idx], methods, grid=grid, seed=seed,
                                            sanity_size=sanity_size, batch_size=batch_size,
-                                           method_kwargs=method_kwargs, scoring_model=folded, n_classes=n_classes)
+                                           method_kwargs=method_kwargs, scoring_model=folded, n_classes=n_classes,
+                                           randomisation=can_reinitialise(frozen))
         out["faithfulness"]["seconds"] = time.perf_counter() - t0
     return out
 
@@ -341,7 +367,8 @@ def write_figures(run_dir: Path, result: dict, model: nn.Module, images: torch.T
         disp = AttributionOverlayDisplay(images=g["images"], heatmaps=g["heatmaps"], second_heatmaps=g["second_heatmaps"],
                                          y_true=g["y_true"], y_pred=g["y_pred"], proba=g["proba"], title=title)
         save(disp.plot(), f"overlays_{gname}")
-    save(FiltersDisplay.from_model(model).plot(), "filters_first_layer")
+    if any(isinstance(m, nn.Conv2d) for m in model.modules()):  # a TorchScript or ONNX file shows none
+        save(FiltersDisplay.from_model(model).plot(), "filters_first_layer")
     fm = FeatureMapsDisplay.from_model(model, images[image_index:image_index + 1])
     if fm is not None:
         save(fm.plot(), "feature_maps")
@@ -399,7 +426,8 @@ def explain_run(run_dir, *, methods=None, group_by: str = "true", grid: int = 7,
                 batch_size: int | None = None, progress: bool = True, compare=None, compare_methods: bool = False,
                 faithfulness_size: int = 500, sanity_size: int = 64, gradcam_layer: str | None = None,
                 ig_tolerance: float = IG_TOLERANCE, ig_n_steps: int | None = None, image_index: int = 0,
-                figures: bool = True, seed: int = 0, device: str | torch.device | None = None) -> dict | None:
+                figures: bool = True, seed: int = 0, device: str | torch.device | None = None,
+                preprocessing: dict | None = None) -> dict | None:
     """Explain the model of ``run_dir`` on a whole split and write ``run_dir/explain/``:
     ``maps_<method>.npz`` (maps (G, grid, grid), pixel_maps, counts, group_names), ``manifest.json``,
     ``explain_metrics.json`` and ``figures/``. ``compare`` (another run folder) adds side-by-side
@@ -409,15 +437,30 @@ def explain_run(run_dir, *, methods=None, group_by: str = "true", grid: int = 7,
     Under torchrun (``WORLD_SIZE`` > 1) the split is sharded across the processes, the per-digit
     sums are added with ``all_reduce`` and rank 0 alone computes the verdict and writes; the other
     ranks return None.
+
+    A folder written by ``evaluate --model-file`` (its config.json names ``model_file``) explains
+    that file with the preprocessing recorded there; ``preprocessing`` (a dict) overrides the keys
+    it holds.
     """
     from digitlens.models import load_model
+    from digitlens.runio import read_json, require_run_dir
 
-    run_dir = Path(run_dir)
+    run_dir = require_run_dir(run_dir)
+    config = read_json(run_dir / "config.json")
     run_device = distributed.rank_device(resolve_device(device))
     ctx = distributed.context(run_device)
     try:
-        model = load_model(run_dir)
         data = load_run_split(run_dir, split, data_dir)
+        user_info = None
+        if config.get("model_file"):
+            user = load_user_model(config["model_file"], {**(config.get("preprocessing") or {}), **(preprocessing or {})})
+            model = user.prepare(data.images).torch_module()
+            user_info = user.describe()
+        elif preprocessing:
+            raise DigitlensError(f"{run_dir}: --input-scale/--normalize/--outputs describe a user's model "
+                                 "(evaluate --model-file); a digitlens run normalises its own inputs")
+        else:
+            model = load_model(run_dir)
         if figures and not 0 <= image_index < len(data):
             raise DigitlensError(f"--image-index {image_index}: must be between 0 and {len(data) - 1}")
         result = explain_model(model, data.images, data.labels.numpy(), methods=methods, group_by=group_by, grid=grid,
@@ -429,7 +472,8 @@ def explain_run(run_dir, *, methods=None, group_by: str = "true", grid: int = 7,
             summary = _write_explain_dir(run_dir, result, model, data, split=split, compare=compare,
                                          compare_methods=compare_methods, data_dir=data_dir, batch_size=batch_size,
                                          progress=progress, gradcam_layer=gradcam_layer, ig_tolerance=ig_tolerance,
-                                         ig_n_steps=ig_n_steps, image_index=image_index, figures=figures)
+                                         ig_n_steps=ig_n_steps, image_index=image_index, figures=figures,
+                                         user_info=user_info)
         distributed.barrier(ctx)  # no rank returns before rank 0 has written explain/
         return summary
     finally:
@@ -437,7 +481,8 @@ def explain_run(run_dir, *, methods=None, group_by: str = "true", grid: int = 7,
 
 
 def _write_explain_dir(run_dir: Path, result: dict, model, data, *, split, compare, compare_methods, data_dir,
-                       batch_size, progress, gradcam_layer, ig_tolerance, ig_n_steps, image_index, figures) -> dict:
+                       batch_size, progress, gradcam_layer, ig_tolerance, ig_n_steps, image_index, figures,
+                       user_info=None) -> dict:
     """Write ``run_dir/explain/`` (maps, figures, comparisons, metrics, manifest) for ``result``."""
     from digitlens.runio import figure_batch, write_json
 
@@ -462,6 +507,8 @@ def _write_explain_dir(run_dir: Path, result: dict, model, data, *, split, compa
     summary = _json_summary(result)
     summary.update(run=str(run_dir), split=split, dataset=data.name,
                    files={"maps": map_files, "figures": figs, "metrics": "explain_metrics.json"})
+    if user_info is not None:
+        summary["user_model"] = user_info
     write_json(explain_dir / "explain_metrics.json", summary)
     manifest = {k: summary[k] for k in ("run", "split", "dataset", "methods", "group_by", "group_names", "grid",
                                          "target", "n_images", "counts", "files")}

@@ -50,6 +50,16 @@ def reasons_against(row: dict) -> list[str]:
     return reasons
 
 
+def checks_passed(row: dict) -> str:
+    """The checks a method passed, in words: both, or only the random-logit check when the
+    randomisation check was skipped (a TorchScript or ONNX model)."""
+    if "passes_sanity_check" in row:
+        return "the randomisation and random-logit checks"
+    if "passes_random_logit" in row:
+        return "the random-logit check; the randomisation check needs re-initialisable PyTorch layers"
+    return "no check: none was run"
+
+
 def rank_methods(rows: dict) -> dict:
     """Rank the methods of ``rows`` ({method: row}, baselines 'random' and 'ink_random' left out).
 
@@ -72,13 +82,16 @@ def rank_methods(rows: dict) -> dict:
         rows[m]["rank"] = i + 1
     best = next((m for m in ranking if rows[m]["eligible"]), None)
     if best is not None:
-        verdict = (f"most faithful: {best.replace('_', ' ')} (ROAD score {rows[best][SCORE_KEY]:.3f}; it passes the "
-                   f"randomisation and random-logit checks)")
+        verdict = (f"most faithful: {best.replace('_', ' ')} (ROAD score {rows[best][SCORE_KEY]:.3f}; it passes "
+                   f"{checks_passed(rows[best])})")
         if rows[best].get("beats_ink_random") is False:
             verdict += (", but removing its most relevant patches hurts the prediction no more than removing ink "
                         "patches in random order, so its maps localise the evidence no better than the ink does")
     else:
-        verdict = "no method passes both sanity checks, so none is called most faithful"
+        ran_randomisation = any("passes_sanity_check" in rows[m] for m in names)
+        verdict = ("no method passes both sanity checks, so none is called most faithful" if ran_randomisation else
+                   "no method passes the random-logit check (the randomisation check needs re-initialisable "
+                   "PyTorch layers), so none is called most faithful")
     return {"ranking": ranking, "most_faithful": best, "verdict": verdict, "rule": RULE,
             "eligible": [m for m in ranking if rows[m]["eligible"]]}
 

@@ -290,6 +290,7 @@ def overview_facts(run: RunData) -> dict[str, Any]:
     facts: dict[str, Any] = {
         "Dataset": cfg.get("dataset"),
         "Model": cfg.get("model"),
+        "Model input (declared; outputs as used)": _user_model_text(cfg),
         "Parameters": R.dig(cfg, "n_parameters", "parameters", "num_parameters"),
         "Epochs": cfg.get("epochs", h.get("epochs")),
         "Seed": cfg.get("seed"),
@@ -315,7 +316,28 @@ def overview_facts(run: RunData) -> dict[str, Any]:
     return {k: v for k, v in facts.items() if v is not None}
 
 
+def _user_model_text(cfg: dict) -> str | None:
+    """A user's model file (config.json of `evaluate --model-file --out`): its format, declared
+    preprocessing and the outputs it was read as; None for a digitlens run."""
+    if not cfg.get("model_file"):
+        return None
+    prep = cfg.get("preprocessing") or {}
+    norm = prep.get("normalize")
+    parts = [f"{cfg.get('model_format', 'model')} file", f"pixels in [0, {prep.get('input_scale', 1)}]",
+             f"normalised with mean {norm[0]:g}, std {norm[1]:g}" if norm else "not normalised",
+             f"layout {cfg.get('layout')}",
+             f"outputs {cfg.get('outputs')} ({'detected' if cfg.get('outputs_detected') else 'declared'})"]
+    return ", ".join(parts)
+
+
 PERCENT_FACTS = {"Best validation accuracy (95% Wilson interval)", "Test accuracy (95% Wilson interval)"}
+
+
+def _interval_text(ci: Any, percent: bool = False) -> str | None:
+    """``"99.19-99.51%"`` (or ``"0.9915-0.9950"``) for a [low, high] pair from ``metrics.json``; None without one."""
+    if not (isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(v, (int, float)) for v in ci)):
+        return None
+    return f"{ci[0] * 100:.2f}-{ci[1] * 100:.2f}%" if percent else f"{ci[0]:.4f}-{ci[1]:.4f}"
 NO_DIFF_FACTS = {"Seed"}
 TEST_ACCURACY = "Test accuracy (95% Wilson interval)"
 

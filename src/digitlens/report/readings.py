@@ -396,11 +396,13 @@ def reading_faithfulness(run: RunData, stem: str = "") -> list[str]:
         return [f"Ranked by insertion − deletion (patches set to 0), {label(best)} comes first "
                 f"({rows[best]['insertion_minus_deletion']:.3f}); this run predates the ROAD and sanity-check verdict: "
                 f"run `digitlens explain` again for it."]
+    from digitlens.explain.verdict import checks_passed  # the verdict's own words (imports torch: only here)
+
     best = f["most_faithful"]
     ink = f["methods"].get("ink_random", {})
     if best:
         line = (f"Most faithful: {label(best)}, ROAD score (LeRF − MoRF AUC) {rows[best]['road_score']:.3f}; it passes "
-                f"the randomisation and random-logit checks")
+                f"{checks_passed(rows[best])}")
         margin = f.get("margin") or {}
         if margin.get("within_noise"):
             lo, hi = margin["difference_ci"]
@@ -412,7 +414,10 @@ def reading_faithfulness(run: RunData, stem: str = "") -> list[str]:
                      f"removing ink patches in random order (ROAD MoRF AUC {rows[best]['road_morf_auc']:.3f} against "
                      f"{ink['road_morf_auc']:.3f})" + ("" if beats else ", so its maps localise the evidence no better than the ink does"))
     else:
-        line = "No method passes both sanity checks (randomisation and random logit), so none is called most faithful"
+        line = ("No method passes both sanity checks (randomisation and random logit), so none is called most faithful"
+                if "randomisation_note" not in f else
+                "No method passes the random-logit check (the randomisation check needs re-initialisable PyTorch "
+                "layers), so none is called most faithful")
     lines = [line + f"; over {f.get('n_images', '?')} test images."]
     failing = [m for m in ranking if rows[m].get("reasons")]
     if failing:
@@ -459,7 +464,8 @@ def reading_heatmap(run: RunData, stem: str = "") -> list[str]:
         position = f"ranks {ranking.index(method) + 1} of {len(ranking)}" if method in ranking else "is not ranked"
         if "road_score" in row:
             line = f"{label(method).capitalize()} {position} for faithfulness (ROAD score {row['road_score']:.3f})"
-            line += (": it passes both sanity checks." if row.get("eligible") else
+            line += ((": it passes both sanity checks." if "passes_sanity_check" in row else
+                      ": it passes the random-logit check.") if row.get("eligible") else
                      f"; not trusted: {row['reasons'][0]}." if row.get("reasons") else ".")
         else:
             line = (f"{label(method).capitalize()} {position} for faithfulness (insertion − deletion "

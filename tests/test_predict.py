@@ -160,3 +160,44 @@ def test_bad_input_is_one_line_and_writes_nothing(mnist_run, photos, tmp_path):
         assert not out.exists()
     with pytest.raises(DigitlensError, match="no image files"):
         predict_images(run_dir, [])
+
+
+def test_an_onnx_file_and_a_normalising_model_predict_like_the_run(mnist_run, photos, tmp_path):
+    """`predict` reads model files through the bring-your-own-model loader: an ONNX export predicts
+    like its run (forward-only: occlusion works, saliency is one line), and a TorchScript model that
+    expects MNIST-normalised input predicts like the run only with --normalize."""
+    from test_external import _export_onnx
+
+    from digitlens.explain.methods import prepare_model
+
+    run_dir, model = mnist_run
+    onnx_file = tmp_path / "cnn.onnx"
+    _export_onnx(prepare_model(model), onnx_file, torch.zeros(2, 1, 28, 28))
+    from_onnx = predict_images(onnx_file, photos[:3], explain="occlusion", out_dir=tmp_path / "onnx")
+    from_run = predict_images(run_dir, photos[:3])
+    for a, b in zip(from_onnx, from_run):
+        assert a["prediction"] == b["prediction"]
+        np.testing.assert_allclose(a["probabilities"], b["probabilities"], rtol=1e-4, atol=1e-5)
+        assert Path(a["explanation"]).is_file()
+    result = CliRunner().invoke(app, ["predict", str(onnx_file), str(photos[0]), "--explain", "saliency"])
+    assert result.exit_code == 2 and "needs a PyTorch model" in result.output and "Traceback" not in result.output
+
+    class ExpectsNormalised(torch.nn.Module):  # what a user trained with (x - 0.1307) / 0.3081 ships
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x * 0.3081 + 0.1307)
+
+    script = tmp_path / "normalised.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.script(ExpectsNormalised(prepare_model(model))).save(str(script))
+    declared = predict_images(script, photos[:3], preprocessing={"normalize": (0.1307, 0.3081)})
+    undeclared = predict_images(script, photos[:3])
+    for a, b, c in zip(declared, undeclared, from_run):
+        np.testing.assert_allclose(a["probabilities"], c["probabilities"], rtol=1e-4, atol=1e-5)
+        assert not np.allclose(b["probabilities"], c["probabilities"], rtol=1e-3, atol=1e-4)
+    result = CliRunner().invoke(app, ["predict", str(run_dir), str(photos[0]), "--normalize", "0.1307,0.3081"])
+    assert result.exit_code == 2 and "digitlens run normalises its own inputs" in result.output

@@ -286,13 +286,16 @@ def explain_command(
 @app.command("predict")
 @one_line_errors
 def predict_command(
-    model_or_run: Path = typer.Argument(..., help="A run folder (runs/NAME) or a TorchScript model file."),
+    model_or_run: Path = typer.Argument(..., help="A run folder (runs/NAME), a model file (TorchScript .pt or ONNX .onnx), or a folder of `evaluate --model-file --out`."),
     images: list[Path] = typer.Argument(..., help="Image files (PNG, JPEG, BMP): photos, scans or drawings of one digit each."),
     json_lines: bool = typer.Option(False, "--json", help="Print one JSON object per image: file, prediction, probabilities."),
     explain: Optional[str] = typer.Option(None, "--explain", help="Write an overlay PNG per image with this method (saliency, integrated_gradients, gradcam, occlusion, ...)."),
     show_steps: bool = typer.Option(False, "--show-steps", help="Write a PNG per image with the preprocessing stages side by side."),
     out: Path = typer.Option(Path("."), "--out", help="Folder for the --explain and --show-steps PNGs."),
     top: int = typer.Option(3, "--top", help="How many of the most probable digits to print."),
+    input_scale: Optional[int] = typer.Option(None, "--input-scale", help=INPUT_SCALE_HELP),
+    normalize: Optional[str] = typer.Option(None, "--normalize", help=NORMALIZE_HELP),
+    outputs: Optional[str] = typer.Option(None, "--outputs", help=OUTPUTS_HELP),
 ) -> None:
     """Predict the digit in each image, after MNIST's own preprocessing (greyscale, polarity,
     crop to the ink, fit into 20x20, centre by mass in 28x28)."""
@@ -300,7 +303,8 @@ def predict_command(
 
     from digitlens.predict import predict_images
 
-    results = predict_images(model_or_run, images, top=top, explain=explain, show_steps=show_steps, out_dir=out)
+    results = predict_images(model_or_run, images, top=top, explain=explain, show_steps=show_steps, out_dir=out,
+                             preprocessing=preprocessing_flags(input_scale, normalize, outputs))
     for r in results:
         if json_lines:
             keys = ("file", "prediction", "probabilities", "steps", "explanation")

@@ -23,23 +23,32 @@ from digitlens.errors import DigitlensError
 TOP = 3
 
 
-def load_predictor(model_or_run: Any) -> tuple[nn.Module, str]:
-    """The model behind ``model_or_run`` and a name for it: a run folder (its
-    ``model.safetensors``), a TorchScript file (as ``evaluate --model-file`` loads it) or an
-    ``nn.Module``. Returns ``(model in eval mode, name)``. The one place predict turns its
-    argument into a model, so other model formats plug in here."""
-    from digitlens import evaluate, models
+def load_predictor(model_or_run: Any, preprocessing: dict | None = None) -> tuple[Any, str]:
+    """The model behind ``model_or_run`` and a name for it: a digitlens run folder (its
+    ``model.safetensors``), a user's model file (TorchScript ``.pt`` or ONNX ``.onnx``) or a folder
+    written by ``evaluate --model-file --out`` (its recorded file and preprocessing), or an
+    ``nn.Module``. ``preprocessing`` (``input_scale``, ``normalize``, ``outputs``; see
+    :class:`digitlens.external.Preprocessing`) describes a user's model. Returns ``(model, name)``:
+    an eval-mode ``nn.Module`` for a digitlens run or a plain module, else a
+    :class:`digitlens.external.UserModel` (its layout is detected on the images to predict)."""
+    from digitlens import models
+    from digitlens.external import load_user_model
+    from digitlens.runio import read_json
 
-    if isinstance(model_or_run, nn.Module):
+    if isinstance(model_or_run, nn.Module) and not preprocessing:
         return model_or_run.eval(), type(model_or_run).__name__
-    if not isinstance(model_or_run, (str, os.PathLike)):
-        raise DigitlensError(f"model: expected a run folder, a model file or an nn.Module, got {type(model_or_run).__name__}")
-    path = Path(model_or_run)
-    if path.is_dir():
-        return models.load_model(path), str(path)
-    if path.is_file():
-        return evaluate.load_torchscript(path), str(path)
-    raise DigitlensError(f"{path}: no such run folder or model file")
+    if isinstance(model_or_run, (str, os.PathLike)):
+        path = Path(model_or_run)
+        if not path.exists():
+            raise DigitlensError(f"{path}: no such run folder or model file")
+        config = path / "config.json"
+        if path.is_dir() and not (config.is_file() and read_json(config).get("model_file")):
+            if preprocessing:
+                raise DigitlensError(f"{path}: --input-scale/--normalize/--outputs describe a user's model file; "
+                                     "a digitlens run normalises its own inputs")
+            return models.load_model(path), str(path)
+    user = load_user_model(model_or_run, preprocessing)
+    return user, user.label
 
 
 def _figure_stem(out_dir: Path, image: Path, suffix: str, taken: set) -> Path:
@@ -53,7 +62,8 @@ def _figure_stem(out_dir: Path, image: Path, suffix: str, taken: set) -> Path:
 
 
 def predict_images(model_or_run: Any, paths, *, top: int = TOP, explain: str | None = None,
-                   show_steps: bool = False, out_dir: str | os.PathLike = ".", passthrough: bool = True) -> list[dict]:
+                   show_steps: bool = False, out_dir: str | os.PathLike = ".", passthrough: bool = True,
+                   preprocessing: dict | None = None) -> list[dict]:
     """Predict the digit in each image file of ``paths``.
 
     Returns one dict per image, in order: ``file`` (str), ``prediction`` (int), ``probabilities``
@@ -62,7 +72,8 @@ def predict_images(model_or_run: Any, paths, *, top: int = TOP, explain: str | N
     form, ``"inverted"`` for dark ink on light, else ``"kept"``) and, when written, ``steps``
     (the PNG of the preprocessing stages) and ``explanation`` (the overlay PNG of method
     ``explain``), both under ``out_dir``. Every image is read and checked before any file is
-    written; a bad one raises a one-line DigitlensError naming it.
+    written; a bad one raises a one-line DigitlensError naming it. ``preprocessing``: what a user's
+    model file expects (see :func:`load_predictor`).
     """
     from digitlens.evaluate import predict_proba
     from digitlens.preprocess import to_mnist
@@ -72,7 +83,17 @@ def predict_images(model_or_run: Any, paths, *, top: int = TOP, explain: str | N
         raise DigitlensError("predict: no image files given")
     if not 1 <= top <= 10:
         raise DigitlensError(f"--top {top}: expected 1 to 10")
-    model, _ = load_predictor(model_or_run)
+    from digitlens.external import UserModel
+
+    loaded, _ = load_predictor(model_or_run, preprocessing)
+    inputs, steps = [], []
+    for path in paths:
+        x, s = to_mnist(path, passthrough=passthrough, return_steps=True)
+        inputs.append(x)
+        steps.append(s)
+    images = torch.stack(inputs)
+    # a user's model: its declared preprocessing, input layout and outputs wrapped into one module
+    model = loaded.prepare(images).torch_module() if isinstance(loaded, UserModel) else loaded
     method = None
     if explain is not None:
         from digitlens.explain.methods import parse_methods
@@ -84,12 +105,6 @@ def predict_images(model_or_run: Any, paths, *, top: int = TOP, explain: str | N
         if len(methods) != 1:
             raise DigitlensError(f"--explain {explain!r}: give one method")
         method = methods[0]
-    inputs, steps = [], []
-    for path in paths:
-        x, s = to_mnist(path, passthrough=passthrough, return_steps=True)
-        inputs.append(x)
-        steps.append(s)
-    images = torch.stack(inputs)
     proba = predict_proba(model, images).astype(np.float64)
     if proba.shape[1] < 2:
         raise DigitlensError(f"model: {proba.shape[1]} output, expected one per class")

@@ -262,7 +262,7 @@ def test_bring_your_own_module_and_torchscript(evaluated_run, tmp_path, monkeypa
     out = tmp_path / "byo"
     result = CliRunner().invoke(
         __import__("digitlens.cli", fromlist=["app"]).app,
-        ["evaluate", "--model-file", str(script), "--dataset", "digits", "--out", str(out), "--no-progress"])
+        ["evaluate", "--model-file", str(script), "--dataset", "digits", "--out", str(out), "--no-progress", "--trust-code"])
     assert result.exit_code == 0, result.output
     assert runio.read_json(out / "metrics.json")["accuracy"] == pytest.approx(summary["accuracy"])
     assert (out / "figures" / "confusion_matrix.png").is_file()
@@ -284,7 +284,7 @@ def test_evaluate_run_api_with_a_users_module(evaluated_run, monkeypatch):
 
     run_dir, summary = evaluated_run
     monkeypatch.setattr(digitlens.evaluate, "write_figures", lambda *a, **k: [])  # figures checked above
-    again = evaluate_run(run_dir, model=models.load_model(run_dir), progress=False)
+    again = evaluate_run(run_dir, model=models.load_model(run_dir), progress=False, out_dir=run_dir.parent / "users_module")
     assert again["accuracy"] == summary["accuracy"]
     assert again["source"]["model"] == "MLP"
 
@@ -394,7 +394,7 @@ def test_cli_evaluate_one_line_errors(evaluated_run, tmp_path):
 
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a model")
-    result = runner.invoke(app, ["evaluate", str(run_dir), "--model-file", str(bad)])
+    result = runner.invoke(app, ["evaluate", str(run_dir), "--model-file", str(bad), "--out", str(tmp_path / "bad_eval")])
     assert result.exit_code == 2
     assert len(result.output.strip().splitlines()) == 1 and "bad.pt" in result.output
 
@@ -412,7 +412,7 @@ def test_cli_evaluates_a_torchscript_file_on_mnist_without_a_run(evaluated_run, 
         torch.jit.script(models.load_model(run_dir)).save(str(script))
     out = tmp_path / "mnist_eval"
     result = CliRunner().invoke(app, ["evaluate", "--model-file", str(script), "--dataset", "mnist",
-                                      "--out", str(out), "--no-progress"])
+                                      "--out", str(out), "--no-progress", "--trust-code"])
     assert result.exit_code == 0, result.output
     preds = runio.read_npz(out / "predictions.npz")
     assert preds["proba"].shape == (10000, 10)

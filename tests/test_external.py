@@ -100,13 +100,13 @@ def test_declared_normalisation_gives_the_models_own_accuracy(reference, fmt):
     own = reference["own_accuracy"]
     assert own > 0.9  # trained, not chance
     declared = evaluate_model(reference[fmt], "digits", preprocessing=Preprocessing(normalize=(MEAN, STD)),
-                              progress=False, bootstrap=0)
+                              progress=False, bootstrap=0, trust_code=fmt == "pt")
     assert declared["accuracy"] == own  # to the last digit
     user = declared["source"]["user_model"]
     assert (user["format"], user["layout"], user["outputs"], user["outputs_detected"]) == \
         ("torchscript" if fmt == "pt" else "onnx", "nchw", "log_probs", True)
     # The issue: without the flag the same file is silently fed unnormalised pixels.
-    plain = evaluate_model(reference[fmt], "digits", progress=False, bootstrap=0)
+    plain = evaluate_model(reference[fmt], "digits", progress=False, bootstrap=0, trust_code=fmt == "pt")
     assert plain["accuracy"] != own
     assert declared["ece"] < plain["ece"] / 3  # the issue's "under-confident" ECE was an artefact too
     assert plain["source"]["user_model"]["preprocessing"]["normalize"] is None
@@ -120,7 +120,7 @@ def test_onnx_predictions_equal_pytorch(reference):
     assert torch.equal(logits.argmax(1), torch_logits.argmax(1))
     assert (logits - torch_logits).abs().max().item() < 1e-4
     assert not onnx.is_differentiable
-    assert load_user_model(reference["pt"]).is_differentiable
+    assert load_user_model(reference["pt"], trust_code=True).is_differentiable
 
 
 def test_cli_records_the_flags_and_later_stages_reuse_them(reference, tmp_path, monkeypatch):
@@ -250,7 +250,8 @@ def test_bad_model_files_give_one_line(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.jit.script(nn.Linear(1000, 10)).save(str(script))
-    line = _cli_error(["evaluate", "--model-file", str(script), "--dataset", "digits", "--out", str(tmp_path / "d")])
+    line = _cli_error(["evaluate", "--model-file", str(script), "--dataset", "digits", "--out", str(tmp_path / "d"),
+                       "--trust-code"])
     assert "wide.pt" in line and "(N, 1, 28, 28) or (N, 784)" in line
     assert not (tmp_path / "d" / "metrics.json").exists()
 
@@ -331,7 +332,7 @@ def test_torchscript_attributions_are_on_the_users_pixel_scale(reference):
 
     test = reference["test"]
     images, labels = test.images[:24], test.labels[:24]
-    user = load_user_model(reference["pt"], Preprocessing(normalize=(MEAN, STD)))
+    user = load_user_model(reference["pt"], Preprocessing(normalize=(MEAN, STD)), trust_code=True)
     result = explain_model(user, images, labels.numpy(), methods=("saliency",), faithfulness_size=0)
     x = images.clone().requires_grad_()
     scores = reference["model"]((x - MEAN) / STD)  # log-probabilities, used as logits

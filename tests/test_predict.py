@@ -131,7 +131,7 @@ def test_a_torchscript_file_predicts_like_its_run(mnist_run, photos, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.jit.script(model).save(str(script))
-    from_file = predict_images(script, photos[:3], explain="saliency", out_dir=tmp_path / "file")
+    from_file = predict_images(script, photos[:3], explain="saliency", out_dir=tmp_path / "file", trust_code=True)
     from_run = predict_images(run_dir, photos[:3], explain="saliency", out_dir=tmp_path / "run")
     for a, b in zip(from_file, from_run):
         assert a["prediction"] == b["prediction"]
@@ -194,8 +194,8 @@ def test_an_onnx_file_and_a_normalising_model_predict_like_the_run(mnist_run, ph
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.jit.script(ExpectsNormalised(prepare_model(model))).save(str(script))
-    declared = predict_images(script, photos[:3], preprocessing={"normalize": (0.1307, 0.3081)})
-    undeclared = predict_images(script, photos[:3])
+    declared = predict_images(script, photos[:3], preprocessing={"normalize": (0.1307, 0.3081)}, trust_code=True)
+    undeclared = predict_images(script, photos[:3], trust_code=True)
     for a, b, c in zip(declared, undeclared, from_run):
         np.testing.assert_allclose(a["probabilities"], c["probabilities"], rtol=1e-4, atol=1e-5)
         assert not np.allclose(b["probabilities"], c["probabilities"], rtol=1e-3, atol=1e-4)

@@ -361,7 +361,7 @@ def test_cli_unlabelled_csv_with_a_model_file(tmp_path, scripted_model):
     path = write_kaggle_csv(tmp_path / "test.csv", pixels)
     out = tmp_path / "out"
     result = CliRunner().invoke(app, ["evaluate", "--model-file", str(scripted_model), "--dataset", str(path),
-                                      "--out", str(out), "--no-progress"])
+                                      "--out", str(out), "--no-progress", "--trust-code"])
     assert result.exit_code == 0, result.output
     lines = (out / "predictions.csv").read_text().splitlines()
     with warnings.catch_warnings():

@@ -90,6 +90,8 @@ def _run_with_torchrun(ctx: typer.Context, nproc: int) -> None:
         raise DigitlensError(f"--nproc {nproc}: torchrun exited with status {code} (its processes' errors are above)")
 INPUT_SCALE_HELP = "A user's model (--model-file): pixels it expects, 1 ([0, 1], default) or 255 ([0, 255])."
 NORMALIZE_HELP = "A user's model: MEAN,STD it normalises the scaled pixels with, e.g. 0.1307,0.3081."
+TRUST_HELP = ("Load a TorchScript --model-file: it is code that runs when loaded, so only for a file from a source "
+              "you trust (ONNX files and digitlens runs need no trust).")
 OUTPUTS_HELP = "A user's model: what it returns, auto (detected, default), logits, probs or log_probs."
 
 
@@ -180,7 +182,7 @@ def train_command(
 @one_line_errors
 def evaluate_command(
     run_dir: Optional[Path] = typer.Argument(None, help="Run folder from `digitlens train` (omit with --model-file --dataset --out)."),
-    model_file: Optional[Path] = typer.Option(None, "--model-file", help="A TorchScript model file to evaluate instead of the run's model."),
+    model_file: Optional[Path] = typer.Option(None, "--model-file", help="A model file to evaluate: ONNX (.onnx) or TorchScript (needs --trust-code: it is code)."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder with the MNIST IDX files."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="mnist, digits (their test split), an image folder root/0..9/ or a Kaggle .csv (all of it). With a run folder: evaluate the run's model on it."),
     out: Optional[Path] = typer.Option(None, "--out", help="Where to write predictions, metrics, insights and figures (with a run folder and --dataset: default RUN_DIR/evaluate/NAME)."),
@@ -190,6 +192,7 @@ def evaluate_command(
     input_scale: Optional[int] = typer.Option(None, "--input-scale", help=INPUT_SCALE_HELP),
     normalize: Optional[str] = typer.Option(None, "--normalize", help=NORMALIZE_HELP),
     outputs: Optional[str] = typer.Option(None, "--outputs", help=OUTPUTS_HELP),
+    trust_code: bool = typer.Option(False, "--trust-code", help=TRUST_HELP),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Predict the test split; write predictions.npz, metrics.json, insights.md/json and figures/
@@ -210,13 +213,15 @@ def evaluate_command(
             raise DigitlensError("--history: only used without a run folder (the run folder has it)")
         summary = evaluate.evaluate_run(run_dir, model=model_file, data_dir=data_dir, progress=progress,
                                         dataset=dataset, out_dir=out, device=device, bootstrap=bootstrap,
-                                        preprocessing=preprocessing_flags(input_scale, normalize, outputs))
+                                        preprocessing=preprocessing_flags(input_scale, normalize, outputs),
+                                        trust_code=trust_code)
     else:
         if model_file is None or dataset is None or out is None:
             raise DigitlensError("evaluate: give a run folder, or --model-file, --dataset and --out together")
         summary = evaluate.evaluate_model(model_file, dataset, out_dir=out, data_dir=data_dir, history=history,
                                           progress=progress, device=device, bootstrap=bootstrap,
-                                          preprocessing=preprocessing_flags(input_scale, normalize, outputs))
+                                          preprocessing=preprocessing_flags(input_scale, normalize, outputs),
+                                          trust_code=trust_code)
     if summary["accuracy"] is None:  # a Kaggle test.csv: no labels, so predictions only
         typer.echo(f"{summary['n_samples']} images without labels: no accuracy; wrote "
                    f"{Path(summary['out_dir']) / 'predictions.csv'} (Kaggle submission format ImageId,Label)")
@@ -257,6 +262,7 @@ def explain_command(
     input_scale: Optional[int] = typer.Option(None, "--input-scale", help=INPUT_SCALE_HELP + " Default: as recorded by evaluate --model-file --out."),
     normalize: Optional[str] = typer.Option(None, "--normalize", help=NORMALIZE_HELP),
     outputs: Optional[str] = typer.Option(None, "--outputs", help=OUTPUTS_HELP),
+    trust_code: bool = typer.Option(False, "--trust-code", help=TRUST_HELP),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Per-digit attribution maps, overlays, filters and faithfulness; write RUN_DIR/explain/.
@@ -275,7 +281,7 @@ def explain_command(
                           progress=progress, compare=compare, compare_methods=compare_methods,
                           faithfulness_size=faithfulness_size, gradcam_layer=gradcam_layer, image_index=image_index,
                           ig_tolerance=ig_tolerance, ig_n_steps=ig_steps, device=device,
-                          preprocessing=preprocessing_flags(input_scale, normalize, outputs))
+                          preprocessing=preprocessing_flags(input_scale, normalize, outputs), trust_code=trust_code)
     if summary is None:  # a torchrun process other than rank 0: rank 0 wrote and reports
         return
     verdict = summary.get("verdict")
@@ -296,6 +302,7 @@ def predict_command(
     input_scale: Optional[int] = typer.Option(None, "--input-scale", help=INPUT_SCALE_HELP),
     normalize: Optional[str] = typer.Option(None, "--normalize", help=NORMALIZE_HELP),
     outputs: Optional[str] = typer.Option(None, "--outputs", help=OUTPUTS_HELP),
+    trust_code: bool = typer.Option(False, "--trust-code", help=TRUST_HELP),
 ) -> None:
     """Predict the digit in each image, after MNIST's own preprocessing (greyscale, polarity,
     crop to the ink, fit into 20x20, centre by mass in 28x28)."""
@@ -304,7 +311,7 @@ def predict_command(
     from digitlens.predict import predict_images
 
     results = predict_images(model_or_run, images, top=top, explain=explain, show_steps=show_steps, out_dir=out,
-                             preprocessing=preprocessing_flags(input_scale, normalize, outputs))
+                             preprocessing=preprocessing_flags(input_scale, normalize, outputs), trust_code=trust_code)
     for r in results:
         if json_lines:
             keys = ("file", "prediction", "probabilities", "steps", "explanation")

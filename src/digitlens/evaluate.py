@@ -30,7 +30,8 @@ from torch import nn
 from digitlens import runio
 from digitlens.device import model_device, resolve_device
 from digitlens.errors import DigitlensError
-from digitlens.external import Preprocessing, UserModel, load_torchscript, load_user_model  # noqa: F401 (re-exported)
+from digitlens.external import (Preprocessing, UserModel, file_sha256, load_torchscript,  # noqa: F401 (re-exported)
+                                load_user_model)
 from digitlens.intervals import DEFAULT_BOOTSTRAP, DEFAULT_SEED, bootstrap_metrics, mean_interval, wilson_interval
 
 #: Stems of the figures written under ``figures/``.
@@ -536,7 +537,7 @@ def _evaluate(model: Any, images: torch.Tensor, labels: torch.Tensor | None, out
 def evaluate_run(run_dir: str | os.PathLike, *, model: Any = None, data_dir: str | os.PathLike | None = None,
                  progress: bool = True, bootstrap: int = DEFAULT_BOOTSTRAP, bootstrap_seed: int = DEFAULT_SEED,
                  dataset: Any = None, out_dir: str | os.PathLike | None = None, device: Any = None,
-                 preprocessing: Preprocessing | dict | None = None) -> dict:
+                 preprocessing: Preprocessing | dict | None = None, trust_code: bool = False) -> dict:
     """Evaluate a training run on its test split and write predictions, metrics, insights and
     figures into the run folder. The temperature (see :func:`temperature_metrics`) is fitted on
     the run's validation split, never on the test split; a run trained with ``val_fraction=0``
@@ -560,8 +561,14 @@ def evaluate_run(run_dir: str | os.PathLike, *, model: Any = None, data_dir: str
     DigitDataset. Its files go to ``out_dir`` (default ``RUN_DIR/evaluate/NAME/``, NAME the
     file or folder name), so the run's own evaluation stays; the temperature is still fitted on
     the run's validation split.
+
+    ``model`` (a user's model instead of the run's): its results go to ``out_dir`` (required; the
+    run's own evaluation is never overwritten), with a ``config.json`` that later stages reuse.
+    ``trust_code``: load a TorchScript file (code; refused otherwise, see
+    :func:`digitlens.external.load_torchscript`).
     """
     from digitlens import data, models
+    from digitlens.external import trusted_by_record
     from digitlens.plots.training_curves import read_history
 
     bootstrap = check_bootstrap(bootstrap)
@@ -573,7 +580,8 @@ def evaluate_run(run_dir: str | os.PathLike, *, model: Any = None, data_dir: str
         recorded = config.get("preprocessing") or {}
         if isinstance(preprocessing, dict):  # a dict overrides only the keys it holds
             preprocessing = {**recorded, **preprocessing}
-        model = load_user_model(config["model_file"], preprocessing if preprocessing is not None else recorded)
+        model = load_user_model(config["model_file"], preprocessing if preprocessing is not None else recorded,
+                                trust_code=trust_code or trusted_by_record(config))
         source = {"model": str(config["model_file"]), "run_dir": str(run_dir)}
     elif model is None:
         if preprocessing is not None:
@@ -582,18 +590,25 @@ def evaluate_run(run_dir: str | os.PathLike, *, model: Any = None, data_dir: str
         model = models.load_model(run_dir)
         source = {"model": "run", "run_dir": str(run_dir), "architecture": config.get("model")}
     else:
+        if out_dir is None:
+            raise DigitlensError(f"--model-file: give --out DIR for its results ({run_dir} holds the evaluation of "
+                                 "its own model, which another model's results would overwrite)")
+        check_out_folder(Path(out_dir))
         if isinstance(model, (str, os.PathLike)) or preprocessing is not None:
-            model = load_user_model(model, preprocessing)
+            model = load_user_model(model, preprocessing, trust_code=trust_code)
         source = {"model": (model.path or model.name) if isinstance(model, UserModel) else type(model).__name__,
                   "run_dir": str(run_dir)}
+    own_model = source.get("model") == "run" or config.get("model_file") is not None
     if dataset is not None:  # the user's data first: a bad file fails before the run's data is read
         test, name = _test_split(dataset, data_dir)
         target = Path(out_dir) if out_dir is not None else run_dir / "evaluate" / _out_name(dataset, name)
-    elif out_dir is not None:
-        raise DigitlensError("--out: only used with --dataset (the run's own evaluation is written into the run folder)")
+    elif out_dir is not None and own_model:
+        raise DigitlensError("--out: only used with --dataset or --model-file (the run's own evaluation is written "
+                             "into the run folder)")
     splits = data.load_splits_for_run(config, data_dir=data_dir) if dataset is None or test.labels is not None else None
     if dataset is None:
-        test, name, target = splits.test, config["dataset"], run_dir
+        test, name = splits.test, config["dataset"]
+        target = run_dir if own_model else Path(out_dir)
     source["dataset"] = name
     history_path = run_dir / "history.csv"
     history = read_history(history_path) if history_path.is_file() else None
@@ -603,11 +618,30 @@ def evaluate_run(run_dir: str | os.PathLike, *, model: Any = None, data_dir: str
     summary = _evaluate(model, test.images, test.labels, target, history=history, source=source,
                         progress=progress, val=val, bootstrap=bootstrap, bootstrap_seed=bootstrap_seed,
                         sizes=sizes, files=test.files, device=device)
-    if dataset is None and config.get("model_file") and isinstance(model, UserModel):
+    if dataset is None and isinstance(model, UserModel) and model.path:
         # the flags given now are what later stages on this folder reuse
-        write_user_model_config(run_dir, model, dataset=config["dataset"],
+        write_user_model_config(target, model, dataset=config["dataset"],
                                 data_dir=data_dir if data_dir is not None else config.get("data_dir"))
     return summary
+
+
+def check_out_folder(out_dir: Path) -> None:
+    """Refuse an ``--out`` folder that another stage owns: a model's evaluation goes to a new or empty
+    folder, or to one that an earlier evaluation wrote (``evaluation.json``, or a ``config.json``
+    naming a ``model_file``); never into a training run or someone's other files."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DigitlensError(f"--out {out_dir}: is a file, not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        config = out_dir / "config.json"
+        ours = (out_dir / "evaluation.json").is_file() and not config.is_file()
+        if config.is_file():
+            try:
+                ours = bool(runio.read_json(config).get("model_file"))
+            except DigitlensError:
+                ours = False
+        if not ours:
+            raise DigitlensError(f"--out {out_dir}: folder is not empty and holds no earlier evaluation of a model "
+                                 "file (a run folder or other files would be overwritten); choose a new --out folder")
 
 
 def _test_split(dataset: Any, data_dir) -> tuple[Any, str]:
@@ -632,7 +666,8 @@ def _out_name(dataset: Any, name: str) -> str:
 def evaluate_model(model: Any, dataset: Any = "digits", *, out_dir: str | os.PathLike | None = None,
                    data_dir: str | os.PathLike | None = None, history: Any = None, progress: bool = True,
                    val_dataset: Any = None, bootstrap: int = DEFAULT_BOOTSTRAP, bootstrap_seed: int = DEFAULT_SEED,
-                   preprocessing: Preprocessing | dict | None = None, device: Any = None) -> dict:
+                   preprocessing: Preprocessing | dict | None = None, device: Any = None,
+                   trust_code: bool = False) -> dict:
     """Evaluate any model without a training run ("bring your own model").
 
     ``model``: an ``nn.Module`` taking (N, 1, 28, 28) images in [0, 1] and returning logits, a
@@ -659,6 +694,8 @@ def evaluate_model(model: Any, dataset: Any = "digits", *, out_dir: str | os.Pat
     from digitlens.plots.training_curves import normalise_history, read_history
 
     bootstrap = check_bootstrap(bootstrap)
+    if out_dir is not None:
+        check_out_folder(Path(out_dir))
     test, name = _test_split(dataset, data_dir)
     if val_dataset is not None:
         if not isinstance(val_dataset, data.DigitDataset):
@@ -671,7 +708,7 @@ def evaluate_model(model: Any, dataset: Any = "digits", *, out_dir: str | os.Pat
     elif history is not None:
         history = normalise_history(history)
     if isinstance(model, (str, os.PathLike, UserModel)) or preprocessing is not None:
-        model = load_user_model(model, preprocessing)
+        model = load_user_model(model, preprocessing, trust_code=trust_code)
         source = {"model": model.path or model.name, "dataset": name}
     else:
         source = {"model": type(model).__name__, "dataset": name}
@@ -699,4 +736,6 @@ def write_user_model_config(out_dir: Path, model: UserModel, *, dataset: str, da
               "data_dir": str(Path(data_dir).resolve()) if data_dir is not None else None, "n_classes": 10,
               "val_fraction": 0.0,
               "seed": 0}
+    if info["format"] == "torchscript" and model.path:  # it was loaded, so the user trusted this file's bytes
+        config["trusted_sha256"] = file_sha256(model.path)
     return runio.write_json(path, config)

@@ -17,7 +17,9 @@ Files are never unpickled: TorchScript goes through ``torch.jit.load``, ONNX thr
 
 from __future__ import annotations
 
+import hashlib
 import os
+import zipfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -143,11 +145,51 @@ def to_logits(out: torch.Tensor, kind: str) -> torch.Tensor:
 # Loading files
 # --------------------------------------------------------------------------------------------
 
-def load_torchscript(path: str | os.PathLike) -> nn.Module:
-    """Load a TorchScript model file (``torch.jit.save``) on the CPU, in eval mode."""
+#: What a refused TorchScript file is told (README "Safety").
+TRUST_HINT = ("a TorchScript file is code, and loading it runs that code: pass --trust-code (Python: "
+              "trust_code=True) only for a file from a source you trust, or give a code-free format: ONNX (.onnx) "
+              "or a digitlens run folder (safetensors weights)")
+
+
+def is_torchscript_archive(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a zip archive holding TorchScript code (``torch.jit.save`` writes
+    ``NAME/code/...``; ``torch.save``'s archives of tensors and pickles have no ``code/``). Read with
+    :mod:`zipfile` only: nothing in the file runs."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any("/code/" in f"/{name}" for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes (hex)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def trusted_by_record(config: dict) -> bool:
+    """True when a folder's config.json (written by ``evaluate --model-file --trust-code --out``)
+    vouches for its ``model_file``: the file still has the SHA-256 recorded when it was trusted."""
+    recorded, file = config.get("trusted_sha256"), config.get("model_file")
+    return bool(recorded and file and Path(file).is_file() and file_sha256(file) == recorded)
+
+
+def load_torchscript(path: str | os.PathLike, trust_code: bool = False) -> nn.Module:
+    """Load a TorchScript model file (``torch.jit.save``) on the CPU, in eval mode. TorchScript is
+    code that runs when it is loaded, so without ``trust_code`` the file is refused (one line,
+    before anything of it runs; see :data:`TRUST_HINT`)."""
     path = Path(path)
     if not path.is_file():
         raise DigitlensError(f"--model-file {path}: file not found")
+    if not trust_code:
+        if is_torchscript_archive(path):
+            raise DigitlensError(f"--model-file {path}: refused: {TRUST_HINT}")
+        raise DigitlensError(f"--model-file {path}: not a TorchScript model (no TorchScript code in it); a state dict "
+                             "or a pickled model is not loaded (unsafe): save it with torch.jit.save or export it to .onnx")
     try:
         with warnings.catch_warnings():  # torch 2.13 deprecates TorchScript; users still ship it
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -411,7 +453,8 @@ class UserModel:
         return self.predict_logits(images)
 
 
-def load_user_model(model: Any, preprocessing: Preprocessing | dict | None = None) -> UserModel:
+def load_user_model(model: Any, preprocessing: Preprocessing | dict | None = None, *,
+                    trust_code: bool = False) -> UserModel:
     """Wrap a user's model as a :class:`UserModel`.
 
     ``model``: a path to a TorchScript file (``torch.jit.save``; any suffix but ``.onnx``), an ONNX
@@ -421,6 +464,9 @@ def load_user_model(model: Any, preprocessing: Preprocessing | dict | None = Non
     (returned with ``preprocessing`` applied when given). ``preprocessing``: a
     :class:`Preprocessing` or its dict (default: pixels in [0, 1], no normalisation, layout and
     outputs detected). Bad files raise a one-line :class:`DigitlensError` naming the file.
+    ``trust_code``: load a TorchScript file (code that runs when loaded; refused otherwise). A
+    folder of ``evaluate --model-file --trust-code --out`` vouches for its file as long as the file
+    keeps the SHA-256 recorded there (:func:`trusted_by_record`).
     """
     if preprocessing is None:
         prep = None
@@ -444,13 +490,14 @@ def load_user_model(model: Any, preprocessing: Preprocessing | dict | None = Non
             if config.get("model_file"):  # the --out folder of `evaluate --model-file`: its file, its flags
                 recorded = config.get("preprocessing") or {}
                 merged = {**recorded, **preprocessing} if isinstance(preprocessing, dict) else (preprocessing or recorded)
-                return load_user_model(config["model_file"], merged)
+                return load_user_model(config["model_file"], merged,
+                                       trust_code=trust_code or trusted_by_record(config))
             return UserModel(models.load_model(path), fmt="run", path=str(path), preprocessing=prep)
         if not path.is_file():
             raise DigitlensError(f"--model-file {path}: file not found")
         if path.suffix.lower() == ".onnx":
             return UserModel(OnnxForward(path), fmt="onnx", path=str(path), preprocessing=prep)
-        return UserModel(load_torchscript(path), fmt="torchscript", path=str(path), preprocessing=prep)
+        return UserModel(load_torchscript(path, trust_code), fmt="torchscript", path=str(path), preprocessing=prep)
     if isinstance(model, nn.Module) or callable(model):
         return UserModel(model, fmt="module", path=None, preprocessing=prep)
     raise DigitlensError(f"model: expected a model file, a run folder or a torch.nn.Module, got {type(model).__name__}")

@@ -23,14 +23,15 @@ from digitlens.errors import DigitlensError
 TOP = 3
 
 
-def load_predictor(model_or_run: Any, preprocessing: dict | None = None) -> tuple[Any, str]:
+def load_predictor(model_or_run: Any, preprocessing: dict | None = None, trust_code: bool = False) -> tuple[Any, str]:
     """The model behind ``model_or_run`` and a name for it: a digitlens run folder (its
     ``model.safetensors``), a user's model file (TorchScript ``.pt`` or ONNX ``.onnx``) or a folder
     written by ``evaluate --model-file --out`` (its recorded file and preprocessing), or an
     ``nn.Module``. ``preprocessing`` (``input_scale``, ``normalize``, ``outputs``; see
     :class:`digitlens.external.Preprocessing`) describes a user's model. Returns ``(model, name)``:
     an eval-mode ``nn.Module`` for a digitlens run or a plain module, else a
-    :class:`digitlens.external.UserModel` (its layout is detected on the images to predict)."""
+    :class:`digitlens.external.UserModel` (its layout is detected on the images to predict).
+    ``trust_code``: load a TorchScript file (code that runs when loaded; refused otherwise)."""
     from digitlens import models
     from digitlens.external import load_user_model
     from digitlens.runio import read_json
@@ -47,7 +48,7 @@ def load_predictor(model_or_run: Any, preprocessing: dict | None = None) -> tupl
                 raise DigitlensError(f"{path}: --input-scale/--normalize/--outputs describe a user's model file; "
                                      "a digitlens run normalises its own inputs")
             return models.load_model(path), str(path)
-    user = load_user_model(model_or_run, preprocessing)
+    user = load_user_model(model_or_run, preprocessing, trust_code=trust_code)
     return user, user.label
 
 
@@ -63,7 +64,7 @@ def _figure_stem(out_dir: Path, image: Path, suffix: str, taken: set) -> Path:
 
 def predict_images(model_or_run: Any, paths, *, top: int = TOP, explain: str | None = None,
                    show_steps: bool = False, out_dir: str | os.PathLike = ".", passthrough: bool = True,
-                   preprocessing: dict | None = None) -> list[dict]:
+                   preprocessing: dict | None = None, trust_code: bool = False) -> list[dict]:
     """Predict the digit in each image file of ``paths``.
 
     Returns one dict per image, in order: ``file`` (str), ``prediction`` (int), ``probabilities``
@@ -73,7 +74,7 @@ def predict_images(model_or_run: Any, paths, *, top: int = TOP, explain: str | N
     (the PNG of the preprocessing stages) and ``explanation`` (the overlay PNG of method
     ``explain``), both under ``out_dir``. Every image is read and checked before any file is
     written; a bad one raises a one-line DigitlensError naming it. ``preprocessing``: what a user's
-    model file expects (see :func:`load_predictor`).
+    model file expects, ``trust_code`` (see :func:`load_predictor`).
     """
     from digitlens.evaluate import predict_proba
     from digitlens.preprocess import to_mnist
@@ -85,7 +86,7 @@ def predict_images(model_or_run: Any, paths, *, top: int = TOP, explain: str | N
         raise DigitlensError(f"--top {top}: expected 1 to 10")
     from digitlens.external import UserModel
 
-    loaded, _ = load_predictor(model_or_run, preprocessing)
+    loaded, _ = load_predictor(model_or_run, preprocessing, trust_code)
     inputs, steps = [], []
     for path in paths:
         x, s = to_mnist(path, passthrough=passthrough, return_steps=True)

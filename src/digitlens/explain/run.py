@@ -14,7 +14,7 @@ from digitlens import distributed
 from digitlens.comparison import compare_predictions
 from digitlens.device import model_device, resolve_device, synchronize
 from digitlens.errors import DigitlensError
-from digitlens.external import OnnxForward, UserModel, load_user_model
+from digitlens.external import OnnxForward, UserModel, load_user_model, trusted_by_record
 from digitlens.explain.aggregate import PerDigitMaps, group_names, has_mass, normalise_maps, pool_to_grid
 from digitlens.explain.faithfulness import (INK_THRESHOLD, RANDOM_LOGIT_THRESHOLD, cascading_randomisation,
                                             curve_auc, ink_random_order, patch_order, perturbation_curves,
@@ -427,7 +427,7 @@ def explain_run(run_dir, *, methods=None, group_by: str = "true", grid: int = 7,
                 faithfulness_size: int = 500, sanity_size: int = 64, gradcam_layer: str | None = None,
                 ig_tolerance: float = IG_TOLERANCE, ig_n_steps: int | None = None, image_index: int = 0,
                 figures: bool = True, seed: int = 0, device: str | torch.device | None = None,
-                preprocessing: dict | None = None) -> dict | None:
+                preprocessing: dict | None = None, trust_code: bool = False) -> dict | None:
     """Explain the model of ``run_dir`` on a whole split and write ``run_dir/explain/``:
     ``maps_<method>.npz`` (maps (G, grid, grid), pixel_maps, counts, group_names), ``manifest.json``,
     ``explain_metrics.json`` and ``figures/``. ``compare`` (another run folder) adds side-by-side
@@ -440,7 +440,8 @@ def explain_run(run_dir, *, methods=None, group_by: str = "true", grid: int = 7,
 
     A folder written by ``evaluate --model-file`` (its config.json names ``model_file``) explains
     that file with the preprocessing recorded there; ``preprocessing`` (a dict) overrides the keys
-    it holds.
+    it holds; a TorchScript file needs ``trust_code`` unless that folder recorded its trust
+    (:func:`digitlens.external.trusted_by_record`).
     """
     from digitlens.models import load_model
     from digitlens.runio import read_json, require_run_dir
@@ -453,7 +454,8 @@ def explain_run(run_dir, *, methods=None, group_by: str = "true", grid: int = 7,
         data = load_run_split(run_dir, split, data_dir)
         user_info = None
         if config.get("model_file"):
-            user = load_user_model(config["model_file"], {**(config.get("preprocessing") or {}), **(preprocessing or {})})
+            user = load_user_model(config["model_file"], {**(config.get("preprocessing") or {}), **(preprocessing or {})},
+                                   trust_code=trust_code or trusted_by_record(config))
             model = user.prepare(data.images).torch_module()
             user_info = user.describe()
         elif preprocessing:

@@ -224,3 +224,23 @@ def test_verdict_names_the_smallest_rank_from_which_lora_matches_full_fine_tunin
     v = lora_verdict(_rows(full, r4=[0.95, 0.96, 0.96], r64=[0.90, 0.91, 0.92]), "groups")
     assert v["matched_from_rank"] is None and "at r = 4 but not at the larger r = 64 (90.0-92.0%)" in v["sentence"]
     assert lora_verdict(_rows([], r4=[0.9]), "groups")["sentence"] is None
+
+
+def test_the_adapt_reading_states_the_verdict_and_the_convergence(tmp_path):
+    from pathlib import Path
+
+    from digitlens.adapt import _summarise, lora_verdict
+    from digitlens.report.collect import RunData
+    from digitlens.report.readings import reading
+
+    rows = _rows([0.95, 0.96], r4=[0.96, 0.97])
+    for k, row in enumerate(rows):
+        row.update(trainable_params=10, trainable_fraction=0.1, train_seconds=1.0, epochs_run=8 + k, best_epoch=5,
+                   best_val_accuracy=0.9, best_val_loss=0.3, stopped_early=k != 0)
+    res = {"task": "digits", "rows": rows, "summary": _summarise(rows), "verdict": lora_verdict(rows, "digits"),
+           "n_test": 400, "patience": 3, "epochs": 8}
+    run = RunData(run_dir=Path(tmp_path), name="vit", config={}, adapt_results={"digits": res})
+    lines = reading("adapt", run, "adapt/digits/figures/accuracy_vs_params")
+    assert res["verdict"]["sentence"] in lines and "from r = 4" in res["verdict"]["sentence"]
+    curves = reading("adapt", run, "adapt/digits/figures/training_curves")
+    assert curves[0].startswith("3 of 4 models stopped early (no better validation accuracy for 3 epochs) after 8-11")

@@ -513,6 +513,8 @@ def plot_training_curves(results: dict, stem) -> list:
     """Per-epoch curves, one column per method (LoRA per rank, head only, full fine-tuning): top row
     training (dashed) and validation (solid) loss, bottom row validation accuracy with the kept
     (best) epoch marked; one colour per seed."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
     from digitlens.plots._common import pyplot
 
     plt = pyplot()
@@ -535,6 +537,10 @@ def plot_training_curves(results: dict, stem) -> list:
             bottom.plot([row["best_epoch"]], [row["best_val_accuracy"]], "o", color=colour, ms=5)
         name = {"lora": f"LoRA r={rank}", "head_only": "head only", "full": "full fine-tuning"}[method]
         top.set_title(name)
+        top.set_yscale("log")  # losses span decades (full fine-tuning's training loss reaches ~0.002)
+        top.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        top.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        top.yaxis.set_minor_formatter(NullFormatter())
         bottom.set_xlabel("epoch")
         top.grid(alpha=0.3)
         bottom.grid(alpha=0.3)

@@ -170,3 +170,107 @@ def test_adapt_command_runs_the_whole_study_in_one_command(tmp_path):
     summary = json.loads((run / "subspace" / "groups" / "subspace.json").read_text())
     assert summary
     assert (run / "subspace" / "groups" / "figures" / "phi_W_vs_A_seed003.png").is_file()
+
+
+def test_early_stopping_keeps_the_best_epochs_weights_as_a_hand_run_gets_them():
+    """_train stops after `patience` epochs without a better validation accuracy and puts back the
+    best epoch's weights: they equal those of a plain AdamW + OneCycleLR loop run for exactly the
+    best epoch's number of epochs (same order of images), and score the best validation accuracy."""
+    from torch import nn
+
+    from digitlens.adapt import _train
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(48, 6, generator=gen), torch.randint(0, 3, (48,), generator=gen)  # noise: it overfits
+    val_x, val_y = torch.randn(40, 6, generator=gen), torch.randint(0, 3, (40,), generator=gen)
+
+    def fresh():
+        torch.manual_seed(1)
+        return nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 3))
+
+    kwargs = dict(epochs=25, lr=0.05, pct_start=0.2, batch_size=16, seed=3, weight_decay=0.0, progress=False, label="t")
+    model = fresh()
+    fitted = _train(model, x, y, val_x, val_y, patience=3, **kwargs)
+    best, curve = fitted["best_epoch"], fitted["curve"]
+    assert fitted["stopped_early"] and fitted["epochs_run"] == best + 3 < 25
+    assert fitted["best_val_accuracy"] == max(curve["val_accuracy"]) == curve["val_accuracy"][best - 1]
+    assert all(a < fitted["best_val_accuracy"] for a in curve["val_accuracy"][best:])
+    def hand_run(n_epochs):
+        """The same schedule (25 epochs long) in a plain loop, stopped after ``n_epochs``."""
+        hand = fresh()
+        opt = torch.optim.AdamW(hand.parameters(), lr=0.05, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=25 * 3, pct_start=0.2)
+        order_gen = torch.Generator().manual_seed(3)
+        for _ in range(n_epochs):
+            hand.train()
+            order = torch.randperm(48, generator=order_gen)
+            for k in range(0, 48, 16):
+                loss = nn.functional.cross_entropy(hand(x[order[k:k + 16]]), y[order[k:k + 16]])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+        return hand
+
+    hand = hand_run(best)
+    for (name, p), (_, q) in zip(model.named_parameters(), hand.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)
+    with torch.no_grad():
+        assert (hand(val_x).argmax(1) == val_y).float().mean().item() == pytest.approx(fitted["best_val_accuracy"])
+    # The last epoch's weights (what training without restoring would leave) are not the kept ones.
+    assert not torch.allclose(next(hand_run(fitted["epochs_run"]).parameters()), next(model.parameters()))
+
+
+def test_validation_split_is_fixed_and_disjoint():
+    from digitlens.adapt import validation_split
+
+    fit, val = validation_split(100, 0.2)
+    assert len(val) == 20 and len(fit) == 80 and not set(fit) & set(val)
+    assert sorted(np.concatenate([fit, val]).tolist()) == list(range(100))
+    np.testing.assert_array_equal(validation_split(100, 0.2)[1], val)
+
+
+def _rows(full, **lora):
+    rows = [{"method": "full", "rank": 0, "seed": s, "accuracy": a} for s, a in enumerate(full)]
+    for rank, accs in lora.items():
+        rows += [{"method": "lora", "rank": int(rank[1:]), "seed": s, "accuracy": a} for s, a in enumerate(accs)]
+    return rows
+
+
+def test_verdict_names_the_smallest_rank_from_which_lora_matches_full_fine_tuning():
+    from digitlens.adapt import lora_verdict
+
+    full = [0.95, 0.96, 0.97]
+    # r=4 tops out below full's worst seed; r=8 and r=64 reach into full's range.
+    v = lora_verdict(_rows(full, r4=[0.90, 0.91, 0.93], r8=[0.93, 0.95, 0.94], r64=[0.96, 0.97, 0.98]), "digits")
+    assert v["matched_from_rank"] == 8 and [e["matched"] for e in v["ranks"]] == [False, True, True]
+    assert v["sentence"] == ("On task “digits”, LoRA matched full fine-tuning within the seeds' spread from r = 8: "
+                             "r = 8 reaches 93.0-95.0% over 3 seeds against full fine-tuning's 95.0-97.0%.")
+    v = lora_verdict(_rows(full, r4=[0.90, 0.91, 0.92], r64=[0.93, 0.94, 0.949]), "rotated")
+    assert v["matched_from_rank"] is None
+    assert v["sentence"].startswith("On task “rotated”, LoRA did not match full fine-tuning within the seeds' spread at "
+                                    "any rank: its best, r = 64, reaches 93.0-94.9%")
+    # A rank that matches while a larger one does not: no "from", both named.
+    v = lora_verdict(_rows(full, r4=[0.95, 0.96, 0.96], r64=[0.90, 0.91, 0.92]), "groups")
+    assert v["matched_from_rank"] is None and "at r = 4 but not at the larger r = 64 (90.0-92.0%)" in v["sentence"]
+    assert lora_verdict(_rows([], r4=[0.9]), "groups")["sentence"] is None
+
+
+def test_the_adapt_reading_states_the_verdict_and_the_convergence(tmp_path):
+    from pathlib import Path
+
+    from digitlens.adapt import _summarise, lora_verdict
+    from digitlens.report.collect import RunData
+    from digitlens.report.readings import reading
+
+    rows = _rows([0.95, 0.96], r4=[0.96, 0.97])
+    for k, row in enumerate(rows):
+        row.update(trainable_params=10, trainable_fraction=0.1, train_seconds=1.0, epochs_run=8 + k, best_epoch=5,
+                   best_val_accuracy=0.9, best_val_loss=0.3, stopped_early=k != 0)
+    res = {"task": "digits", "rows": rows, "summary": _summarise(rows), "verdict": lora_verdict(rows, "digits"),
+           "n_test": 400, "patience": 3, "epochs": 8}
+    run = RunData(run_dir=Path(tmp_path), name="vit", config={}, adapt_results={"digits": res})
+    lines = reading("adapt", run, "adapt/digits/figures/accuracy_vs_params")
+    assert res["verdict"]["sentence"] in lines and "from r = 4" in res["verdict"]["sentence"]
+    curves = reading("adapt", run, "adapt/digits/figures/training_curves")
+    assert curves[0].startswith("3 of 4 models stopped early (no better validation accuracy for 3 epochs) after 8-11")

@@ -31,10 +31,10 @@ def test_every_stage_runs_and_writes_its_files(demo):
         for rel in ("config.json", "history.csv", "model.safetensors", "predictions.npz", "metrics.json",
                     "insights.md", "explain/explain_metrics.json", "report.html"):
             assert (run / rel).is_file(), rel
-    ranks = FAST["adapt"]["ranks"]
-    for rank in ranks:
-        assert (vit / "adapt/groups" / f"r{rank}_s0" / "adapter_config.json").is_file()
-    assert (vit / "subspace/groups/subspace.json").is_file()
+    for study in FAST["adapt"]:  # groups and a task that needs adaptation, each with its subspace analysis
+        for rank in study["ranks"]:
+            assert (vit / "adapt" / study["task"] / f"r{rank}_s0" / "adapter_config.json").is_file()
+        assert (vit / "subspace" / study["task"] / "subspace.json").is_file()
     assert demo["reports"][0] == str(cnn / "report.html")
 
 
@@ -69,12 +69,16 @@ def test_summary_is_read_from_the_runs(demo):
     assert comp["mcnemar_p"] == pytest.approx(binomtest(min(b, c), b + c, 0.5).pvalue if b + c else 1.0)
     assert comp["accuracy_difference"] == pytest.approx(right_cnn.mean() - right_vit.mean())
     assert "McNemar exact p" in comp["caption"] and html.escape(comp["caption"]) in Path(demo["reports"][0]).read_text()
-    lora = [r for r in demo["summary"]["lora"] if r["method"] == "lora"]
-    assert sorted(r["rank"] for r in lora) == sorted(FAST["adapt"]["ranks"])
+    lora = [r for r in demo["summary"]["lora"] if r["method"] == "lora" and r["task"] == "groups"]
+    assert sorted(r["rank"] for r in lora) == sorted(FAST["adapt"][0]["ranks"])
     results = json.loads((Path(demo["runs"]["vit"]) / "adapt/groups/results.json").read_text())
     for row in lora:
         accs = [r["accuracy"] for r in results["rows"] if r["method"] == "lora" and r["rank"] == row["rank"]]
         assert row["accuracy"] == pytest.approx(np.mean(accs))
+    # the task that needs adaptation has baselines, so the summary quotes its LoRA-vs-full verdict
+    rotated = json.loads((Path(demo["runs"]["vit"]) / "adapt/rotated/results.json").read_text())
+    assert demo["summary"]["lora_verdicts"]["rotated"] == rotated["verdict"]["sentence"]
+    assert rotated["verdict"]["sentence"].startswith("On task “rotated”, LoRA")
 
 
 def test_the_cnn_report_covers_both_models(demo):

@@ -207,3 +207,47 @@ def test_gpt2_conv1d_adapter_with_fan_in_fan_out(tmp_path):
     peft_delta = layer.get_delta_weight("default").detach().double().numpy()  # (in, out) for Conv1D
     ours = subspace.read_lora_adapter(tmp_path / "adapter").modules["transformer.h.1.attn.c_attn"].delta
     np.testing.assert_allclose(ours, peft_delta.T, rtol=0, atol=1e-6)
+
+
+def test_monte_carlo_null_of_phi_has_the_exact_expectation_and_is_seeded():
+    d, shape = 24, (5, 8)
+    null = subspace.random_phi_null(d, shape, n_draws=4000, seed=7)
+    assert null.shape == (4000, 5, 8)
+    # E[phi(i, j)] = max(i, j) / d exactly; the standard error of each mean is below 0.003 here.
+    np.testing.assert_allclose(null.mean(axis=0), subspace.chance_phi(shape, d), atol=0.01)
+    # Each draw is a phi of orthonormal directions: the naive loop on the same draw agrees.
+    rng = np.random.default_rng(7)
+    u = np.linalg.qr(rng.standard_normal((4000, d, 5)))[0][0].T
+    v = np.linalg.qr(rng.standard_normal((4000, d, 8)))[0][0].T
+    np.testing.assert_allclose(null[0], naive_phi(u, v), atol=1e-12)
+    np.testing.assert_array_equal(subspace.random_phi_null(d, shape, 50, seed=7), subspace.random_phi_null(d, shape, 50, seed=7))
+    assert not np.allclose(subspace.random_phi_null(d, shape, 50, seed=8), subspace.random_phi_null(d, shape, 50, seed=7))
+
+
+def test_phi_significance_rejects_shared_directions_and_is_calibrated_on_random_ones():
+    rng = np.random.default_rng(3)
+    d, k = 20, 3
+    basis = np.linalg.qr(rng.standard_normal((d, d)))[0].T
+    same = subspace.phi_summary(subspace.phi_matrix(basis[:k], basis[:k]), d)
+    assert same["above_chance_1_1"] and same["above_chance_k_k"]
+    assert same["p_k_k"] == pytest.approx(1 / (subspace.NULL_DRAWS + 1))  # nothing in the null reaches phi = 1
+    # Independent random subspaces: about 5% read "above chance" (a one-sided test at 0.05).
+    hits = [subspace.phi_significance(subspace.phi(rng.standard_normal((k, d)), rng.standard_normal((k, d))), d)
+            ["above_chance_k_k"] for _ in range(400)]
+    assert 0.02 <= np.mean(hits) <= 0.09
+    # The p-value against a plain count.
+    null = rng.standard_normal(99)
+    assert subspace.monte_carlo_p(0.5, null) == pytest.approx((1 + sum(x >= 0.5 for x in null)) / 100)
+
+
+def test_projection_null_matches_its_exact_mean_square():
+    """For random orthonormal U (m, r), V (n, r): E||U^T W V||_F^2 = (r / m)(r / n) ||W||_F^2."""
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((12, 9))
+    null = subspace.projection_null(w, 3, n_draws=4000, seed=1)
+    expected = (3 / 12) * (3 / 9) * np.linalg.norm(w) ** 2
+    assert np.mean(null ** 2) == pytest.approx(expected, rel=0.05)
+    # amplification() tests ΔW's directions against it: W's own top directions are far above chance.
+    u, s, vh = np.linalg.svd(w)
+    amp = subspace.amplification(w, u[:, :3] @ np.diag(s[:3]) @ vh[:3], rank=3)
+    assert amp["above_chance"] and amp["p_proj_dW"] < 0.01

@@ -356,11 +356,15 @@ def demo_command(
 @one_line_errors
 def adapt_command(
     run_dir: Path = typer.Argument(..., help="Base run folder (runs/NAME) with a trained ViT."),
-    task: str = typer.Option("groups", "--task", help="groups (is the digit in {1,2,4,6,9}?) or digits (sklearn digits)."),
+    task: str = typer.Option("groups", "--task", help="groups (is the digit in {1,2,4,6,9}?), digits (sklearn digits) "
+                             "or rotated (the run's own digits turned 90 degrees)."),
     ranks: str = typer.Option("4,8,64", "--ranks", help="Comma-separated LoRA ranks."),
     seeds: str = typer.Option("0,1", "--seeds", help="Comma-separated seeds."),
     targets: str = typer.Option("q,v", "--targets", help="Comma-separated linear layer names to adapt."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs per adapter (default 2)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Most epochs per model: the learning-rate schedule's "
+                                         "length (default 30; early stopping usually ends sooner)."),
+    patience: Optional[int] = typer.Option(None, "--patience", help="Stop after this many epochs without a better "
+                                           "validation accuracy (default 4)."),
     n_train: Optional[int] = typer.Option(None, "--n-train", help="Training images drawn from the task's train split (0 = all)."),
     n_test: Optional[int] = typer.Option(None, "--n-test", help="Test images (0 = all)."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder with the MNIST IDX files."),
@@ -375,7 +379,7 @@ def adapt_command(
 
     results = adapt_run(run_dir, task=task, ranks=_int_list(ranks, "--ranks"), seeds=_int_list(seeds, "--seeds"),
                         targets=[t.strip() for t in targets.split(",") if t.strip()], epochs=epochs, n_train=n_train,
-                        n_test=n_test, data_dir=data_dir, progress=progress, device=device)
+                        n_test=n_test, data_dir=data_dir, progress=progress, device=device, patience=patience)
     typer.echo(results["markdown"])
     if subspace:
         from digitlens.subspace import analyse_run

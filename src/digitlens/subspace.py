@@ -111,9 +111,10 @@ def chance_corrected(phi_values: np.ndarray, dim: int) -> np.ndarray:
     return out
 
 
-def phi_summary(phi_values: np.ndarray, dim: int) -> dict:
+def phi_summary(phi_values: np.ndarray, dim: int, significance: bool = True, seed: int = 0) -> dict:
     """Raw, chance and chance-corrected phi at (1, 1), at (k, k) with k = min(shape) and the mean
-    over the grid: a flat dict of floats."""
+    over the grid: a flat dict of floats; with ``significance`` also the Monte-Carlo test of
+    :func:`phi_significance` at (1, 1) and (k, k)."""
     expected = chance_phi(phi_values.shape, dim)
     corrected = chance_corrected(phi_values, dim)
     k = min(phi_values.shape)
@@ -126,6 +127,74 @@ def phi_summary(phi_values: np.ndarray, dim: int) -> dict:
     out["phi_mean"] = float(phi_values.mean())
     out["chance_mean"] = float(expected.mean())
     out["corrected_mean"] = _finite_or_none(np.nanmean(corrected)) if np.isfinite(corrected).any() else None
+    if significance:
+        out.update(phi_significance(phi_values, dim, seed=seed))
+    return out
+
+
+def random_phi_null(dim: int, shape: tuple[int, int], n_draws: int = 1000, seed: int = 0) -> np.ndarray:
+    """Monte-Carlo null of phi: phi(i, j) of ``n_draws`` pairs of random subspaces of R^dim (QR of
+    Gaussian matrices, all draws at once), ndarray of shape (n_draws, shape[0], shape[1]). Its mean
+    is ``chance_phi(shape, dim)``. phi with one subspace fixed (W's directions) has the same null, as
+    the distribution of a random subspace is rotation invariant. Seeded: same seed, same draws."""
+    p, q = int(shape[0]), int(shape[1])
+    if not (1 <= p <= dim and 1 <= q <= dim):
+        raise DigitlensError(f"phi null: shape {shape} does not fit in R^{dim}")
+    rng = np.random.default_rng(seed)
+    out = np.empty((n_draws, p, q))
+    for start in range(0, n_draws, _chunk(dim * max(p, q))):  # draws in chunks of at most ~64 MB
+        stop = min(n_draws, start + _chunk(dim * max(p, q)))
+        u = np.linalg.qr(rng.standard_normal((stop - start, dim, p)))[0]  # batched QR: orthonormal columns
+        v = np.linalg.qr(rng.standard_normal((stop - start, dim, q)))[0]
+        out[start:stop] = (np.einsum("ndp,ndq->npq", u, v) ** 2).cumsum(axis=1).cumsum(axis=2)
+    return out / np.minimum(np.arange(1, p + 1)[:, None], np.arange(1, q + 1)[None, :])
+
+
+def _chunk(floats_per_draw: int) -> int:
+    """Draws per chunk so that one chunk's Gaussian matrix holds at most 2^23 float64 (64 MB)."""
+    return max(1, 2 ** 23 // max(1, floats_per_draw))
+
+
+_NULL_CACHE: dict[tuple, np.ndarray] = {}
+
+
+def _cached_null(dim: int, k: int, n_draws: int, seed: int) -> np.ndarray:
+    key = (dim, k, n_draws, seed)
+    if key not in _NULL_CACHE:
+        _NULL_CACHE[key] = random_phi_null(dim, (k, k), n_draws, seed)
+    return _NULL_CACHE[key]
+
+
+def monte_carlo_p(observed: float, null: np.ndarray) -> float:
+    """One-sided Monte-Carlo p-value of ``observed`` being this large under ``null`` (1-D draws):
+    ``(1 + #{null >= observed}) / (1 + n)``, never 0 (Davison & Hinkley 1997, eq. 4.11)."""
+    null = np.asarray(null, dtype=np.float64).ravel()
+    return float((1 + np.count_nonzero(null >= observed - 1e-12)) / (1 + null.size))
+
+
+#: Significance level of every "above chance" verdict (one test per number; not corrected for the
+#: many modules, so about 1 in 20 of the numbers that are chance will read "yes").
+ALPHA = 0.05
+NULL_DRAWS = 1000
+#: Draws of the projection null (one per weight and rank, each a batched QR of two (out, r) and
+#: (in, r) matrices per draw): 200 keep the analysis to seconds and resolve p down to 0.005.
+PROJECTION_DRAWS = 200
+
+
+def phi_significance(phi_values: np.ndarray, dim: int, n_draws: int = NULL_DRAWS, seed: int = 0) -> dict:
+    """phi at (1, 1) and at (k, k), k = min(shape), against the Monte-Carlo null of random subspaces
+    of the same shapes (:func:`random_phi_null`): the null's mean, its 95th percentile, the p-value
+    and ``above_chance_*`` (p < ALPHA), as a flat dict."""
+    k = min(phi_values.shape)
+    null = _cached_null(int(dim), int(k), int(n_draws), int(seed))
+    out = {"null_draws": int(n_draws)}
+    for label, idx in (("1_1", 0), ("k_k", k - 1)):
+        draws = null[:, idx, idx]
+        p = monte_carlo_p(float(phi_values[idx, idx]), draws)
+        out[f"null_mean_{label}"] = float(draws.mean())
+        out[f"null_q95_{label}"] = float(np.quantile(draws, 0.95))
+        out[f"p_{label}"] = p
+        out[f"above_chance_{label}"] = bool(p < ALPHA)
     return out
 
 
@@ -150,7 +219,36 @@ def random_orthonormal(dim: int, k: int, rng: np.random.Generator) -> np.ndarray
     return q * np.sign(np.diag(r))
 
 
-def amplification(weight, delta, rank: int | None = None, seed: int = 0, device=None) -> dict:
+_PROJECTION_CACHE: dict[tuple, np.ndarray] = {}
+
+
+def projection_null(weight, rank: int, n_draws: int = PROJECTION_DRAWS, seed: int = 0) -> np.ndarray:
+    """``||U^T W V||_F`` for ``n_draws`` pairs of random orthonormal U (out, rank), V (in, rank)
+    (batched QR of Gaussian matrices): ndarray of shape (n_draws,), the chance distribution of the
+    projection in :func:`amplification`. Cached per (W, rank, n_draws, seed): the seeds of one rank
+    share it. Cost: n_draws x 2 r m n flops (a second per module at m = n = 128, r = 64 on 2 cores;
+    minutes for a 4,096-wide language model at r = 64)."""
+    w = np.ascontiguousarray(weight, dtype=np.float64)
+    key = (hash(w.tobytes()), w.shape, int(rank), int(n_draws), int(seed))
+    if key not in _PROJECTION_CACHE:
+        _PROJECTION_CACHE[key] = _projection_null(w, int(rank), int(n_draws), int(seed))
+    return _PROJECTION_CACHE[key]
+
+
+def _projection_null(w: np.ndarray, rank: int, n_draws: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    out = np.empty(n_draws)
+    size = _chunk(max(w.shape) * rank)
+    for start in range(0, n_draws, size):  # chunks of at most ~64 MB per Gaussian matrix
+        stop = min(n_draws, start + size)
+        u = np.linalg.qr(rng.standard_normal((stop - start, w.shape[0], rank)))[0]
+        v = np.linalg.qr(rng.standard_normal((stop - start, w.shape[1], rank)))[0]
+        out[start:stop] = np.linalg.norm(np.transpose(u, (0, 2, 1)) @ w @ v, axis=(1, 2))
+    return out
+
+
+def amplification(weight, delta, rank: int | None = None, seed: int = 0, device=None,
+                  null_draws: int = PROJECTION_DRAWS) -> dict:
     """The paper's Table 7 for one weight matrix: how strongly ``delta`` amplifies directions of
     ``weight`` (both of shape (out, in)).
 
@@ -158,7 +256,10 @@ def amplification(weight, delta, rank: int | None = None, seed: int = 0, device=
     top-``rank`` left/right singular vectors of dW (default rank: dW's numerical rank),
     ``proj_W`` (same with W's own top directions), ``proj_random`` (random orthonormal U, V),
     ``amplification`` = norm_dW / proj_dW, and the factors one would get for W's own and random
-    directions (norm_dW / proj_W, norm_dW / proj_random).
+    directions (norm_dW / proj_W, norm_dW / proj_random). With ``null_draws`` the projection is
+    tested against :func:`projection_null` (the paper: "ΔW has a stronger correlation with W than a
+    random matrix"): ``p_proj_dW`` (one-sided, proj_dW this large by chance), ``above_chance``,
+    ``proj_random_mean`` and ``amplification_random_mean`` (the factor of random directions).
     """
     w = np.asarray(weight, dtype=np.float64)
     dw = np.asarray(delta, dtype=np.float64)
@@ -179,7 +280,15 @@ def amplification(weight, delta, rank: int | None = None, seed: int = 0, device=
     proj_dw = projected(u_d[:, :rank], vh_d[:rank])
     proj_w = projected(u_w[:, :rank], vh_w[:rank])
     proj_random = projected(u_r, v_r.T)
-    return {
+    null = projection_null(w, rank, n_draws=null_draws) if null_draws else None
+    significance = {}
+    if null is not None:
+        p = monte_carlo_p(proj_dw, null)
+        significance = {"null_draws": int(null_draws), "proj_random_mean": float(null.mean()),
+                        "proj_random_q95": float(np.quantile(null, 0.95)), "p_proj_dW": p,
+                        "above_chance": bool(p < ALPHA),
+                        "amplification_random_mean": norm_dw / float(null.mean()) if null.mean() > 0 else float("inf")}
+    return {**significance,
         "rank": int(rank),
         "norm_W": float(np.linalg.norm(w)),
         "norm_dW": norm_dw,
@@ -408,7 +517,9 @@ def analyse_adapters(base_path, adapter_dirs, out_dir, *, random_seed: int = 0, 
         "base": str(base_path),
         "adapters": [str(p) for p in adapter_dirs],
         "labels": labels,
-        "chance_note": "for random subspaces E[phi(i, j)] = max(i, j) / d; corrected = (phi - E) / (1 - E)",
+        "chance_note": ("for random subspaces E[phi(i, j)] = max(i, j) / d; corrected = (phi - E) / (1 - E); "
+                        f"above chance: phi larger than for random subspaces of the same shapes (Monte-Carlo null, "
+                        f"{NULL_DRAWS} draws, one-sided p < {ALPHA}, not corrected for the number of modules)"),
         "modules": module_results,
         "figures": [],
     }
@@ -521,6 +632,20 @@ def _write_outputs(out_dir: Path, summary: dict, figures: bool) -> None:
     write_json(out_dir / "subspace.json", summary)
 
 
+def _verdict_cell(entry: dict, label: str) -> str:
+    """'yes (p = 0.001)' / 'no (p = 0.3)' for phi at ``label`` ('1_1' or 'k_k'); '' without a test."""
+    if f"p_{label}" not in entry:
+        return ""
+    return f"{'yes' if entry[f'above_chance_{label}'] else 'no'} (p = {entry[f'p_{label}']:.2g})"
+
+
+def _amplification_verdict(amp: dict) -> str:
+    """'yes (p = ...)' when ΔW's top directions carry more of W than random ones; '' without a test."""
+    if "p_proj_dW" not in amp:
+        return ""
+    return f"{'yes' if amp['above_chance'] else 'no'} (p = {amp['p_proj_dW']:.2g})"
+
+
 def _fmt(value, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
@@ -528,28 +653,31 @@ def _fmt(value, digits: int = 3) -> str:
 def summary_markdown(summary: dict) -> str:
     """Markdown tables of a summary: per module and adapter, phi(W, A) at (k, k) raw / chance /
     corrected, amplification (Table 7), effective rank and intruder count."""
-    lines = ["| module | adapter | r | phi(W,A) k,k | chance | corrected | ||dW||_F | ||U^T W V^T|| dW | W dirs | random "
-             "| amplification | eff. rank | intruders |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| module | adapter | r | phi(W,A) k,k | chance | corrected | above chance | ||dW||_F | ||U^T W V^T|| dW "
+             "| W dirs | random | amplification | dW dirs in W above chance | eff. rank | intruders |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for mod in summary["modules"]:
         for ad in mod["adapters"]:
             p, amp = ad["phi_W_A"], ad["amplification"]
             lines.append(
                 f"| {mod['module']} | {ad['adapter']} | {ad['rank']} | {_fmt(p['phi_k_k'])} | {_fmt(p['chance_k_k'])} "
-                f"| {_fmt(p['corrected_k_k'])} | {_fmt(amp['norm_dW'])} | {_fmt(amp['proj_dW'])} | {_fmt(amp['proj_W'])} "
-                f"| {_fmt(amp['proj_random'])} | {amp['amplification']:.3g} | {_fmt(ad['effective_rank'], 2)} "
+                f"| {_fmt(p['corrected_k_k'])} | {_verdict_cell(p, 'k_k')} | {_fmt(amp['norm_dW'])} | {_fmt(amp['proj_dW'])} "
+                f"| {_fmt(amp['proj_W'])} | {_fmt(amp.get('proj_random_mean', amp['proj_random']))} "
+                f"| {amp['amplification']:.3g} "
+                f"| {_amplification_verdict(amp)} "
+                f"| {_fmt(ad['effective_rank'], 2)} "
                 f"| {ad['intruders']['count']}/{ad['intruders']['top_k']} |")
         p = mod["phi_W_random"]
         lines.append(f"| {mod['module']} | random Gaussian A | {p['shape'][1]} | {_fmt(p['phi_k_k'])} | "
-                     f"{_fmt(p['chance_k_k'])} | {_fmt(p['corrected_k_k'])} | | | | | | | |")
+                     f"{_fmt(p['chance_k_k'])} | {_fmt(p['corrected_k_k'])} | {_verdict_cell(p, 'k_k')} | | | | | | | | |")
     between = [(m["module"], b) for m in summary["modules"] for b in m.get("phi_between", [])]
     if between:
-        lines += ["", "| module | phi(A_a, A_b) | i=j=1 | chance | corrected | i=j=k | chance | corrected |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| module | phi(A_a, A_b) | i=j=1 | chance | corrected | above chance | i=j=k | chance | corrected "
+                  "| above chance |", "|---|---|---|---|---|---|---|---|---|---|"]
         for name, b in between:
             lines.append(f"| {name} | {b['a']} vs {b['b']} | {_fmt(b['phi_1_1'])} | {_fmt(b['chance_1_1'])} | "
-                         f"{_fmt(b['corrected_1_1'])} | {_fmt(b['phi_k_k'])} (k={b['k']}) | {_fmt(b['chance_k_k'])} | "
-                         f"{_fmt(b['corrected_k_k'])} |")
+                         f"{_fmt(b['corrected_1_1'])} | {_verdict_cell(b, '1_1')} | {_fmt(b['phi_k_k'])} (k={b['k']}) "
+                         f"| {_fmt(b['chance_k_k'])} | {_fmt(b['corrected_k_k'])} | {_verdict_cell(b, 'k_k')} |")
     lines += ["", summary.get("chance_note", ""), ""]
     return "\n".join(lines)
 
@@ -622,11 +750,68 @@ def _analyse_run(run_dir, task, *, out_dir, seed_for_ranks, figures, progress, *
             {"module": name, **intruder_dimensions(base[f"{name}.weight"], full_weights[f"{name}.weight"], top_k, threshold,
                                                    device=kwargs.get("device"))}
             for name in names if f"{name}.weight" in full_weights]
+    summary["amplification_by_rank"] = amplification_over_seeds(base, adapters, names, device=kwargs.get("device"))
     summary["task"] = task
-    summary["markdown"] = summary_markdown(summary) + _comparisons_markdown(summary)
+    summary["markdown"] = summary_markdown(summary) + _comparisons_markdown(summary) + amplification_markdown(summary)
     write_text(out_dir / "summary.md", summary["markdown"])
     write_json(out_dir / "subspace.json", summary)
     return summary
+
+
+#: The LoRA paper's Table 7 (Hu et al. 2021): amplification factor of W_q in GPT-3's 48th layer.
+PAPER_TABLE7_WQ = {4: 21.5, 64: 2.0}
+_QUERY_NAMES = ("q", "q_proj", "query", "wq")
+
+
+def amplification_over_seeds(base: dict, adapters: dict, names: list[str], device=None) -> list[dict]:
+    """The amplification factor per target (last part of the module name: q, v, ...) and rank with
+    its spread over seeds: for each seed the mean over the target's modules, then ``mean``, ``std``
+    (ddof 1; 0 for one seed), ``min``, ``max`` over seeds; ``random_mean`` (the factor of random
+    directions, mean over modules and seeds), ``above_chance`` / ``n_tests`` (module-seed pairs whose
+    ΔW directions carry more of W than random ones, p < ALPHA) and ``paper`` (GPT-3 W_q, Table 7,
+    for query targets at r = 4 and 64; else None). ``adapters``: {(rank, seed): LoraAdapter}."""
+    targets: dict[str, list[str]] = {}
+    for name in names:
+        targets.setdefault(name.rpartition(".")[2], []).append(name)
+    out = []
+    for target, members in targets.items():
+        for rank in sorted({r for r, _ in adapters}):
+            seeds = sorted(s for r, s in adapters if r == rank)
+            per_seed, random_factors, above = [], [], 0
+            for seed in seeds:
+                factors = []
+                for name in members:
+                    module = adapters[(rank, seed)].modules[name]
+                    amp = amplification(match_base_weight(base, module), module.delta, rank=module.rank, device=device)
+                    factors.append(amp["amplification"])
+                    random_factors.append(amp["amplification_random_mean"])
+                    above += int(amp["above_chance"])
+                per_seed.append(float(np.mean(factors)))
+            values = np.array(per_seed)
+            out.append({"target": target, "rank": int(rank), "seeds": seeds, "per_seed": per_seed,
+                        "mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+                        "min": float(values.min()), "max": float(values.max()),
+                        "random_mean": float(np.mean(random_factors)), "above_chance": above,
+                        "n_tests": len(seeds) * len(members),
+                        "paper": PAPER_TABLE7_WQ.get(int(rank)) if target.lower() in _QUERY_NAMES else None})
+    return out
+
+
+def amplification_markdown(summary: dict) -> str:
+    """The amplification factor per target and rank, mean ± std over seeds, beside the paper's."""
+    rows = summary.get("amplification_by_rank") or []
+    if not rows:
+        return ""
+    lines = ["### Amplification factor over seeds (paper: Table 7)", "",
+             "| target | r | amplification (mean ± std over seeds) | seeds | random directions | ΔW's directions in W "
+             "above chance | GPT-3 W_q (paper) |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['target']} | {r['rank']} | {r['mean']:.2f} ± {r['std']:.2f} | {len(r['seeds'])} "
+                     f"| {r['random_mean']:.2f} | {r['above_chance']}/{r['n_tests']} "
+                     f"| {'' if r['paper'] is None else format(r['paper'], 'g')} |")
+    lines += ["", f"Above chance: ||UᵀWVᵀ|| for ΔW's top-r directions larger than for random directions "
+                  f"(Monte-Carlo, {PROJECTION_DRAWS} draws, p < {ALPHA}).", ""]
+    return "\n".join(lines)
 
 
 def _plot_module_grid(grid: dict[str, np.ndarray], dim: int, title: str, stem) -> list[str]:
@@ -649,12 +834,14 @@ def _plot_module_grid(grid: dict[str, np.ndarray], dim: int, title: str, stem) -
 def _comparisons_markdown(summary: dict) -> str:
     lines = []
     for comp in summary.get("comparisons", []):
-        lines += [f"### {comp['title']}", "", "| module | phi(1,1) | chance | corrected | phi(k,k) | k | chance | corrected "
-                  "| mean phi | mean chance |", "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"### {comp['title']}", "", "| module | phi(1,1) | chance | corrected | above chance | phi(k,k) | k "
+                  "| chance | corrected | above chance | mean phi | mean chance |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for m in comp["modules"]:
             lines.append(f"| {m['module']} | {_fmt(m['phi_1_1'])} | {_fmt(m['chance_1_1'])} | {_fmt(m['corrected_1_1'])} "
-                         f"| {_fmt(m['phi_k_k'])} | {m['k']} | {_fmt(m['chance_k_k'])} | {_fmt(m['corrected_k_k'])} "
-                         f"| {_fmt(m['phi_mean'])} | {_fmt(m['chance_mean'])} |")
+                         f"| {_verdict_cell(m, '1_1')} | {_fmt(m['phi_k_k'])} | {m['k']} | {_fmt(m['chance_k_k'])} "
+                         f"| {_fmt(m['corrected_k_k'])} | {_verdict_cell(m, 'k_k')} | {_fmt(m['phi_mean'])} "
+                         f"| {_fmt(m['chance_mean'])} |")
         lines.append("")
     intruders = summary.get("full_finetuning_intruders")
     if intruders:

@@ -44,6 +44,9 @@ NOT_ESTIMATES: tuple[tuple[str, str], ...] = (
      "mean over seed runs: its uncertainty is the spread over seeds printed with it"),
     (rf"Mean {_NUM}%", "seed group table: mean over seed runs; the rows below give its spread"),
     (rf"Min – max {_NUM}% – {_NUM}%", "seed group table: the spread over seed runs"),
+    (rf"reaches {_NUM}(?:%|-{_NUM}%) over \d+ seeds? against full fine-tuning's {_NUM}(?:%|-{_NUM}%)",
+     "LoRA verdict: the range (min-max) of test accuracy over seeds, the spread the verdict is about"),
+    (rf"r = \d+ \({_NUM}(?:%|-{_NUM}%)\)", "LoRA verdict: a rank's range of test accuracy over seeds"),
 )
 
 

@@ -80,6 +80,8 @@ CATALOGUE = (
     FigureSpec(("explain/figures/*",), "explanations", "heatmap", "Per-digit maps"),
     FigureSpec(("adapt/*accuracy_vs_param*",), "lora", "adapt", "LoRA against baselines: test accuracy and trainable parameters"),
     FigureSpec(("adapt/*per_digit*",), "lora", "adapt", "Per-digit precision and recall of the groups task"),
+    FigureSpec(("adapt/*training_curves*",), "lora", "adapt",
+               "Training and validation curves of every adapter and baseline (early stopping)"),
     FigureSpec(("adapt/**",), "lora", "adapt", "LoRA adaptation"),
     FigureSpec(("subspace/*seed003*",), "lora", "subspace",
                "The LoRA paper's figure (Hu et al. 2021): phi(W_q, A_r) for every rank and a random A"),

@@ -552,6 +552,8 @@ def reading_adapt(run: RunData, stem: str = "") -> list[str]:
     lora = [r for r in rows if r.get("method") == "lora"]
     if not lora:
         return []
+    if stem.endswith("training_curves"):
+        return _convergence_lines(res)
     m = re.search(r"_r(\d+)$", stem)
     if m and isinstance(res.get("per_digit"), dict):
         key = next((k for k in res["per_digit"] if k.startswith(f"lora_r{m.group(1)}_")), None)
@@ -573,7 +575,31 @@ def reading_adapt(run: RunData, stem: str = "") -> list[str]:
     second = ", ".join(f"{'head only' if k == 'head_only' else 'full fine-tuning'} "
                        f"{wilson_text(v['accuracy_mean'], n_test)} ({v['trainable_params']:,} parameters)"
                        for k, v in others.items())
-    return [line] + ([f"Baselines: {second}."] if second else [])
+    verdict = (res.get("verdict") or {}).get("sentence")
+    return [line] + ([f"Baselines: {second}."] if second else []) + ([verdict] if verdict else [])
+
+
+def _convergence_lines(res: dict) -> list[str]:
+    """Whether the study's models converged: how many stopped early (validation accuracy flat for
+    ``patience`` epochs) and the epochs they used."""
+    rows = [r for r in res.get("rows", []) if "epochs_run" in r]
+    if not rows:
+        return []
+    early = [r for r in rows if r.get("stopped_early")]
+    lines = [f"{len(early)} of {len(rows)} models stopped early (no better validation accuracy for "
+             f"{res.get('patience')} epochs) after {min(r['epochs_run'] for r in rows)}-{max(r['epochs_run'] for r in rows)} "
+             f"of at most {res.get('epochs')} epochs; each keeps its best epoch's weights."]
+    late = [r for r in rows if r["best_epoch"] == r["epochs_run"] and not r.get("stopped_early")]
+    if late:
+        lines.append(f"{len(late)} model{'s' if len(late) != 1 else ''} still improved in the last epoch "
+                     f"({', '.join(sorted({_method_name(r) for r in late}))}); the schedule's learning rate had "
+                     "decayed to ~0 there, so more epochs would change little.")
+    return lines
+
+
+def _method_name(row: dict) -> str:
+    return {"lora": f"LoRA r = {row.get('rank')}", "head_only": "head only", "full": "full fine-tuning"}.get(
+        row.get("method"), str(row.get("method")))
 
 
 def rank_sentence(run: RunData, task: str, res: dict, lora: list[dict]) -> str:
@@ -607,11 +633,44 @@ def _subspace_summary(run: RunData, stem: str) -> dict | None:
     return next((js for js in run.subspace.values() if isinstance(js, dict) and "modules" in js), None)
 
 
+def _above_chance(entries: list[dict], label: str = "k_k") -> str:
+    """'above chance: yes (p = 0.001)' for one module; 'above chance in m of n modules (p < 0.05)'
+    for several; '' when the entries carry no test."""
+    tested = [e for e in entries if f"p_{label}" in e]
+    if not tested:
+        return ""
+    if len(tested) == 1:
+        e = tested[0]
+        return f"above chance: {'yes' if e[f'above_chance_{label}'] else 'no'} (p = {e[f'p_{label}']:.2g})"
+    hits = sum(bool(e[f"above_chance_{label}"]) for e in tested)
+    return (f"above chance in {hits} of {len(tested)} modules (p < 0.05; "
+            f"median p = {np.median([e[f'p_{label}'] for e in tested]):.2g})")
+
+
 def _phi_line(entries: list[dict], corrected: bool) -> str:
-    """Mean phi at i = j = k over modules (raw or chance-corrected) with the chance level."""
+    """Mean phi at i = j = k over modules (raw or chance-corrected) with the chance level and the
+    Monte-Carlo verdict."""
+    verdict = _above_chance(entries)
+    verdict = f", {verdict}" if verdict else ""
     if corrected:
-        return f"corrected {np.mean([e['corrected_k_k'] for e in entries]):+.3f}"
-    return f"{np.mean([e['phi_k_k'] for e in entries]):.3f} (chance {np.mean([e['chance_k_k'] for e in entries]):.3f})"
+        return f"corrected {np.mean([e['corrected_k_k'] for e in entries]):+.3f}{verdict}"
+    return (f"{np.mean([e['phi_k_k'] for e in entries]):.3f} (chance {np.mean([e['chance_k_k'] for e in entries]):.3f}"
+            f"{verdict})")
+
+
+def _why_nothing(run: RunData, task: str | None) -> str:
+    """Why adapters may share nothing beyond chance, from the task's accuracies: the base already
+    solves the task (LoRA no better than the head alone), or the change is spread over many
+    directions."""
+    res = run.adapt_results.get(task or "") or {}
+    rows = {(r.get("method"), r.get("rank")): r.get("accuracy_mean") for r in res.get("summary", [])}
+    lora = [v for (m, _), v in rows.items() if m == "lora" and v is not None]
+    head = rows.get(("head_only", 0))
+    if lora and head is not None and max(lora) <= head:
+        return (f"LoRA is no better than training the head alone ({pct(max(lora))} against {pct(head)}): the base's "
+                "features already solve this task, so ΔW has no consistent direction to learn.")
+    return ("the adapters gain accuracy but not along one shared direction: the change is spread over many "
+            "directions (or these adapters are too small a change to stand out of the null).")
 
 
 def reading_subspace(run: RunData, stem: str = "") -> list[str]:
@@ -650,16 +709,21 @@ def reading_subspace(run: RunData, stem: str = "") -> list[str]:
                  and (kind == "ranks" or f"A_r={m.group(4)} " in c.get("title", ""))]
         if comps:
             entries = comps[0]["modules"]
+            top = f" ({_above_chance(entries, '1_1')})" if _above_chance(entries, "1_1") else ""
             first = (f"{comps[0]['title']}: top direction phi(1, 1) = {np.mean([e['phi_1_1'] for e in entries]):.3f} "
-                     f"against chance {np.mean([e['chance_1_1'] for e in entries]):.3f}, averaged over {len(entries)} modules.")
-            return [first, f"At i = j = k: {_phi_line(entries, corrected)}."]
+                     f"against chance {np.mean([e['chance_1_1'] for e in entries]):.3f}, averaged over {len(entries)} "
+                     f"modules{top}.")
+            return [first, f"At i = j = k: {_phi_line(entries, corrected)}.", _phi_finding(run, js, kind, m, entries)]
         return []
+    by_rank = js.get("amplification_by_rank") or []
+    if by_rank and "amplification" in name:
+        return _amplification_lines(by_rank)
     amps: dict[int, list[float]] = {}
     eff: dict[int, list[float]] = {}
     for mod in modules:
         for a in mod.get("adapters", []):
             value = (a.get("amplification") or {}).get("amplification")
-            if isinstance(value, (int, float)) and math.isfinite(value):
+            if isinstance(value, (int, float)) and math.isfinite(value) and not by_rank:  # else: with verdicts above
                 amps.setdefault(a["rank"], []).append(value)
             if isinstance(a.get("effective_rank"), (int, float)):
                 eff.setdefault(a["rank"], []).append(a["effective_rank"])
@@ -670,6 +734,54 @@ def reading_subspace(run: RunData, stem: str = "") -> list[str]:
     if eff:
         lines.append("Mean effective rank of ΔW: " + ", ".join(f"{np.mean(v):.1f} of r = {r}" for r, v in sorted(eff.items()))
                      + f", over {len(modules)} modules.")
+    return lines
+
+
+def _phi_finding(run: RunData, js: dict, kind: str, m, entries: list[dict]) -> str:
+    """What the comparison found: a shared top direction (most modules above chance at (1, 1)), or
+    nothing above chance, and why."""
+    tested = [e for e in entries if "p_1_1" in e]
+    if not tested:
+        return ""
+    hits = sum(bool(e["above_chance_1_1"]) for e in tested)
+    phi_top = np.mean([e["phi_1_1"] for e in tested])
+    chance = np.mean([e["chance_1_1"] for e in tested])
+    who = (f"r = {m.group(2)} and r = {m.group(3)}" if kind == "ranks"
+           else f"seeds {m.group(2)} and {m.group(3)} at r = {m.group(4)}")
+    if hits * 2 > len(tested):
+        like = ("a low-rank change carries most of the adaptation, as in the paper's Figure 3" if kind == "ranks"
+                else "different random starts find the same top direction, as in the paper's Figure 4")
+        return (f"{who} share their top direction in {hits} of {len(tested)} modules (mean phi {phi_top:.2f}, "
+                f"chance {chance:.3f}): {like}.")
+    return (f"{who} share no top direction beyond chance in most modules ({hits} of {len(tested)} above chance; "
+            f"mean phi {phi_top:.3f}, chance {chance:.3f}): {_why_nothing(run, js.get('task'))}")
+
+
+def _amplification_lines(by_rank: list[dict]) -> list[str]:
+    """The amplification factor per rank (first target named like a query, else the first target),
+    mean ± std over seeds, with random directions' factor, the chance verdict and the paper's value."""
+    targets = list(dict.fromkeys(r["target"] for r in by_rank))
+    target = next((t for t in targets if t.lower() in ("q", "q_proj", "query", "wq")), targets[0])
+    rows = [r for r in by_rank if r["target"] == target]
+    parts = []
+    for r in rows:
+        paper = f"; GPT-3 W_q in the paper: {r['paper']:g}" if r.get("paper") is not None else ""
+        spread = (f"{r['mean']:.2f} ± {r['std']:.2f} over {len(r['seeds'])} seeds" if len(r["seeds"]) > 1
+                  else f"{r['mean']:.2f} (1 seed, no spread)")
+        parts.append(f"r = {r['rank']}: {spread} (random directions {r['random_mean']:.2f}{paper})")
+    hits, tests = sum(r["above_chance"] for r in rows), sum(r["n_tests"] for r in rows)
+    lines = [f"Amplification factor ‖ΔW‖ / ‖UᵀWVᵀ‖ of the {target} projections: " + "; ".join(parts) + "."]
+    if hits * 2 > tests:
+        below = all(r["mean"] < r["random_mean"] for r in rows)
+        verdict = ("ΔW's top directions carry more of W than random directions (the paper: 'ΔW has a stronger "
+                   "correlation with W than a random matrix')"
+                   + ("; every factor is below that of random directions, so ΔW mostly strengthens directions W "
+                      "already carries, whereas in GPT-3 (21.5 at r = 4) it amplified directions W leaves weak"
+                      if below else ""))
+    else:
+        verdict = ("ΔW's top directions carry no more of W than random directions, so the factor is about what random "
+                   "directions give")
+    lines.append(f"Above chance in {hits} of {tests} module-seed pairs (p < 0.05): {verdict}.")
     return lines
 
 

@@ -282,12 +282,13 @@ def serve_command(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (127.0.0.1: this machine only)."),
     port: int = typer.Option(8000, "--port", help="Port to listen on."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder with the MNIST IDX files (for browsing an MNIST run's test images)."),
+    threads: int = typer.Option(1, "--threads", help="Torch threads for the models (1: fastest for the small batches of a shared machine)."),
 ) -> None:
     """Serve a page on which you draw a digit and watch every model read it (probabilities,
     attribution maps, preprocessing steps), browse each run's mistakes, and its JSON API."""
     from digitlens.serve import serve
 
-    serve(runs or [], host=host, port=port, model_files=model_file or [], data_dir=data_dir)
+    serve(runs or [], host=host, port=port, model_files=model_file or [], data_dir=data_dir, threads=threads)
 
 
 @app.command("report")

@@ -321,3 +321,56 @@ def test_concurrent_requests_over_http_are_batched(runs, test_split):
         np.testing.assert_allclose(got.json()["models"][0]["probabilities"], want["models"][0]["probabilities"], atol=1e-6)
     assert after["requests"] - before["requests"] == 16
     assert after["batches"] - before["batches"] < 16
+
+
+def test_disagreements_of_one_digit(client, runs):
+    one, two = (np.load(r / "predictions.npz") for r in runs)
+    answer = client.get("/api/disagreements?digit=3&limit=500").json()
+    expected = np.flatnonzero((one["y_pred"] != two["y_pred"]) & (one["y_true"] == 3))
+    assert answer["total"] == len(expected) and sorted(it["index"] for it in answer["items"]) == expected.tolist()
+
+
+def test_an_internal_error_is_a_one_line_500_and_the_server_goes_on(runs, monkeypatch, test_split):
+    from digitlens.serve import app as serve_app
+
+    client = TestClient(create_app(runs[:1]), raise_server_exceptions=False)
+    body = {"pixels": test_split.images[0].flatten().tolist()}
+    with monkeypatch.context() as patch:
+        patch.setattr(serve_app, "predict_batch", lambda *a: (_ for _ in ()).throw(RuntimeError("boom\nsecond line")))
+        assert error_of(client.post("/api/predict", json=body), 500) == "internal error: boom"
+    assert client.post("/api/predict", json=body).status_code == 200
+
+
+def test_ctrl_c_stops_the_server_cleanly(runs):
+    """``digitlens serve`` in a subprocess answers, and SIGINT ends it with status 0, no traceback."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "digitlens", "serve", str(runs[0]), "--port", str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert server.poll() is None, server.stderr.read()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the server did not start within 60 s"
+            time.sleep(0.1)
+        server.send_signal(signal.SIGINT)
+        out, err = server.communicate(timeout=30)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    assert server.returncode == 0, err
+    assert "Traceback" not in err and f"http://127.0.0.1:{port}/" in out

@@ -499,8 +499,8 @@ def create_app(runs=(), *, model_files=(), load_options: dict | None = None, max
             entry = {"id": m.id, "source": m.source, "kind": m.kind, "architecture": m.config.get("model"),
                      "dataset": m.config.get("dataset"), "methods": list(m.methods), "defaults": list(m.defaults),
                      "browsable": False}
-            try:
-                browse = browse_data(m, data_dir)
+            try:  # the first call reads the test split: off the event loop
+                browse = await run_in_threadpool(browse_data, m, data_dir)
             except ApiError as exc:
                 entry["browse_note"] = exc.message
             else:
@@ -573,7 +573,7 @@ def create_app(runs=(), *, model_files=(), load_options: dict | None = None, max
             method = parse_methods_param(method, models)[0]
             if method not in served.methods:
                 raise ApiError(400, f"method {method!r}: {served.id} has no such maps (it has {', '.join(served.methods)})")
-        browse = browse_data(served, data_dir)
+        browse = await run_in_threadpool(browse_data, served, data_dir)
         confidence = browse.proba[np.arange(len(browse.y_pred)), browse.y_pred]
         chosen = np.flatnonzero((browse.y_true == true) & (browse.y_pred == pred) & (confidence >= low) & (confidence <= high))
         chosen = chosen[np.argsort(-confidence[chosen], kind="stable")]  # most confident first
@@ -583,7 +583,7 @@ def create_app(runs=(), *, model_files=(), load_options: dict | None = None, max
 
     async def test_image(request: Request) -> Response:
         served = model_or_404(request.path_params["run"])
-        browse = browse_data(served, data_dir)
+        browse = await run_in_threadpool(browse_data, served, data_dir)
         index = request.path_params["index"]
         if not 0 <= index < len(browse.y_true):
             raise ApiError(404, f"image {index}: the test split has {len(browse.y_true)} images (0-{len(browse.y_true) - 1})")
@@ -599,7 +599,8 @@ def create_app(runs=(), *, model_files=(), load_options: dict | None = None, max
         limit = query_int(request, "limit", 48, 1, 500)
         offset = query_int(request, "offset", 0, 0, 10**9)
         digit = query_int(request, "digit", -1, -1, 9)
-        one, two = browse_data(first, data_dir), browse_data(second, data_dir)
+        one = await run_in_threadpool(browse_data, first, data_dir)
+        two = await run_in_threadpool(browse_data, second, data_dir)
         if not np.array_equal(one.y_true, two.y_true):
             raise ApiError(409, f"disagreements: {first.id} and {second.id} were tested on different images")
         chosen = np.flatnonzero((one.y_pred != two.y_pred) & ((digit < 0) | (one.y_true == digit)))

@@ -16,7 +16,7 @@ const pad = document.getElementById("pad");
 const ctx = pad.getContext("2d");
 const state = {
   runs: [], strokes: [], current: null, base: null,   // base: a 28x28 image loaded into the pad
-  timer: null, inFlight: false, again: false, seq: 0, shown: 0,
+  timer: null, sentAt: 0, inFlight: false, again: false, seq: 0, shown: 0,
   cell: null, methods: [],
 };
 
@@ -86,6 +86,15 @@ pad.addEventListener("pointermove", (event) => {
   redraw();
   schedulePredict();
 });
+
+// Live while drawing: at most one request per DEBOUNCE_MS (and one in flight), plus one when the
+// pen rests, so the bars follow the stroke without a request per pointer event.
+function schedulePredict() {
+  clearTimeout(state.timer);
+  const wait = DEBOUNCE_MS - (performance.now() - state.sentAt);
+  if (wait <= 0) predictNow();
+  else state.timer = setTimeout(predictNow, wait);
+}
 function endStroke() {
   if (!state.current) return;
   state.current = null;
@@ -144,16 +153,12 @@ function chosenMethods() {
   return Array.from(document.querySelectorAll("#methods input:checked")).map((box) => box.value);
 }
 
-function schedulePredict() {
-  clearTimeout(state.timer);
-  state.timer = setTimeout(predictNow, DEBOUNCE_MS);
-}
-
 async function predictNow() {
   clearTimeout(state.timer);
   if (padIsEmpty()) { showEmpty(); return; }
   if (state.inFlight) { state.again = true; return; }   // one request at a time; the latest drawing wins
   state.inFlight = true;
+  state.sentAt = performance.now();
   const seq = ++state.seq;
   try {
     const blob = await new Promise((resolve) => pad.toBlob(resolve, "image/png"));
@@ -347,11 +352,14 @@ async function loadCell() {
 
 async function loadDisagreements() {
   const [a, b] = state.runs.filter((run) => run.browsable);
-  const answer = await getJSON(`/api/disagreements?a=${encodeURIComponent(a.id)}&b=${encodeURIComponent(b.id)}&limit=60`);
+  const digit = $("digit-filter").value;
+  const answer = await getJSON(`/api/disagreements?a=${encodeURIComponent(a.id)}&b=${encodeURIComponent(b.id)}&limit=60` +
+                               (digit ? `&digit=${digit}` : ""));
   if (!answer) return;
   state.cell = null;
   drawConfusion();
-  $("gallery-title").textContent = `${answer.total} test images where ${answer.a} and ${answer.b} disagree`;
+  $("gallery-title").textContent = `${answer.total} test images${digit ? ` of ${digit}s` : ""} where ${answer.a} and ${answer.b} disagree` +
+    (answer.total > answer.items.length ? ` (the ${answer.items.length} where one is surest)` : "");
   $("gallery").replaceChildren(...answer.items.map((item) =>
     thumb(item, null, `#${item.index} true ${item.true}: ${answer.a} ${item.pred_a} (${pct(item.confidence_a)}), ${answer.b} ${item.pred_b} (${pct(item.confidence_b)})`)));
 }
@@ -390,6 +398,7 @@ async function start() {
     $("browse-note").textContent = answer.runs.map((run) => run.browse_note).filter(Boolean).join("; ") || "no run with saved test predictions";
   }
   $("disagree").hidden = browsable.length < 2;
+  $("digit-filter").parentElement.hidden = browsable.length < 2;
   overlayMethods();
   drawConfusion();
 }
@@ -397,5 +406,6 @@ async function start() {
 $("run-select").addEventListener("change", () => { overlayMethods(); drawConfusion(); loadCell(); });
 for (const id of ["min-conf", "max-conf", "overlay-method"]) $(id).addEventListener("change", loadCell);
 $("disagree").addEventListener("click", loadDisagreements);
+$("digit-filter").addEventListener("change", () => { if (!state.cell && !$("disagree").hidden) loadDisagreements(); });
 
 start();

@@ -79,8 +79,13 @@ def api_predictions(page, api) -> list[int]:
 
 def test_draw_see_undo_clear(session):
     page, api, seen = session
-    stroke(page, [(140, 40), (140, 120), (142, 240)])  # a vertical stroke: a 1
-    page.wait_for_selector(".model-card .heatmap")
+    box = page.locator("#pad").bounding_box()
+    page.mouse.move(box["x"] + 140, box["y"] + 40)
+    page.mouse.down()
+    page.mouse.move(box["x"] + 140, box["y"] + 120, steps=10)
+    page.wait_for_selector(".model-card .heatmap")  # predicted while the button is still down
+    page.mouse.move(box["x"] + 142, box["y"] + 240, steps=10)  # a vertical stroke: a 1
+    page.mouse.up()
     settle(page)
     assert page.locator(".model-card").count() == 2
     assert shown_predictions(page) == api_predictions(page, api)

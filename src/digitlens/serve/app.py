@@ -123,8 +123,11 @@ def load_served_model(spec: Any, ident: str, load_options: dict | None = None) -
         gradient_model = layer_model = model
         methods = tuple(m for m in METHODS if m not in CAM_METHODS + ATTENTION_METHODS)
     else:
-        layer_model = prepare_model(model)
-        gradient_model = fold_batch_norm(model)
+        try:
+            layer_model = prepare_model(model)
+            gradient_model = fold_batch_norm(model)
+        except Exception:  # noqa: BLE001 - a wrapped model (e.g. another runtime's) that cannot be deep-copied
+            layer_model = gradient_model = model  # is used as is; a method it cannot run is reported per request
         attention = is_attention_model(model)
         methods = tuple(m for m in METHODS if attention or m not in ATTENTION_METHODS)
     if is_attention_model(model):

@@ -575,7 +575,7 @@ def test_every_flag_an_error_names_exists_and_methods_take_dashes(tiny_cnn):
     named = {m for f in src.rglob("*.py") for m in re.findall(r'DigitlensError\(\s*f?"(--[a-z][a-z-]+)', f.read_text())}
     runner = CliRunner()
     helps = "".join(runner.invoke(app, [cmd, "--help"], env={"COLUMNS": "200"}).output
-                    for cmd in ("train", "evaluate", "explain", "predict", "adapt", "subspace", "report", "demo"))
+                    for cmd in ("train", "evaluate", "explain", "predict", "adapt", "subspace", "report", "demo", "serve"))
     missing = sorted(flag for flag in named if flag not in helps)
     assert not missing, f"errors name flags no command has: {missing}"
 

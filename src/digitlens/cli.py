@@ -324,6 +324,29 @@ def predict_command(
                 typer.echo(f"  wrote {r[key]}")
 
 
+@app.command("serve")
+@one_line_errors
+def serve_command(
+    runs: Optional[list[Path]] = typer.Argument(None, help="Run folders (runs/NAME) whose models the page shows side by side."),
+    model_file: Optional[list[Path]] = typer.Option(None, "--model-file", help="A model file to serve as well (ONNX, or TorchScript with --trust-code); repeatable."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (127.0.0.1: this machine only)."),
+    port: int = typer.Option(8000, "--port", help="Port to listen on."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder with the MNIST IDX files (for browsing an MNIST run's test images)."),
+    threads: int = typer.Option(1, "--threads", help="Torch threads for the models (1: fastest for the small batches of a shared machine)."),
+    input_scale: Optional[int] = typer.Option(None, "--input-scale", help=INPUT_SCALE_HELP),
+    normalize: Optional[str] = typer.Option(None, "--normalize", help=NORMALIZE_HELP),
+    outputs: Optional[str] = typer.Option(None, "--outputs", help=OUTPUTS_HELP),
+    trust_code: bool = typer.Option(False, "--trust-code", help=TRUST_HELP),
+) -> None:
+    """Serve a page on which you draw a digit and watch every model read it (probabilities,
+    attribution maps, preprocessing steps), browse each run's mistakes, and its JSON API."""
+    from digitlens.serve import serve
+
+    load_options = {"preprocessing": preprocessing_flags(input_scale, normalize, outputs), "trust_code": trust_code}
+    serve(runs or [], host=host, port=port, model_files=model_file or [], data_dir=data_dir, threads=threads,
+          load_options=load_options)
+
+
 @app.command("report")
 @one_line_errors
 def report_command(

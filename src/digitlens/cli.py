@@ -113,6 +113,7 @@ def train_command(
     device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
     precision: Optional[str] = typer.Option(None, "--precision", help="fp32 (default) or bf16 (autocast; CUDA only)."),
     nproc: Optional[int] = typer.Option(None, "--nproc", help=NPROC_HELP),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check that MNIST files are the canonical ones (SHA-256); --no-verify trains on a deliberate variant."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Train a digit classifier; write config.json, history.csv, checkpoints/ and model.safetensors
@@ -129,6 +130,8 @@ def train_command(
         _run_with_torchrun(ctx, nproc)
         return
     extra.update(device=device, precision=precision)
+    if not verify:
+        extra["verify"] = False
     if seeds is not None:
         from digitlens.seeds import parse_seeds, train_seeds
 

@@ -411,7 +411,8 @@ def _prepare_out_dir(out: Path, requested: dict, resume: bool) -> tuple[dict | N
 def train(out_dir: str | os.PathLike, *, dataset: str | None = None, model: str | None = None,
           epochs: int | None = None, seed: int | None = None, data_dir: str | os.PathLike | None = None,
           resume: bool = False, progress: bool = True, model_kwargs: dict | None = None,
-          device: str | torch.device | None = None, precision: str | None = None, **hyper) -> dict:
+          device: str | torch.device | None = None, precision: str | None = None, verify: bool = True,
+          **hyper) -> dict:
     """Train ``model`` (default ``cnn``) on ``dataset`` (default ``digits``) into ``out_dir``.
 
     ``seed`` defaults to 0 and ``epochs`` to a fast per-model/per-dataset value
@@ -422,7 +423,9 @@ def train(out_dir: str | os.PathLike, *, dataset: str | None = None, model: str 
 
     ``device``: 'auto' (default, or ``$DIGITLENS_DEVICE``), 'cpu', 'cuda[:N]' or 'mps';
     ``precision``: 'fp32' (default) or 'bf16' (autocast, CUDA only). Neither defines the run: a run
-    trained on a GPU resumes on a CPU. Under torchrun the processes train one model together
+    trained on a GPU resumes on a CPU. ``verify=False`` (``--no-verify``) trains on MNIST files
+    that are not the canonical ones (recorded as ``verify: false`` in ``config.json``, so later
+    stages accept them too). Under torchrun the processes train one model together
     (see the module docstring); only rank 0 writes.
 
     Returns a summary dict (also written to ``train_summary.json``): run folder, dataset, model,
@@ -438,13 +441,13 @@ def train(out_dir: str | os.PathLike, *, dataset: str | None = None, model: str 
     try:
         return _train(out, ctx, run_device, precision, requested, dataset=dataset, model=model, epochs=epochs,
                       seed=seed, data_dir=data_dir, resume=resume, progress=progress, model_kwargs=model_kwargs,
-                      hyper=hyper)
+                      hyper=hyper, verify=verify)
     finally:
         distributed.finish(ctx)
 
 
 def _train(out: Path, ctx, run_device: torch.device, precision: str, requested: dict, *, dataset, model, epochs, seed,
-           data_dir, resume, progress, model_kwargs, hyper) -> dict:
+           data_dir, resume, progress, model_kwargs, hyper, verify=True) -> dict:
     from digitlens.data import DATASETS, load_splits
     from digitlens.models import MODELS, count_parameters, save_model
 
@@ -482,6 +485,8 @@ def _train(out: Path, ctx, run_device: torch.device, precision: str, requested: 
             "seed": int(0 if seed is None else seed), "data_dir": None if data_dir is None else str(Path(data_dir).resolve()),
             "image_size": 28, "epochs": int(epochs), **resolved,
         }
+        if not verify:
+            config["verify"] = False
 
     if int(config["batch_size"]) % world_size:
         raise DigitlensError(f"--batch-size {config['batch_size']}: must be a multiple of the {world_size} "
@@ -493,7 +498,7 @@ def _train(out: Path, ctx, run_device: torch.device, precision: str, requested: 
         torch.set_num_threads(int(threads))
     try:
         splits = load_splits(config["dataset"], data_dir=config["data_dir"], val_fraction=config["val_fraction"],
-                             seed=config["seed"], size=config["image_size"])
+                             seed=config["seed"], size=config["image_size"], verify=bool(config.get("verify", True)))
         n_classes = int(torch.cat([splits.train.labels, splits.test.labels]).max()) + 1
         n_classes = max(n_classes, 10)
         torch.manual_seed(config["seed"])

@@ -262,7 +262,7 @@ def load_run_split(run_dir, split: str = "test", data_dir=None):
         raise DigitlensError(f"--split {split!r}: choose train, val or test")
     if config.get("dataset") == "mnist" and split == "test":
         folder = locate_mnist(data_dir if data_dir is not None else config.get("data_dir"))
-        return load_mnist_split(folder, "test")
+        return load_mnist_split(folder, "test", verify=bool(config.get("verify", True)))
     return getattr(load_splits_for_run(config, data_dir=data_dir), split)
 
 

@@ -31,6 +31,11 @@ def one_line_errors(func):
         except DigitlensError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(code=2) from None
+        except (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
+            # A path argument that names the wrong kind of thing (an --out that is a file) or one
+            # we may not write: the OS names the path; one line like every other bad input.
+            typer.echo(f"error: {exc.filename}: {exc.strerror.lower()}", err=True)
+            raise typer.Exit(code=2) from None
 
     return wrapper
 

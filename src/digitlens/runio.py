@@ -73,6 +73,19 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise DigitlensError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except UnicodeDecodeError as exc:
+        raise DigitlensError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """Read a UTF-8 text file, raising a one-line :class:`DigitlensError` when missing or not UTF-8."""
+    path = Path(path)
+    if not path.is_file():
+        raise DigitlensError(f"{path}: file not found")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DigitlensError(f"{path}: not UTF-8 text (byte {exc.start})") from None
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
@@ -97,11 +110,15 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise DigitlensError(f"{path}: file not found")
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        raise DigitlensError(f"{path}: not a .npz file (no zip archive)")
     try:
         with np.load(path, allow_pickle=False) as data:
             return {key: data[key] for key in data.files}
-    except (ValueError, OSError) as exc:
-        raise DigitlensError(f"{path}: not a readable .npz file ({exc})") from None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise DigitlensError(f"{path}: not a readable .npz file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
 
 
 def _save_figure_now(fig, stem: Path, formats: tuple[str, ...], dpi: int) -> list[Path]:

@@ -199,8 +199,14 @@ def make_optimizer(model: nn.Module, hyper: dict, total_steps: int):
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=float(hyper["weight_decay"]), **fused)
     if hyper["schedule"] == "onecycle":
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(1, total_steps),
-                                                        pct_start=float(hyper["pct_start"]))
+        total_steps = max(1, total_steps)
+        pct_start = float(hyper["pct_start"])
+        if pct_start * total_steps == 1.0:
+            # OneCycleLR's warm-up then ends at step 0 and it divides by its zero length (4 steps,
+            # pct_start 0.25); the next float up gives the same rates (the limit of a vanishing warm-up).
+            pct_start = math.nextafter(pct_start, 1.0)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps,
+                                                        pct_start=pct_start)
     else:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     return optimizer, scheduler
@@ -385,6 +391,8 @@ def _write_history(out_dir: Path, history: list[dict]) -> None:
 def _prepare_out_dir(out: Path, requested: dict, resume: bool) -> tuple[dict | None, Path | None]:
     """Check ``out`` against ``resume``; return (stored config, last checkpoint) when resuming."""
     config_path = out / "config.json"
+    if out.exists() and not out.is_dir():
+        raise DigitlensError(f"--out {out}: is a file, not a folder; choose a new --out folder")
     if not resume:
         if config_path.is_file():
             finished = (out / "model.safetensors").is_file()

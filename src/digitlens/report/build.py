@@ -22,7 +22,7 @@ from digitlens.errors import DigitlensError
 from digitlens.intervals import DEFAULT_BOOTSTRAP, format_ci, wilson_interval
 from digitlens.report import readings as R
 from digitlens.report.collect import RunData, collect_run
-from digitlens.runio import write_json, write_text
+from digitlens.runio import read_text, write_json, write_text
 
 TEMPLATES = Path(__file__).with_name("templates")
 
@@ -439,11 +439,11 @@ def _section_blocks(section: str, run: RunData, run_index: int | None) -> list[s
             md = run.run_dir / "adapt" / task / "results.md"
             if md.is_file():
                 blocks.append(prefix + f"<h3>LoRA against baselines, task “{html.escape(task)}”</h3>\n"
-                              + markdown_to_html(md.read_text()))
+                              + markdown_to_html(read_text(md)))
         for md in sorted((run.run_dir / "subspace").glob("**/summary.md")) if (run.run_dir / "subspace").is_dir() else []:
             task = md.parent.name
             blocks.append(prefix + f"<h3>Subspace analysis, task “{html.escape(task)}”</h3>\n"
-                          + "<div class=\"table-wrap\">" + markdown_to_html(md.read_text()) + "</div>")
+                          + "<div class=\"table-wrap\">" + markdown_to_html(read_text(md)) + "</div>")
     elif section == "insights" and run.insights_md:
         blocks.append(prefix + markdown_to_html(run.insights_md))
     return blocks

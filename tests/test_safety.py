@@ -255,3 +255,172 @@ def test_damaged_adapters_are_one_line_and_write_nothing(tmp_path, case, needle)
         return
     assert needle in one_error_line(code, output)
     assert not out.exists()
+
+
+# --- one writer per run folder -----------------------------------------------------------------
+
+def _hold_lock_in_subprocess(folder: Path, stage: str = "train"):
+    """A Python process holding run_lock(folder) until killed; returns it once the lock is held."""
+    import subprocess
+    import sys
+    import time
+
+    code = ("import sys, time; from digitlens.runio import run_lock\n"
+            f"with run_lock({str(folder)!r}, {stage!r}):\n    print('held', flush=True); time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline().strip() == b"held", proc.stderr.read().decode()
+    return proc
+
+
+def test_second_writer_is_refused_naming_the_pid_and_a_dead_holder_is_not_in_the_way(tmp_path, digits_run):
+    import os
+    import signal
+
+    from digitlens.runio import run_lock
+
+    run = copy_run(digits_run, tmp_path)
+    holder = _hold_lock_in_subprocess(run, "train")
+    try:
+        with pytest.raises(DigitlensError) as err:
+            with run_lock(run, "evaluate"):
+                pass
+        assert str(err.value) == (f"{run}: another digitlens process (PID {holder.pid}, train) is writing this run "
+                                  "folder; wait for it to finish, or use another folder")
+        for args in (("evaluate", run, "--no-progress", "--bootstrap", 0), ("report", run),
+                     ("explain", run, "--methods", "saliency", "--faithfulness-size", 0, "--no-progress"),
+                     ("train", "--out", run, "--resume", "--no-progress")):
+            assert f"(PID {holder.pid}, train)" in one_error_line(*cli(*args)), args
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+        holder.stdout.close()
+        holder.stderr.close()
+    # The kernel dropped the dead holder's lock; its PID is still in the file, and is no obstacle.
+    assert (run / ".digitlens.lock").read_text().startswith(str(holder.pid))
+    code, output = cli("report", run)
+    assert code == 0, output
+
+
+def test_two_trainings_into_one_folder(tmp_path):
+    """`train --seed 1 --epochs 6 --out R & train --seed 2 --epochs 3 --out R`: the second is refused
+    in one line naming the first's PID, and R holds the first run only."""
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "R"
+    first = subprocess.Popen([sys.executable, "-m", "digitlens", "train", "--seed", "1", "--epochs", "6", "--out",
+                              str(run), "--no-progress", "--threads", "1"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not (run / "config.json").exists():
+            assert first.poll() is None, first.stderr.read().decode()
+            assert time.monotonic() < deadline, "the first training wrote no config.json in 60 s"
+            time.sleep(0.01)
+        code, output = cli("train", "--seed", 2, "--epochs", 3, "--model", "mlp", "--out", run, "--no-progress")
+        if first.poll() is None or code == 2:  # refused while the first one ran
+            assert f"another digitlens process (PID {first.pid}, train)" in one_error_line(code, output)
+        assert first.wait(timeout=120) == 0, first.stderr.read().decode()
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+        first.stderr.close()
+    config = json.loads((run / "config.json").read_text())
+    assert config["seed"] == 1 and config["model"] == "cnn" and config["epochs"] == 6
+    assert cli("evaluate", run, "--no-progress", "--bootstrap", 0)[0] == 0
+
+
+def test_a_failed_first_write_leaves_no_folder(tmp_path):
+    code, output = cli("train", "--out", tmp_path / "new", "--model", "resnet", "--no-progress")
+    assert "unknown model" in one_error_line(code, output)
+    assert not (tmp_path / "new").exists()
+
+
+# --- whole-stage outputs ---------------------------------------------------------------------
+
+def test_explain_output_is_replaced_as_a_whole(tmp_path, digits_run):
+    run = copy_run(digits_run, tmp_path)
+    args = ("--group-by", "predicted", "--faithfulness-size", 0, "--no-progress")
+    # What an earlier `explain --methods saliency` left (its maps, figure and manifest):
+    (run / "explain" / "figures").mkdir(parents=True)
+    np.savez(run / "explain" / "maps_saliency.npz", maps=np.zeros((10, 7, 7)))
+    (run / "explain" / "figures" / "per_digit_saliency.png").write_bytes(b"png")
+    (run / "explain" / "manifest.json").write_text(json.dumps({"methods": ["saliency"]}))
+    assert cli("explain", run, "--methods", "input_x_gradient", *args)[0] == 0
+    files = sorted(p.relative_to(run / "explain").as_posix() for p in (run / "explain").rglob("*"))
+    assert not any("saliency" in f for f in files), files  # the first run's maps and figures are gone
+    assert "maps_input_x_gradient.npz" in files and "figures/per_digit_input_x_gradient.png" in files
+    manifest = json.loads((run / "explain" / "manifest.json").read_text())
+    assert manifest["methods"] == ["input_x_gradient"] and list(manifest["files"]["maps"]) == ["input_x_gradient"]
+    assert not [p for p in run.iterdir() if p.name.endswith((".tmp", ".old"))]
+
+
+def test_orphans_of_killed_writers_are_cleaned_and_a_cut_swap_is_undone(tmp_path, digits_run):
+    run = copy_run(digits_run, tmp_path)
+    (run / ".metrics.json.k3j4.tmp").write_text("half")
+    (run / "figures" / ".confusion_matrix.png.x1y2.tmp").write_bytes(b"half")
+    (run / ".explain.abcd.tmp").mkdir()
+    (run / ".explain.abcd.tmp" / "maps_saliency.npz").write_bytes(b"half")
+    (run / ".explain.efgh.old").mkdir()  # killed between the two renames of a swap: explain/ is missing
+    (run / ".explain.efgh.old" / "manifest.json").write_text("{}")
+    assert cli("report", run)[0] == 0
+    leftovers = [p for p in run.rglob("*") if p.name.endswith((".tmp", ".old"))]
+    assert leftovers == []
+    assert (run / "explain" / "manifest.json").read_text() == "{}"  # the old output is back, whole
+
+
+# --- file modes ------------------------------------------------------------------------------
+
+def test_weights_follow_the_umask_like_every_other_file(digits_run):
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    expected = 0o666 & ~umask
+    for name in ("model.safetensors", "config.json", "checkpoints/epoch_001.pt", "metrics.json"):
+        assert (digits_run / name).stat().st_mode & 0o777 == expected, name
+
+
+def test_adapter_files_follow_the_umask(tmp_path):
+    import os
+
+    from digitlens.adapt import _save_adapter_atomically
+
+    class FakePeft:  # writes like PEFT/safetensors: files created 0600, in place
+        def save_pretrained(self, folder):
+            for name in ("adapter_config.json", "adapter_model.safetensors"):
+                fd = os.open(os.path.join(folder, name), os.O_WRONLY | os.O_CREAT, 0o600)
+                os.write(fd, b"{}")
+                os.close(fd)
+
+    umask = os.umask(0)
+    os.umask(umask)
+    target = tmp_path / "adapt" / "r4_s0"
+    _save_adapter_atomically(FakePeft(), target)
+    _save_adapter_atomically(FakePeft(), target)  # replaced as a whole
+    assert sorted(p.name for p in target.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert all(p.stat().st_mode & 0o777 == 0o666 & ~umask for p in target.iterdir())
+    assert sorted(p.name for p in target.parent.iterdir()) == ["r4_s0"]
+
+
+# --- a self-contained report ---------------------------------------------------------------
+
+def test_report_inlines_only_the_runs_own_png_images(tmp_path, digits_run):
+    import re
+
+    run = copy_run(digits_run, tmp_path)
+    (tmp_path / "outside.png").write_bytes((run / "figures" / "confusion_matrix.png").read_bytes())
+    (run / "insights.md").write_text(
+        "# Insights\n\n- remote ![tracker](https://example.com/pixel.png)\n"
+        "- local ![matrix](figures/confusion_matrix.png)\n- outside ![other](../outside.png)\n"
+        "- scheme-less ![cdn](//example.com/x.png)\n")
+    assert cli("report", run)[0] == 0
+    page = (run / "report.html").read_text()
+    sources = re.findall(r'<img[^>]*src="([^"]*)"', page)
+    assert sources and all(src.startswith("data:image/png;base64,") for src in sources), \
+        [s[:60] for s in sources if not s.startswith("data:")]
+    assert '<img src="data:image/png;base64,' in page and 'alt="matrix"' in page
+    for left_out in ("https://example.com/pixel.png", "../outside.png", "//example.com/x.png"):
+        assert f"[image {left_out} left out: the report embeds only the run's own PNG files]" in page

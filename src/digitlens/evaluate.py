@@ -657,3 +657,17 @@ def evaluate_model(model: Any, dataset: Any = "digits", *, out_dir: str | os.Pat
     return _evaluate(model, test.images, test.labels, Path(out_dir) if out_dir is not None else None,
                      history=history, source=source, progress=progress, val=val_dataset,
                      bootstrap=bootstrap, bootstrap_seed=bootstrap_seed, files=test.files, device=device)
+
+
+# One writer per folder (issue 14): the run folder, and an --out folder, are locked while a stage
+# writes them. Wrapped here, below the definitions, so the functions' own code stays as it is.
+def _evaluate_run_folders(run_dir, *args, out_dir=None, **kwargs):
+    return [(run_dir, "run"), (out_dir, "out") if out_dir is not None else None]
+
+
+def _evaluate_model_folders(model, *args, out_dir=None, **kwargs):
+    return [(out_dir, "out") if out_dir is not None else None]
+
+
+evaluate_run = runio.writes_folders("evaluate", _evaluate_run_folders)(evaluate_run)
+evaluate_model = runio.writes_folders("evaluate", _evaluate_model_folders)(evaluate_model)

@@ -33,7 +33,8 @@ import torch
 
 from digitlens.device import resolve_device
 from digitlens.errors import DigitlensError
-from digitlens.runio import figure_batch, read_json, require_run_dir, save_figure, write_json, write_text
+from digitlens.runio import (figure_batch, read_json, require_run_dir, save_figure, write_json, write_text,
+                             writes_folders)
 
 # PEFT prefixes a module's name with these when it saves an adapter.
 _PEFT_PREFIXES = ("base_model.model.",)
@@ -702,3 +703,9 @@ def _comparisons_markdown(summary: dict) -> str:
         lines += [f"| {m['module']} | {m['count']}/{m['top_k']} |" for m in intruders]
         lines.append("")
     return "\n".join(lines)
+
+
+# One writer per folder (issue 14): the run folder, or the --out folder of a bring-your-own analysis.
+analyse_run = writes_folders("subspace", lambda run_dir, *args, **kwargs: [(run_dir, "run")])(analyse_run)
+analyse_adapters = writes_folders(
+    "subspace", lambda base_path, adapter_dirs, out_dir, *args, **kwargs: [(out_dir, "out")])(analyse_adapters)

@@ -28,6 +28,7 @@ images), so results fall in the same accuracy band as one process, not on the sa
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -46,7 +47,7 @@ from torch import nn
 from digitlens import distributed
 from digitlens.device import autocast, check_precision, resolve_device, synchronize
 from digitlens.errors import DigitlensError
-from digitlens.runio import atomic_path, read_json, write_json, write_text
+from digitlens.runio import LOCK_NAME, atomic_path, read_json, run_lock, write_json, write_text
 
 HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "train_eval_loss", "train_eval_accuracy",
                    "lr", "seconds")
@@ -399,7 +400,7 @@ def _prepare_out_dir(out: Path, requested: dict, resume: bool) -> tuple[dict | N
             raise DigitlensError(
                 f"--out {out}: already holds a {'finished' if finished else 'started'} run; "
                 + ("choose a new --out folder" if finished else "pass --resume to continue it or choose a new --out folder"))
-        if out.is_dir() and any(out.iterdir()):
+        if out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()):
             raise DigitlensError(f"--out {out}: folder is not empty and holds no digitlens run; choose a new --out folder")
         return None, None
     if not config_path.is_file():
@@ -410,10 +411,8 @@ def _prepare_out_dir(out: Path, requested: dict, resume: bool) -> tuple[dict | N
     for key, value in requested.items():
         if value is not None and key in stored and stored[key] != value:
             raise DigitlensError(f"--resume: {out} was trained with {key}={stored[key]!r}, not {value!r}")
-    checkpoint = last_checkpoint(out)
-    if checkpoint is None:
-        raise DigitlensError(f"--resume: {out / 'checkpoints'} holds no checkpoint to resume from")
-    return stored, checkpoint
+    # No checkpoint yet (killed during the first epoch): the run restarts from epoch 1 with its config.
+    return stored, last_checkpoint(out)
 
 
 def train(out_dir: str | os.PathLike, *, dataset: str | None = None, model: str | None = None,
@@ -447,22 +446,30 @@ def train(out_dir: str | os.PathLike, *, dataset: str | None = None, model: str 
     precision = check_precision(precision, run_device)
     ctx = distributed.context(run_device)
     try:
-        return _train(out, ctx, run_device, precision, requested, dataset=dataset, model=model, epochs=epochs,
-                      seed=seed, data_dir=data_dir, resume=resume, progress=progress, model_kwargs=model_kwargs,
-                      hyper=hyper, verify=verify)
+        with contextlib.ExitStack() as lock_stack:
+            return _train(out, ctx, run_device, precision, requested, dataset=dataset, model=model, epochs=epochs,
+                          seed=seed, data_dir=data_dir, resume=resume, progress=progress, model_kwargs=model_kwargs,
+                          hyper=hyper, verify=verify, lock_stack=lock_stack)
     finally:
         distributed.finish(ctx)
 
 
 def _train(out: Path, ctx, run_device: torch.device, precision: str, requested: dict, *, dataset, model, epochs, seed,
-           data_dir, resume, progress, model_kwargs, hyper, verify=True) -> dict:
+           data_dir, resume, progress, model_kwargs, hyper, verify=True, lock_stack) -> dict:
     from digitlens.data import DATASETS, load_splits
     from digitlens.models import MODELS, count_parameters, save_model
 
     main = ctx is None or ctx.is_main
     world_size = 1 if ctx is None else ctx.world_size
     # Rank 0 checks the folder; every rank gets its answer (or its error).
-    stored, checkpoint_path = distributed.rank0_decides(ctx, lambda: _prepare_out_dir(out, requested, resume))
+    def decide():
+        # Rank 0 alone writes, so it alone holds the run folder's writer lock (until train returns).
+        if out.exists() and not out.is_dir():
+            raise DigitlensError(f"--out {out}: is a file, not a folder; choose a new --out folder")
+        lock_stack.enter_context(run_lock(out, "train", create=True))
+        return _prepare_out_dir(out, requested, resume)
+
+    stored, checkpoint_path = distributed.rank0_decides(ctx, decide)
     if stored is not None:
         config = stored
         if data_dir is not None:
@@ -597,7 +604,7 @@ def _train(out: Path, ctx, run_device: torch.device, precision: str, requested: 
             "n_parameters": config["n_parameters"], "final": history[-1] if history else None,
             "train_seconds": train_seconds,
             "samples_per_second": n_train * len(history) / train_seconds if train_seconds > 0 else None,
-            "resumed_from_epoch": start_epoch if checkpoint_path is not None else None,
+            "resumed_from_epoch": start_epoch if stored is not None else None,
             "device": str(run_device), "precision": precision, "world_size": world_size,
         }
         if main:

@@ -111,6 +111,15 @@ def test_images_that_are_not_28x28_leave_no_run_folder(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_all_zero_labels_are_refused_even_with_no_verify(tmp_path):
+    _fake_mnist(tmp_path / "zeros")
+    (tmp_path / "zeros" / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(_idx(np.zeros(60))))
+    line = one_error_line(*cli("train", "--dataset", "mnist", "--data-dir", tmp_path / "zeros", "--out",
+                               tmp_path / "run", "--no-progress", "--no-verify", "--val-fraction", 0))
+    assert line == "error: --dataset mnist: the training split holds only digit 0; nothing to tell apart"
+    assert not (tmp_path / "run").exists()
+
+
 # --- training ------------------------------------------------------------------------------
 
 def test_one_cycle_schedule_of_four_steps_trains(tmp_path):
@@ -299,6 +308,7 @@ def test_second_writer_is_refused_naming_the_pid_and_a_dead_holder_is_not_in_the
     assert (run / ".digitlens.lock").read_text().startswith(str(holder.pid))
     code, output = cli("report", run)
     assert code == 0, output
+    assert not (run / ".digitlens.lock").exists()  # a stage that ends removes its lock file
 
 
 def test_two_trainings_into_one_folder(tmp_path):

@@ -330,8 +330,8 @@ def run_lock(folder: str | os.PathLike, stage: str, *, create: bool = False) -> 
     """Hold the exclusive writer lock of run folder ``folder`` while the block runs; yield the folder.
 
     The lock is an ``fcntl.flock`` on ``folder/.digitlens.lock`` holding this process's PID and
-    ``stage``: the kernel releases it when the process ends, however it ends, so a lock left by a
-    killed process is never in the way (its file is taken over). A second writer gets a one-line
+    ``stage``, removed when the block ends: the kernel releases the lock when the process ends,
+    however it ends, so the file a killed process left is never in the way (it is taken over). A second writer gets a one-line
     DigitlensError naming the holder's PID. Re-entrant within a process (``adapt`` runs the
     subspace analysis in the folder it holds). With ``create=True`` a missing folder is made, and
     removed again on exit if nothing but the lock was written into it. On taking the lock,
@@ -384,11 +384,10 @@ def run_lock(folder: str | os.PathLike, stage: str, *, create: bool = False) -> 
     finally:
         del _HELD_LOCKS[key]
         try:
-            if created and [p.name for p in folder.iterdir()] == [LOCK_NAME]:
-                lock_path.unlink()
+            # Removed while still held: a writer that opened the old file re-checks its inode.
+            lock_path.unlink(missing_ok=True)
+            if created and not any(folder.iterdir()):
                 folder.rmdir()
-            else:
-                os.ftruncate(fd, 0)
         finally:
             os.close(fd)
 
@@ -409,13 +408,13 @@ def clean_orphans(folder: str | os.PathLike) -> list[Path]:
     folder = Path(folder)
     touched = []
     for path in sorted(folder.rglob(".*.old"), key=lambda p: len(p.parts)):
+        if not path.is_dir():  # staged_dir's are folders; leave anything else alone
+            continue
         target = path.with_name(path.name[1:].rsplit(".", 2)[0])  # .NAME.XXXX.old -> NAME
-        if path.is_dir() and not target.exists():
+        if not target.exists():
             os.replace(path, target)
-        elif path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
         else:
-            path.unlink(missing_ok=True)
+            shutil.rmtree(path, ignore_errors=True)
         touched.append(path)
     for path in sorted(folder.rglob(".*.tmp"), key=lambda p: len(p.parts)):
         if path.is_dir():

@@ -514,6 +514,10 @@ def _train(out: Path, ctx, run_device: torch.device, precision: str, requested: 
     try:
         splits = load_splits(config["dataset"], data_dir=config["data_dir"], val_fraction=config["val_fraction"],
                              seed=config["seed"], size=config["image_size"], verify=bool(config.get("verify", True)))
+        present = torch.unique(splits.train.labels).tolist()
+        if len(present) < 2:  # all-zero labels would "train" to a perfect score on nothing
+            raise DigitlensError(f"--dataset {config['dataset']}: the training split holds only digit "
+                                 f"{', '.join(map(str, present)) or '(none)'}; nothing to tell apart")
         n_classes = int(torch.cat([splits.train.labels, splits.test.labels]).max()) + 1
         n_classes = max(n_classes, 10)
         torch.manual_seed(config["seed"])

@@ -392,6 +392,13 @@ def run_lock(folder: str | os.PathLike, stage: str, *, create: bool = False) -> 
             os.close(fd)
 
 
+def has_content(folder: str | os.PathLike) -> bool:
+    """True when ``folder`` holds anything besides a writer's lock file (see :func:`run_lock`):
+    what "is this folder empty?" checks must ask, since the lock is taken before they run."""
+    folder = Path(folder)
+    return folder.is_dir() and any(p.name != LOCK_NAME for p in folder.iterdir())
+
+
 def holds_lock(folder: str | os.PathLike) -> bool:
     """True when this process holds :func:`run_lock` of ``folder`` or of a folder around it."""
     path = Path(folder).resolve()

@@ -47,7 +47,7 @@ from torch import nn
 from digitlens import distributed
 from digitlens.device import autocast, check_precision, resolve_device, synchronize
 from digitlens.errors import DigitlensError
-from digitlens.runio import LOCK_NAME, atomic_path, read_json, run_lock, write_json, write_text
+from digitlens.runio import atomic_path, has_content, read_json, run_lock, write_json, write_text
 
 HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "train_eval_loss", "train_eval_accuracy",
                    "lr", "seconds")
@@ -400,7 +400,7 @@ def _prepare_out_dir(out: Path, requested: dict, resume: bool) -> tuple[dict | N
             raise DigitlensError(
                 f"--out {out}: already holds a {'finished' if finished else 'started'} run; "
                 + ("choose a new --out folder" if finished else "pass --resume to continue it or choose a new --out folder"))
-        if out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()):
+        if has_content(out):
             raise DigitlensError(f"--out {out}: folder is not empty and holds no digitlens run; choose a new --out folder")
         return None, None
     if not config_path.is_file():

@@ -64,6 +64,14 @@ def fake_hashes(monkeypatch):
     return raw
 
 
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    """Each test its own DIGITLENS_CACHE, so verified.json (and downloads) never touch the user's cache."""
+    cache = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("DIGITLENS_CACHE", str(cache))
+    return cache
+
+
 def _one_line(exc_info) -> str:
     message = str(exc_info.value)
     assert "\n" not in message
@@ -76,7 +84,7 @@ def _one_line(exc_info) -> str:
 def test_mnist_from_the_environment_variable(tmp_path, monkeypatch, gz):
     raw = make_fake_mnist(tmp_path / "mnist", gz=gz)
     monkeypatch.setenv("DIGITLENS_DATA", str(tmp_path / "mnist"))
-    splits = data.load_splits("mnist", val_fraction=0.25, seed=0, download=False)
+    splits = data.load_splits("mnist", val_fraction=0.25, seed=0, download=False, verify=False)
     assert splits.train.images.shape == (30, 1, 28, 28) and splits.val.images.shape == (10, 1, 28, 28)
     assert splits.test.images.shape == (20, 1, 28, 28) and splits.test.images.dtype == torch.float32
     assert splits.train.labels.dtype == torch.int64
@@ -91,10 +99,11 @@ def test_data_dir_wins_over_the_environment_variable(tmp_path, monkeypatch):
     make_fake_mnist(tmp_path / "a", seed=1)
     make_fake_mnist(tmp_path / "b", seed=2)
     monkeypatch.setenv("DIGITLENS_DATA", str(tmp_path / "a"))
-    from_b = data.load_splits("mnist", data_dir=tmp_path / "b", val_fraction=0.25, download=False).test.images
-    from_env = data.load_splits("mnist", val_fraction=0.25, download=False).test.images
+    from_b = data.load_splits("mnist", data_dir=tmp_path / "b", val_fraction=0.25, download=False,
+                              verify=False).test.images
+    from_env = data.load_splits("mnist", val_fraction=0.25, download=False, verify=False).test.images
     assert not torch.equal(from_b, from_env)
-    assert torch.equal(from_b, data.load_mnist_split(tmp_path / "b", "test").images)
+    assert torch.equal(from_b, data.load_mnist_split(tmp_path / "b", "test", verify=False).images)
 
 
 @needs_mnist
@@ -192,7 +201,7 @@ def test_image_label_count_mismatch(tmp_path):
     path = tmp_path / "t10k-labels-idx1-ubyte"
     path.write_bytes(idx_bytes(np.arange(19) % 10))
     with pytest.raises(DigitlensError) as err:
-        data.load_mnist_split(tmp_path, "test")
+        data.load_mnist_split(tmp_path, "test", verify=False)
     assert _one_line(err) == f"{path}: 19 labels for 20 images in t10k-images-idx3-ubyte"
 
 
@@ -203,10 +212,173 @@ def test_wrong_checksum(tmp_path, fake_hashes):
     other = bytearray(fake_hashes["t10k-images-idx3-ubyte"])
     other[-1] ^= 0xFF  # one pixel changed: still a valid IDX file, wrong content
     path.write_bytes(gzip.compress(bytes(other)))
-    assert len(data.load_mnist_split(tmp_path, "test")) == 20  # readable without verification
+    assert len(data.load_mnist_split(tmp_path, "test", verify=False)) == 20  # readable without verification
     with pytest.raises(DigitlensError) as err:
         data.load_mnist_split(tmp_path, "test", verify=True)
-    assert _one_line(err).startswith(f"{path}: wrong SHA-256")
+    assert _one_line(err).startswith(f"{path}: not the canonical MNIST file (SHA-256")
+    assert "--no-verify" in str(err.value)
+
+
+def _gzip_stream(parts, total_zeros: int = 0) -> bytes:
+    """gzip of ``parts`` followed by ``total_zeros`` zero bytes, compressed chunk by chunk."""
+    import zlib
+
+    comp = zlib.compressobj(9, zlib.DEFLATED, 31)  # wbits 31: a gzip container
+    out = [comp.compress(b"".join(parts))]
+    chunk = bytes(1 << 20)
+    for start in range(0, total_zeros, len(chunk)):
+        out.append(comp.compress(chunk[: min(len(chunk), total_zeros - start)]))
+    out.append(comp.flush())
+    return b"".join(out)
+
+
+def test_gzip_bomb_is_refused_after_the_promised_bytes_with_bounded_memory(tmp_path):
+    import tracemalloc
+
+    header = struct.pack(">IIII", 2051, 10, 28, 28)
+    path = tmp_path / "t10k-images-idx3-ubyte.gz"
+    path.write_bytes(_gzip_stream([header, bytes(7840)], total_zeros=64 << 20))  # ~64 KB inflating to 64 MiB
+    assert path.stat().st_size < 200_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(DigitlensError) as err:
+            data.read_idx(path, 3)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert _one_line(err) == f"{path}: more data after the 7840 bytes the IDX header promises"
+    assert peak < 8 << 20, f"read_idx peaked at {peak / 2**20:.1f} MiB on a 64 MiB bomb"
+
+
+def test_header_promising_too_much_is_refused_before_reading(tmp_path):
+    path = tmp_path / "t10k-images-idx3-ubyte"
+    path.write_bytes(struct.pack(">IIII", 2051, 0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF) + bytes(100))  # product overflows int64
+    with pytest.raises(DigitlensError) as err:
+        data.read_idx(path, 3)
+    assert _one_line(err).startswith(f"{path}: IDX header promises 4294967295x4294967295x4294967295 = ")
+    path.write_bytes(struct.pack(">IIII", 2051, 1_000_000, 28, 28) + bytes(100))  # 784 MB: over MAX_IDX_BYTES
+    with pytest.raises(DigitlensError, match="more than the .* allowed"):
+        data.read_idx(path, 3)
+
+
+def test_corrupt_deflate_stream_is_one_line(tmp_path):
+    raw = fake_raw()["t10k-images-idx3-ubyte"]
+    blob = bytearray(gzip.compress(raw))
+    blob[10:14] = b"\xff" * 4  # the first deflate block header: zlib.error ("invalid block type"), not BadGzipFile
+    path = tmp_path / "t10k-images-idx3-ubyte.gz"
+    path.write_bytes(bytes(blob))
+    with pytest.raises(DigitlensError) as err:
+        data.read_idx(path, 3)
+    assert _one_line(err).startswith(f"{path}: ")
+
+
+def test_trailing_data_in_a_plain_file_is_refused(tmp_path):
+    path = tmp_path / "t10k-labels-idx1-ubyte"
+    path.write_bytes(idx_bytes(np.arange(20) % 10) + b"\x00")
+    with pytest.raises(DigitlensError, match="more data after the 20 bytes"):
+        data.read_idx(path, 1)
+
+
+@pytest.mark.parametrize("case", ["14x14", "no images", "label 10"])
+def test_unknown_idx_files_get_shape_and_label_checks(tmp_path, case):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (20, 28, 28))
+    labels = np.arange(20) % 10
+    if case == "14x14":
+        images = images[:, :14, :14]
+    elif case == "no images":
+        images, labels = images[:0], labels[:0]
+    else:
+        labels[3] = 10
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(idx_bytes(images))
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(labels))
+    expected = {"14x14": "t10k-images-idx3-ubyte: images of 14x14 pixels, expected 28x28",
+                "no images": "t10k-images-idx3-ubyte: no images",
+                "label 10": "t10k-labels-idx1-ubyte: label 10 is not a digit 0-9"}[case]
+    with pytest.raises(DigitlensError) as err:
+        data.load_mnist_split(tmp_path, "test", verify=False)
+    assert _one_line(err) == f"{tmp_path}/{expected}"
+
+
+def test_local_files_are_verified_by_default_and_the_verification_is_remembered(tmp_path, fake_hashes, monkeypatch):
+    make_fake_mnist(tmp_path / "ok")
+    make_fake_mnist(tmp_path / "swapped", seed=5)  # valid IDX files, not the known ones
+    with pytest.raises(DigitlensError) as err:
+        data.load_splits("mnist", data_dir=tmp_path / "swapped", download=False)
+    assert "not the canonical MNIST file" in _one_line(err) and "--no-verify" in str(err.value)
+    assert len(data.load_splits("mnist", data_dir=tmp_path / "swapped", download=False, verify=False,
+                                val_fraction=0.25).test) == 20
+    assert len(data.load_splits("mnist", data_dir=tmp_path / "ok", download=False, val_fraction=0.25).test) == 20
+    cache = data.verified_cache_path().read_text()
+    path = tmp_path / "ok" / "t10k-images-idx3-ubyte.gz"
+    assert str(path.resolve()) in cache and fake_hashes is not None
+    # Remembered: the second load computes no SHA-256 of the four files.
+    calls = []
+    real = data.read_idx_with_digest
+    monkeypatch.setattr(data, "read_idx_with_digest", lambda *a, **k: calls.append(k["digest"]) or real(*a, **k))
+    data.load_splits("mnist", data_dir=tmp_path / "ok", download=False, val_fraction=0.25)
+    assert calls == [False] * 4
+    # A changed file (new mtime) is verified again, and refused.
+    swapped = tmp_path / "swapped" / "t10k-images-idx3-ubyte.gz"
+    shutil.copy(swapped, path)
+    with pytest.raises(DigitlensError, match="not the canonical MNIST file"):
+        data.load_mnist_split(tmp_path / "ok", "test")
+
+
+# --- fuzzing the IDX reader: every outcome is the one-line error or data the header promises --
+
+def _fuzz_check(path: Path, blob: bytes, ndim: int) -> None:
+    path.write_bytes(blob)
+    try:
+        array, sha = data.read_idx_with_digest(path, ndim)
+    except DigitlensError as exc:
+        assert "\n" not in str(exc) and str(path) in str(exc)
+        return
+    # Accepted: the decompressed file is exactly header + the promised bytes, and that is what we got.
+    plain = gzip.decompress(blob) if blob[:2] == b"\x1f\x8b" else blob
+    header_len = 4 + 4 * ndim
+    dims = struct.unpack(f">{ndim}I", plain[4:header_len])
+    assert array.shape == dims and len(plain) == header_len + array.size
+    assert array.tobytes() == plain[header_len:] and sha == hashlib.sha256(plain).hexdigest()
+
+
+def test_fuzzed_idx_files_give_the_one_line_error_or_the_promised_data(tmp_path):
+    """Seeded: header and byte mutations, truncations, appended bytes and bombs, plain and gzipped
+    (the audit's 5,000-file run is the benchmark; this bounded run takes a few seconds)."""
+    from hypothesis import HealthCheck, given, settings, strategies as st
+
+    raws = {3: idx_bytes(np.random.default_rng(0).integers(0, 256, (6, 28, 28))), 1: idx_bytes(np.arange(12) % 10)}
+
+    @settings(max_examples=1500, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(ndim=st.sampled_from([1, 3]), gz=st.booleans(), seed=st.integers(0, 2**32 - 1),
+           kind=st.sampled_from(["flip", "header", "truncate", "append", "bomb", "compressed-flip"]))
+    def run(ndim, gz, seed, kind):
+        rng = np.random.default_rng(seed)
+        raw = bytearray(raws[ndim])
+        header_len = 4 + 4 * ndim
+        if kind == "flip":
+            for i in rng.integers(0, len(raw), int(rng.integers(1, 8))):
+                raw[i] = int(rng.integers(0, 256))
+        elif kind == "header":
+            i = int(rng.integers(0, header_len))
+            raw[i] = int(rng.integers(0, 256))
+        elif kind == "truncate":
+            raw = raw[: int(rng.integers(0, len(raw)))]
+        elif kind == "append":
+            raw += bytes(rng.integers(0, 256, int(rng.integers(1, 50)), dtype=np.uint8))
+        blob = bytes(raw)
+        if kind == "bomb":
+            blob, gz = _gzip_stream([blob], total_zeros=int(rng.integers(1, 4)) << 20), False
+        elif gz or kind == "compressed-flip":
+            blob = bytearray(gzip.compress(blob))
+            if kind == "compressed-flip":
+                for i in rng.integers(0, len(blob), int(rng.integers(1, 4))):
+                    blob[i] = int(rng.integers(0, 256))
+            blob = bytes(blob)
+        _fuzz_check(tmp_path / f"fuzz-{ndim}", blob, ndim)
+
+    run()
 
 
 # --- download against a local HTTP server ----------------------------------------------------

@@ -3,6 +3,7 @@
 import csv
 import os
 import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -167,16 +168,19 @@ def test_refusals(tmp_path):
     (tmp_path / "junk" / "notes.txt").write_text("x")
     with pytest.raises(DigitlensError, match="not empty"):
         train(tmp_path / "junk", epochs=1, **FAST)
-    # A started run whose checkpoints are gone cannot be resumed.
+    # A started run without a checkpoint (killed in its first epoch) is not stuck: a fresh train
+    # says to pass --resume, and --resume restarts it from epoch 1, as an uninterrupted run.
     started = tmp_path / "started"
-    train(started, epochs=1, **FAST)
+    train(started, epochs=2, **FAST)
     (started / "model.safetensors").unlink()
-    for ckpt in (started / "checkpoints").iterdir():
-        ckpt.unlink()
-    with pytest.raises(DigitlensError, match="no checkpoint"):
-        train(started, resume=True, progress=False)
+    (started / "train_summary.json").unlink()
+    shutil.rmtree(started / "checkpoints")
     with pytest.raises(DigitlensError, match="pass --resume"):
-        train(started, epochs=1, **FAST)
+        train(started, epochs=2, **FAST)
+    summary = train(started, resume=True, progress=False)
+    assert summary["resumed_from_epoch"] == 0 and summary["epochs"] == 2
+    train(tmp_path / "whole", epochs=2, **FAST)
+    _assert_same_weights(_weights(started), _weights(tmp_path / "whole"))
     with pytest.raises(DigitlensError, match="unknown hyper-parameter 'learning_rate'"):
         train(tmp_path / "x", learning_rate=0.1, progress=False)
 

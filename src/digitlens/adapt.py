@@ -35,8 +35,6 @@ the other group's images leak into g). Computed with scikit-learn.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -46,7 +44,8 @@ from torch import nn
 
 from digitlens.device import model_device, resolve_device
 from digitlens.errors import DigitlensError
-from digitlens.runio import figure_batch, read_json, require_run_dir, save_figure, write_json, write_npz, write_text
+from digitlens.runio import (figure_batch, read_json, require_run_dir, save_figure, staged_dir, write_json, write_npz,
+                             write_text, writes_folders)
 
 TASKS = ("groups", "digits", "rotated")
 GROUP_POSITIVE = (1, 2, 4, 6, 9)
@@ -220,23 +219,13 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 500) -> np.ndar
 
 def _save_adapter_atomically(peft_model, target: Path) -> None:
     """``save_pretrained`` into a temporary folder, then swap it in, so a crash never leaves a
-    half-written adapter folder (PEFT writes its files in place)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    half-written adapter folder (PEFT writes its files in place, 0600): each file gets the umask
+    mode and is fsynced before the swap."""
+    from digitlens.runio import finish_files, staged_dir
+
+    with staged_dir(target) as tmp:
         peft_model.save_pretrained(str(tmp))
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        finish_files(tmp)
 
 
 def load_adapted_model(run_dir, adapter_dir, n_classes: int | None = None):
@@ -330,98 +319,105 @@ def adapt_run(run_dir, *, task: str = "groups", ranks=(4, 8, 64), seeds=(0, 1), 
     # The training and validation images live on the device.
     val_x, val_y = train_x[val_idx].to(run_device), train_y[val_idx].to(run_device)
     train_x, train_y = train_x[fit_idx].to(run_device), train_y[fit_idx].to(run_device)
-    out_dir = run_dir / "adapt" / task
-    probe = _fresh_base(run_dir, n_classes, 0)
-    _check_targets(probe, targets, run_dir)
-    width = getattr(probe.head, "in_features", None)
-    if width is not None and max(ranks) > width:
-        raise DigitlensError(f"--ranks {max(ranks)}: larger than the model width {width}")
-    total_params = sum(p.numel() for p in probe.parameters())
-    common = dict(epochs=epochs, batch_size=batch_size, weight_decay=DEFAULTS["weight_decay"], progress=progress,
-                  patience=patience)
-    rows, predictions = [], {}
+    final_dir = run_dir / "adapt" / task
+    # adapt/TASK/ is written whole into a temporary sibling and swapped in at the end: a later
+    # subspace analysis or report never reads new adapters beside an old results.json.
+    with staged_dir(final_dir) as out_dir:
+        def recorded(path: Path) -> str:
+            """Where ``path`` (written under the temporary folder) will be, relative to the run folder."""
+            return str((final_dir / path.relative_to(out_dir)).relative_to(run_dir))
 
-    def fit(model, method, seed, label):
-        # The fresh head learns at the head-only peak in every method (it starts from scratch there too).
-        return _train(model, train_x, train_y, val_x, val_y, seed=seed, label=label,
-                      head_lr=SCHEDULES["head_only"]["lr"], **SCHEDULES[method], **common)
+        probe = _fresh_base(run_dir, n_classes, 0)
+        _check_targets(probe, targets, run_dir)
+        width = getattr(probe.head, "in_features", None)
+        if width is not None and max(ranks) > width:
+            raise DigitlensError(f"--ranks {max(ranks)}: larger than the model width {width}")
+        total_params = sum(p.numel() for p in probe.parameters())
+        common = dict(epochs=epochs, batch_size=batch_size, weight_decay=DEFAULTS["weight_decay"], progress=progress,
+                      patience=patience)
+        rows, predictions = [], {}
 
-    def record(method, rank, seed, model, fitted, adapter_dir=None):
-        seconds = fitted["seconds"]
-        y_pred = predict(model, test_x)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        acc = float((y_pred == test_y.numpy()).mean())
-        predictions[f"{method}_r{rank}_s{seed}" if rank else f"{method}_s{seed}"] = y_pred
-        rows.append({"method": method, "rank": rank, "seed": seed, "trainable_params": int(trainable),
-                     "trainable_fraction": trainable / total_params, "accuracy": acc, "train_seconds": seconds,
-                     "adapter_dir": None if adapter_dir is None else str(adapter_dir.relative_to(run_dir)),
-                     **{k: fitted[k] for k in ("epochs_run", "best_epoch", "best_val_accuracy", "best_val_loss",
-                                               "stopped_early", "curve")}})
-        if progress:
-            print(f"{task}: {method}{f' r={rank}' if rank else ''} seed {seed}: accuracy {acc:.4f}, "
-                  f"{trainable:,} trainable parameters, best epoch {fitted['best_epoch']} of {fitted['epochs_run']}, "
-                  f"{seconds:.1f} s", flush=True)
+        def fit(model, method, seed, label):
+            # The fresh head learns at the head-only peak in every method (it starts from scratch there too).
+            return _train(model, train_x, train_y, val_x, val_y, seed=seed, label=label,
+                          head_lr=SCHEDULES["head_only"]["lr"], **SCHEDULES[method], **common)
 
-    for rank in ranks:
-        for seed in seeds:
-            torch.manual_seed(seed)
-            model = get_peft_model(_fresh_base(run_dir, n_classes, seed), _lora_config(rank, targets, alpha)).to(run_device)
-            fitted = fit(model, "lora", seed, f"lora r={rank} seed {seed}")
-            adapter_dir = out_dir / f"r{rank}_s{seed}"
-            _save_adapter_atomically(model, adapter_dir)
-            record("lora", rank, seed, model, fitted, adapter_dir)
-    if baselines:
-        from digitlens.models import save_model
+        def record(method, rank, seed, model, fitted, adapter_dir=None):
+            seconds = fitted["seconds"]
+            y_pred = predict(model, test_x)
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            acc = float((y_pred == test_y.numpy()).mean())
+            predictions[f"{method}_r{rank}_s{seed}" if rank else f"{method}_s{seed}"] = y_pred
+            rows.append({"method": method, "rank": rank, "seed": seed, "trainable_params": int(trainable),
+                         "trainable_fraction": trainable / total_params, "accuracy": acc, "train_seconds": seconds,
+                         "adapter_dir": None if adapter_dir is None else recorded(adapter_dir),
+                         **{k: fitted[k] for k in ("epochs_run", "best_epoch", "best_val_accuracy", "best_val_loss",
+                                                   "stopped_early", "curve")}})
+            if progress:
+                print(f"{task}: {method}{f' r={rank}' if rank else ''} seed {seed}: accuracy {acc:.4f}, "
+                      f"{trainable:,} trainable parameters, best epoch {fitted['best_epoch']} of {fitted['epochs_run']}, "
+                      f"{seconds:.1f} s", flush=True)
 
-        for seed in seeds:  # every seed, so that LoRA is compared with the baselines' own spread
-            torch.manual_seed(seed)
-            head_model = _fresh_base(run_dir, n_classes, seed).to(run_device)
-            for name, p in head_model.named_parameters():
-                p.requires_grad_(name.startswith("head."))
-            record("head_only", 0, seed, head_model, fit(head_model, "head_only", seed, f"head only seed {seed}"))
-            torch.manual_seed(seed)
-            full_model = _fresh_base(run_dir, n_classes, seed).to(run_device)
-            fitted = fit(full_model, "full", seed, f"full fine-tuning seed {seed}")
-            full_dir = out_dir / f"full_s{seed}"
-            save_model(full_model, full_dir / "model.safetensors")
-            record("full", 0, seed, full_model, fitted, full_dir)
-    write_npz(out_dir / "predictions.npz", y_true=test_y.numpy(), digits=test_digits.numpy(),
-              **{k: v for k, v in predictions.items()})
-    results = {
-        "task": task, "base_run": str(run_dir), "n_classes": n_classes, "targets": targets, "ranks": ranks,
-        "seeds": seeds, "lora_alpha": alpha, "epochs": epochs, "n_train": int(len(train_y)),
-        "n_validation": int(len(val_y)), "patience": patience, "val_fraction": val_fraction,
-        "n_test": int(len(test_y)), "total_params": int(total_params),
-        "schedules": {method: {"name": "onecycle (cosine)", "epochs": epochs, **hyper} for method, hyper in SCHEDULES.items()},
-        "rows": rows, "summary": _summarise(rows), "figures": [],
-    }
-    results["verdict"] = lora_verdict(rows, task)
-    if len(ranks) > 1:  # a best rank only where the paired test supports it
-        results["rank_comparison"] = rank_comparison(test_y.numpy(), predictions, ranks, seeds)
-    with figure_batch():  # worker processes draw the figures side by side
-        if task == "groups":
-            results["per_digit_definition"] = ("per digit d of group g, on the test images of d plus those of the other "
-                                               "group: recall = share of d put into g; precision = share of d among the "
-                                               "images predicted g")
-            results["per_digit"] = {}
-            for rank in ranks:
-                key = f"lora_r{rank}_s{seeds[0]}"
-                metrics = per_digit_group_metrics(test_digits.numpy(), test_y.numpy(), predictions[key])
-                results["per_digit"][key] = metrics
-                stem = out_dir / "figures" / f"per_digit_groups_r{rank}"
-                plot_per_digit_groups(metrics, stem, f"Groups task, LoRA r={rank} (seed {seeds[0]}): per-digit precision "
-                                                     "and recall of 'in {1, 2, 4, 6, 9}?'")
-                results["figures"].append(str(stem.with_suffix(".png").relative_to(run_dir)))
-        stem = out_dir / "figures" / "accuracy_vs_params"
-        _plot_accuracy_vs_params(results, stem)
-        results["figures"].append(str(stem.with_suffix(".png").relative_to(run_dir)))
-        stem = out_dir / "figures" / "training_curves"
-        plot_training_curves(results, stem)
-        results["figures"].append(str(stem.with_suffix(".png").relative_to(run_dir)))
-    results["markdown"] = results_markdown(results) + convergence_markdown(results)
-    write_text(out_dir / "results.md", results["markdown"])
-    write_json(out_dir / "results.json", results)
-    return results
+        for rank in ranks:
+            for seed in seeds:
+                torch.manual_seed(seed)
+                model = get_peft_model(_fresh_base(run_dir, n_classes, seed), _lora_config(rank, targets, alpha)).to(run_device)
+                fitted = fit(model, "lora", seed, f"lora r={rank} seed {seed}")
+                adapter_dir = out_dir / f"r{rank}_s{seed}"
+                _save_adapter_atomically(model, adapter_dir)
+                record("lora", rank, seed, model, fitted, adapter_dir)
+        if baselines:
+            from digitlens.models import save_model
+
+            for seed in seeds:  # every seed, so that LoRA is compared with the baselines' own spread
+                torch.manual_seed(seed)
+                head_model = _fresh_base(run_dir, n_classes, seed).to(run_device)
+                for name, p in head_model.named_parameters():
+                    p.requires_grad_(name.startswith("head."))
+                record("head_only", 0, seed, head_model, fit(head_model, "head_only", seed, f"head only seed {seed}"))
+                torch.manual_seed(seed)
+                full_model = _fresh_base(run_dir, n_classes, seed).to(run_device)
+                fitted = fit(full_model, "full", seed, f"full fine-tuning seed {seed}")
+                full_dir = out_dir / f"full_s{seed}"
+                save_model(full_model, full_dir / "model.safetensors")
+                record("full", 0, seed, full_model, fitted, full_dir)
+        write_npz(out_dir / "predictions.npz", y_true=test_y.numpy(), digits=test_digits.numpy(),
+                  **{k: v for k, v in predictions.items()})
+        results = {
+            "task": task, "base_run": str(run_dir), "n_classes": n_classes, "targets": targets, "ranks": ranks,
+            "seeds": seeds, "lora_alpha": alpha, "epochs": epochs, "n_train": int(len(train_y)),
+            "n_validation": int(len(val_y)), "patience": patience, "val_fraction": val_fraction,
+            "n_test": int(len(test_y)), "total_params": int(total_params),
+            "schedules": {method: {"name": "onecycle (cosine)", "epochs": epochs, **hyper} for method, hyper in SCHEDULES.items()},
+            "rows": rows, "summary": _summarise(rows), "figures": [],
+        }
+        results["verdict"] = lora_verdict(rows, task)
+        if len(ranks) > 1:  # a best rank only where the paired test supports it
+            results["rank_comparison"] = rank_comparison(test_y.numpy(), predictions, ranks, seeds)
+        with figure_batch():  # worker processes draw the figures side by side
+            if task == "groups":
+                results["per_digit_definition"] = ("per digit d of group g, on the test images of d plus those of the other "
+                                                   "group: recall = share of d put into g; precision = share of d among the "
+                                                   "images predicted g")
+                results["per_digit"] = {}
+                for rank in ranks:
+                    key = f"lora_r{rank}_s{seeds[0]}"
+                    metrics = per_digit_group_metrics(test_digits.numpy(), test_y.numpy(), predictions[key])
+                    results["per_digit"][key] = metrics
+                    stem = out_dir / "figures" / f"per_digit_groups_r{rank}"
+                    plot_per_digit_groups(metrics, stem, f"Groups task, LoRA r={rank} (seed {seeds[0]}): per-digit precision "
+                                                         "and recall of 'in {1, 2, 4, 6, 9}?'")
+                    results["figures"].append(recorded(stem.with_suffix(".png")))
+            stem = out_dir / "figures" / "accuracy_vs_params"
+            _plot_accuracy_vs_params(results, stem)
+            results["figures"].append(recorded(stem.with_suffix(".png")))
+            stem = out_dir / "figures" / "training_curves"
+            plot_training_curves(results, stem)
+            results["figures"].append(recorded(stem.with_suffix(".png")))
+        results["markdown"] = results_markdown(results) + convergence_markdown(results)
+        write_text(out_dir / "results.md", results["markdown"])
+        write_json(out_dir / "results.json", results)
+        return results
 
 
 def _summarise(rows: list[dict]) -> list[dict]:
@@ -619,3 +615,7 @@ def _plot_accuracy_vs_params(results: dict, stem) -> None:
     ax.legend()
     save_figure(fig, stem)
     plt.close(fig)
+
+
+# One writer per run folder (issue 14): wrapped below the definition, so the function's own code stays as it is.
+adapt_run = writes_folders("adapt", lambda run_dir, *args, **kwargs: [(run_dir, "run")])(adapt_run)

@@ -31,6 +31,11 @@ def one_line_errors(func):
         except DigitlensError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(code=2) from None
+        except (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
+            # A path argument that names the wrong kind of thing (an --out that is a file) or one
+            # we may not write: the OS names the path; one line like every other bad input.
+            typer.echo(f"error: {exc.filename}: {exc.strerror.lower()}", err=True)
+            raise typer.Exit(code=2) from None
 
     return wrapper
 
@@ -139,6 +144,7 @@ def train_command(
     device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
     precision: Optional[str] = typer.Option(None, "--precision", help="fp32 (default) or bf16 (autocast; CUDA only)."),
     nproc: Optional[int] = typer.Option(None, "--nproc", help=NPROC_HELP),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check that MNIST files are the canonical ones (SHA-256); --no-verify trains on a deliberate variant."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Train a digit classifier; write config.json, history.csv, checkpoints/ and model.safetensors
@@ -155,6 +161,8 @@ def train_command(
         _run_with_torchrun(ctx, nproc)
         return
     extra.update(device=device, precision=precision)
+    if not verify:
+        extra["verify"] = False
     if seeds is not None:
         from digitlens.seeds import parse_seeds, train_seeds
 

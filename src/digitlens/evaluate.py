@@ -631,7 +631,7 @@ def check_out_folder(out_dir: Path) -> None:
     naming a ``model_file``); never into a training run or someone's other files."""
     if out_dir.exists() and not out_dir.is_dir():
         raise DigitlensError(f"--out {out_dir}: is a file, not a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()):
+    if out_dir.is_dir() and runio.has_content(out_dir):  # (the writer's own lock file does not count)
         config = out_dir / "config.json"
         ours = (out_dir / "evaluation.json").is_file() and not config.is_file()
         if config.is_file():
@@ -739,3 +739,17 @@ def write_user_model_config(out_dir: Path, model: UserModel, *, dataset: str, da
     if info["format"] == "torchscript" and model.path:  # it was loaded, so the user trusted this file's bytes
         config["trusted_sha256"] = file_sha256(model.path)
     return runio.write_json(path, config)
+
+
+# One writer per folder (issue 14): the run folder, and an --out folder, are locked while a stage
+# writes them. Wrapped here, below the definitions, so the functions' own code stays as it is.
+def _evaluate_run_folders(run_dir, *args, out_dir=None, **kwargs):
+    return [(run_dir, "run"), (out_dir, "out") if out_dir is not None else None]
+
+
+def _evaluate_model_folders(model, *args, out_dir=None, **kwargs):
+    return [(out_dir, "out") if out_dir is not None else None]
+
+
+evaluate_run = runio.writes_folders("evaluate", _evaluate_run_folders)(evaluate_run)
+evaluate_model = runio.writes_folders("evaluate", _evaluate_model_folders)(evaluate_model)

@@ -248,6 +248,49 @@ def save_model(model: nn.Module, path) -> None:
         save_file(state, str(tmp))
 
 
+#: Bounds on the numbers of a run's ``config.json`` that size a model: a class count or width
+#: outside them is a damaged file, refused before any memory is allocated.
+MAX_CLASSES = 1000
+MAX_WIDTH = 1 << 14
+
+
+def check_model_config(config, config_path) -> dict:
+    """The keyword arguments that rebuild a run's model from its ``config.json`` dict (``model``,
+    ``n_classes``, ``model_kwargs``), after checking their types and sizes; a one-line
+    DigitlensError naming ``config_path`` and the field otherwise."""
+    if not isinstance(config, dict):
+        raise DigitlensError(f"{config_path}: expected a JSON object, found {type(config).__name__}")
+    for key in ("model", "n_classes"):
+        if key not in config:
+            raise DigitlensError(f"{config_path}: missing key {key!r}")
+    if config["model"] not in MODELS:
+        raise DigitlensError(f"{config_path}: model {config['model']!r} is not one of {', '.join(MODELS)}")
+    n_classes = config["n_classes"]
+    if isinstance(n_classes, bool) or not isinstance(n_classes, int) or not 2 <= n_classes <= MAX_CLASSES:
+        raise DigitlensError(f"{config_path}: n_classes {n_classes!r} is not a whole number from 2 to {MAX_CLASSES}")
+    model_kwargs = config.get("model_kwargs", {})
+    if model_kwargs is None:
+        model_kwargs = {}
+    if not isinstance(model_kwargs, dict):
+        raise DigitlensError(f"{config_path}: model_kwargs is a {type(model_kwargs).__name__}, expected an object")
+
+    def numbers(value):
+        if isinstance(value, (list, tuple)):
+            for item in value:
+                yield from numbers(item)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield value
+        elif not isinstance(value, (bool, str)) and value is not None:
+            yield value
+
+    for key, value in model_kwargs.items():
+        for number in numbers(value):
+            if not isinstance(number, (int, float)) or not -MAX_WIDTH <= number <= MAX_WIDTH or number != number:
+                raise DigitlensError(f"{config_path}: model_kwargs {key}={value!r} is out of range "
+                                     f"(numbers up to {MAX_WIDTH})")
+    return {**LEGACY_MODEL_KWARGS.get(config["model"], {}), **model_kwargs}
+
+
 def load_model(run_dir) -> nn.Module:
     """Rebuild the model of a run folder from ``config.json`` (keys ``model``, ``model_kwargs``,
     ``n_classes``) and load ``model.safetensors``; returned in eval mode."""
@@ -260,11 +303,13 @@ def load_model(run_dir) -> nn.Module:
 
     run_dir = require_run_dir(run_dir)
     config = read_json(run_dir / "config.json")
-    for key in ("model", "n_classes"):
-        if key not in config:
-            raise DigitlensError(f"{run_dir / 'config.json'}: missing key {key!r}")
-    kwargs = {**LEGACY_MODEL_KWARGS.get(config["model"], {}), **config.get("model_kwargs", {})}
-    model = build_model(config["model"], n_classes=config["n_classes"], **kwargs)
+    kwargs = check_model_config(config, run_dir / "config.json")
+    try:
+        model = build_model(config["model"], n_classes=config["n_classes"], **kwargs)
+    except (TypeError, ValueError, RuntimeError) as exc:  # an argument the model does not take, a width that does not fit
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DigitlensError(f"{run_dir / 'config.json'}: model_kwargs {config.get('model_kwargs')} do not build "
+                             f"model {config['model']!r} ({first})") from None
     weights = Path(run_dir) / "model.safetensors"
     if not weights.is_file():
         raise DigitlensError(f"{weights}: file not found (training did not finish; try `digitlens train --resume`)")
@@ -275,6 +320,14 @@ def load_model(run_dir) -> nn.Module:
     for old_key, new_key in LEGACY_KEYS.get(config["model"], {}).items():
         if old_key in state and new_key not in state:  # a run saved by an earlier digitlens
             state[new_key] = state.pop(old_key)
+    expected = model.state_dict()
+    for key, tensor in state.items():
+        if key in expected and expected[key].is_floating_point():
+            if not tensor.is_floating_point():  # load_state_dict would cast int8 codes silently
+                raise DigitlensError(f"{weights}: tensor {key!r} is {str(tensor.dtype).replace('torch.', '')}, "
+                                     "expected floating-point weights (quantised weights are not loaded)")
+            if not torch.isfinite(tensor).all():
+                raise DigitlensError(f"{weights}: tensor {key!r} holds NaN or infinite values")
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

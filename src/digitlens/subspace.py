@@ -33,7 +33,8 @@ import torch
 
 from digitlens.device import resolve_device
 from digitlens.errors import DigitlensError
-from digitlens.runio import figure_batch, read_json, require_run_dir, save_figure, write_json, write_text
+from digitlens.runio import (figure_batch, read_json, require_run_dir, save_figure, write_json, write_text,
+                             writes_folders)
 
 # PEFT prefixes a module's name with these when it saves an adapter.
 _PEFT_PREFIXES = ("base_model.model.",)
@@ -360,12 +361,29 @@ def _strip_peft_prefix(name: str) -> str:
     return name
 
 
-def _pattern_value(patterns: dict, name: str, default):
-    """PEFT's rank_pattern / alpha_pattern lookup: first key that matches the end of ``name``."""
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", name):
+def _pattern_value(patterns: dict, name: str, default, config_path: Path | str = "adapter_config.json",
+                   field_name: str = "alpha_pattern"):
+    """PEFT's rank_pattern / alpha_pattern lookup: first key that matches the end of ``name``
+    (a one-line DigitlensError for a pattern that is not a {regex: value} object)."""
+    if patterns is None:
+        return default
+    if not isinstance(patterns, dict):
+        raise DigitlensError(f"{config_path}: {field_name} is a {type(patterns).__name__}, expected an object")
+    for key, value in patterns.items():
+        try:
+            matched = re.match(rf"(.*\.)?({key})$", name)
+        except re.error as exc:
+            raise DigitlensError(f"{config_path}: {field_name} key {key!r} is not a regular expression ({exc})") from None
+        if matched:
             return value
     return default
+
+
+def _positive_number(value, config_path: Path, field_name: str) -> float:
+    """``value`` as a finite float (a one-line DigitlensError naming the field otherwise)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise DigitlensError(f"{config_path}: {field_name} {value!r} is not a finite number")
+    return float(value)
 
 
 def read_lora_adapter(adapter_dir) -> LoraAdapter:
@@ -380,6 +398,8 @@ def read_lora_adapter(adapter_dir) -> LoraAdapter:
     if not adapter_dir.is_dir():
         raise DigitlensError(f"--adapter {adapter_dir}: folder not found")
     config = read_json(config_path)
+    if not isinstance(config, dict):
+        raise DigitlensError(f"{config_path}: expected a JSON object, found {type(config).__name__}")
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise DigitlensError(f"{config_path}: peft_type {config.get('peft_type')!r} is not a LoRA adapter")
@@ -387,8 +407,16 @@ def read_lora_adapter(adapter_dir) -> LoraAdapter:
         raise DigitlensError(f"{weights_path}: file not found (only .safetensors adapters are read)")
     try:
         tensors = _load_safetensors_float64(weights_path)
-    except (SafetensorError, OSError, ValueError) as exc:
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise DigitlensError(f"{weights_path}: not a readable safetensors file ({exc})") from None
+    if config.get("use_dora") or any("lora_magnitude_vector" in key for key in tensors):
+        # DoRA rescales every row of W + dW by a learned magnitude: its update is not scale * B @ A,
+        # and analysing it as plain LoRA would describe a different matrix.
+        raise DigitlensError(f"{adapter_dir}: a DoRA adapter (use_dora / lora_magnitude_vector); only plain LoRA "
+                             "adapters are analysed")
+    bad = next((k for k, v in tensors.items() if not np.isfinite(v).all()), None)
+    if bad is not None:
+        raise DigitlensError(f"{weights_path}: tensor {bad!r} holds NaN or infinite values")
     pairs: dict[str, dict[str, np.ndarray]] = {}
     for key, value in tensors.items():
         match = _LORA_KEY.match(key)
@@ -397,7 +425,7 @@ def read_lora_adapter(adapter_dir) -> LoraAdapter:
     if not pairs:
         raise DigitlensError(f"{weights_path}: no '*.lora_A.weight' / '*.lora_B.weight' tensors found")
     adapter = LoraAdapter(adapter_dir, config)
-    default_alpha = float(config.get("lora_alpha", config.get("r", 8)))
+    default_alpha = _positive_number(config.get("lora_alpha", config.get("r", 8)), config_path, "lora_alpha")
     for name, pair in sorted(pairs.items()):
         if set(pair) != {"A", "B"}:
             raise DigitlensError(f"{weights_path}: module {name!r} has lora_{next(iter(pair))} but not its partner")
@@ -406,7 +434,10 @@ def read_lora_adapter(adapter_dir) -> LoraAdapter:
             raise DigitlensError(f"{weights_path}: module {name!r}: lora_A {a.shape} and lora_B {b.shape} "
                                  "are not a (r, in) / (out, r) pair (conv LoRA is not supported)")
         rank = a.shape[0]
-        alpha = float(_pattern_value(config.get("alpha_pattern"), name, default_alpha))
+        if rank == 0:
+            raise DigitlensError(f"{weights_path}: module {name!r} has rank 0 (lora_A {a.shape})")
+        alpha = _positive_number(_pattern_value(config.get("alpha_pattern"), name, default_alpha, config_path),
+                                 config_path, f"alpha_pattern value for {name!r}")
         scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
         adapter.modules[name] = LoraModule(name, a, b, scale, bool(config.get("fan_in_fan_out", False)))
     return adapter
@@ -419,7 +450,12 @@ def _load_safetensors_float64(path: Path) -> dict[str, np.ndarray]:
     out = {}
     with safe_open(str(path), framework="pt") as fh:
         for key in fh.keys():
-            out[key] = fh.get_tensor(key).double().numpy()
+            tensor = fh.get_tensor(key)
+            if not tensor.is_floating_point():
+                # Quantised weights (int8 with separate scales) are not the matrices they stand for.
+                raise DigitlensError(f"{path}: tensor {key!r} is {str(tensor.dtype).replace('torch.', '')}; "
+                                     "only floating-point weights are analysed (not a quantised model)")
+            out[key] = tensor.double().numpy()
     return out
 
 
@@ -431,9 +467,13 @@ def load_base_weights(base_path) -> dict[str, np.ndarray]:
     if not base_path.is_file():
         raise DigitlensError(f"--base {base_path}: file not found")
     try:
-        return _load_safetensors_float64(base_path)
-    except (SafetensorError, OSError, ValueError) as exc:
+        weights = _load_safetensors_float64(base_path)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise DigitlensError(f"--base {base_path}: not a readable safetensors file ({exc})") from None
+    bad = next((k for k, v in weights.items() if not np.isfinite(v).all()), None)
+    if bad is not None:
+        raise DigitlensError(f"--base {base_path}: tensor {bad!r} holds NaN or infinite values")
+    return weights
 
 
 def match_base_weight(base: dict[str, np.ndarray], module: LoraModule, base_label: str = "base") -> np.ndarray:
@@ -850,3 +890,9 @@ def _comparisons_markdown(summary: dict) -> str:
         lines += [f"| {m['module']} | {m['count']}/{m['top_k']} |" for m in intruders]
         lines.append("")
     return "\n".join(lines)
+
+
+# One writer per folder (issue 14): the run folder, or the --out folder of a bring-your-own analysis.
+analyse_run = writes_folders("subspace", lambda run_dir, *args, **kwargs: [(run_dir, "run")])(analyse_run)
+analyse_adapters = writes_folders(
+    "subspace", lambda base_path, adapter_dirs, out_dir, *args, **kwargs: [(out_dir, "out")])(analyse_adapters)

@@ -28,6 +28,7 @@ images), so results fall in the same accuracy band as one process, not on the sa
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -46,7 +47,7 @@ from torch import nn
 from digitlens import distributed
 from digitlens.device import autocast, check_precision, resolve_device, synchronize
 from digitlens.errors import DigitlensError
-from digitlens.runio import atomic_path, read_json, write_json, write_text
+from digitlens.runio import atomic_path, has_content, read_json, run_lock, write_json, write_text
 
 HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "train_eval_loss", "train_eval_accuracy",
                    "lr", "seconds")
@@ -199,8 +200,14 @@ def make_optimizer(model: nn.Module, hyper: dict, total_steps: int):
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=float(hyper["weight_decay"]), **fused)
     if hyper["schedule"] == "onecycle":
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(1, total_steps),
-                                                        pct_start=float(hyper["pct_start"]))
+        total_steps = max(1, total_steps)
+        pct_start = float(hyper["pct_start"])
+        if pct_start * total_steps == 1.0:
+            # OneCycleLR's warm-up then ends at step 0 and it divides by its zero length (4 steps,
+            # pct_start 0.25); the next float up gives the same rates (the limit of a vanishing warm-up).
+            pct_start = math.nextafter(pct_start, 1.0)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps,
+                                                        pct_start=pct_start)
     else:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     return optimizer, scheduler
@@ -385,13 +392,15 @@ def _write_history(out_dir: Path, history: list[dict]) -> None:
 def _prepare_out_dir(out: Path, requested: dict, resume: bool) -> tuple[dict | None, Path | None]:
     """Check ``out`` against ``resume``; return (stored config, last checkpoint) when resuming."""
     config_path = out / "config.json"
+    if out.exists() and not out.is_dir():
+        raise DigitlensError(f"--out {out}: is a file, not a folder; choose a new --out folder")
     if not resume:
         if config_path.is_file():
             finished = (out / "model.safetensors").is_file()
             raise DigitlensError(
                 f"--out {out}: already holds a {'finished' if finished else 'started'} run; "
                 + ("choose a new --out folder" if finished else "pass --resume to continue it or choose a new --out folder"))
-        if out.is_dir() and any(out.iterdir()):
+        if has_content(out):
             raise DigitlensError(f"--out {out}: folder is not empty and holds no digitlens run; choose a new --out folder")
         return None, None
     if not config_path.is_file():
@@ -402,16 +411,15 @@ def _prepare_out_dir(out: Path, requested: dict, resume: bool) -> tuple[dict | N
     for key, value in requested.items():
         if value is not None and key in stored and stored[key] != value:
             raise DigitlensError(f"--resume: {out} was trained with {key}={stored[key]!r}, not {value!r}")
-    checkpoint = last_checkpoint(out)
-    if checkpoint is None:
-        raise DigitlensError(f"--resume: {out / 'checkpoints'} holds no checkpoint to resume from")
-    return stored, checkpoint
+    # No checkpoint yet (killed during the first epoch): the run restarts from epoch 1 with its config.
+    return stored, last_checkpoint(out)
 
 
 def train(out_dir: str | os.PathLike, *, dataset: str | None = None, model: str | None = None,
           epochs: int | None = None, seed: int | None = None, data_dir: str | os.PathLike | None = None,
           resume: bool = False, progress: bool = True, model_kwargs: dict | None = None,
-          device: str | torch.device | None = None, precision: str | None = None, **hyper) -> dict:
+          device: str | torch.device | None = None, precision: str | None = None, verify: bool = True,
+          **hyper) -> dict:
     """Train ``model`` (default ``cnn``) on ``dataset`` (default ``digits``) into ``out_dir``.
 
     ``seed`` defaults to 0 and ``epochs`` to a fast per-model/per-dataset value
@@ -422,7 +430,9 @@ def train(out_dir: str | os.PathLike, *, dataset: str | None = None, model: str 
 
     ``device``: 'auto' (default, or ``$DIGITLENS_DEVICE``), 'cpu', 'cuda[:N]' or 'mps';
     ``precision``: 'fp32' (default) or 'bf16' (autocast, CUDA only). Neither defines the run: a run
-    trained on a GPU resumes on a CPU. Under torchrun the processes train one model together
+    trained on a GPU resumes on a CPU. ``verify=False`` (``--no-verify``) trains on MNIST files
+    that are not the canonical ones (recorded as ``verify: false`` in ``config.json``, so later
+    stages accept them too). Under torchrun the processes train one model together
     (see the module docstring); only rank 0 writes.
 
     Returns a summary dict (also written to ``train_summary.json``): run folder, dataset, model,
@@ -436,22 +446,30 @@ def train(out_dir: str | os.PathLike, *, dataset: str | None = None, model: str 
     precision = check_precision(precision, run_device)
     ctx = distributed.context(run_device)
     try:
-        return _train(out, ctx, run_device, precision, requested, dataset=dataset, model=model, epochs=epochs,
-                      seed=seed, data_dir=data_dir, resume=resume, progress=progress, model_kwargs=model_kwargs,
-                      hyper=hyper)
+        with contextlib.ExitStack() as lock_stack:
+            return _train(out, ctx, run_device, precision, requested, dataset=dataset, model=model, epochs=epochs,
+                          seed=seed, data_dir=data_dir, resume=resume, progress=progress, model_kwargs=model_kwargs,
+                          hyper=hyper, verify=verify, lock_stack=lock_stack)
     finally:
         distributed.finish(ctx)
 
 
 def _train(out: Path, ctx, run_device: torch.device, precision: str, requested: dict, *, dataset, model, epochs, seed,
-           data_dir, resume, progress, model_kwargs, hyper) -> dict:
+           data_dir, resume, progress, model_kwargs, hyper, verify=True, lock_stack) -> dict:
     from digitlens.data import DATASETS, load_splits
     from digitlens.models import MODELS, count_parameters, save_model
 
     main = ctx is None or ctx.is_main
     world_size = 1 if ctx is None else ctx.world_size
     # Rank 0 checks the folder; every rank gets its answer (or its error).
-    stored, checkpoint_path = distributed.rank0_decides(ctx, lambda: _prepare_out_dir(out, requested, resume))
+    def decide():
+        # Rank 0 alone writes, so it alone holds the run folder's writer lock (until train returns).
+        if out.exists() and not out.is_dir():
+            raise DigitlensError(f"--out {out}: is a file, not a folder; choose a new --out folder")
+        lock_stack.enter_context(run_lock(out, "train", create=True))
+        return _prepare_out_dir(out, requested, resume)
+
+    stored, checkpoint_path = distributed.rank0_decides(ctx, decide)
     if stored is not None:
         config = stored
         if data_dir is not None:
@@ -482,6 +500,8 @@ def _train(out: Path, ctx, run_device: torch.device, precision: str, requested: 
             "seed": int(0 if seed is None else seed), "data_dir": None if data_dir is None else str(Path(data_dir).resolve()),
             "image_size": 28, "epochs": int(epochs), **resolved,
         }
+        if not verify:
+            config["verify"] = False
 
     if int(config["batch_size"]) % world_size:
         raise DigitlensError(f"--batch-size {config['batch_size']}: must be a multiple of the {world_size} "
@@ -493,7 +513,11 @@ def _train(out: Path, ctx, run_device: torch.device, precision: str, requested: 
         torch.set_num_threads(int(threads))
     try:
         splits = load_splits(config["dataset"], data_dir=config["data_dir"], val_fraction=config["val_fraction"],
-                             seed=config["seed"], size=config["image_size"])
+                             seed=config["seed"], size=config["image_size"], verify=bool(config.get("verify", True)))
+        present = torch.unique(splits.train.labels).tolist()
+        if len(present) < 2:  # all-zero labels would "train" to a perfect score on nothing
+            raise DigitlensError(f"--dataset {config['dataset']}: the training split holds only digit "
+                                 f"{', '.join(map(str, present)) or '(none)'}; nothing to tell apart")
         n_classes = int(torch.cat([splits.train.labels, splits.test.labels]).max()) + 1
         n_classes = max(n_classes, 10)
         torch.manual_seed(config["seed"])
@@ -584,7 +608,7 @@ def _train(out: Path, ctx, run_device: torch.device, precision: str, requested: 
             "n_parameters": config["n_parameters"], "final": history[-1] if history else None,
             "train_seconds": train_seconds,
             "samples_per_second": n_train * len(history) / train_seconds if train_seconds > 0 else None,
-            "resumed_from_epoch": start_epoch if checkpoint_path is not None else None,
+            "resumed_from_epoch": start_epoch if stored is not None else None,
             "device": str(run_device), "precision": precision, "world_size": world_size,
         }
         if main:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import textwrap
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from digitlens.comparison import compare_predictions
 from digitlens.device import model_device, resolve_device, synchronize
 from digitlens.errors import DigitlensError
 from digitlens.external import OnnxForward, UserModel, load_user_model, trusted_by_record
+from digitlens.runio import require_run_dir, run_lock
 from digitlens.explain.aggregate import PerDigitMaps, group_names, has_mass, normalise_maps, pool_to_grid
 from digitlens.explain.faithfulness import (INK_THRESHOLD, RANDOM_LOGIT_THRESHOLD, cascading_randomisation,
                                             curve_auc, ink_random_order, patch_order, perturbation_curves,
@@ -288,7 +290,7 @@ def load_run_split(run_dir, split: str = "test", data_dir=None):
         raise DigitlensError(f"--split {split!r}: choose train, val or test")
     if config.get("dataset") == "mnist" and split == "test":
         folder = locate_mnist(data_dir if data_dir is not None else config.get("data_dir"))
-        return load_mnist_split(folder, "test")
+        return load_mnist_split(folder, "test", verify=bool(config.get("verify", True)))
     return getattr(load_splits_for_run(config, data_dir=data_dir), split)
 
 
@@ -333,8 +335,9 @@ def _overlay_examples(frozen, images, y_true, y_pred, proba, method, method_kwar
 
 
 def write_figures(run_dir: Path, result: dict, model: nn.Module, images: torch.Tensor, *, image_index: int = 0,
-                  overlay_method: str | None = None, method_kwargs=None) -> list[str]:
-    """All figures of the explain stage under ``run_dir/explain/figures/``; returns their PNG names."""
+                  overlay_method: str | None = None, method_kwargs=None, fig_dir: Path | None = None) -> list[str]:
+    """All figures of the explain stage under ``fig_dir`` (default ``run_dir/explain/figures/``);
+    returns their PNG names."""
     plt = pyplot()  # Agg unless MPLBACKEND chose a backend
     from digitlens.plots.faithfulness import FaithfulnessDisplay
     from digitlens.plots.filters import FeatureMapsDisplay, FiltersDisplay
@@ -342,7 +345,7 @@ def write_figures(run_dir: Path, result: dict, model: nn.Module, images: torch.T
     from digitlens.plots.overlays import AttributionOverlayDisplay
     from digitlens.runio import save_figure
 
-    fig_dir = run_dir / "explain" / "figures"
+    fig_dir = run_dir / "explain" / "figures" if fig_dir is None else Path(fig_dir)
     written = []
     name = run_dir.name
 
@@ -450,7 +453,11 @@ def explain_run(run_dir, *, methods=None, group_by: str = "true", grid: int = 7,
     config = read_json(run_dir / "config.json")
     run_device = distributed.rank_device(resolve_device(device))
     ctx = distributed.context(run_device)
+    lock = contextlib.ExitStack()
     try:
+        # Rank 0 alone writes explain/, so it alone holds the run folder's writer lock.
+        distributed.rank0_decides(ctx, lambda: (require_run_dir(run_dir),
+                                                lock.enter_context(run_lock(run_dir, "explain"))) and None)
         data = load_run_split(run_dir, split, data_dir)
         user_info = None
         if config.get("model_file"):
@@ -479,6 +486,7 @@ def explain_run(run_dir, *, methods=None, group_by: str = "true", grid: int = 7,
         distributed.barrier(ctx)  # no rank returns before rank 0 has written explain/
         return summary
     finally:
+        lock.close()
         distributed.finish(ctx)
 
 
@@ -486,9 +494,23 @@ def _write_explain_dir(run_dir: Path, result: dict, model, data, *, split, compa
                        batch_size, progress, gradcam_layer, ig_tolerance, ig_n_steps, image_index, figures,
                        user_info=None) -> dict:
     """Write ``run_dir/explain/`` (maps, figures, comparisons, metrics, manifest) for ``result``."""
+    from digitlens.runio import staged_dir
+
+    # The whole of explain/ is written into a temporary sibling and swapped in at the end, so a
+    # reader (explain --compare, report) finds the old output or the new one, never a mix.
+    with staged_dir(run_dir / "explain") as explain_dir:
+        return _write_explain_files(run_dir, explain_dir, result, model, data, split=split, compare=compare,
+                                    compare_methods=compare_methods, data_dir=data_dir, batch_size=batch_size,
+                                    progress=progress, gradcam_layer=gradcam_layer, ig_tolerance=ig_tolerance,
+                                    ig_n_steps=ig_n_steps, image_index=image_index, figures=figures)
+
+
+def _write_explain_files(run_dir: Path, explain_dir: Path, result: dict, model, data, *, split, compare,
+                         compare_methods, data_dir, batch_size, progress, gradcam_layer, ig_tolerance, ig_n_steps,
+                         image_index, figures) -> dict:
+    """Write the files of ``run_dir``'s explain stage into ``explain_dir``; return the summary."""
     from digitlens.runio import figure_batch, write_json
 
-    explain_dir = run_dir / "explain"
     map_files = _save_maps(explain_dir, result)
     figs = []
     # The overlays show single images, so their integrated gradients use a fixed fine rule rather
@@ -501,9 +523,10 @@ def _write_explain_dir(run_dir: Path, result: dict, model, data, *, split, compa
     with figure_batch():  # the figures are drawn by worker processes while the comparison computes
         if figures:
             figs = write_figures(run_dir, result, model, data.images, image_index=image_index,
-                                 method_kwargs=method_kwargs)
+                                 method_kwargs=method_kwargs, fig_dir=explain_dir / "figures")
         if compare is not None or compare_methods:
-            figs += _write_comparisons(run_dir, result, compare, compare_methods, data_dir=data_dir, split=split,
+            figs += _write_comparisons(run_dir, result, compare, compare_methods, fig_dir=explain_dir / "figures",
+                                       data_dir=data_dir, split=split,
                                        batch_size=batch_size, progress=progress, gradcam_layer=gradcam_layer,
                                        ig_tolerance=ig_tolerance, ig_n_steps=ig_n_steps)
     summary = _json_summary(result)
@@ -552,13 +575,13 @@ def _paired_accuracy_test(result: dict, name_a: str, name_b: str, other_model: n
                                 "accuracy_difference_ci", "significant", "caption") if k in out}
 
 
-def _write_comparisons(run_dir: Path, result: dict, compare, compare_methods: bool, **kw) -> list[str]:
+def _write_comparisons(run_dir: Path, result: dict, compare, compare_methods: bool, *, fig_dir: Path,
+                       **kw) -> list[str]:
     plt = pyplot()
     from digitlens.models import load_model
     from digitlens.plots.heatmaps import PerDigitMapsComparisonDisplay
     from digitlens.runio import save_figure
 
-    fig_dir = run_dir / "explain" / "figures"
     written = []
     pairs = []
     if compare_methods:

@@ -22,7 +22,7 @@ from digitlens.errors import DigitlensError
 from digitlens.intervals import DEFAULT_BOOTSTRAP, format_ci, wilson_interval
 from digitlens.report import readings as R
 from digitlens.report.collect import RunData, collect_run
-from digitlens.runio import write_json, write_text
+from digitlens.runio import read_text, write_json, write_text, writes_folders
 
 TEMPLATES = Path(__file__).with_name("templates")
 
@@ -463,13 +463,13 @@ def _section_blocks(section: str, run: RunData, run_index: int | None) -> list[s
             md = run.run_dir / "adapt" / task / "results.md"
             if md.is_file():
                 blocks.append(prefix + f"<h3>LoRA against baselines, task “{html.escape(task)}”</h3>\n"
-                              + markdown_to_html(md.read_text()))
+                              + markdown_to_html(read_text(md), md.parent, run.run_dir))
         for md in sorted((run.run_dir / "subspace").glob("**/summary.md")) if (run.run_dir / "subspace").is_dir() else []:
             task = md.parent.name
             blocks.append(prefix + f"<h3>Subspace analysis, task “{html.escape(task)}”</h3>\n"
-                          + "<div class=\"table-wrap\">" + markdown_to_html(md.read_text()) + "</div>")
+                          + "<div class=\"table-wrap\">" + markdown_to_html(read_text(md), md.parent, run.run_dir) + "</div>")
     elif section == "insights" and run.insights_md:
-        blocks.append(prefix + markdown_to_html(run.insights_md))
+        blocks.append(prefix + markdown_to_html(run.insights_md, run.run_dir, run.run_dir))
     return blocks
 
 
@@ -485,11 +485,50 @@ def _escape_norm_bars(text: str) -> str:
     return "\n".join(lines) + ("\n" if text.endswith("\n") else "")
 
 
-def markdown_to_html(text: str) -> str:
-    """``insights.md`` (Markdown with pipe tables) as HTML, headings shifted below the report's h2."""
-    from markdown_it import MarkdownIt
+def _embedded_image(src: str, base: Path | None, root: Path | None) -> str | None:
+    """The data URI of a Markdown image ``src`` when it is a PNG file of the run (a path relative
+    to ``base`` that stays inside ``root``) or already a PNG data URI; None for anything else (a
+    web address, a file outside the run, not a PNG), which the report must not load."""
+    from urllib.parse import unquote, urlparse
 
-    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(_escape_norm_bars(text))
+    if src.startswith("data:image/png;base64,"):
+        return src
+    if base is None or root is None or urlparse(src).scheme or src.startswith(("//", "\\")):
+        return None
+    path = (base / unquote(src)).resolve()
+    if not path.is_relative_to(root.resolve()) or not path.is_file():
+        return None
+    try:
+        return data_uri(path)
+    except DigitlensError:
+        return None
+
+
+def markdown_to_html(text: str, base: Path | None = None, root: Path | None = None) -> str:
+    """``insights.md`` (Markdown with pipe tables) as HTML, headings shifted below the report's h2.
+
+    The report opens offline and loads nothing: an image is inlined when it is a PNG of the run
+    (``root``; relative paths start at ``base``, the Markdown file's folder) and replaced by a
+    note otherwise."""
+    from markdown_it import MarkdownIt
+    from markdown_it.token import Token
+
+    md = MarkdownIt("commonmark", {"html": False}).enable("table")
+    tokens = md.parse(_escape_norm_bars(text))
+    for token in tokens:
+        for i, child in enumerate(token.children or []):
+            if child.type != "image":
+                continue
+            src = str(child.attrGet("src") or "")
+            uri = _embedded_image(src, base, root)
+            if uri is not None:
+                child.attrSet("src", uri)
+            else:
+                note = Token("text", "", 0)
+                shown = src if len(src) <= 80 else src[:77] + "..."
+                note.content = f"[image {shown} left out: the report embeds only the run's own PNG files]"
+                token.children[i] = note
+    body = md.renderer.render(tokens, md.options, {})
     # The file's "# Insights" duplicates the section title; its other headings move down two levels.
     body = re.sub(r"<h1>.*?</h1>\n?", "", body, count=1)
     return re.sub(r"<(/?)h([1-4])>", lambda m: f"<{m.group(1)}h{min(int(m.group(2)) + 2, 6)}>", body)
@@ -615,3 +654,14 @@ def write_report(run_dir: str | Path, *, compare: str | Path | None = None, out:
         write_json(target.parent / "comparison.json", comparison)
     sections = build_sections(runs, comparison, note)
     return write_text(target, render(runs, sections))
+
+
+def _report_folders(run_dir, *args, out=None, **kwargs):
+    from digitlens.seeds import is_group
+
+    # With --out elsewhere the run folder is only read (it may be read-only): nothing to lock.
+    return [] if is_group(run_dir) or out is not None else [(run_dir, "run")]
+
+
+# One writer per run folder (issue 14): report.html and comparison.json are written under its lock.
+write_report = writes_folders("report", _report_folders)(write_report)

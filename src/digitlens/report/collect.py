@@ -7,13 +7,14 @@ leaves that section out instead of breaking.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from digitlens.errors import DigitlensError
-from digitlens.runio import read_json, read_npz, require_run_dir
+from digitlens.runio import read_json, read_npz, read_text, require_run_dir
 
 # Folders of a run searched for figures (PNG; the SVG twins are not embedded), in report order.
 FIGURE_FOLDERS = ("figures", "explain/figures", "explain", "adapt", "subspace")
@@ -50,18 +51,54 @@ def read_history(path: Path) -> list[dict[str, float]] | None:
     if not path.is_file():
         return None
     rows = []
-    with open(path, newline="") as fh:
-        for line_no, row in enumerate(csv.DictReader(fh), start=2):
+    text = read_text(path)
+    try:
+        for line_no, row in enumerate(csv.DictReader(io.StringIO(text, newline="")), start=2):
             parsed = {}
             for key, value in row.items():
                 if key is None or value in (None, ""):
                     continue
+                if isinstance(value, list):  # more cells than the header has columns
+                    raise DigitlensError(f"{path}: line {line_no}: {len(row) - 1 + len(value)} cells for "
+                                         f"{len(row) - 1} columns")
                 try:
                     parsed[key.strip()] = float(value)
                 except ValueError:
                     raise DigitlensError(f"{path}: line {line_no}: column {key!r} is not a number ({value!r})") from None
             rows.append(parsed)
+    except csv.Error as exc:
+        raise DigitlensError(f"{path}: not a readable CSV file ({exc})") from None
     return rows or None
+
+
+def check_predictions(path: Path, arrays: dict) -> dict:
+    """``arrays`` of a ``predictions.npz`` when they fit together (``y_true``, ``y_pred``: (N,) whole
+    numbers; ``proba`` and ``proba_calibrated``: (N, C)); a one-line DigitlensError naming the
+    file otherwise. Returns ``arrays``."""
+    import numpy as np
+
+    n = None
+    for key in ("y_true", "y_pred"):
+        if key not in arrays:
+            continue
+        a = arrays[key]
+        if a.ndim != 1 or not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.bool_)):
+            raise DigitlensError(f"{path}: {key} has shape {a.shape} and type {a.dtype}; expected (N,) whole numbers")
+        if a.size and a.min() < 0:
+            raise DigitlensError(f"{path}: {key} holds the negative class {int(a.min())}")
+        if n is not None and a.shape[0] != n:
+            raise DigitlensError(f"{path}: {a.shape[0]} {key} for {n} y_true")
+        n = a.shape[0]
+    for key in ("proba", "proba_calibrated"):
+        if key not in arrays:
+            continue
+        a = arrays[key]
+        if a.ndim != 2 or (n is not None and a.shape[0] != n) or not np.issubdtype(a.dtype, np.floating):
+            raise DigitlensError(f"{path}: {key} has shape {a.shape} and type {a.dtype}; expected ({n}, classes) floats")
+        if "y_pred" in arrays and arrays["y_pred"].size and arrays["y_pred"].max() >= a.shape[1]:
+            raise DigitlensError(f"{path}: y_pred holds class {int(arrays['y_pred'].max())}, {key} has "
+                                 f"{a.shape[1]} classes")
+    return arrays
 
 
 def find_figures(run_dir: Path) -> list[Path]:
@@ -89,9 +126,9 @@ def collect_run(run_dir: str | Path) -> RunData:
     data.metrics = _optional_json(run_dir / "metrics.json")
     data.insights = _optional_json(run_dir / "insights.json")
     if (run_dir / "insights.md").is_file():
-        data.insights_md = (run_dir / "insights.md").read_text()
+        data.insights_md = read_text(run_dir / "insights.md")
     if (run_dir / "predictions.npz").is_file():
-        data.predictions = read_npz(run_dir / "predictions.npz")
+        data.predictions = check_predictions(run_dir / "predictions.npz", read_npz(run_dir / "predictions.npz"))
     data.explain_metrics = _optional_json(run_dir / "explain" / "explain_metrics.json")
     data.explain_manifest = _optional_json(run_dir / "explain" / "manifest.json")
     adapt_dir = run_dir / "adapt"
@@ -102,7 +139,7 @@ def collect_run(run_dir: str | Path) -> RunData:
     if subspace_dir.is_dir():
         for js in sorted(subspace_dir.rglob("*.json")):
             try:
-                data.subspace[str(js.relative_to(subspace_dir))] = json.loads(js.read_text())
+                data.subspace[str(js.relative_to(subspace_dir))] = json.loads(read_text(js))
             except json.JSONDecodeError as exc:
                 raise DigitlensError(f"{js}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
     data.figures = find_figures(run_dir)

@@ -502,12 +502,13 @@ def _write_explain_dir(run_dir: Path, result: dict, model, data, *, split, compa
         return _write_explain_files(run_dir, explain_dir, result, model, data, split=split, compare=compare,
                                     compare_methods=compare_methods, data_dir=data_dir, batch_size=batch_size,
                                     progress=progress, gradcam_layer=gradcam_layer, ig_tolerance=ig_tolerance,
-                                    ig_n_steps=ig_n_steps, image_index=image_index, figures=figures)
+                                    ig_n_steps=ig_n_steps, image_index=image_index, figures=figures,
+                                    user_info=user_info)
 
 
 def _write_explain_files(run_dir: Path, explain_dir: Path, result: dict, model, data, *, split, compare,
                          compare_methods, data_dir, batch_size, progress, gradcam_layer, ig_tolerance, ig_n_steps,
-                         image_index, figures) -> dict:
+                         image_index, figures, user_info=None) -> dict:
     """Write the files of ``run_dir``'s explain stage into ``explain_dir``; return the summary."""
     from digitlens.runio import figure_batch, write_json
 

@@ -284,6 +284,37 @@ def test_torchscript_model_file_is_served(runs, tmp_path, test_split):
         assert "saliency" in file_result["maps"] and "gradcam" in file_result["skipped"]
 
 
+def test_an_onnx_file_with_declared_normalisation_is_served_like_its_run(runs, tmp_path, test_split):
+    """A user's ONNX model that expects MNIST-normalised input, served with its declared --normalize:
+    the same probabilities as the run it was exported from; forward-only, so occlusion but no saliency."""
+    import warnings
+
+    from digitlens import models
+    from digitlens.explain.methods import prepare_model
+
+    class ExpectsNormalised(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x * 0.3081 + 0.1307)
+
+    onnx_file = tmp_path / "normalised.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(ExpectsNormalised(prepare_model(models.load_model(runs[0]))), (test_split.images[:2],),
+                          str(onnx_file), dynamo=False, input_names=["input"], output_names=["output"],
+                          dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+    options = {"preprocessing": {"normalize": (0.1307, 0.3081)}}
+    with TestClient(create_app([runs[0]], model_files=[onnx_file], load_options=options)) as client:
+        answer = client.post("/api/predict", json={"pixels": test_split.images[3].flatten().tolist(),
+                                                   "methods": "saliency,occlusion"}).json()
+        run_result, file_result = answer["models"]
+        np.testing.assert_allclose(file_result["probabilities"], run_result["probabilities"], atol=1e-5)
+        assert "occlusion" in file_result["maps"] and "saliency" in file_result["skipped"]
+
+
 def test_cli_errors_are_one_line(runs):
     from typer.testing import CliRunner
 

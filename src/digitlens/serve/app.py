@@ -158,7 +158,9 @@ def _unique_ids(specs: list[Any]) -> list[str]:
 
 
 def load_models(runs=(), model_files=(), load_options: dict | None = None) -> list[ServedModel]:
-    """Every run folder of ``runs`` and model file of ``model_files``, loaded once."""
+    """Every run folder of ``runs`` and model file of ``model_files``, loaded once. ``load_options``
+    (preprocessing, trust_code) describe the model files; a run folder normalises its own inputs, so
+    it gets only ``trust_code`` (an ``evaluate --model-file --out`` folder's TorchScript file)."""
     specs = [Path(r) for r in runs] + [Path(m) for m in model_files]
     if not specs:
         raise DigitlensError("serve: give at least one run folder (or --model-file)")
@@ -168,7 +170,10 @@ def load_models(runs=(), model_files=(), load_options: dict | None = None) -> li
     for spec in model_files:
         if not Path(spec).is_file():
             raise DigitlensError(f"--model-file {spec}: file not found")
-    return [load_served_model(spec, ident, load_options) for spec, ident in zip(specs, _unique_ids(specs))]
+    run_options = {k: v for k, v in (load_options or {}).items() if k == "trust_code"}
+    n_runs = len(runs)
+    return [load_served_model(spec, ident, run_options if i < n_runs else load_options)
+            for i, (spec, ident) in enumerate(zip(specs, _unique_ids(specs)))]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -34,7 +34,6 @@ the other group's images leak into g). Computed with scikit-learn.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -504,7 +503,7 @@ def convergence_markdown(results: dict) -> str:
         lines.append(f"| {name} | {row['rank'] or ''} | {row['epochs_run_mean']:.1f} of {results['epochs']} "
                      f"| {row['stopped_early']}/{row['n_seeds']} | {row['best_val_accuracy_mean']:.4f} |")
     sentence = (results.get("verdict") or {}).get("sentence")
-    return "\n".join(lines + ([f"", sentence] if sentence else [])) + "\n"
+    return "\n".join(lines + (["", sentence] if sentence else [])) + "\n"
 
 
 def plot_training_curves(results: dict, stem) -> list:

@@ -33,7 +33,7 @@ import torch
 
 from digitlens.device import resolve_device
 from digitlens.errors import DigitlensError
-from digitlens.runio import (figure_batch, read_json, require_run_dir, save_figure, write_json, write_text,
+from digitlens.runio import (figure_batch, read_json, require_run_dir, write_json, write_text,
                              writes_folders)
 
 # PEFT prefixes a module's name with these when it saves an adapter.
@@ -390,7 +390,6 @@ def read_lora_adapter(adapter_dir) -> LoraAdapter:
     """Read a PEFT LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``)
     into float64 numpy arrays; raise a one-line DigitlensError if it is not one."""
     from safetensors import SafetensorError
-    from safetensors.numpy import load_file
 
     adapter_dir = Path(adapter_dir)
     config_path = adapter_dir / "adapter_config.json"

@@ -109,7 +109,7 @@ def _first_bad_row(path: Path, n_columns: int, labelled: bool) -> str | None:
                 return f"line {line}: {len(row)} columns, expected {n_columns}"
             for column, cell in enumerate(row):
                 try:
-                    value = float(cell)
+                    float(cell)
                 except ValueError:
                     name = "label" if labelled and column == 0 else PIXEL_COLUMNS[column - labelled]
                     return f"line {line}: {name} {cell.strip()!r} is not a number"

@@ -16,7 +16,7 @@ from digitlens.comparison import compare_predictions
 from digitlens.device import model_device, resolve_device, synchronize
 from digitlens.errors import DigitlensError
 from digitlens.external import OnnxForward, UserModel, load_user_model, trusted_by_record
-from digitlens.runio import require_run_dir, run_lock
+from digitlens.runio import run_lock
 from digitlens.explain.aggregate import PerDigitMaps, group_names, has_mass, normalise_maps, pool_to_grid
 from digitlens.explain.faithfulness import (INK_THRESHOLD, RANDOM_LOGIT_THRESHOLD, cascading_randomisation,
                                             curve_auc, ink_random_order, patch_order, perturbation_curves,
@@ -341,7 +341,7 @@ def write_figures(run_dir: Path, result: dict, model: nn.Module, images: torch.T
     plt = pyplot()  # Agg unless MPLBACKEND chose a backend
     from digitlens.plots.faithfulness import FaithfulnessDisplay
     from digitlens.plots.filters import FeatureMapsDisplay, FiltersDisplay
-    from digitlens.plots.heatmaps import PerDigitMapsComparisonDisplay, PerDigitMapsDisplay
+    from digitlens.plots.heatmaps import PerDigitMapsDisplay
     from digitlens.plots.overlays import AttributionOverlayDisplay
     from digitlens.runio import save_figure
 

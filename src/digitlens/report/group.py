@@ -22,7 +22,6 @@ def seeds_section(summary: dict):
     """The "Across seeds" section: one row per seed run, then mean, std and min-max rows."""
     from digitlens.report.build import Section, Table
 
-    fmt = {"accuracy": _pct, "macro_f1": _num, "ece": _num}
     rows = []
     for r in summary["runs"]:
         accuracy = "—" if r["accuracy"] is None else format_ci(r["accuracy"], r.get("accuracy_ci"))

@@ -53,14 +53,15 @@ def _load(data_dir, quick, row, device="cpu"):
     return x, y, xt, yt
 
 
-def _reference(x, y, xt, yt, epochs, trace, device):
-    """The PyTorch-examples MNIST CNN and training loop (examples/mnist/main.py), unchanged in substance."""
+def example_net_class():
+    """The PyTorch-examples MNIST Net (examples/mnist/main.py: conv32-conv64-maxpool-dropout-fc128-
+    dropout-fc10, log_softmax), defined on first use so that this script imports torch only in the
+    worker processes; benchmarks/byom_reference.py uses the same class."""
     import torch
     import torch.nn.functional as F
     from torch import nn
-    from torch.utils.data import DataLoader, TensorDataset
 
-    class Net(nn.Module):
+    class ExampleNet(nn.Module):
         def __init__(self):
             super().__init__()
             self.conv1 = nn.Conv2d(1, 32, 3, 1)
@@ -80,11 +81,21 @@ def _reference(x, y, xt, yt, epochs, trace, device):
             x = self.dropout2(x)
             return F.log_softmax(self.fc2(x), dim=1)
 
+    return ExampleNet
+
+
+def _reference(x, y, xt, yt, epochs, trace, device):
+    """The PyTorch-examples MNIST CNN and training loop (examples/mnist/main.py), unchanged in substance."""
+    ExampleNet = example_net_class()
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader, TensorDataset
+
     torch.manual_seed(1)
     norm = lambda t: (t - 0.1307) / 0.3081  # noqa: E731  transforms.Normalize((0.1307,), (0.3081,))
     loader = DataLoader(TensorDataset(norm(x), y), batch_size=64, shuffle=True)
     test_loader = DataLoader(TensorDataset(norm(xt), yt), batch_size=1000)
-    model = Net().to(device)
+    model = ExampleNet().to(device)
     optimizer = torch.optim.Adadelta(model.parameters(), lr=1.0)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.7)
     seconds = 0.0

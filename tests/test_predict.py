@@ -22,7 +22,7 @@ from digitlens.errors import DigitlensError
 from digitlens.evaluate import predict_proba
 from digitlens.predict import predict_images
 
-from training import brief_mnist_run
+from training import ExpectsMnistNormalised, brief_mnist_run
 
 pytestmark = [
     pytest.mark.mnist,
@@ -182,18 +182,10 @@ def test_an_onnx_file_and_a_normalising_model_predict_like_the_run(mnist_run, ph
     result = CliRunner().invoke(app, ["predict", str(onnx_file), str(photos[0]), "--explain", "saliency"])
     assert result.exit_code == 2 and "needs a PyTorch model" in result.output and "Traceback" not in result.output
 
-    class ExpectsNormalised(torch.nn.Module):  # what a user trained with (x - 0.1307) / 0.3081 ships
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x):
-            return self.inner(x * 0.3081 + 0.1307)
-
     script = tmp_path / "normalised.pt"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.jit.script(ExpectsNormalised(prepare_model(model))).save(str(script))
+        torch.jit.script(ExpectsMnistNormalised(prepare_model(model))).save(str(script))
     declared = predict_images(script, photos[:3], preprocessing={"normalize": (0.1307, 0.3081)}, trust_code=True)
     undeclared = predict_images(script, photos[:3], trust_code=True)
     for a, b, c in zip(declared, undeclared, from_run):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from serve_runs import small_runs
+from training import ExpectsMnistNormalised
 
 pytest.importorskip("starlette")
 pytest.importorskip("httpx")
@@ -292,18 +293,10 @@ def test_an_onnx_file_with_declared_normalisation_is_served_like_its_run(runs, t
     from digitlens import models
     from digitlens.explain.methods import prepare_model
 
-    class ExpectsNormalised(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x):
-            return self.inner(x * 0.3081 + 0.1307)
-
     onnx_file = tmp_path / "normalised.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(ExpectsNormalised(prepare_model(models.load_model(runs[0]))), (test_split.images[:2],),
+        torch.onnx.export(ExpectsMnistNormalised(prepare_model(models.load_model(runs[0]))), (test_split.images[:2],),
                           str(onnx_file), dynamo=False, input_names=["input"], output_names=["output"],
                           dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
     options = {"preprocessing": {"normalize": (0.1307, 0.3081)}}

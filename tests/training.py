@@ -52,3 +52,16 @@ def brief_mnist_run(run_dir, n_train: int = 12000, epochs: int = 1):
     runio.write_json(run_dir / "config.json", config)
     models.save_model(model, run_dir / "model.safetensors")
     return run_dir, models.load_model(run_dir)
+
+
+class ExpectsMnistNormalised(nn.Module):
+    """``inner`` (a model of [0, 1] pixels) as a user ships a model trained on normalised inputs:
+    it expects ``(x - 0.1307) / 0.3081`` and undoes it, so with ``--normalize 0.1307,0.3081``
+    declared it must predict exactly like ``inner``."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x * 0.3081 + 0.1307)

@@ -18,20 +18,19 @@ proba) instead of metrics (see :func:`write_unlabelled_predictions`).
 
 from __future__ import annotations
 
-import copy
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from digitlens import runio
-from digitlens.device import model_device, resolve_device
+from digitlens.device import resolve_device
 from digitlens.errors import DigitlensError
 from digitlens.external import (Preprocessing, UserModel, file_sha256, load_torchscript,  # noqa: F401 (re-exported)
                                 load_user_model)
+from digitlens.inference import as_model, on_device, predict_logits, predict_proba, softmax  # noqa: F401 (re-exported)
 from digitlens.intervals import DEFAULT_BOOTSTRAP, DEFAULT_SEED, bootstrap_metrics, mean_interval, wilson_interval
 
 #: Stems of the figures written under ``figures/``.
@@ -294,97 +293,6 @@ def temperature_metrics(y_true: Any, logits: Any, val_logits: Any = None, val_la
 # Prediction
 # --------------------------------------------------------------------------------------------
 
-def _as_module(model: Any) -> Any:
-    if isinstance(model, (str, os.PathLike)):
-        return load_user_model(model)
-    if not isinstance(model, (nn.Module, UserModel)) and not callable(model):
-        raise DigitlensError(f"model: expected a torch.nn.Module or a model file, got {type(model).__name__}")
-    return model
-
-
-def on_device(model: Any, device: torch.device) -> Any:
-    """``model`` itself when it already lives on ``device`` (or is a plain function), else a copy moved
-    there, so that a caller's model is never moved behind its back."""
-    if not isinstance(model, nn.Module) or model_device(model) == device:
-        return model
-    return copy.deepcopy(model).to(device)
-
-
-def predict_logits(model: Any, images: torch.Tensor, *, batch_size: int = 1000, progress: bool = False,
-                   description: str = "predicting") -> np.ndarray:
-    """Logits of ``model`` on ``images`` (N, 1, H, W): float32 array of shape (N, n_classes).
-
-    Runs in batches under ``torch.inference_mode()`` with the model in eval mode (its previous
-    mode is restored). A model returning a tuple (e.g. logits and attentions) uses its first item.
-    ``model`` may be a :class:`digitlens.external.UserModel` or a model file (its declared
-    preprocessing applied, its outputs turned into logits).
-    """
-    model = _as_module(model)
-    if isinstance(model, UserModel):
-        model = model.prepare(images).torch_module()
-    was_training = getattr(model, "training", False)
-    if hasattr(model, "eval"):
-        model.eval()
-    try:
-        device = next(model.parameters()).device  # type: ignore[union-attr]
-    except (StopIteration, AttributeError, TypeError):
-        device = torch.device("cpu")
-    chunks = []
-    starts = range(0, len(images), batch_size)
-    try:
-        with torch.inference_mode(), _progress(progress, len(starts), description) as advance:
-            for start in starts:
-                out = model(images[start:start + batch_size].to(device))
-                if isinstance(out, (tuple, list)):
-                    out = out[0]
-                if not isinstance(out, torch.Tensor) or out.ndim != 2:
-                    raise DigitlensError(
-                        f"model: expected logits of shape (batch, n_classes), got {getattr(out, 'shape', type(out).__name__)}")
-                chunks.append(out.float().cpu())
-                advance()
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise DigitlensError(f"model: failed on images of shape {tuple(images.shape[1:])} ({first})") from None
-    finally:
-        if was_training and hasattr(model, "train"):
-            model.train()
-    return torch.cat(chunks).numpy() if chunks else np.zeros((0, 10), np.float32)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Softmax over the classes of float32 ``logits`` (N, n_classes): float32 array of the same shape."""
-    return torch.softmax(torch.as_tensor(logits, dtype=torch.float32), dim=1).numpy()
-
-
-def predict_proba(model: Any, images: torch.Tensor, *, batch_size: int = 1000, progress: bool = False) -> np.ndarray:
-    """Softmax probabilities of ``model`` on ``images`` (N, 1, H, W): float32 array of shape
-    (N, n_classes); see :func:`predict_logits`."""
-    return softmax(predict_logits(model, images, batch_size=batch_size, progress=progress))
-
-
-class _progress:
-    """A Rich progress bar over ``total`` steps when ``enabled``; yields an ``advance()`` callable."""
-
-    def __init__(self, enabled: bool, total: int, description: str):
-        self.enabled, self.total, self.description = enabled, total, description
-        self.bar = None
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda: None
-        from rich.progress import Progress
-
-        self.bar = Progress(transient=True)
-        self.bar.__enter__()
-        task = self.bar.add_task(self.description, total=self.total)
-        return lambda: self.bar.advance(task)
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
-        return False
-
-
 # --------------------------------------------------------------------------------------------
 # Writing a full evaluation
 # --------------------------------------------------------------------------------------------
@@ -480,7 +388,7 @@ def _evaluate(model: Any, images: torch.Tensor, labels: torch.Tensor | None, out
     folder), kept in ``predictions.npz``."""
     from digitlens import insights as insights_mod
 
-    model = on_device(_as_module(model), resolve_device(device))
+    model = on_device(as_model(model), resolve_device(device))
     if labels is None:
         return write_unlabelled_predictions(model, images, out_dir, source=source, progress=progress, files=files)
     logits = predict_logits(model, images, progress=progress)

@@ -129,11 +129,11 @@ def scores_from_confusion(cm: np.ndarray) -> dict[str, np.ndarray]:
 
 def _bin_of(confidence: np.ndarray, n_bins: int) -> np.ndarray:
     edges = np.linspace(0.0, 1.0, n_bins + 1)
-    return np.searchsorted(edges[1:-1], confidence, side="left")  # as evaluate.calibration_bins
+    return np.searchsorted(edges[1:-1], confidence, side="left")  # as metrics.calibration_bins
 
 
 def bootstrap_ece(y_true: np.ndarray, proba: np.ndarray, indices: np.ndarray, n_bins: int) -> np.ndarray:
-    """Top-label ECE (``n_bins`` equal-width bins, as :func:`digitlens.evaluate.calibration_bins`)
+    """Top-label ECE (``n_bins`` equal-width bins, as :func:`digitlens.metrics.calibration_bins`)
     of every resample: float array (B,)."""
     proba = np.asarray(proba, dtype=np.float64)
     confidence = proba.max(axis=1)

@@ -61,7 +61,7 @@ def mean_interval(values: Any, confidence: float = CONFIDENCE, bounds: tuple[flo
     image): array (low, high); (mean, mean) for fewer than two values or no spread. ``bounds``
     (low, high): the range the values live in (probabilities: (0, 1)); the interval is clipped to it,
     which matters only for a handful of values."""
-    from scipy.stats import t as student_t
+    from scipy.stats import t as student_t  # lazy: scipy.stats takes ~0.5 s to import
 
     values = np.asarray(values, dtype=np.float64).ravel()
     if values.size == 0:

@@ -8,8 +8,8 @@ import pytest
 
 from digitlens import runio
 from digitlens.metrics import add_bootstrap_intervals, compute_metrics
-from digitlens.history import load_history
-from digitlens.insights import derive_insights, detect_overfitting, generalisation_gap, rank_digits, write_insights
+from digitlens.history import detect_overfitting, load_history
+from digitlens.insights import derive_insights, generalisation_gap, rank_digits, write_insights
 
 
 def _history(loss, val_loss, accuracy=None, val_accuracy=None):

@@ -43,21 +43,10 @@ from digitlens.figure_writer import FigureWriter
 from digitlens.groups import DIGIT_GROUPS
 from digitlens.history import load_history, normalise_history
 from digitlens.inference import as_model, on_device, predict_logits, predict_proba, softmax  # noqa: F401 (re-exported)
-from digitlens.intervals import DEFAULT_BOOTSTRAP, DEFAULT_SEED
+from digitlens.intervals import DEFAULT_BOOTSTRAP, DEFAULT_SEED, check_bootstrap
 from digitlens.metrics import add_bootstrap_intervals, compute_metrics, temperature_metrics
 from digitlens.plots._common import pyplot
 from digitlens.userdata import dataset_name, is_path_dataset, write_kaggle_submission
-
-#: Stems of the figures written under ``figures/`` (kinds and sections: :data:`FIGURE_KINDS`).
-FIGURES = (
-    "training_curves",
-    "confusion_matrix",
-    "per_digit_metrics",
-    "per_digit_metrics_groups",
-    "prediction_gallery",
-    "misclassified_gallery",
-    "reliability_diagram",
-)
 
 #: Digit groups of the grouped per-digit figure (see :mod:`digitlens.groups`).
 DEFAULT_DIGIT_GROUPS = DIGIT_GROUPS
@@ -85,6 +74,9 @@ FIGURE_KINDS = {
     "misclassified_gallery": ("misclassified", "galleries", "Misclassified test images"),
     "reliability_diagram": ("reliability", "evaluation", "Reliability diagram: confidence vs accuracy"),
 }
+
+#: Stems of the figures written under ``figures/``, in drawing order (training_curves only with a history).
+FIGURES = tuple(FIGURE_KINDS)
 
 
 def write_figures(out_dir: Path, *, images: np.ndarray, y_true: np.ndarray, proba: np.ndarray,
@@ -158,14 +150,6 @@ def write_unlabelled_predictions(model: Any, images: torch.Tensor, out_dir: Path
                     "insights": []})
     runio.write_json(folder / "evaluation.json", summary)
     return summary
-
-
-def check_bootstrap(bootstrap: Any) -> int:
-    """``bootstrap`` as a number of resamples >= 0 (0: no bootstrap intervals); a one-line error otherwise."""
-    if isinstance(bootstrap, bool) or not isinstance(bootstrap, (int, np.integer)) or bootstrap < 0:
-        raise DigitlensError(f"--bootstrap {bootstrap!r}: expected a number of resamples >= 0 "
-                             f"(0 skips the bootstrap intervals; default {DEFAULT_BOOTSTRAP})")
-    return int(bootstrap)
 
 
 def _evaluate(model: Any, images: torch.Tensor, labels: torch.Tensor | None, out_dir: Path | None, *,

@@ -193,3 +193,11 @@ def format_ci(value: float, ci: Sequence[float] | None, *, percent: bool = True,
         return head if ci is None else f"{head} ({ci[0] * 100:.{digits}f}-{ci[1] * 100:.{digits}f})"
     head = f"{value:.{digits}f}"
     return head if ci is None else f"{head} ({ci[0]:.{digits}f}-{ci[1]:.{digits}f})"
+
+
+def check_bootstrap(bootstrap: Any) -> int:
+    """``bootstrap`` as a number of resamples >= 0 (0: no bootstrap intervals); a one-line error otherwise."""
+    if isinstance(bootstrap, bool) or not isinstance(bootstrap, (int, np.integer)) or bootstrap < 0:
+        raise DigitlensError(f"--bootstrap {bootstrap!r}: expected a number of resamples >= 0 "
+                             f"(0 skips the bootstrap intervals; default {DEFAULT_BOOTSTRAP})")
+    return int(bootstrap)

@@ -11,7 +11,7 @@ import pytest
 
 from digitlens.calibration import apply_temperature, fit_temperature, nll, temperature_fit
 from digitlens.errors import DigitlensError
-from digitlens.evaluate import NO_VAL_NOTE, calibration_bins, compute_metrics, temperature_metrics
+from digitlens.metrics import NO_VAL_NOTE, calibration_bins, compute_metrics, temperature_metrics
 from digitlens.insights import derive_insights
 from digitlens.plots import ReliabilityDiagramDisplay
 from digitlens.report.collect import RunData

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,16 +20,9 @@ from typer.testing import CliRunner
 from digitlens import data, models, runio
 from digitlens.errors import DigitlensError
 from digitlens.calibration import fit_temperature
-from digitlens.evaluate import (
-    FIGURES,
-    NO_VAL_NOTE,
-    calibration_bins,
-    compute_metrics,
-    evaluate_model,
-    evaluate_run,
-    expected_calibration_error,
-    predict_proba,
-)
+from digitlens.evaluate import FIGURES, evaluate_model, evaluate_run
+from digitlens.inference import predict_proba
+from digitlens.metrics import NO_VAL_NOTE, calibration_bins, compute_metrics, expected_calibration_error
 
 LABELS = np.arange(10)
 
@@ -181,6 +176,148 @@ def test_evaluate_run_writes_every_file(evaluated_run):
     assert "Overfitting" in (run_dir / "insights.md").read_text()
 
 
+def test_figure_manifest_lists_every_figure_with_its_kind(evaluated_run):
+    from digitlens.figure_writer import read_figure_manifest
+
+    run_dir, summary = evaluated_run
+    manifest = runio.read_json(run_dir / "figures" / "figures.json")
+    assert manifest["stage"] == "evaluate"
+    entries = {Path(e["path"]).stem: e for e in manifest["figures"]}
+    assert set(entries) == set(FIGURES)  # every figure drawn is listed, nothing else
+    kinds = {stem: (e["kind"], e["section"]) for stem, e in entries.items()}
+    assert kinds == {"training_curves": ("training_curves", "training"),
+                     "confusion_matrix": ("confusion_matrix", "evaluation"),
+                     "per_digit_metrics": ("per_digit", "evaluation"),
+                     "per_digit_metrics_groups": ("per_digit_groups", "evaluation"),
+                     "prediction_gallery": ("predictions", "galleries"),
+                     "misclassified_gallery": ("misclassified", "galleries"),
+                     "reliability_diagram": ("reliability", "evaluation")}
+    metrics = runio.read_json(run_dir / "metrics.json")
+    correct = metrics["n_samples"] - metrics["n_errors"]
+    assert f"{correct:,} of {metrics['n_samples']:,} correct" in entries["confusion_matrix"]["title"]
+    assert all(e["title"] for e in entries.values())
+    assert entries["reliability_diagram"]["calibrated"] is (metrics["temperature"] is not None)
+    assert entries["per_digit_metrics_groups"]["groups"] == [[1, 2, 4, 6, 9], [0, 3, 5, 7, 8]]
+    listed = {f for e in manifest["figures"] for f in e["files"]}
+    on_disk = {p.name for p in (run_dir / "figures").iterdir()} - {"figures.json"}
+    assert listed == on_disk
+    assert sorted(summary["figures"]) == sorted(f"figures/{f}" for f in listed)
+    assert len(read_figure_manifest(run_dir / "figures")) == len(FIGURES)
+
+
+def _evaluation_files(folder: Path) -> dict[str, bytes]:
+    """The bytes of every file an evaluation owns in ``folder`` (evaluate.OUTPUTS, figures/ included;
+    an SVG's bytes are left out: it holds the time it was drawn)."""
+    from digitlens.evaluate import OUTPUTS
+
+    found = {}
+    for name in OUTPUTS:
+        path = folder / name
+        if path.is_dir():
+            found.update({p.relative_to(folder).as_posix(): b"" if p.suffix == ".svg" else p.read_bytes()
+                          for p in path.rglob("*") if p.is_file()})
+        elif path.is_file():
+            found[name] = path.read_bytes()
+    return found
+
+
+def test_a_failed_evaluation_leaves_the_old_one_whole_and_a_new_one_replaces_it_whole(evaluated_run, tmp_path,
+                                                                                    monkeypatch):
+    import digitlens.evaluate
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(evaluated_run[0], run_dir)
+    (run_dir / "predictions.csv").write_text("ImageId,Label\n1,7\n")  # a file of an older, unlabelled evaluation
+    (run_dir / "figures" / "old_figure.png").write_bytes(b"old")
+    before = _evaluation_files(run_dir)
+    kept = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name not in before}
+
+    def broken(*args, **kwargs):  # fails after predictions, metrics and insights are written
+        raise DigitlensError("figures: broken on purpose")
+
+    monkeypatch.setattr(digitlens.evaluate, "write_figures", broken)
+    with pytest.raises(DigitlensError, match="broken on purpose"):
+        evaluate_run(run_dir, progress=False, bootstrap=0)
+    assert _evaluation_files(run_dir) == before  # nothing of the failed evaluation, nothing lost
+    assert not [p for p in run_dir.rglob("*") if p.name.startswith(".staged")]
+    monkeypatch.undo()
+    monkeypatch.setattr(digitlens.evaluate, "FIGURE_FORMATS", ("png",))
+    evaluate_run(run_dir, progress=False, bootstrap=0)
+    after = _evaluation_files(run_dir)
+    assert "predictions.csv" not in after and "figures/old_figure.png" not in after
+    assert not any(name.endswith(".svg") for name in after)  # the whole figures/ folder is the new one
+    assert "bootstrap" not in runio.read_json(run_dir / "metrics.json")
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.name in kept} == kept  # the run's own files
+    assert not [p for p in run_dir.rglob("*") if p.name.startswith((".staged", ".tmp"))]
+
+
+def test_an_evaluation_killed_after_its_commit_is_finished_by_the_next_writer(tmp_path, monkeypatch):
+    """The swap of staged files starts with one rename (the commit); a kill after it leaves a
+    ``.staged.*.swap`` folder that the next writer (run_lock -> clean_orphans) moves in."""
+    folder = tmp_path / "out"
+    (folder / "figures").mkdir(parents=True)
+    (folder / "metrics.json").write_text("old")
+    (folder / "predictions.csv").write_text("old")
+    (folder / "figures" / "a.png").write_text("old")
+    (folder / "config.json").write_text("{}")
+
+    def killed(swap, target):  # the process dies between the commit rename and the first move
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runio, "_finish_swap", killed)
+    with pytest.raises(KeyboardInterrupt):
+        with runio.staged_files(folder, ("metrics.json", "predictions.csv", "figures")) as staging:
+            (staging / "metrics.json").write_text("new")
+            (staging / "figures").mkdir()
+            (staging / "figures" / "b.png").write_text("new")
+    assert (folder / "metrics.json").read_text() == "old"  # nothing moved yet
+    monkeypatch.undo()
+    with runio.run_lock(folder, "evaluate"):  # what every writer does first
+        pass
+    assert (folder / "metrics.json").read_text() == "new"
+    assert not (folder / "predictions.csv").exists()
+    assert sorted(p.name for p in (folder / "figures").iterdir()) == ["b.png"]
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "figures", "metrics.json"]
+
+
+@pytest.mark.slow
+def test_evaluate_killed_anywhere_leaves_the_old_or_the_new_evaluation(evaluated_run, tmp_path):
+    """SIGKILL `digitlens evaluate` at seeded random moments (a whole process: ~10-20 s each):
+    the run folder holds the old evaluation's files or the new one's, never a mix."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    rng = np.random.default_rng(12)
+    run_dir = tmp_path / "run"
+    shutil.copytree(evaluated_run[0], run_dir)
+    old = _evaluation_files(run_dir)
+    env = dict(os.environ, DIGITLENS_FIGURE_WORKERS="0")
+    args = [sys.executable, "-m", "digitlens", "evaluate", str(run_dir), "--no-progress", "--bootstrap", "50"]
+    tic = time.monotonic()
+    subprocess.run(args, env=env, check=True, capture_output=True)  # the new evaluation, whole
+    duration = time.monotonic() - tic
+    new = _evaluation_files(run_dir)
+    assert new != old and json.loads(new["metrics.json"])["bootstrap"]["n_resamples"] == 50
+    shutil.rmtree(run_dir)  # put the old evaluation back, then kill re-evaluations
+    shutil.copytree(evaluated_run[0], run_dir)
+    for fraction in rng.uniform(0.3, 1.0, size=3):
+        proc = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        try:
+            proc.wait(timeout=duration * fraction)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        with runio.run_lock(run_dir, "test"):  # the next writer finishes or drops what the killed one left
+            pass
+        found = _evaluation_files(run_dir)
+        assert found in (old, new), f"a mix after a kill at {fraction:.2f} of {duration:.1f} s"
+        assert not [p for p in run_dir.rglob("*") if p.name.endswith((".tmp", ".swap", ".old"))]
+
+
 def test_predictions_match_the_model_and_metrics_match_sklearn(evaluated_run):
     run_dir, summary = evaluated_run
     preds = runio.read_npz(run_dir / "predictions.npz")
@@ -325,8 +462,6 @@ def test_metrics_and_predictions_carry_the_temperature_fitted_on_the_val_split(e
 
 def test_the_temperature_comes_from_the_val_split_even_when_it_differs_from_test(evaluated_run, tmp_path,
                                                                                    monkeypatch):
-    import shutil
-
     import digitlens.evaluate
 
     run_dir = tmp_path / "run"
@@ -422,8 +557,6 @@ def test_cli_evaluates_a_torchscript_file_on_mnist_without_a_run(evaluated_run, 
 
 
 def test_cli_bootstrap_option_sets_the_resamples_and_refuses_negatives(evaluated_run, tmp_path):
-    import shutil
-
     from digitlens.cli import app
     from digitlens.intervals import bootstrap_metrics
 

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from digitlens import runio
-from digitlens.evaluate import compute_metrics
-from digitlens.insights import derive_insights, detect_overfitting, generalisation_gap, rank_digits, write_insights
+from digitlens.metrics import add_bootstrap_intervals, compute_metrics
+from digitlens.history import detect_overfitting, load_history
+from digitlens.insights import derive_insights, generalisation_gap, rank_digits, write_insights
 
 
 def _history(loss, val_loss, accuracy=None, val_accuracy=None):
@@ -173,8 +174,6 @@ def test_history_of_a_run_without_validation_split_is_not_assessed_not_a_crash()
 
 
 def test_digits_and_pairs_within_noise_are_said_to_be(tmp_path):
-    from digitlens.evaluate import add_bootstrap_intervals
-
     metrics = _metrics_with_known_hard_digit()  # 10 images per digit: nothing can be singled out
     y_true = np.repeat(np.arange(10), 10)
     y_pred = y_true.copy()
@@ -197,8 +196,6 @@ def test_digits_and_pairs_within_noise_are_said_to_be(tmp_path):
 
 
 def test_a_digit_far_from_the_others_stands_out():
-    from digitlens.evaluate import add_bootstrap_intervals
-
     # 1,000 images per digit; 9 is read as 4 in 300 of its images, every other digit is right
     y_true = np.repeat(np.arange(10), 1000)
     y_pred = y_true.copy()
@@ -224,8 +221,6 @@ def test_metrics_of_older_runs_without_intervals_make_no_noise_claims():
 
 
 def test_when_every_digit_overlaps_the_insight_says_the_test_set_does_not_rank_them():
-    from digitlens.evaluate import add_bootstrap_intervals
-
     rng = np.random.default_rng(1)
     y_true = rng.integers(0, 10, 5000)
     y_pred = np.where(rng.random(5000) < 0.99, y_true, rng.integers(0, 10, 5000))  # errors spread evenly
@@ -236,12 +231,11 @@ def test_when_every_digit_overlaps_the_insight_says_the_test_set_does_not_rank_t
 
 
 def test_an_old_history_csv_without_train_eval_columns_still_reads(tmp_path):
-    from digitlens.plots.training_curves import read_history
 
     path = tmp_path / "history.csv"
     path.write_text("epoch,loss,accuracy,val_loss,val_accuracy,lr,seconds\n"
                     "1,0.61,0.91,0.12,0.965,0.01,10.0\n2,0.52,0.975,0.08,0.98,0.02,10.0\n")
-    history = read_history(path)
+    history = load_history(path)
     assert "train_eval_loss" not in history
     found = derive_insights(_metrics_with_known_hard_digit(), history)
     assert found["generalisation_gap"]["compared"] == "not comparable"

@@ -10,7 +10,7 @@ from scipy.stats import binomtest
 from sklearn.metrics import precision_recall_fscore_support
 
 from digitlens.errors import DigitlensError
-from digitlens.evaluate import add_bootstrap_intervals, calibration_bins, compute_metrics
+from digitlens.metrics import add_bootstrap_intervals, calibration_bins, compute_metrics
 from digitlens.intervals import (
     bootstrap_indices,
     bootstrap_metrics,

@@ -26,7 +26,7 @@ from digitlens.plots import (  # noqa: E402
     PredictionGalleryDisplay,
     ReliabilityDiagramDisplay,
     TrainingCurvesDisplay,
-    read_history,
+    load_history,
     read_history_csv,
     read_keras_csvlogger,
     read_keras_history_json,
@@ -84,7 +84,7 @@ def _write_three_history_files(folder):
 def test_three_history_formats_give_the_same_curves(tmp_path):
     digitlens_csv, keras_csv, keras_json = _write_three_history_files(tmp_path)
     histories = [read_history_csv(digitlens_csv), read_keras_csvlogger(keras_csv), read_keras_history_json(keras_json),
-                 read_history(digitlens_csv), read_history(keras_csv), read_history(keras_json)]
+                 load_history(digitlens_csv), load_history(keras_csv), load_history(keras_json)]
     for history in histories:
         np.testing.assert_array_equal(history["epoch"], [1, 2, 3, 4, 5])
         for key, values in HISTORY.items():
@@ -169,7 +169,7 @@ def test_bad_history_files_name_the_file(tmp_path):
     wrong = tmp_path / "wrong.csv"
     wrong.write_text("epoch,foo\n0,1\n")
     with pytest.raises(DigitlensError, match="wrong.csv: .*none of the columns"):
-        read_history(wrong)
+        load_history(wrong)
     with pytest.raises(DigitlensError, match="missing.json: file not found"):
         read_keras_history_json(tmp_path / "missing.json")
     broken = tmp_path / "broken.json"

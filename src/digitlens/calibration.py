@@ -93,7 +93,7 @@ def _mean_confidence(shifted: np.ndarray, temperature: float) -> float:
 def _no_mistakes_temperature(shifted: np.ndarray, n: int, bounds: tuple[float, float]) -> float:
     """The temperature (at most 1) at which the mean top probability of ``shifted`` (N, C) is
     (n + 1) / (n + 2), Laplace's rule-of-succession accuracy after n right out of n."""
-    from scipy.optimize import brentq
+    from scipy.optimize import brentq  # lazy: scipy.optimize takes ~0.5 s to import
 
     target = (n + 1) / (n + 2)
     lo, hi = bounds
@@ -122,7 +122,7 @@ def fit_temperature(logits: Any, labels: Any, *, bounds: tuple[float, float] = T
     make every probability one-hot). Then T is the one that makes the mean top probability
     (N + 1) / (N + 2), the rule-of-succession estimate of the accuracy, and at most 1.
     """
-    from scipy.optimize import minimize_scalar
+    from scipy.optimize import minimize_scalar  # lazy: scipy.optimize takes ~0.5 s to import
 
     z = _check_logits(logits)
     y = _check_labels(labels, z.shape[0], z.shape[1])

@@ -101,7 +101,7 @@ def mcnemar_exact(y_true: Any, pred_a: Any, pred_b: Any, *, n_resamples: int = 1
     Returns ``{"b", "c", "n", "mcnemar_p", "accuracy_a", "accuracy_b", "accuracy_difference" (A - B),
     "accuracy_difference_ci" ([low, high], paired percentile bootstrap, CONFIDENCE)}``.
     """
-    from scipy.stats import binomtest
+    from scipy.stats import binomtest  # lazy: scipy.stats takes ~0.5 s to import
 
     y, a, b_ = _check(y_true, pred_a, pred_b)
     right_a, right_b = a == y, b_ == y
@@ -214,7 +214,7 @@ def compare_variants(y_true: Any, variants: dict, *, alpha: float = ALPHA) -> di
     "accuracy_difference" (mean over seeds, a - b), "per_seed": [{"b", "c", "mcnemar_p"}], "p", "p_holm",
     "significant"}], "alpha", "method"}``.
     """
-    from scipy.stats import binomtest
+    from scipy.stats import binomtest  # lazy: scipy.stats takes ~0.5 s to import
 
     labels = list(variants)
     if len(labels) < 2:

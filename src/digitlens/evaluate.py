@@ -1,19 +1,28 @@
-"""Evaluate a digit classifier: predictions, metrics, insights and figures.
+"""The evaluate stage: predict a test split, then write predictions, metrics, insights and figures.
 
 ``evaluate_run(run_dir)`` reads a training run folder and adds to it::
 
     predictions.npz   y_true (N,), y_pred (N,), proba (N, n_classes) and, when a temperature was
                       fitted on the validation split, proba_calibrated (N, n_classes)
-    metrics.json      see :func:`compute_metrics` and :func:`temperature_metrics`
+    metrics.json      see :func:`digitlens.metrics.compute_metrics` and :func:`digitlens.metrics.temperature_metrics`
     insights.md/json  see :mod:`digitlens.insights`
-    figures/*.png|svg one file pair per figure (see :data:`FIGURES`)
+    evaluation.json   the summary :func:`evaluate_run` returns
+    figures/          one PNG + SVG pair per figure and ``figures.json``, their manifest (see
+                      :data:`FIGURE_KINDS` and :mod:`digitlens.figure_writer`)
+
+These files (:data:`OUTPUTS`) are replaced as a whole: they are written into a temporary folder
+and swapped in at the end (:func:`digitlens.runio.staged_files`), so a killed evaluation leaves
+the previous evaluation's files, or the new ones, never a mix.
 
 ``evaluate_model(model, dataset, out_dir=...)`` does the same for any PyTorch model (an
-``nn.Module`` or a TorchScript file) and a dataset, without a training run.
+``nn.Module``, a TorchScript or ONNX file) and a dataset, without a training run.
 
 A dataset may be an image folder or a Kaggle CSV (:mod:`digitlens.userdata`); one without labels
 (Kaggle's test.csv) gets ``predictions.csv`` (``ImageId,Label``) and ``predictions.npz`` (y_pred,
 proba) instead of metrics (see :func:`write_unlabelled_predictions`).
+
+The metric maths are in :mod:`digitlens.metrics`, the insights in :mod:`digitlens.insights`, the
+figures in :mod:`digitlens.plots`; this module only orchestrates them and writes the files.
 """
 
 from __future__ import annotations
@@ -25,294 +34,62 @@ from typing import Any
 import numpy as np
 import torch
 
-from digitlens import runio
+from digitlens import data, insights, models, plots, runio
 from digitlens.device import resolve_device
 from digitlens.errors import DigitlensError
 from digitlens.external import (Preprocessing, UserModel, file_sha256, load_torchscript,  # noqa: F401 (re-exported)
-                                load_user_model)
+                                load_user_model, trusted_by_record)
+from digitlens.figure_writer import FigureWriter
+from digitlens.groups import DIGIT_GROUPS
+from digitlens.history import load_history, normalise_history
 from digitlens.inference import as_model, on_device, predict_logits, predict_proba, softmax  # noqa: F401 (re-exported)
-from digitlens.intervals import DEFAULT_BOOTSTRAP, DEFAULT_SEED, bootstrap_metrics, mean_interval, wilson_interval
+from digitlens.intervals import DEFAULT_BOOTSTRAP, DEFAULT_SEED, check_bootstrap
+from digitlens.metrics import add_bootstrap_intervals, compute_metrics, temperature_metrics
+from digitlens.plots._common import pyplot
+from digitlens.userdata import dataset_name, is_path_dataset, write_kaggle_submission
 
-#: Stems of the figures written under ``figures/``.
-FIGURES = (
-    "training_curves",
-    "confusion_matrix",
-    "per_digit_metrics",
-    "per_digit_metrics_groups",
-    "prediction_gallery",
-    "misclassified_gallery",
-    "reliability_diagram",
-)
+#: Digit groups of the grouped per-digit figure (see :mod:`digitlens.groups`).
+DEFAULT_DIGIT_GROUPS = DIGIT_GROUPS
 
-#: Digit groups of the grouped per-digit figure (seed 002 layout) and the ``groups`` task.
-DEFAULT_DIGIT_GROUPS = ((1, 2, 4, 6, 9), (0, 3, 5, 7, 8))
-
-ECE_BINS = 15
-
-#: File formats of every figure (``runio.save_figure``).
+#: File formats of every figure.
 FIGURE_FORMATS = ("png", "svg")
 
+#: What an evaluation writes into its folder, replaced as a whole (see :func:`write_outputs`): a
+#: name the new evaluation does not write is removed, so no file of an older one stays beside it.
+OUTPUTS = ("predictions.npz", "predictions.csv", "metrics.json", "insights.json", "insights.md", "evaluation.json",
+           "figures")
 
-# --------------------------------------------------------------------------------------------
-# Metrics
-# --------------------------------------------------------------------------------------------
-
-def as_labels(y: Any, name: str = "y") -> np.ndarray:
-    """Integer labels of shape (N,) from labels (N,) or one-hot / scores (N, C) (argmax)."""
-    arr = np.asarray(y)
-    if arr.ndim == 2:
-        arr = arr.argmax(axis=1)
-    if arr.ndim != 1:
-        raise DigitlensError(f"{name}: expected labels of shape (N,) or one-hot (N, C), got shape {arr.shape}")
-    if arr.size and not np.all(np.equal(np.mod(arr, 1), 0)):
-        raise DigitlensError(f"{name}: labels must be whole numbers")
-    return arr.astype(np.int64)
-
-
-def _check_proba(proba: Any, n: int) -> np.ndarray:
-    proba = np.asarray(proba, dtype=np.float64)
-    if proba.ndim != 2 or proba.shape[0] != n:
-        raise DigitlensError(f"proba: expected shape ({n}, n_classes), got {proba.shape}")
-    if proba.size and (proba.min() < -1e-6 or proba.max() > 1 + 1e-6):
-        raise DigitlensError("proba: values must be probabilities in [0, 1] (apply softmax to logits)")
-    return proba
-
-
-def calibration_bins(y_true: Any, proba: Any, n_bins: int = ECE_BINS) -> dict:
-    """Top-label reliability table over ``n_bins`` equal-width confidence bins.
-
-    Returns a dict of lists of length ``n_bins``: ``bin_edges`` (n_bins + 1), ``confidence`` (mean
-    top probability per bin, None when empty), ``accuracy`` (share of correct top labels, None
-    when empty), ``count``; ``ece`` = sum_b count_b / N * |accuracy_b - confidence_b|, and
-    ``mean_confidence`` with its 95% Student-t interval ``mean_confidence_ci``.
-
-    A sample falls in bin b when edges[b] < confidence <= edges[b+1] (confidence 0 in bin 0), as
-    in ``sklearn.calibration.calibration_curve``. Written by hand because scikit-learn has no
-    multiclass expected calibration error and ``calibration_curve`` drops the bin counts.
-    """
-    y_true = as_labels(y_true, "y_true")
-    proba = _check_proba(proba, len(y_true))
-    confidence = proba.max(axis=1)
-    correct = (proba.argmax(axis=1) == y_true).astype(np.float64)
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    which = np.searchsorted(edges[1:-1], confidence, side="left")
-    count = np.bincount(which, minlength=n_bins)
-    conf_sum = np.bincount(which, weights=confidence, minlength=n_bins)
-    acc_sum = np.bincount(which, weights=correct, minlength=n_bins)
-    nonempty = count > 0
-    mean_conf = np.divide(conf_sum, count, out=np.zeros(n_bins), where=nonempty)
-    mean_acc = np.divide(acc_sum, count, out=np.zeros(n_bins), where=nonempty)
-    n = max(len(y_true), 1)
-    ece = float(np.sum(count / n * np.abs(mean_acc - mean_conf)))
-    return {
-        "n_bins": n_bins,
-        "bin_edges": edges.tolist(),
-        "confidence": [float(c) if k else None for c, k in zip(mean_conf, nonempty)],
-        "accuracy": [float(a) if k else None for a, k in zip(mean_acc, nonempty)],
-        "count": count.astype(int).tolist(),
-        "ece": ece,
-        "mean_confidence": float(confidence.mean()) if len(y_true) else 0.0,
-        "mean_confidence_ci": mean_interval(confidence, bounds=(0.0, 1.0)).tolist() if len(y_true) else [0.0, 0.0],
-    }
-
-
-def expected_calibration_error(y_true: Any, proba: Any, n_bins: int = ECE_BINS) -> float:
-    """Top-label expected calibration error with ``n_bins`` equal-width bins (a float in [0, 1])."""
-    return calibration_bins(y_true, proba, n_bins)["ece"]
-
-
-def most_confused_pairs(confusion: Any, top: int = 10) -> list[dict]:
-    """The off-diagonal cells of a confusion matrix, largest count first (ties: smaller true, then
-    predicted digit), as dicts ``true``, ``predicted``, ``count``, ``count_ci`` (95% Wilson interval
-    of count / N, times N: the counts a rerun on as many images could give), ``share_of_true``
-    (count / row sum) and ``share_of_true_ci`` (its 95% Wilson interval)."""
-    cm = np.asarray(confusion)
-    rows = cm.sum(axis=1)
-    total = int(cm.sum())
-    pairs = [
-        (int(cm[t, p]), t, p)
-        for t in range(cm.shape[0]) for p in range(cm.shape[1])
-        if t != p and cm[t, p] > 0
-    ]
-    pairs.sort(key=lambda item: (-item[0], item[1], item[2]))
-    return [
-        {"true": t, "predicted": p, "count": c,
-         "count_ci": [float(v) * total for v in wilson_interval(c, total)],
-         "share_of_true": float(c / rows[t]) if rows[t] else 0.0,
-         "share_of_true_ci": [float(v) for v in wilson_interval(c, rows[t])]}
-        for c, t, p in pairs[:top]
-    ]
-
-
-def compute_metrics(y_true: Any, y_pred: Any, proba: Any = None, *, n_classes: int | None = None,
-                    top_pairs: int = 10, n_bins: int = ECE_BINS) -> dict:
-    """Classification metrics as a JSON-ready dict.
-
-    Keys: ``n_samples``, ``n_classes``, ``accuracy``, ``accuracy_ci`` ([low, high], the 95% Wilson
-    score interval, see :func:`digitlens.intervals.wilson_interval`), ``n_errors``, ``macro`` and ``weighted``
-    (``precision``, ``recall``, ``f1``), ``per_digit`` (a list with one dict per class:
-    ``digit``, ``precision``, ``recall``, ``f1``, ``accuracy``, ``support``), ``confusion_matrix``
-    (n_classes x n_classes list of lists, rows = true digit), ``most_confused`` (see
-    :func:`most_confused_pairs`), and with ``proba``: ``ece`` and ``calibration`` (see
-    :func:`calibration_bins`).
-
-    Per-digit ``accuracy`` is the one-vs-rest accuracy (TP + TN) / N of "is it this digit?";
-    per-digit recall is the share of that digit's images recognised. Classes are 0..n_classes-1
-    (default: max(10, proba columns, largest label + 1)); a class with no prediction or no support
-    gets precision or recall 0 (scikit-learn's ``zero_division=0``).
-    """
-    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
-
-    y_true = as_labels(y_true, "y_true")
-    y_pred = as_labels(y_pred, "y_pred")
-    if y_true.shape != y_pred.shape:
-        raise DigitlensError(f"y_pred: {len(y_pred)} predictions for {len(y_true)} labels")
-    if len(y_true) == 0:
-        raise DigitlensError("y_true: no samples to evaluate")
-    if proba is not None:
-        proba = _check_proba(proba, len(y_true))
-    if n_classes is None:
-        n_classes = max(10, proba.shape[1] if proba is not None else 0, int(max(y_true.max(), y_pred.max())) + 1)
-    labels = np.arange(n_classes)
-    precision, recall, f1, support = precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, average=None, zero_division=0)
-    cm = confusion_matrix(y_true, y_pred, labels=labels)
-    n = len(y_true)
-    tp = np.diag(cm)
-    fp = cm.sum(axis=0) - tp
-    fn = cm.sum(axis=1) - tp
-    one_vs_rest_accuracy = (n - fp - fn) / n
-    summary = {}
-    for average in ("macro", "weighted"):
-        p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, average=average, zero_division=0)
-        summary[average] = {"precision": float(p), "recall": float(r), "f1": float(f)}
-    accuracy = float(accuracy_score(y_true, y_pred))
-    metrics = {
-        "n_samples": int(n),
-        "n_classes": int(n_classes),
-        "accuracy": accuracy,
-        "accuracy_ci": [float(v) for v in wilson_interval(int(np.sum(y_true == y_pred)), n)],
-        "n_errors": int(np.sum(y_true != y_pred)),
-        "macro": summary["macro"],
-        "weighted": summary["weighted"],
-        "per_digit": [
-            {"digit": int(d), "precision": float(precision[d]), "recall": float(recall[d]), "f1": float(f1[d]),
-             "accuracy": float(one_vs_rest_accuracy[d]), "support": int(support[d])}
-            for d in labels
-        ],
-        "confusion_matrix": cm.astype(int).tolist(),
-        "most_confused": most_confused_pairs(cm, top_pairs),
-    }
-    if proba is not None:
-        calibration = calibration_bins(y_true, proba, n_bins)
-        metrics["ece"] = calibration["ece"]
-        metrics["calibration"] = calibration
-    return metrics
-
-
-def add_bootstrap_intervals(metrics: dict, y_true: Any, y_pred: Any, proba: Any = None,
-                            proba_calibrated: Any = None, *, n_resamples: int = DEFAULT_BOOTSTRAP,
-                            seed: int = DEFAULT_SEED,
-                            n_bins: int = ECE_BINS) -> dict:
-    """Add 95% percentile-bootstrap intervals (see :func:`digitlens.intervals.bootstrap_metrics`) to
-    ``metrics`` in place and return it: ``precision_ci``, ``recall_ci``, ``f1_ci``, ``accuracy_ci``
-    beside each value in ``per_digit``, ``macro.f1_ci``, ``ece_ci`` (with ``proba``),
-    ``ece_calibrated_ci`` (with ``proba_calibrated``) and ``bootstrap`` (resamples, seed, confidence)."""
-    found = bootstrap_metrics(as_labels(y_true, "y_true"), as_labels(y_pred, "y_pred"), proba,
-                              n_classes=metrics["n_classes"], proba_calibrated=proba_calibrated,
-                              n_resamples=n_resamples, seed=seed, n_bins=n_bins)
-    rows = []
-    for row in metrics["per_digit"]:
-        d = row["digit"]
-        new = {}
-        for key, value in row.items():
-            new[key] = value
-            if key in ("precision", "recall", "f1", "accuracy"):
-                new[f"{key}_ci"] = [float(v) for v in found[key][d]]
-        rows.append(new)
-    metrics["per_digit"] = rows
-    metrics["macro"]["f1_ci"] = [float(v) for v in found["macro_f1"]]
-    for key in ("ece", "ece_calibrated"):
-        if key in found:
-            metrics[f"{key}_ci"] = [float(v) for v in found[key]]
-    metrics["bootstrap"] = found["bootstrap"]
-    return metrics
-
-
-def per_digit_arrays(metrics: dict) -> dict[str, np.ndarray]:
-    """``metrics['per_digit']`` as arrays: ``digit``, ``precision``, ``recall``, ``f1``,
-    ``accuracy``, ``support``, each of shape (n_classes,), and any ``*_ci`` of shape (n_classes, 2)."""
-    rows = metrics["per_digit"]
-    return {key: np.array([row[key] for row in rows]) for key in rows[0] if all(key in r for r in rows)}
-
-
-#: ``metrics.json`` ``calibration_note`` when no validation split is there to fit a temperature on.
-NO_VAL_NOTE = "no validation split: temperature scaling skipped"
-
-
-def temperature_metrics(y_true: Any, logits: Any, val_logits: Any = None, val_labels: Any = None, *,
-                        n_bins: int = ECE_BINS, split: str = "val") -> tuple[dict, np.ndarray | None]:
-    """Temperature scaling fitted on the validation logits, applied to the test logits.
-
-    ``y_true`` (N,) and ``logits`` (N, n_classes) are the test split; ``val_logits`` (M, n_classes)
-    and ``val_labels`` (M,) the split T is fitted on (None or M = 0: no fit). Returns ``(keys,
-    proba_calibrated)``: ``keys`` holds ``temperature`` (float, or None without a validation
-    split), ``nll`` (test, T = 1) and, after a fit, ``temperature_fit`` (see
-    :func:`digitlens.calibration.temperature_fit`), ``nll_calibrated`` (test), ``ece_calibrated``
-    and ``calibration_calibrated`` (:func:`calibration_bins` of the calibrated test
-    probabilities, same bins as ``ece``), else ``calibration_note``; ``proba_calibrated`` is a
-    float32 array (N, n_classes), or None without a fit.
-    """
-    from digitlens import calibration
-
-    y_true = as_labels(y_true, "y_true")
-    keys: dict[str, Any] = {"temperature": None}
-    try:  # a user's model may give NaN logits or fewer classes than the labels: report, do not fail
-        keys["nll"] = calibration.nll(logits, y_true)
-        if val_logits is None or val_labels is None or len(val_labels) == 0:
-            keys["calibration_note"] = NO_VAL_NOTE
-            return keys, None
-        fit = calibration.temperature_fit(val_logits, as_labels(val_labels, "val_labels"), split=split)
-    except DigitlensError as exc:
-        keys["calibration_note"] = f"temperature scaling skipped: {exc}"
-        return keys, None
-    temperature = fit.pop("temperature")
-    proba_calibrated = calibration.apply_temperature(logits, temperature).astype(np.float32)
-    bins = calibration_bins(y_true, proba_calibrated, n_bins)
-    keys.update({
-        "temperature": temperature,
-        "temperature_fit": fit,
-        "nll_calibrated": calibration.nll(logits, y_true, temperature),
-        "ece_calibrated": bins["ece"],
-        "calibration_calibrated": bins,
-    })
-    return keys, proba_calibrated
-
-
-# --------------------------------------------------------------------------------------------
-# Prediction
-# --------------------------------------------------------------------------------------------
 
 # --------------------------------------------------------------------------------------------
 # Writing a full evaluation
 # --------------------------------------------------------------------------------------------
 
+#: The figures of an evaluation: file stem -> (kind, section, caption when the figure has no title).
+FIGURE_KINDS = {
+    "training_curves": ("training_curves", "training", "Training curves: accuracy and loss, train vs validation"),
+    "confusion_matrix": ("confusion_matrix", "evaluation", "Confusion matrix of the test split"),
+    "per_digit_metrics": ("per_digit", "evaluation", "Per-digit precision, recall, F1 and accuracy"),
+    "per_digit_metrics_groups": ("per_digit_groups", "evaluation", "Per-digit precision and recall by digit group"),
+    "prediction_gallery": ("predictions", "galleries", "Test images with their predictions"),
+    "misclassified_gallery": ("misclassified", "galleries", "Misclassified test images"),
+    "reliability_diagram": ("reliability", "evaluation", "Reliability diagram: confidence vs accuracy"),
+}
+
+#: Stems of the figures written under ``figures/``, in drawing order (training_curves only with a history).
+FIGURES = tuple(FIGURE_KINDS)
+
+
 def write_figures(out_dir: Path, *, images: np.ndarray, y_true: np.ndarray, proba: np.ndarray,
                   history: dict | None = None, groups=DEFAULT_DIGIT_GROUPS,
                   proba_calibrated: np.ndarray | None = None, temperature: float | None = None,
-                  metrics: dict | None = None) -> list[str]:
-    """Draw every evaluation figure into ``out_dir/figures/`` (PNG + SVG); return the written paths.
+                  metrics: dict | None = None, split: str = "test") -> list[str]:
+    """Draw every evaluation figure into ``out_dir/figures/`` (PNG + SVG, :data:`FIGURE_FORMATS`) and
+    list them in ``out_dir/figures/figures.json`` (:class:`digitlens.figure_writer.FigureWriter`, kinds
+    and sections of :data:`FIGURE_KINDS`); return the written paths (figures.json not included).
     With ``proba_calibrated`` (N, n_classes) the reliability diagram also shows the temperature-scaled bins;
     with ``metrics`` (from :func:`compute_metrics` on the same predictions) the per-digit bars come from
     it, with error bars where it carries intervals (:func:`add_bootstrap_intervals`)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from digitlens import plots
-
-    figures_dir = Path(out_dir) / "figures"
+    plt = pyplot()
     y_pred = proba.argmax(axis=1)
     labels = np.arange(proba.shape[1])
     if metrics is None:
@@ -329,24 +106,30 @@ def write_figures(out_dir: Path, *, images: np.ndarray, y_true: np.ndarray, prob
     }
     if history is not None and len(history.get("epoch", ())):
         displays = {"training_curves": plots.TrainingCurvesDisplay.from_history(history), **displays}
-    written: list[str] = []
-    with runio.figure_batch():
+    with FigureWriter(Path(out_dir) / "figures", "evaluate", formats=FIGURE_FORMATS) as writer:
         for stem, display in displays.items():
             display.plot()
-            written += [str(p) for p in runio.save_figure(display.figure_, figures_dir / stem, formats=FIGURE_FORMATS)]
+            kind, section, caption = FIGURE_KINDS[stem]
+            shows: dict[str, Any] = {"split": split} if stem != "training_curves" else {}
+            if stem == "per_digit_metrics_groups":
+                shows["group_by"] = "digit group"
+                shows["groups"] = [list(map(int, g)) for g in groups]
+            if stem == "reliability_diagram":
+                shows["calibrated"] = proba_calibrated is not None
+            writer.save(display.figure_, stem, kind=kind, section=section,
+                        title=display.figure_.get_suptitle() or caption, **shows)
             plt.close(display.figure_)
-    return written
+    return [str(p) for p in writer.paths()]
 
 
 def write_unlabelled_predictions(model: Any, images: torch.Tensor, out_dir: Path | None, *, source: dict,
-                                 progress: bool, files: list[str] | None = None) -> dict:
+                                 progress: bool, files: list[str] | None = None, staging: Path | None = None) -> dict:
     """Predict images that have no labels (a Kaggle test.csv): no accuracy, no metrics. With
     ``out_dir`` writes ``predictions.csv`` in Kaggle's submission format (``ImageId,Label``,
     ImageId from 1), ``predictions.npz`` (``y_pred`` (N,), ``proba`` (N, n_classes), and ``files``
-    (N,) for an image folder) and ``evaluation.json``. Returns the summary dict: ``accuracy``
-    None, ``n_samples``, ``labelled`` False, ``note``, ``y_pred`` (list) without ``out_dir``."""
-    from digitlens.userdata import write_kaggle_submission
-
+    (N,) for an image folder) and ``evaluation.json`` (into ``staging`` when given, the folder
+    :func:`write_outputs` swaps in). Returns the summary dict: ``accuracy`` None, ``n_samples``,
+    ``labelled`` False, ``note``, ``y_pred`` (list) without ``out_dir``."""
     proba = softmax(predict_logits(model, images, progress=progress))
     y_pred = proba.argmax(axis=1).astype(np.int64)
     counts = np.bincount(y_pred, minlength=proba.shape[1])
@@ -356,41 +139,34 @@ def write_unlabelled_predictions(model: Any, images: torch.Tensor, out_dir: Path
     if out_dir is None:
         summary["y_pred"] = y_pred.tolist()
         return summary
-    out_dir.mkdir(parents=True, exist_ok=True)
+    folder = staging if staging is not None else out_dir
+    folder.mkdir(parents=True, exist_ok=True)
     arrays = {"y_pred": y_pred, "proba": proba.astype(np.float32)}
     if files is not None:
         arrays["files"] = np.asarray(files, dtype=str)
-    runio.write_npz(out_dir / "predictions.npz", **arrays)
-    write_kaggle_submission(out_dir / "predictions.csv", y_pred)
+    runio.write_npz(folder / "predictions.npz", **arrays)
+    write_kaggle_submission(folder / "predictions.csv", y_pred)
     summary.update({"out_dir": str(out_dir), "files": ["predictions.csv", "predictions.npz"], "figures": [],
                     "insights": []})
-    runio.write_json(out_dir / "evaluation.json", summary)
+    runio.write_json(folder / "evaluation.json", summary)
     return summary
-
-
-def check_bootstrap(bootstrap: Any) -> int:
-    """``bootstrap`` as a number of resamples >= 0 (0: no bootstrap intervals); a one-line error otherwise."""
-    if isinstance(bootstrap, bool) or not isinstance(bootstrap, (int, np.integer)) or bootstrap < 0:
-        raise DigitlensError(f"--bootstrap {bootstrap!r}: expected a number of resamples >= 0 "
-                             f"(0 skips the bootstrap intervals; default {DEFAULT_BOOTSTRAP})")
-    return int(bootstrap)
 
 
 def _evaluate(model: Any, images: torch.Tensor, labels: torch.Tensor | None, out_dir: Path | None, *,
               history: dict | None, source: dict, progress: bool, val: Any = None,
               bootstrap: int = DEFAULT_BOOTSTRAP, bootstrap_seed: int = DEFAULT_SEED, sizes: dict | None = None,
-              files: list[str] | None = None, device: Any = None) -> dict:
+              files: list[str] | None = None, device: Any = None, staging: Path | None = None) -> dict:
     """Predict the test ``images``/``labels``, fit the temperature on ``val`` (a DigitDataset or
     None), add the intervals (``bootstrap`` resamples, 0: Wilson accuracy interval only), and write
-    every file into ``out_dir`` (None: write nothing); return the summary dict. ``sizes``: ``n_val``
+    every file of the evaluation of ``out_dir`` (None: write nothing) into ``staging`` (the folder
+    :func:`write_outputs` swaps in; None: into ``out_dir`` itself); return the summary dict. ``sizes``: ``n_val``
     and ``n_train_eval`` for the insights (:func:`digitlens.insights.derive_insights`). ``labels``
     None: :func:`write_unlabelled_predictions`. ``files``: the image file of each sample (an image
     folder), kept in ``predictions.npz``."""
-    from digitlens import insights as insights_mod
-
     model = on_device(as_model(model), resolve_device(device))
     if labels is None:
-        return write_unlabelled_predictions(model, images, out_dir, source=source, progress=progress, files=files)
+        return write_unlabelled_predictions(model, images, out_dir, source=source, progress=progress, files=files,
+                                            staging=staging)
     logits = predict_logits(model, images, progress=progress)
     if isinstance(model, UserModel):  # what was declared and what was detected, after the first prediction
         source = {**source, "user_model": model.describe()}
@@ -418,27 +194,28 @@ def _evaluate(model: Any, images: torch.Tensor, labels: torch.Tensor | None, out
         summary["calibration_note"] = metrics["calibration_note"]
     if out_dir is None:
         summary["metrics"] = metrics
-        summary["insights"] = insights_mod.derive_insights(metrics, history, **(sizes or {}))["summary"]
+        summary["insights"] = insights.derive_insights(metrics, history, **(sizes or {}))["summary"]
         return summary
-    out_dir.mkdir(parents=True, exist_ok=True)
+    folder = staging if staging is not None else out_dir
+    folder.mkdir(parents=True, exist_ok=True)
     arrays = {"y_true": y_true, "y_pred": y_pred, "proba": proba.astype(np.float32)}
     if proba_calibrated is not None:
         arrays["proba_calibrated"] = proba_calibrated
     if files is not None:
         arrays["files"] = np.asarray(files, dtype=str)
-    runio.write_npz(out_dir / "predictions.npz", **arrays)
-    runio.write_json(out_dir / "metrics.json", metrics)
-    found = insights_mod.write_insights(out_dir, metrics, history, **(sizes or {}))
-    figures = write_figures(out_dir, images=images.numpy(), y_true=y_true, proba=proba, history=history,
+    runio.write_npz(folder / "predictions.npz", **arrays)
+    runio.write_json(folder / "metrics.json", metrics)
+    found = insights.write_insights(folder, metrics, history, **(sizes or {}))
+    figures = write_figures(folder, images=images.numpy(), y_true=y_true, proba=proba, history=history,
                             proba_calibrated=proba_calibrated, temperature=metrics["temperature"],
                             metrics=metrics)
     summary.update({
         "out_dir": str(out_dir),
         "files": ["predictions.npz", "metrics.json", "insights.md", "insights.json"],
-        "figures": [str(Path(f).relative_to(out_dir)) for f in figures],
+        "figures": [Path(f).relative_to(folder).as_posix() for f in figures],
         "insights": found["summary"],
     })
-    runio.write_json(out_dir / "evaluation.json", summary)
+    runio.write_json(folder / "evaluation.json", summary)
     return summary
 
 
@@ -475,10 +252,6 @@ def evaluate_run(run_dir: str | os.PathLike, *, model: Any = None, data_dir: str
     ``trust_code``: load a TorchScript file (code; refused otherwise, see
     :func:`digitlens.external.load_torchscript`).
     """
-    from digitlens import data, models
-    from digitlens.external import trusted_by_record
-    from digitlens.plots.training_curves import read_history
-
     bootstrap = check_bootstrap(bootstrap)
     run_dir = runio.require_run_dir(run_dir)
     config = runio.read_json(run_dir / "config.json")
@@ -519,17 +292,19 @@ def evaluate_run(run_dir: str | os.PathLike, *, model: Any = None, data_dir: str
         target = run_dir if own_model else Path(out_dir)
     source["dataset"] = name
     history_path = run_dir / "history.csv"
-    history = read_history(history_path) if history_path.is_file() else None
+    history = load_history(history_path) if history_path.is_file() else None
     val = splits.val if splits is not None else None
     sizes = {"n_val": config.get("n_val", len(val) if val is not None else None),
              "n_train_eval": config.get("train_eval_size")}
-    summary = _evaluate(model, test.images, test.labels, target, history=history, source=source,
-                        progress=progress, val=val, bootstrap=bootstrap, bootstrap_seed=bootstrap_seed,
-                        sizes=sizes, files=test.files, device=device)
-    if dataset is None and isinstance(model, UserModel) and model.path:
-        # the flags given now are what later stages on this folder reuse
-        write_user_model_config(target, model, dataset=config["dataset"],
-                                data_dir=data_dir if data_dir is not None else config.get("data_dir"))
+    with runio.staged_files(target, OUTPUTS) as staging:
+        summary = _evaluate(model, test.images, test.labels, target, history=history, source=source,
+                            progress=progress, val=val, bootstrap=bootstrap, bootstrap_seed=bootstrap_seed,
+                            sizes=sizes, files=test.files, device=device, staging=staging)
+        if dataset is None and isinstance(model, UserModel) and model.path:
+            # the flags given now are what later stages on this folder reuse
+            write_user_model_config(target, model, dataset=config["dataset"],
+                                    data_dir=data_dir if data_dir is not None else config.get("data_dir"),
+                                    into=staging)
     return summary
 
 
@@ -554,8 +329,6 @@ def check_out_folder(out_dir: Path) -> None:
 
 def _test_split(dataset: Any, data_dir) -> tuple[Any, str]:
     """The test split of ``dataset`` (a name, a path or a DigitDataset) and the name recorded for it."""
-    from digitlens import data
-
     if isinstance(dataset, data.DigitDataset):
         return dataset, f"{dataset.name}/{dataset.split}"
     if isinstance(dataset, (str, os.PathLike)):
@@ -565,8 +338,6 @@ def _test_split(dataset: Any, data_dir) -> tuple[Any, str]:
 
 def _out_name(dataset: Any, name: str) -> str:
     """The folder name under RUN_DIR/evaluate/ for ``dataset``: its file or folder name."""
-    from digitlens.userdata import dataset_name, is_path_dataset
-
     return dataset_name(dataset) if isinstance(dataset, (str, os.PathLike)) and is_path_dataset(dataset) \
         else name.replace("/", "_")
 
@@ -598,9 +369,6 @@ def evaluate_model(model: Any, dataset: Any = "digits", *, out_dir: str | os.Pat
     ``bootstrap``, ``bootstrap_seed``, ``device``: as for :func:`evaluate_run` (a model on another
     device is copied there; the caller's model is not moved).
     """
-    from digitlens import data
-    from digitlens.plots.training_curves import normalise_history, read_history
-
     bootstrap = check_bootstrap(bootstrap)
     if out_dir is not None:
         check_out_folder(Path(out_dir))
@@ -612,7 +380,7 @@ def evaluate_model(model: Any, dataset: Any = "digits", *, out_dir: str | os.Pat
             raise DigitlensError("val_dataset: must not be the test split (the temperature would be fitted on "
                                  "the images it is scored on)")
     if isinstance(history, (str, os.PathLike)):
-        history = read_history(history)
+        history = load_history(history)
     elif history is not None:
         history = normalise_history(history)
     if isinstance(model, (str, os.PathLike, UserModel)) or preprocessing is not None:
@@ -620,20 +388,25 @@ def evaluate_model(model: Any, dataset: Any = "digits", *, out_dir: str | os.Pat
         source = {"model": model.path or model.name, "dataset": name}
     else:
         source = {"model": type(model).__name__, "dataset": name}
-    summary = _evaluate(model, test.images, test.labels, Path(out_dir) if out_dir is not None else None,
-                        history=history, source=source, progress=progress, val=val_dataset,
-                        bootstrap=bootstrap, bootstrap_seed=bootstrap_seed, files=test.files, device=device)
-    if out_dir is not None and isinstance(model, UserModel) and model.path:  # a module has no file to reload
-        write_user_model_config(Path(out_dir), model, dataset=name, data_dir=data_dir)
+    run = dict(history=history, source=source, progress=progress, val=val_dataset, bootstrap=bootstrap,
+               bootstrap_seed=bootstrap_seed, files=test.files, device=device)
+    if out_dir is None:
+        return _evaluate(model, test.images, test.labels, None, **run)
+    with runio.staged_files(out_dir, OUTPUTS) as staging:
+        summary = _evaluate(model, test.images, test.labels, Path(out_dir), staging=staging, **run)
+        if isinstance(model, UserModel) and model.path:  # a module has no file to reload
+            write_user_model_config(Path(out_dir), model, dataset=name, data_dir=data_dir, into=staging)
     return summary
 
 
-def write_user_model_config(out_dir: Path, model: UserModel, *, dataset: str, data_dir: Any = None) -> Path | None:
+def write_user_model_config(out_dir: Path, model: UserModel, *, dataset: str, data_dir: Any = None,
+                            into: Path | None = None) -> Path | None:
     """Write ``out_dir/config.json`` for a user's model: ``model`` (the file's name), ``model_file``
     (absolute path), ``model_format``, ``preprocessing`` (as declared), ``layout`` and ``outputs``
     (as used), ``dataset``, ``data_dir``, ``n_classes``, ``val_fraction`` 0 and ``seed`` 0, so that
     ``evaluate``, ``explain`` and ``report`` on ``out_dir`` reuse them. A training run's config.json
-    there is left alone (returns None)."""
+    there is left alone (returns None). ``into``: write the file there instead (the staging folder
+    swapped into ``out_dir`` with the rest of the evaluation)."""
     path = out_dir / "config.json"
     if path.is_file() and not runio.read_json(path).get("model_file"):
         return None
@@ -646,7 +419,7 @@ def write_user_model_config(out_dir: Path, model: UserModel, *, dataset: str, da
               "seed": 0}
     if info["format"] == "torchscript" and model.path:  # it was loaded, so the user trusted this file's bytes
         config["trusted_sha256"] = file_sha256(model.path)
-    return runio.write_json(path, config)
+    return runio.write_json((into if into is not None else out_dir) / "config.json", config)
 
 
 # One writer per folder (issue 14): the run folder, and an --out folder, are locked while a stage

@@ -10,6 +10,26 @@ against the validation loss: a history without the ``train_eval_*`` columns gets
 
 ``derive_insights(metrics, history)`` returns a JSON-ready dict; ``render_markdown`` turns it into
 ``insights.md``; ``write_insights(out_dir, ...)`` writes both files.
+
+``insights.json`` holds ``accuracy``, ``accuracy_ci``, ``n_errors``, ``n_samples``, ``digits``,
+``confused_pairs``, ``confused_pairs_within_noise``, ``generalisation_gap``, ``calibration``,
+``summary`` and ``overfitting``, the verdict of digitlens' one overfitting rule
+(:func:`digitlens.history.detect_overfitting`; the report reads it from here, never recomputes it):
+
+    available           bool: False without a history, without loss/val_loss, or without a finite
+                        val_loss (a run trained with val_fraction=0)
+    diverges            bool, or None when not available
+    rule                the rule in words
+    reason              (not available only) why not
+    from_epoch          first epoch after the best one when it diverges, else None
+    best_epoch          epoch of the lowest val_loss
+    n_epochs            epochs in the history
+    min_val_loss        val_loss at best_epoch
+    final_val_loss      val_loss at the last epoch
+    final_rise_percent  100 * (final_val_loss - min_val_loss) / min_val_loss
+    train_loss_at_best, final_train_loss, train_loss_column (train_eval_loss when recorded, else loss)
+    longest_rise        most consecutive epochs after the best with val_loss up and train loss down
+    reasons             sentences, one per part of the rule that fired ([] when it does not diverge)
 """
 
 from __future__ import annotations
@@ -21,12 +41,8 @@ from typing import Any
 import numpy as np
 
 from digitlens import runio
+from digitlens.history import detect_overfitting, normalise_history
 from digitlens.intervals import format_ci, overlapping, wilson_interval
-
-#: Validation loss must rise for at least this many consecutive epochs while training loss falls...
-DIVERGENCE_PATIENCE = 2
-#: ...or end more than this fraction above its minimum, to count as diverging.
-DIVERGENCE_TOLERANCE = 0.05
 
 #: ``generalisation_gap()["compared"]``: whether train and validation were measured alike.
 COMPARED_EVAL = "end-of-epoch eval mode"
@@ -34,12 +50,6 @@ NOT_COMPARABLE = "not comparable"
 #: Why a history without ``train_eval_loss`` gets no loss gap.
 NOT_COMPARABLE_REASON = ("the history records only the training loss averaged during each epoch (train mode, "
                          "label smoothing, augmentation), not one measured like val_loss")
-
-
-def _usable(history: dict, name: str) -> bool:
-    """``name`` is a column of ``history`` with at least one finite value."""
-    values = history.get(name)
-    return values is not None and len(values) > 0 and bool(np.any(np.isfinite(np.asarray(values, dtype=np.float64))))
 
 
 def rank_digits(metrics: dict, k: int = 3) -> dict:
@@ -92,71 +102,6 @@ def noise_sentence(digits: dict, label: str) -> str | None:
         return (f"all {len(tied)} digits are within noise of digit {tied[0]} (their F1 intervals overlap its), "
                 f"so the test set does not rank them")
     return f"digits {_and(tied)} are within noise of each other (F1 intervals overlap)"
-
-
-def detect_overfitting(history: dict[str, np.ndarray], *, patience: int = DIVERGENCE_PATIENCE,
-                       tolerance: float = DIVERGENCE_TOLERANCE) -> dict:
-    """Whether and from which epoch the validation loss diverges.
-
-    The best epoch is the one with the lowest ``val_loss``. The run *diverges* when, after the
-    best epoch, either (a) ``val_loss`` rises on ``patience`` or more consecutive epochs while the
-    training loss falls on each of them (``train_eval_loss``, measured like ``val_loss``, when the
-    history has it, else Keras' ``loss``: only its direction is used, never its level), or (b) the last ``val_loss`` is more than
-    ``tolerance`` (relative) above the minimum. ``from_epoch`` is then the first epoch after the
-    best one. Returns a dict with ``available`` (False without ``loss`` and ``val_loss``),
-    ``diverges``, ``from_epoch``, ``best_epoch``, ``min_val_loss``, ``final_val_loss``,
-    ``final_rise_percent``, ``longest_rise`` (epochs, with training loss falling), ``reasons``,
-    ``train_loss_column`` (which training loss was used) and ``rule`` (this definition in words).
-    """
-    rule = (f"val_loss rises for >= {patience} consecutive epochs after its minimum while training loss "
-            f"falls, or ends > {tolerance:.0%} above its minimum")
-    if "val_loss" not in history or "loss" not in history or len(history["val_loss"]) == 0:
-        return {"available": False, "diverges": None, "rule": rule,
-                "reason": "the history has no loss and val_loss columns"}
-    if np.all(np.isnan(np.asarray(history["val_loss"], dtype=np.float64))):
-        return {"available": False, "diverges": None, "rule": rule,
-                "reason": "the history has no validation loss (trained without a validation split)"}
-    epoch = np.asarray(history["epoch"])
-    train_column = "train_eval_loss" if _usable(history, "train_eval_loss") else "loss"
-    loss = np.asarray(history[train_column], dtype=np.float64)
-    val = np.asarray(history["val_loss"], dtype=np.float64)
-    best = int(np.nanargmin(val))
-    min_val, final_val = float(val[best]), float(val[-1])
-    rise = (final_val - min_val) / abs(min_val) if min_val else 0.0
-    # Longest streak after the best epoch of (val_loss up, train loss down) from one epoch to the next.
-    longest, run, streak_start, longest_start = 0, 0, None, None
-    for i in range(best + 1, len(val)):
-        if val[i] > val[i - 1] and loss[i] < loss[i - 1]:
-            run += 1
-            streak_start = epoch[i] if run == 1 else streak_start
-            if run > longest:
-                longest, longest_start = run, streak_start
-        else:
-            run = 0
-    reasons = []
-    if longest >= patience:
-        reasons.append(f"val_loss rose on {longest} consecutive epochs from epoch {int(longest_start)} "
-                       f"while training loss fell")
-    if rise > tolerance:
-        reasons.append(f"final val_loss {final_val:.4f} is {rise:.1%} above its minimum {min_val:.4f} "
-                       f"(epoch {int(epoch[best])})")
-    diverges = bool(reasons)
-    return {
-        "available": True,
-        "diverges": diverges,
-        "from_epoch": int(epoch[best + 1]) if diverges else None,
-        "best_epoch": int(epoch[best]),
-        "n_epochs": int(len(epoch)),
-        "min_val_loss": min_val,
-        "final_val_loss": final_val,
-        "final_rise_percent": 100.0 * rise,
-        "train_loss_at_best": float(loss[best]),
-        "final_train_loss": float(loss[-1]),
-        "longest_rise": int(longest),
-        "train_loss_column": train_column,
-        "reasons": reasons,
-        "rule": rule,
-    }
 
 
 def generalisation_gap(history: dict[str, np.ndarray] | None, metrics: dict | None = None) -> dict:
@@ -286,14 +231,11 @@ def derive_insights(metrics: dict, history: Any = None, *, k: int = 3, top_pairs
     ``n_val``, ``n_train_eval``: images behind ``val_accuracy`` and ``train_eval_accuracy`` in the
     history (the run's ``n_val`` and ``train_eval_size``); with them the generalisation gap quotes
     both accuracies with their Wilson intervals (``val_accuracy_ci``, ``train_accuracy_ci``)."""
-    from digitlens.plots.training_curves import normalise_history
-
     if history is not None:
         history = normalise_history(history)
     digits = rank_digits(metrics, k)
     pairs = metrics["most_confused"][:top_pairs]
-    overfitting = detect_overfitting(history) if history is not None else {
-        "available": False, "diverges": None, "reason": "no training history"}
+    overfitting = detect_overfitting(history)
     gap = generalisation_gap(history, metrics)
     _add_gap_intervals(gap, metrics, n_val, n_train_eval)
     calibration = _calibration_insight(metrics)

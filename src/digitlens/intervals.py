@@ -61,7 +61,7 @@ def mean_interval(values: Any, confidence: float = CONFIDENCE, bounds: tuple[flo
     image): array (low, high); (mean, mean) for fewer than two values or no spread. ``bounds``
     (low, high): the range the values live in (probabilities: (0, 1)); the interval is clipped to it,
     which matters only for a handful of values."""
-    from scipy.stats import t as student_t
+    from scipy.stats import t as student_t  # lazy: scipy.stats takes ~0.5 s to import
 
     values = np.asarray(values, dtype=np.float64).ravel()
     if values.size == 0:
@@ -129,11 +129,11 @@ def scores_from_confusion(cm: np.ndarray) -> dict[str, np.ndarray]:
 
 def _bin_of(confidence: np.ndarray, n_bins: int) -> np.ndarray:
     edges = np.linspace(0.0, 1.0, n_bins + 1)
-    return np.searchsorted(edges[1:-1], confidence, side="left")  # as evaluate.calibration_bins
+    return np.searchsorted(edges[1:-1], confidence, side="left")  # as metrics.calibration_bins
 
 
 def bootstrap_ece(y_true: np.ndarray, proba: np.ndarray, indices: np.ndarray, n_bins: int) -> np.ndarray:
-    """Top-label ECE (``n_bins`` equal-width bins, as :func:`digitlens.evaluate.calibration_bins`)
+    """Top-label ECE (``n_bins`` equal-width bins, as :func:`digitlens.metrics.calibration_bins`)
     of every resample: float array (B,)."""
     proba = np.asarray(proba, dtype=np.float64)
     confidence = proba.max(axis=1)
@@ -193,3 +193,11 @@ def format_ci(value: float, ci: Sequence[float] | None, *, percent: bool = True,
         return head if ci is None else f"{head} ({ci[0] * 100:.{digits}f}-{ci[1] * 100:.{digits}f})"
     head = f"{value:.{digits}f}"
     return head if ci is None else f"{head} ({ci[0]:.{digits}f}-{ci[1]:.{digits}f})"
+
+
+def check_bootstrap(bootstrap: Any) -> int:
+    """``bootstrap`` as a number of resamples >= 0 (0: no bootstrap intervals); a one-line error otherwise."""
+    if isinstance(bootstrap, bool) or not isinstance(bootstrap, (int, np.integer)) or bootstrap < 0:
+        raise DigitlensError(f"--bootstrap {bootstrap!r}: expected a number of resamples >= 0 "
+                             f"(0 skips the bootstrap intervals; default {DEFAULT_BOOTSTRAP})")
+    return int(bootstrap)

@@ -407,8 +407,9 @@ def holds_lock(folder: str | os.PathLike) -> bool:
 
 def clean_orphans(folder: str | os.PathLike) -> list[Path]:
     """Remove what killed writers left in ``folder`` (recursively): temporary files and folders
-    named ``.NAME.*.tmp`` (from :func:`atomic_path` and :func:`staged_dir`); a ``.NAME.*.old``
-    folder is put back as NAME when a swap was cut between its two renames, else removed. Call
+    named ``.NAME.*.tmp`` (from :func:`atomic_path`, :func:`staged_dir` and :func:`staged_files`); a
+    ``.NAME.*.old`` folder is put back as NAME when a swap was cut between its two renames, else
+    removed; a ``.staged.*.swap`` folder (a set of files :func:`staged_files` committed) is moved in. Call
     only while holding the folder's :func:`run_lock`. Returns the paths removed or restored."""
     import shutil
 
@@ -423,6 +424,10 @@ def clean_orphans(folder: str | os.PathLike) -> list[Path]:
         else:
             shutil.rmtree(path, ignore_errors=True)
         touched.append(path)
+    for path in sorted(folder.rglob(".staged.*.swap"), key=lambda p: len(p.parts)):
+        if path.is_dir():  # staged_files committed this set: finish moving it in
+            _finish_swap(path, path.parent)
+            touched.append(path)
     for path in sorted(folder.rglob(".*.tmp"), key=lambda p: len(p.parts)):
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
@@ -459,6 +464,81 @@ def staged_dir(final: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+#: The file in a :func:`staged_files` folder that lists the names to remove from the target.
+_REMOVE_LIST = ".remove.json"
+
+
+@contextlib.contextmanager
+def staged_files(folder: str | os.PathLike, replaces: tuple[str, ...] = ()) -> Iterator[Path]:
+    """Yield an empty temporary folder ``folder/.staged.XXXX.tmp`` to write a stage's files (and
+    sub-folders) into; when the block succeeds each of them replaces the entry of the same name in
+    ``folder``, and each name in ``replaces`` the block did not write is removed from ``folder``:
+    the stage's outputs are replaced as a whole, beside files the stage does not own (the run's
+    config.json, weights, other stages' folders).
+
+    The commit point is one rename (``.tmp`` -> ``.swap``): a kill before it leaves the old set
+    (the ``.tmp`` folder is an orphan :func:`clean_orphans` removes), a kill after it is rolled
+    forward by :func:`clean_orphans`, which the next writer of the folder runs on taking its lock.
+    On an exception the temporary folder is dropped and ``folder`` is left as it was."""
+    import shutil
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".staged.", suffix=".tmp", dir=folder))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700 folders
+    try:
+        yield tmp
+        written = {p.name for p in tmp.iterdir()}
+        write_json(tmp / _REMOVE_LIST, sorted(name for name in replaces if name not in written))
+        for sub in tmp.iterdir():
+            if sub.is_dir():
+                _fsync_path(sub)
+        _fsync_path(tmp)
+        swap = tmp.with_suffix(".swap")
+        os.replace(tmp, swap)
+        _fsync_path(folder)
+        _finish_swap(swap, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _finish_swap(swap: Path, folder: Path) -> None:
+    """Move the entries of a committed :func:`staged_files` folder ``swap`` into ``folder`` (old
+    folders of the same name go into ``swap`` and are removed with it), remove the names its
+    remove list holds, then ``swap`` itself. Idempotent: a kill part-way is finished by running it
+    again."""
+    import shutil
+
+    trash = swap / ".replaced"
+    trash.mkdir(exist_ok=True)
+
+    def discard(path: Path) -> None:
+        if path.is_dir() and not path.is_symlink():
+            aside = trash / path.name
+            if aside.exists():
+                shutil.rmtree(aside, ignore_errors=True)
+            os.replace(path, aside)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+    remove = swap / _REMOVE_LIST
+    names = read_json(remove) if remove.is_file() else []
+    for name in names:
+        discard(folder / name)
+    for entry in sorted(swap.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        target = folder / entry.name
+        if target.is_dir() and not target.is_symlink():
+            discard(target)  # os.replace cannot put a folder onto a non-empty one
+        os.replace(entry, target)
+    _fsync_path(folder)
+    shutil.rmtree(swap, ignore_errors=True)
 
 
 def writes_folders(stage: str, folders):

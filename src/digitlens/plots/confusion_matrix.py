@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from digitlens.errors import DigitlensError
+from digitlens.metrics import as_labels
 from digitlens.plots._common import axes_grid
 
 
@@ -52,9 +53,7 @@ class ConfusionMatrixDisplay:
     @classmethod
     def from_predictions(cls, y_true, y_pred, *, labels=None, display_labels=None) -> "ConfusionMatrixDisplay":
         """Compute the matrix with ``sklearn.metrics.confusion_matrix`` (labels default 0..9)."""
-        from sklearn.metrics import confusion_matrix
-
-        from digitlens.evaluate import as_labels
+        from sklearn.metrics import confusion_matrix  # lazy: scikit-learn's metrics take ~1 s to import
 
         y_true, y_pred = as_labels(y_true, "y_true"), as_labels(y_pred, "y_pred")
         if labels is None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from digitlens.errors import DigitlensError
+from digitlens.metrics import add_bootstrap_intervals, compute_metrics, per_digit_arrays
 from digitlens.plots._common import METRIC_COLOURS, METRIC_LABELS, METRIC_SHORT, axes_grid
 
 METRICS = ("precision", "recall", "f1", "accuracy")
@@ -99,8 +100,6 @@ class PerDigitMetricsDisplay:
     def from_metrics(cls, computed: dict, **kwargs) -> "PerDigitMetricsDisplay":
         """Build from a ``metrics.json`` dict (its ``per_digit`` list, with error bars where the rows
         carry ``*_ci``); ``kwargs`` as for ``__init__``."""
-        from digitlens.evaluate import per_digit_arrays
-
         arrays = per_digit_arrays(computed)
         cis = {f"{m}_ci": arrays[f"{m}_ci"] for m in METRICS if f"{m}_ci" in arrays}
         return cls(digits=arrays["digit"], precision=arrays["precision"], recall=arrays["recall"], f1=arrays["f1"],
@@ -109,10 +108,8 @@ class PerDigitMetricsDisplay:
     @classmethod
     def from_predictions(cls, y_true, y_pred, *, labels=None, groups=None, group_names=None,
                          metrics=None, bootstrap: int = 0, seed: int = 0) -> "PerDigitMetricsDisplay":
-        """Compute the per-digit metrics with scikit-learn (see :func:`digitlens.evaluate.compute_metrics`);
+        """Compute the per-digit metrics with scikit-learn (see :func:`digitlens.metrics.compute_metrics`);
         with ``bootstrap`` > 0 resamples (seeded by ``seed``) also their 95% intervals, drawn as error bars."""
-        from digitlens.evaluate import add_bootstrap_intervals, compute_metrics
-
         computed = compute_metrics(y_true, y_pred, n_classes=len(labels) if labels is not None else None)
         if bootstrap:
             add_bootstrap_intervals(computed, y_true, y_pred, n_resamples=bootstrap, seed=seed)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from digitlens.errors import DigitlensError
+from digitlens.metrics import as_labels
 from digitlens.plots._common import CORRECT_COLOUR, WRONG_COLOUR, as_image_stack, axes_grid
 
 
@@ -19,8 +20,6 @@ def format_confidence(confidence: float) -> str:
 
 def _predictions_from(y_true, y_pred, proba, confidence):
     """(y_true, y_pred, confidence) arrays of shape (N,) from labels and probabilities or scores."""
-    from digitlens.evaluate import as_labels
-
     y_true = as_labels(y_true, "y_true")
     if proba is not None:
         proba = np.asarray(proba, dtype=np.float64)

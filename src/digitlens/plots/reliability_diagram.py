@@ -8,7 +8,8 @@ import numpy as np
 
 from digitlens.errors import DigitlensError
 from digitlens.intervals import wilson_interval
-from digitlens.plots._common import axes_grid
+from digitlens.metrics import calibration_bins
+from digitlens.plots._common import axes_grid, pyplot
 
 RAW_COLOUR = "#1f77b4"
 CALIBRATED_COLOUR = "#ff7f0e"
@@ -91,8 +92,6 @@ class ReliabilityDiagramDisplay:
         """Bin the top-label confidences of ``proba`` (N, n_classes) against labels ``y_true`` (N,);
         with ``proba_calibrated`` (N, n_classes, e.g. after temperature scaling by ``temperature``)
         bin those too, over the same bins."""
-        from digitlens.evaluate import calibration_bins
-
         raw = calibration_bins(y_true, proba, n_bins)
         if proba_calibrated is None:
             return cls.from_calibration(raw, temperature=temperature)
@@ -121,8 +120,6 @@ class ReliabilityDiagramDisplay:
                            self.count_calibrated, self.ece_calibrated, CALIBRATED_COLOUR, "s"))
         n_series = len(series)
         if ax is None:
-            from digitlens.plots._common import pyplot
-
             fig, grid = pyplot().subplots(2, n_series, figsize=(6.4 * n_series, 7.2), sharex=True, sharey="row",
                                           gridspec_kw={"height_ratios": [3, 1.2]}, squeeze=False)
             axes = [a for col in range(n_series) for a in (grid[0, col], grid[1, col])]

@@ -1,147 +1,21 @@
-"""Accuracy and loss curves (train vs validation) with the best epoch marked, and readers for
-training histories: digitlens' ``history.csv``, a Keras ``CSVLogger`` file, a saved Keras
-``history.history`` JSON, a dict of lists or a pandas DataFrame.
+"""Accuracy and loss curves (train vs validation) with the best epoch marked.
 
-Every reader returns the same *normalised history*: a dict of numpy arrays of shape (n_epochs,)
-with ``epoch`` (1-based ints) and whichever of ``loss``, ``accuracy``, ``val_loss``,
-``val_accuracy`` (and extra columns such as ``train_eval_loss``, ``train_eval_accuracy``, ``lr``) were
-recorded. The figure pairs ``train_eval_*`` with ``val_*`` (both measured at the end of each epoch in
+The figure draws a *normalised history* (see :mod:`digitlens.history`, which reads digitlens'
+``history.csv``, a Keras ``CSVLogger`` file, a saved Keras ``history.history`` JSON, a dict of
+lists or a pandas DataFrame) and marks the best epoch and a diverging validation loss by the one
+overfitting rule, :func:`digitlens.history.detect_overfitting`. The figure pairs ``train_eval_*`` with ``val_*`` (both measured at the end of each epoch in
 eval mode); see :class:`TrainingCurvesDisplay`.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from digitlens.errors import DigitlensError
+from digitlens.history import CURVES, best_epoch_index, detect_overfitting, load_history, normalise_history
 from digitlens.plots._common import axes_grid
-
-CURVES = ("loss", "accuracy", "val_loss", "val_accuracy")
-#: Column names of older Keras versions and other frameworks, mapped onto Keras' current ones.
-_ALIASES = {"acc": "accuracy", "val_acc": "val_accuracy", "train_loss": "loss", "train_accuracy": "accuracy"}
-
-
-def normalise_history(history: Any, *, zero_based_epochs: bool | None = None) -> dict[str, np.ndarray]:
-    """A normalised history (see module docstring) from a dict of lists, a DataFrame, a Keras
-    ``History`` object (its ``.history``) or an already normalised history.
-
-    Epochs: taken from an ``epoch`` column when there is one (shifted by +1 when
-    ``zero_based_epochs``, or when None and the first epoch is 0), else numbered 1..n.
-    """
-    if hasattr(history, "history") and isinstance(history.history, dict):  # keras.callbacks.History
-        history = history.history
-    if hasattr(history, "to_dict") and hasattr(history, "columns"):  # pandas.DataFrame
-        history = history.to_dict("list")
-    if not isinstance(history, dict):
-        raise DigitlensError(f"history: expected a dict of lists or a DataFrame, got {type(history).__name__}")
-    columns: dict[str, np.ndarray] = {}
-    for key, values in history.items():
-        name = _ALIASES.get(str(key), str(key))
-        try:
-            columns[name] = np.asarray(values, dtype=np.float64).ravel()
-        except (TypeError, ValueError):
-            raise DigitlensError(f"history: column {key!r} is not numeric") from None
-    lengths = {len(v) for v in columns.values()}
-    if len(lengths) > 1:
-        raise DigitlensError(f"history: columns have different lengths {sorted(lengths)}")
-    n = lengths.pop() if lengths else 0
-    if "epoch" in columns:
-        epoch = columns["epoch"]
-        if zero_based_epochs or (zero_based_epochs is None and n and epoch[0] == 0):
-            epoch = epoch + 1
-        columns["epoch"] = epoch.astype(np.int64)
-    else:
-        columns["epoch"] = np.arange(1, n + 1, dtype=np.int64)
-    if not any(k in columns for k in CURVES):
-        raise DigitlensError(f"history: none of the columns {', '.join(CURVES)} found (got {', '.join(history)})")
-    return {"epoch": columns.pop("epoch"), **columns}
-
-
-def _read_csv_columns(path: Path) -> dict[str, list[float]]:
-    if not path.is_file():
-        raise DigitlensError(f"{path}: file not found")
-    with open(path, newline="") as fh:
-        rows = list(csv.reader(fh))
-    if not rows or not rows[0]:
-        raise DigitlensError(f"{path}: empty history file (no header)")
-    header = [h.strip() for h in rows[0]]
-    columns: dict[str, list[float]] = {h: [] for h in header}
-    for line_no, row in enumerate(rows[1:], start=2):
-        if not row:
-            continue
-        if len(row) != len(header):
-            raise DigitlensError(f"{path}: line {line_no} has {len(row)} fields, header has {len(header)}")
-        for name, cell in zip(header, row):
-            cell = cell.strip()
-            try:
-                columns[name].append(float("nan") if cell in ("", "NA", "nan") else float(cell))
-            except ValueError:
-                raise DigitlensError(f"{path}: line {line_no}, column {name!r}: {cell!r} is not a number") from None
-    return columns
-
-
-def _with_path(path: Path, func, *args, **kwargs):
-    try:
-        return func(*args, **kwargs)
-    except DigitlensError as exc:
-        message = str(exc)
-        raise DigitlensError(message if message.startswith(str(path)) else f"{path}: {message}") from None
-
-
-def read_keras_csvlogger(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """A normalised history from a Keras ``CSVLogger`` file (its 0-based ``epoch`` becomes 1-based)."""
-    path = Path(path)
-    columns = _read_csv_columns(path)
-    return _with_path(path, normalise_history, columns, zero_based_epochs=True)
-
-
-def read_keras_history_json(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """A normalised history from a JSON file holding Keras' ``history.history`` dict
-    (``{"loss": [...], "val_loss": [...], ...}``); epochs are numbered 1..n."""
-    path = Path(path)
-    if not path.is_file():
-        raise DigitlensError(f"{path}: file not found")
-    try:
-        obj = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DigitlensError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    return _with_path(path, normalise_history, obj)
-
-
-def read_history_csv(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """A normalised history from digitlens' own ``history.csv`` (epoch, loss, accuracy, val_loss,
-    val_accuracy, lr, seconds)."""
-    path = Path(path)
-    columns = _read_csv_columns(path)
-    return _with_path(path, normalise_history, columns)
-
-
-def read_history(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Read any supported history file: ``.json`` (Keras ``history.history``), a digitlens
-    ``history.csv`` (has a ``seconds`` column) or a Keras ``CSVLogger`` file."""
-    path = Path(path)
-    if path.suffix.lower() == ".json":
-        return read_keras_history_json(path)
-    columns = _read_csv_columns(path)
-    zero_based = None if "seconds" in columns else True
-    return _with_path(path, normalise_history, columns, zero_based_epochs=zero_based)
-
-
-def best_epoch_index(history: dict[str, np.ndarray]) -> int | None:
-    """Index of the best epoch: lowest ``val_loss`` (Keras' EarlyStopping default), else highest
-    ``val_accuracy``; None without validation data."""
-    for key, pick in (("val_loss", np.nanargmin), ("val_accuracy", np.nanargmax)):
-        values = history.get(key)
-        if values is not None and len(values) and not np.all(np.isnan(values)):
-            return int(pick(values))
-    return None
-
 
 #: What the in-epoch training columns (Keras' ``loss``/``accuracy``) are: not comparable with validation.
 IN_EPOCH = "in-epoch mean, train mode"
@@ -190,11 +64,9 @@ class TrainingCurvesDisplay:
     def from_history(cls, history: Any) -> "TrainingCurvesDisplay":
         """Build from a history dict / DataFrame / Keras History, or a path to a history file.
         The best epoch and the start of a diverging validation loss follow
-        :func:`digitlens.insights.detect_overfitting`."""
-        from digitlens.insights import detect_overfitting
-
+        :func:`digitlens.history.detect_overfitting`."""
         if isinstance(history, (str, os.PathLike)):
-            history = read_history(history)
+            history = load_history(history)
         else:
             history = normalise_history(history)
         best = best_epoch_index(history)

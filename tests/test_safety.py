@@ -125,11 +125,13 @@ def test_all_zero_labels_are_refused_even_with_no_verify(tmp_path):
 def test_one_cycle_schedule_of_four_steps_trains(tmp_path):
     """`train --dataset digits --epochs 1 --batch-size 303`: 1,212 training images make 4 steps and
     pct_start 0.25 puts the warm-up's end on step 0, where OneCycleLR divided by zero."""
+    from dataclasses import replace
+
     from digitlens.train import DEFAULT_HYPER, make_optimizer
 
     code, output = cli("train", "--out", tmp_path / "run", "--epochs", 1, "--batch-size", 303, "--no-progress")
     assert code == 0, output
-    hyper = dict(DEFAULT_HYPER["cnn"], lr=0.1)
+    hyper = replace(DEFAULT_HYPER["cnn"], lr=0.1)
     net = torch.nn.Linear(2, 2)
     optimizer, scheduler = make_optimizer(net, hyper, 4)
     rates = []

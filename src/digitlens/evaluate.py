@@ -32,6 +32,7 @@ from digitlens.external import (Preprocessing, UserModel, file_sha256, load_torc
                                 load_user_model)
 from digitlens.inference import as_model, on_device, predict_logits, predict_proba, softmax  # noqa: F401 (re-exported)
 from digitlens.intervals import DEFAULT_BOOTSTRAP, DEFAULT_SEED, bootstrap_metrics, mean_interval, wilson_interval
+from digitlens.pyplot import pyplot
 
 #: Stems of the figures written under ``figures/``.
 FIGURES = (
@@ -305,10 +306,7 @@ def write_figures(out_dir: Path, *, images: np.ndarray, y_true: np.ndarray, prob
     With ``proba_calibrated`` (N, n_classes) the reliability diagram also shows the temperature-scaled bins;
     with ``metrics`` (from :func:`compute_metrics` on the same predictions) the per-digit bars come from
     it, with error bars where it carries intervals (:func:`add_bootstrap_intervals`)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     from digitlens import plots
 

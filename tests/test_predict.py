@@ -112,8 +112,18 @@ def test_cli_explain_and_show_steps_write_a_png_per_image(mnist_run, photos, tmp
         for png in (o["steps"], o["explanation"]):
             with Image.open(png) as img:
                 assert img.format == "PNG" and img.width > 3 * img.height > 600
-    assert sorted(p.name for p in out.iterdir()) == sorted(
-        f"{p.stem}_{kind}.png" for p in photos[:2] for kind in ("steps", "saliency"))
+    pngs = sorted(f"{p.stem}_{kind}.png" for p in photos[:2] for kind in ("steps", "saliency"))
+    assert sorted(p.name for p in out.iterdir()) == sorted(pngs + ["figures.json"])
+    # the figure manifest lists each PNG with what it shows
+    manifest = json.loads((out / "figures.json").read_text())
+    assert manifest["stage"] == "predict"
+    entries = {e["path"]: e for e in manifest["figures"]}
+    assert sorted(entries) == pngs
+    for p in photos[:2]:
+        steps, overlay = entries[f"{p.stem}_steps.png"], entries[f"{p.stem}_saliency.png"]
+        assert (steps["kind"], steps["section"], steps["image"]) == ("prediction_steps", "predict", p.name)
+        assert (overlay["kind"], overlay["method"], overlay["image"]) == ("prediction_map", "saliency", p.name)
+        assert overlay["title"].startswith(f"{p.name}: predicted ")
 
 
 def test_two_images_with_the_same_name_get_two_figures(mnist_run, photos, tmp_path):

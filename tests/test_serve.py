@@ -398,3 +398,18 @@ def test_ctrl_c_stops_the_server_cleanly(runs):
             server.wait()
     assert server.returncode == 0, err
     assert "Traceback" not in err and f"http://127.0.0.1:{port}/" in out
+
+
+def test_serve_gives_the_caller_its_thread_count_back(runs):
+    """serve(threads=N) sets torch's threads for the server only: after it ends (here: a busy port)
+    the caller's count is back."""
+    from digitlens.serve import serve
+
+    before = torch.get_num_threads()
+    threads = 1 if before != 1 else 2
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        with pytest.raises(DigitlensError, match="cannot listen there"):
+            serve([runs[0]], port=busy.getsockname()[1], threads=threads)
+    assert torch.get_num_threads() == before

@@ -54,7 +54,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 import digitlens
 from digitlens import distributed, models
-from digitlens.data import DATASETS, Splits, load_splits
+from digitlens.data import load_splits
+from digitlens.dataset_types import DATASETS, Splits
 from digitlens.device import autocast, check_precision, resolve_device, synchronize
 from digitlens.errors import DigitlensError
 from digitlens.models import MODELS, build_model, count_parameters, save_model

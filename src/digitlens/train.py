@@ -32,6 +32,7 @@ import contextlib
 import csv
 import dataclasses
 import functools
+import importlib.metadata
 import inspect
 import io
 import json
@@ -45,7 +46,6 @@ from types import MappingProxyType
 from typing import Callable, Mapping
 
 import numpy as np
-import sklearn
 import torch
 import torch.nn.functional as F
 from rich.progress import TextColumn
@@ -232,8 +232,10 @@ def width_kwargs(model: str | None, widths) -> dict | None:
 
 def library_versions() -> dict[str, str]:
     """Versions of Python, torch, numpy, scikit-learn and digitlens."""
+    # scikit-learn's version from its metadata: importing sklearn costs seconds, and train never needs it
     return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-            "sklearn": sklearn.__version__, "digitlens": getattr(digitlens, "__version__", "unknown")}
+            "sklearn": importlib.metadata.version("scikit-learn"),
+            "digitlens": getattr(digitlens, "__version__", "unknown")}
 
 
 def _check_model(model: str) -> None:

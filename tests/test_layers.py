@@ -14,6 +14,7 @@ longer exists fails :func:`test_known_violations_are_still_real`, so the list ca
 from __future__ import annotations
 
 import ast
+import functools
 import re
 import textwrap
 from dataclasses import dataclass
@@ -179,8 +180,9 @@ def imports_of(name: str, path: Path, known: set[str], package: str) -> list[Imp
     return [imp for imp in found if imp.imported != name]
 
 
+@functools.lru_cache(maxsize=None)
 def import_graph(src: Path = SRC, package: str = PACKAGE) -> list[Import]:
-    """Every import between modules of ``package`` under ``src``."""
+    """Every import between modules of ``package`` under ``src`` (parsed once per test session)."""
     names = module_names(src, package)
     return [imp for name, path in names.items() for imp in imports_of(name, path, set(names), package)]
 

@@ -61,6 +61,7 @@ def _distributions(module: str) -> set[str]:
     return {d.lower().replace("_", "-") for d in importlib.metadata.packages_distributions().get(module, [])}
 
 
+@pytest.mark.slow
 def test_every_third_party_import_is_declared_in_pyproject():
     project = _pyproject()["project"]
     runtime = _names(project["dependencies"])
@@ -112,6 +113,7 @@ def flags_in_errors(path: Path) -> list[tuple[int, str]]:
     return found
 
 
+@pytest.mark.slow
 def test_every_flag_an_error_of_this_branch_names_exists_in_the_cli():
     flags = _cli_flags()
     assert {"--val-fraction", "--optimizer", "--schedule", "--batch-size", "--out"} <= flags

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
@@ -23,6 +25,7 @@ def _backend_in_a_fresh_process(env_backend: str | None) -> str:
     return done.stdout.strip().lower()
 
 
+@pytest.mark.slow
 def test_pyplot_uses_agg_unless_mplbackend_names_another():
     assert _backend_in_a_fresh_process(None) == "agg"
     assert _backend_in_a_fresh_process("svg") == "svg"

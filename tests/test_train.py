@@ -39,6 +39,7 @@ def _assert_same_weights(a: dict, b: dict) -> None:
         assert torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.slow
 def test_run_folder_files(tmp_path):
     out = tmp_path / "run"
     summary = train(out, epochs=2, seed=3, **FAST)
@@ -70,6 +71,7 @@ def test_run_folder_files(tmp_path):
     assert float(rows[-1]["val_accuracy"]) == pytest.approx(accuracy_score(val.labels.numpy(), predicted), abs=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("train_eval_size", [None, 500])
 def test_train_eval_columns_equal_plain_cross_entropy_of_the_saved_model(tmp_path, monkeypatch, train_eval_size):
     """train_eval_loss / train_eval_accuracy of the last epoch are the saved model's plain cross-entropy
@@ -100,11 +102,13 @@ def test_train_eval_columns_equal_plain_cross_entropy_of_the_saved_model(tmp_pat
     assert float(last["loss"]) != pytest.approx(float(last["train_eval_loss"]), abs=1e-3)
 
 
+@pytest.mark.slow
 def test_default_cnn_learns_digits(tmp_path):
     summary = train(tmp_path / "run", dataset="digits", model="cnn", epochs=4, threads=1, progress=False)
     assert summary["final"]["val_accuracy"] > 0.9
 
 
+@pytest.mark.slow
 def test_same_seed_same_weights_other_seed_other_weights(tmp_path):
     train(tmp_path / "a", epochs=2, seed=0, **FAST)
     train(tmp_path / "b", epochs=2, seed=0, **FAST)
@@ -114,6 +118,7 @@ def test_same_seed_same_weights_other_seed_other_weights(tmp_path):
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_resume_after_kill_gives_identical_weights(tmp_path):
     """Start a real training process, SIGKILL it once its first checkpoint exists, resume, and compare
     with an uninterrupted run: the weights must be bitwise equal."""
@@ -155,6 +160,7 @@ def test_resume_after_kill_gives_identical_weights(tmp_path):
     assert all(r["train_eval_loss"] != "" for r in rows_a)
 
 
+@pytest.mark.slow
 def test_refusals(tmp_path):
     out = tmp_path / "run"
     with pytest.raises(DigitlensError, match="no run to resume"):
@@ -185,6 +191,7 @@ def test_refusals(tmp_path):
         train(tmp_path / "x", learning_rate=0.1, progress=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,needle", [
     (["--model", "resnet"], "--model 'resnet': unknown model"),
     (["--dataset", "cifar"], "--dataset 'cifar': unknown dataset"),
@@ -197,6 +204,7 @@ def test_cli_bad_arguments_exit_2_with_one_line(tmp_path, args, needle):
     assert len(lines) == 1 and needle in lines[0] and lines[0].startswith("error:")
 
 
+@pytest.mark.slow
 def test_cli_trains_then_refuses_a_second_run(tmp_path):
     out = tmp_path / "run"
     runner = CliRunner()
@@ -306,6 +314,7 @@ def test_defaults_are_checked_where_they_are_defined():
         DEFAULT_MODEL_KWARGS["vit"]["depth"] = 3
 
 
+@pytest.mark.slow
 def test_train_leaves_the_callers_global_rng_as_it_was(tmp_path):
     torch.manual_seed(1234)
     expected = torch.rand(3)
@@ -326,6 +335,7 @@ def test_config_pins_the_full_architecture(tmp_path):
         full_model_kwargs("vit", {"depthh": 2})
 
 
+@pytest.mark.slow
 def test_train_leaves_the_callers_thread_count_as_it_was(tmp_path):
     import torch
 

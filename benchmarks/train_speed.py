@@ -140,7 +140,7 @@ def _warm_up(model_name, hyper, model_kwargs, x, y, device, precision):
     scratch = T.prepare_model(model_name, 10, T.full_model_kwargs(model_name, model_kwargs), hyper).to(device)
     for _ in range(3):
         with autocast(device, precision):
-            loss = F.cross_entropy(scratch(x[:int(hyper["batch_size"])]), y[:int(hyper["batch_size"])])
+            loss = F.cross_entropy(scratch(x[:hyper.batch_size]), y[:hyper.batch_size])
         loss.backward()
     T.evaluate_loss_accuracy(scratch, x[:2000], y[:2000])
     _sync(device)
@@ -157,7 +157,7 @@ def _digitlens(model_name, x, y, xt, yt, epochs, evals_per_epoch, hyper_override
     _warm_up(model_name, hyper, model_kwargs, x, y, device, precision)
     torch.manual_seed(0)
     model = T.prepare_model(model_name, 10, T.full_model_kwargs(model_name, model_kwargs), hyper).to(device)
-    bs = int(hyper["batch_size"])
+    bs = hyper.batch_size
     per_epoch = T.steps_per_epoch(len(y), bs)
     optimizer, scheduler = T.make_optimizer(model, hyper, per_epoch * epochs)
     eval_at = {round(per_epoch * (i + 1) / evals_per_epoch) - 1 for i in range(evals_per_epoch)}
@@ -176,7 +176,7 @@ def _digitlens(model_name, x, y, xt, yt, epochs, evals_per_epoch, hyper_override
     clock["start"] = time.perf_counter()
     for epoch in range(epochs):
         T.train_one_epoch(model, x, y, optimizer, scheduler, batch_size=bs, seed=0, epoch=epoch,
-                          label_smoothing=float(hyper["label_smoothing"]), augment=int(hyper["augment"]),
+                          label_smoothing=hyper.label_smoothing, augment=hyper.augment,
                           on_batch=on_batch, precision=precision)
     _sync(device)
     seconds = time.perf_counter() - clock["start"] - clock["paused"]

@@ -37,6 +37,7 @@ def adapted_run(tmp_path_factory):
     return run, results
 
 
+@pytest.mark.slow
 def test_adapt_writes_peft_adapters_and_a_table(adapted_run):
     run, results = adapted_run
     for rank in (2, 4):
@@ -57,6 +58,7 @@ def test_adapt_writes_peft_adapters_and_a_table(adapted_run):
     assert (run / "adapt" / "groups" / "figures" / "per_digit_groups_r2.png").is_file()
 
 
+@pytest.mark.slow
 def test_ranks_are_compared_by_mcnemar_on_the_saved_predictions(adapted_run):
     """results.json's rank_comparison: McNemar's exact test (scipy's binomtest on the discordant images,
     counted here by hand) of r = 2 against r = 4 in each seed; results.md quotes it and its intervals."""
@@ -87,6 +89,7 @@ def test_ranks_are_compared_by_mcnemar_on_the_saved_predictions(adapted_run):
             in markdown)
 
 
+@pytest.mark.slow
 def test_peft_round_trip_reproduces_the_saved_predictions(adapted_run):
     from peft import PeftModel
 
@@ -123,6 +126,7 @@ def test_per_digit_group_metrics_match_counts():
     assert m["support"][:4] == [2, 4, 2, 2]
 
 
+@pytest.mark.slow
 def test_subspace_of_the_run_matches_peft_merged_weights(adapted_run):
     from digitlens.adapt import load_adapted_model
     from digitlens.subspace import analyse_run, load_base_weights, read_lora_adapter
@@ -141,6 +145,7 @@ def test_subspace_of_the_run_matches_peft_merged_weights(adapted_run):
     assert summary["full_finetuning_intruders"][0]["top_k"] == 10
 
 
+@pytest.mark.slow
 def test_bad_arguments_are_one_line_errors(adapted_run):
     from digitlens.adapt import adapt_run
 
@@ -153,6 +158,7 @@ def test_bad_arguments_are_one_line_errors(adapted_run):
         adapt_run(run, task="digits", ranks=(64,), progress=False)
 
 
+@pytest.mark.slow
 def test_adapt_command_runs_the_whole_study_in_one_command(tmp_path):
     """`digitlens adapt` writes the adapters, the seed-002 per-digit figures and, without a second
     command, the subspace analysis with the seed-003 figure."""
@@ -172,6 +178,7 @@ def test_adapt_command_runs_the_whole_study_in_one_command(tmp_path):
     assert (run / "subspace" / "groups" / "figures" / "phi_W_vs_A_seed003.png").is_file()
 
 
+@pytest.mark.slow
 def test_early_stopping_keeps_the_best_epochs_weights_as_a_hand_run_gets_them():
     """_train stops after `patience` epochs without a better validation accuracy and puts back the
     best epoch's weights: they equal those of a plain AdamW + OneCycleLR loop run for exactly the

@@ -22,6 +22,7 @@ def checked(tmp_path_factory):
     return inspect_report(demo["reports"][0], screenshot=shot), shot
 
 
+@pytest.mark.slow
 def test_report_opens_cleanly(checked):
     result, _ = checked
     assert result["console_errors"] == []
@@ -30,6 +31,7 @@ def test_report_opens_cleanly(checked):
     assert result["broken_images"] == []       # every <img> decoded (naturalWidth > 0)
 
 
+@pytest.mark.slow
 def test_every_toc_link_lands_on_its_section(checked):
     result, _ = checked
     assert result["toc_links"] == len(result["sections"]) >= 7
@@ -39,6 +41,7 @@ def test_every_toc_link_lands_on_its_section(checked):
         assert abs(landing["top"]) <= 2 or href == f"#{result['sections'][-1]}"  # the last may not reach the top
 
 
+@pytest.mark.slow
 def test_screenshot_is_saved(checked):
     from PIL import Image
 

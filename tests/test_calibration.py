@@ -149,6 +149,7 @@ def test_temperature_metrics_without_a_validation_split_leave_a_note():
 
 # --- reliability diagram, insight, report reading -----------------------------------------
 
+@pytest.mark.slow
 def test_reliability_diagram_draws_raw_and_calibrated_series():
     logits, labels = _synthetic(n=3000, seed=4)
     t = fit_temperature(logits, labels)

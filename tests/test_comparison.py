@@ -118,6 +118,7 @@ def test_caption_when_not_significant_and_bad_input():
         compare_predictions(y.reshape(10, 10), a, b)
 
 
+@pytest.mark.slow
 def test_report_writes_comparison_json_equal_to_the_module(tmp_path):
     import json
 
@@ -154,6 +155,7 @@ def test_report_writes_comparison_json_equal_to_the_module(tmp_path):
     assert "is more accurate on the test split" not in text           # the untested sentence is gone
 
 
+@pytest.mark.slow
 def test_report_without_a_paired_test_says_why(tmp_path):
     from test_report import make_run, parse
 

@@ -106,6 +106,7 @@ def test_data_dir_wins_over_the_environment_variable(tmp_path, monkeypatch):
     assert torch.equal(from_b, data.load_mnist_split(tmp_path / "b", "test", verify=False).images)
 
 
+@pytest.mark.slow
 @needs_mnist
 def test_real_mnist_gzipped_and_plain_with_checksums(tmp_path):
     folder = Path(REAL_MNIST)
@@ -342,6 +343,7 @@ def _fuzz_check(path: Path, blob: bytes, ndim: int) -> None:
     assert array.tobytes() == plain[header_len:] and sha == hashlib.sha256(plain).hexdigest()
 
 
+@pytest.mark.slow
 def test_fuzzed_idx_files_give_the_one_line_error_or_the_promised_data(tmp_path):
     """Seeded: header and byte mutations, truncations, appended bytes and bombs, plain and gzipped
     (the audit's 5,000-file run is the benchmark; this bounded run takes a few seconds)."""
@@ -441,6 +443,7 @@ def test_download_with_wrong_checksum_leaves_no_file(tmp_path, fake_hashes):
     assert list(cache.iterdir()) == []  # nothing half-written or unverified left behind
 
 
+@pytest.mark.slow
 @needs_mnist
 def test_download_of_the_real_files_from_a_local_mirror(tmp_path):
     www = tmp_path / "www"

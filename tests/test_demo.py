@@ -20,6 +20,7 @@ def demo(tmp_path_factory):
     return fast_demo(tmp_path_factory)
 
 
+@pytest.mark.slow
 def test_every_stage_runs_and_writes_its_files(demo):
     assert [s["status"] for s in demo["steps"]] == ["done"] * len(demo["steps"])
     labels = " | ".join(s["step"] for s in demo["steps"])
@@ -38,6 +39,7 @@ def test_every_stage_runs_and_writes_its_files(demo):
     assert demo["reports"][0] == str(cnn / "report.html")
 
 
+@pytest.mark.slow
 def test_summary_is_read_from_the_runs(demo):
     from sklearn.metrics import accuracy_score, confusion_matrix
 
@@ -81,6 +83,7 @@ def test_summary_is_read_from_the_runs(demo):
     assert rotated["verdict"]["sentence"].startswith("On task “rotated”, LoRA")
 
 
+@pytest.mark.slow
 def test_the_cnn_report_covers_both_models(demo):
     html = Path(demo["reports"][0]).read_text()
     for section in ('id="training"', 'id="evaluation"', 'id="galleries"', 'id="explanations"', 'id="filters"',
@@ -89,6 +92,7 @@ def test_the_cnn_report_covers_both_models(demo):
     assert "Runs compared" in html and "Per-digit metrics compared" in html
 
 
+@pytest.mark.slow
 def test_refuses_a_folder_it_did_not_write(tmp_path):
     (tmp_path / "demo-digits").mkdir()
     (tmp_path / "demo-digits" / "precious.txt").write_text("keep me")
@@ -99,6 +103,7 @@ def test_refuses_a_folder_it_did_not_write(tmp_path):
         run_demo(tmp_path, dataset="fashion", progress=False)
 
 
+@pytest.mark.slow
 def test_every_percentage_in_the_demo_reports_has_its_interval(demo):
     """The issue's "every percentage in the report has its interval": each report the demo writes, and its
     generated markdown (insights.md, the LoRA results.md), hold no percentage without a 95% interval except

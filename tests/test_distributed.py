@@ -78,6 +78,7 @@ def test_device_names():
         check_precision("fp16", torch.device("cpu"))
 
 
+@pytest.mark.slow
 def test_device_env_and_cli_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("DIGITLENS_DEVICE", "cpu")
     assert resolve_device(None) == torch.device("cpu")
@@ -92,6 +93,7 @@ def test_strip_nproc():
     assert strip_nproc(["explain", "r", "--nproc=4"]) == ["explain", "r"]
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_train_one_run_and_explain_like_one_process(tmp_path):
     """`train --nproc 2` (torchrun, gloo, 127.0.0.1): one run folder written by rank 0, accuracy in the
     band of one process; `explain --nproc 2`: the per-digit maps equal one process's within float
@@ -135,6 +137,7 @@ def test_two_gloo_processes_train_one_run_and_explain_like_one_process(tmp_path)
     assert metrics["integrated_gradients"]["mean_steps"] == pytest.approx(single["integrated_gradients"]["mean_steps"])
 
 
+@pytest.mark.slow
 def test_killed_two_process_run_resumes_to_the_same_weights(tmp_path):
     """SIGKILL the whole torchrun job once its first checkpoint exists, resume it with `--nproc 2
     --resume`, and compare with an uninterrupted 2-process run: the same weights."""
@@ -173,6 +176,7 @@ def test_killed_two_process_run_resumes_to_the_same_weights(tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.slow
 def test_nproc_errors(tmp_path):
     done = subprocess.run([sys.executable, "-m", "digitlens", "train", "--out", str(tmp_path / "r"), "--nproc", "2",
                            "--seeds", "0,1"], capture_output=True, text=True, timeout=120)
@@ -182,6 +186,7 @@ def test_nproc_errors(tmp_path):
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on a lent device machine)")
 
 
+@pytest.mark.slow
 @needs_cuda
 def test_a_gpu_run_evaluates_explains_and_resumes_on_the_cpu(tmp_path):
     from digitlens.evaluate import evaluate_run
@@ -212,6 +217,7 @@ def test_a_gpu_run_evaluates_explains_and_resumes_on_the_cpu(tmp_path):
     np.testing.assert_array_equal(on_gpu["y_pred"], on_cpu["y_pred"])
 
 
+@pytest.mark.slow
 def test_nproc_forwards_every_given_option_to_torchrun(monkeypatch, tmp_path):
     """`--nproc` rebuilds the command line for torchrun's processes from the parsed options: every
     option given (repeated ones and --no-flags too), nothing left at its default, no --nproc."""

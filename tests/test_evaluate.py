@@ -58,6 +58,7 @@ def test_metrics_equal_sklearn_on_a_realistic_confusion():
     json.dumps(metrics)  # JSON-ready
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 9), st.integers(0, 9)), min_size=1, max_size=120))
 def test_metrics_equal_sklearn_for_random_labels(pairs):
@@ -165,6 +166,7 @@ def evaluated_run(tmp_path_factory):
     return run_dir, summary
 
 
+@pytest.mark.slow
 def test_evaluate_run_writes_every_file(evaluated_run):
     run_dir, summary = evaluated_run
     for name in ("predictions.npz", "metrics.json", "insights.md", "insights.json", "evaluation.json"):
@@ -176,6 +178,7 @@ def test_evaluate_run_writes_every_file(evaluated_run):
     assert "Overfitting" in (run_dir / "insights.md").read_text()
 
 
+@pytest.mark.slow
 def test_figure_manifest_lists_every_figure_with_its_kind(evaluated_run):
     from digitlens.figure_writer import read_figure_manifest
 
@@ -221,6 +224,7 @@ def _evaluation_files(folder: Path) -> dict[str, bytes]:
     return found
 
 
+@pytest.mark.slow
 def test_a_failed_evaluation_leaves_the_old_one_whole_and_a_new_one_replaces_it_whole(evaluated_run, tmp_path,
                                                                                     monkeypatch):
     import digitlens.evaluate
@@ -318,6 +322,7 @@ def test_evaluate_killed_anywhere_leaves_the_old_or_the_new_evaluation(evaluated
         assert not [p for p in run_dir.rglob("*") if p.name.endswith((".tmp", ".swap", ".old"))]
 
 
+@pytest.mark.slow
 def test_predictions_match_the_model_and_metrics_match_sklearn(evaluated_run):
     run_dir, summary = evaluated_run
     preds = runio.read_npz(run_dir / "predictions.npz")
@@ -335,6 +340,7 @@ def test_predictions_match_the_model_and_metrics_match_sklearn(evaluated_run):
     assert summary["accuracy"] > 0.8  # the tiny model did learn something
 
 
+@pytest.mark.slow
 def test_metrics_json_carries_the_intervals(evaluated_run, tmp_path):
     from scipy.stats import binomtest
 
@@ -367,6 +373,7 @@ def test_metrics_json_carries_the_intervals(evaluated_run, tmp_path):
         evaluate_model(models.load_model(run_dir), data.load_splits("digits").test, progress=False, bootstrap=-1)
 
 
+@pytest.mark.slow
 def test_evaluate_is_deterministic(evaluated_run):
     run_dir, _ = evaluated_run
     first = runio.read_npz(run_dir / "predictions.npz")
@@ -376,6 +383,7 @@ def test_evaluate_is_deterministic(evaluated_run):
     np.testing.assert_allclose(proba, first["proba"], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_bring_your_own_module_and_torchscript(evaluated_run, tmp_path, monkeypatch):
     import digitlens.evaluate
 
@@ -406,6 +414,7 @@ def test_bring_your_own_module_and_torchscript(evaluated_run, tmp_path, monkeypa
     assert not (out / "figures" / "training_curves.png").exists()  # no history given
 
 
+@pytest.mark.slow
 def test_keras_history_file_feeds_the_overfitting_insight(evaluated_run, tmp_path):
     run_dir, _ = evaluated_run
     log = tmp_path / "training.log"  # Keras CSVLogger: 0-based epochs, alphabetical columns
@@ -416,6 +425,7 @@ def test_keras_history_file_feeds_the_overfitting_insight(evaluated_run, tmp_pat
     assert overfitting and "diverges from epoch 3" in overfitting[0] and "epoch 2" in overfitting[0]
 
 
+@pytest.mark.slow
 def test_evaluate_run_api_with_a_users_module(evaluated_run, monkeypatch):
     import digitlens.evaluate
 
@@ -431,6 +441,7 @@ def _logits(model, images):
         return model(images).double().numpy()
 
 
+@pytest.mark.slow
 def test_metrics_and_predictions_carry_the_temperature_fitted_on_the_val_split(evaluated_run):
     run_dir, summary = evaluated_run
     metrics = runio.read_json(run_dir / "metrics.json")
@@ -460,6 +471,7 @@ def test_metrics_and_predictions_carry_the_temperature_fitted_on_the_val_split(e
     assert f"T = {metrics['temperature']:.3g}" in (run_dir / "insights.md").read_text()
 
 
+@pytest.mark.slow
 def test_the_temperature_comes_from_the_val_split_even_when_it_differs_from_test(evaluated_run, tmp_path,
                                                                                    monkeypatch):
     import digitlens.evaluate
@@ -480,6 +492,7 @@ def test_the_temperature_comes_from_the_val_split_even_when_it_differs_from_test
     assert summary["temperature"] == pytest.approx(on_val, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_no_validation_split_gives_a_note_not_a_crash(evaluated_run, tmp_path, monkeypatch):
     import digitlens.evaluate
     from digitlens.train import train
@@ -514,6 +527,7 @@ def test_no_validation_split_gives_a_note_not_a_crash(evaluated_run, tmp_path, m
     assert runio.read_json(tmp_path / "noval" / "metrics.json")["calibration_note"] == NO_VAL_NOTE
 
 
+@pytest.mark.slow
 def test_cli_evaluate_one_line_errors(evaluated_run, tmp_path):
     from digitlens.cli import app
 
@@ -534,6 +548,7 @@ def test_cli_evaluate_one_line_errors(evaluated_run, tmp_path):
     assert len(result.output.strip().splitlines()) == 1 and "bad.pt" in result.output
 
 
+@pytest.mark.slow
 @pytest.mark.mnist
 @pytest.mark.skipif(not os.environ.get("DIGITLENS_DATA"), reason="DIGITLENS_DATA is not set (folder with the MNIST .gz files)")
 def test_cli_evaluates_a_torchscript_file_on_mnist_without_a_run(evaluated_run, tmp_path, monkeypatch):
@@ -556,6 +571,7 @@ def test_cli_evaluates_a_torchscript_file_on_mnist_without_a_run(evaluated_run, 
     assert sum(row["support"] for row in metrics["per_digit"]) == 10000
 
 
+@pytest.mark.slow
 def test_cli_bootstrap_option_sets_the_resamples_and_refuses_negatives(evaluated_run, tmp_path):
     from digitlens.cli import app
     from digitlens.intervals import bootstrap_metrics

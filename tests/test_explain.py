@@ -48,6 +48,7 @@ def _linear_model(seed=0):
 
 # --- equal to Captum called directly ---------------------------------------------------------
 
+@pytest.mark.slow
 def test_saliency_and_input_x_gradient_equal_captum(tiny_cnn, batch):
     x, y = batch
     frozen = prepare_model(tiny_cnn)
@@ -59,6 +60,7 @@ def test_saliency_and_input_x_gradient_equal_captum(tiny_cnn, batch):
     torch.testing.assert_close(ours, theirs)
 
 
+@pytest.mark.slow
 def test_integrated_gradients_fixed_steps_equal_captum(tiny_cnn, batch):
     x, y = batch
     ours = attribute(prepare_model(tiny_cnn), x, y, "integrated_gradients", n_steps=20)
@@ -66,6 +68,7 @@ def test_integrated_gradients_fixed_steps_equal_captum(tiny_cnn, batch):
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_occlusion_equal_captum(tiny_cnn, batch):
     x, y = batch[0][:4], batch[1][:4]
     ours = attribute(prepare_model(tiny_cnn), x, y, "occlusion")
@@ -74,6 +77,7 @@ def test_occlusion_equal_captum(tiny_cnn, batch):
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_gradcam_equal_captum_on_last_conv_block_with_patch_aligned_upsampling(tiny_cnn, batch):
     x, y = batch
     frozen = prepare_model(tiny_cnn)
@@ -92,6 +96,7 @@ def test_gradcam_equal_captum_on_last_conv_block_with_patch_aligned_upsampling(t
     assert not torch.allclose(named, ours)
 
 
+@pytest.mark.slow
 def test_hirescam_equals_captum_and_splits_the_class_score_over_the_map_exactly(tiny_cnn, batch):
     from captum.attr import LayerGradientXActivation
 
@@ -108,6 +113,7 @@ def test_hirescam_equals_captum_and_splits_the_class_score_over_the_map_exactly(
     torch.testing.assert_close(gxa.detach().sum(dim=(1, 2, 3)), score, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_gradcam_refuses_a_layer_whose_map_is_partly_cut_off_and_defaults_to_a_whole_one(batch):
     x, y = batch
     legacy = prepare_model(build_model("cnn", widths=(4, 8, 8), pool_ceil=False))  # floor pool: 7x7 -> 3x3
@@ -134,6 +140,7 @@ def test_linear_model_saliency_is_abs_weights_and_ixg_is_x_times_w():
                                rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_adaptive_integrated_gradients_meets_completeness_tolerance(tiny_cnn, batch):
     from digitlens.explain.methods import IGInfo
 
@@ -181,6 +188,7 @@ def test_clenshaw_curtis_integrates_polynomials_exactly_and_is_nested():
         clenshaw_curtis(7)
 
 
+@pytest.mark.slow
 def test_adaptive_integrated_gradients_converge_to_captum_with_many_steps(tiny_cnn, batch):
     x, y = batch[0][:10], batch[1][:10]
     ours = attribute(prepare_model(tiny_cnn), x, y, "integrated_gradients", tolerance=0.0, max_steps=513)
@@ -194,6 +202,7 @@ def test_adaptive_integrated_gradients_converge_to_captum_with_many_steps(tiny_c
 
 # --- per-digit maps --------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_per_digit_maps_sum_to_one_and_match_naive_formula(tiny_cnn, digits):
     x, y = digits.test.images[:120], digits.test.labels[:120]
     maps = PerDigitMaps(tiny_cnn, "saliency").attribute(x, y, batch_size=120)
@@ -206,6 +215,7 @@ def test_per_digit_maps_sum_to_one_and_match_naive_formula(tiny_cnn, digits):
         np.testing.assert_allclose(maps[digit], pooled / pooled.sum(), rtol=1e-5, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_streaming_in_batches_equals_all_at_once(tiny_cnn, digits):
     x, y = digits.test.images[:40], digits.test.labels[:40]
     for method in ("saliency", "gradcam"):
@@ -214,6 +224,7 @@ def test_streaming_in_batches_equals_all_at_once(tiny_cnn, digits):
         np.testing.assert_allclose(streamed, once, rtol=1e-6, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_group_by_predicted_and_correct_counts(tiny_cnn, digits):
     x, y = digits.test.images[:100], digits.test.labels[:100]
     pred = tiny_cnn(x).argmax(1).numpy()
@@ -234,6 +245,7 @@ def test_pool_to_grid_sums_patches_and_rejects_bad_grid():
         pool_to_grid(maps, 0)
 
 
+@pytest.mark.slow
 def test_bad_method_and_group_by_raise_one_line_errors(tiny_cnn):
     with pytest.raises(DigitlensError, match="unknown method"):
         PerDigitMaps(tiny_cnn, "lime")
@@ -286,6 +298,7 @@ def test_class_token_attention_maps_follow_the_formula():
     torch.testing.assert_close(rolled, expected.repeat_interleave(4, 2).repeat_interleave(4, 3))
 
 
+@pytest.mark.slow
 def test_vit_attention_methods_run_per_digit():
     torch.manual_seed(0)
     vit = build_model("vit", dim=16, depth=2, heads=2, mlp_dim=32).eval()
@@ -298,6 +311,7 @@ def test_vit_attention_methods_run_per_digit():
 
 # --- faithfulness ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_deletion_of_oracle_order_is_below_random_for_known_model():
     # two classes: logit_0 = w . x, logit_1 = 0, so p_0 = sigmoid(w . x); removing the patches with
     # the largest contribution w * x first is the best possible deletion order.
@@ -339,6 +353,7 @@ def test_spearman_rows_equal_scipy():
     np.testing.assert_allclose(spearman_rows(a, b), expected, rtol=1e-10)
 
 
+@pytest.mark.slow
 def test_cascading_randomisation_top_down(tiny_cnn, batch):
     x, y = batch[0][:16], batch[1][:16]
     names = [u[0] for u in randomisation_units(tiny_cnn)]
@@ -360,6 +375,7 @@ def test_cascading_randomisation_top_down(tiny_cnn, batch):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.slow
 def test_explain_model_faithfulness_ranks_and_beats_random(tiny_cnn, digits):
     x, y = digits.test.images[:40], digits.test.labels[:40]
     out = explain_model(tiny_cnn, x, y.numpy(), methods=["saliency", "gradcam"], faithfulness_size=20,
@@ -418,6 +434,7 @@ def _write_run(path, model, name, model_kwargs):
     return path
 
 
+@pytest.mark.slow
 def test_explain_run_writes_maps_manifest_metrics_and_figures(tiny_cnn, tmp_path):
     from digitlens.explain import explain_run, load_maps
     from digitlens.runio import read_json
@@ -440,6 +457,7 @@ def test_explain_run_writes_maps_manifest_metrics_and_figures(tiny_cnn, tmp_path
         assert f"{fig}.png" in summary["files"]["figures"]
 
 
+@pytest.mark.slow
 def test_explain_command_and_one_line_errors(tiny_cnn, tmp_path):
     from typer.testing import CliRunner
 
@@ -476,6 +494,7 @@ def test_explain_command_and_one_line_errors(tiny_cnn, tmp_path):
     assert result.exit_code == 2 and "run folder not found" in result.output
 
 
+@pytest.mark.slow
 def test_comparison_display_shares_colour_scale_and_draws_difference():
     from digitlens.plots.heatmaps import PerDigitMapsComparisonDisplay
 
@@ -492,6 +511,7 @@ def test_comparison_display_shares_colour_scale_and_draws_difference():
         PerDigitMapsComparisonDisplay(maps_a=a, maps_b=b[:, :5, :5])
 
 
+@pytest.mark.slow
 def test_comparison_reuses_maps_saved_in_the_other_run(tiny_cnn, tmp_path, monkeypatch):
     from digitlens.explain import explain_run, load_maps
     from digitlens.explain import run as explain_run_module
@@ -519,6 +539,7 @@ def test_comparison_reuses_maps_saved_in_the_other_run(tiny_cnn, tmp_path, monke
     assert (run_a / "explain" / "figures" / "compare_saliency_a_vs_b.png").is_file()
 
 
+@pytest.mark.slow
 def test_fold_batch_norm_keeps_the_function_and_its_input_gradients(tiny_cnn, digits):
     from digitlens.explain.methods import fold_batch_norm
 
@@ -540,6 +561,7 @@ def test_fold_batch_norm_keeps_the_function_and_its_input_gradients(tiny_cnn, di
     torch.testing.assert_close(ig_folded, ig_frozen, atol=2e-3, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_a_class_without_attribution_is_reported_not_passed_off_as_a_distribution(digits, tmp_path):
     from digitlens.explain.run import _save_maps
     from digitlens.plots.heatmaps import PerDigitMapsDisplay
@@ -575,6 +597,7 @@ def test_the_faithfulness_module_is_not_shadowed_by_a_function():
     assert callable(digitlens.explain.faithfulness_report)
 
 
+@pytest.mark.slow
 def test_every_flag_an_error_names_exists_and_methods_take_dashes(tiny_cnn):
     import re
     from pathlib import Path
@@ -613,6 +636,7 @@ def test_the_verdict_says_when_the_runner_up_is_within_noise():
                                  {"a": base, "b": base}) == {}
 
 
+@pytest.mark.slow
 def test_explain_compare_carries_the_paired_accuracy_test(tmp_path, tiny_cnn, digits):
     from scipy.stats import binomtest
 

@@ -95,6 +95,7 @@ def reference(tmp_path_factory):
             "own_accuracy": own_accuracy, "own_log_probs": own_log_probs}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["pt", "onnx"])
 def test_declared_normalisation_gives_the_models_own_accuracy(reference, fmt):
     own = reference["own_accuracy"]
@@ -112,6 +113,7 @@ def test_declared_normalisation_gives_the_models_own_accuracy(reference, fmt):
     assert plain["source"]["user_model"]["preprocessing"]["normalize"] is None
 
 
+@pytest.mark.slow
 def test_onnx_predictions_equal_pytorch(reference):
     images = reference["test"].images
     onnx = load_user_model(reference["onnx"], Preprocessing(normalize=(MEAN, STD)))
@@ -123,6 +125,7 @@ def test_onnx_predictions_equal_pytorch(reference):
     assert load_user_model(reference["pt"], trust_code=True).is_differentiable
 
 
+@pytest.mark.slow
 def test_cli_records_the_flags_and_later_stages_reuse_them(reference, tmp_path, monkeypatch):
     import digitlens.evaluate
     from digitlens.cli import app
@@ -194,6 +197,7 @@ def test_declared_outputs_override_detection():
     assert user.outputs == "logits" and not user.outputs_detected
 
 
+@pytest.mark.slow
 def test_scikit_learn_model_through_skl2onnx_equals_predict_proba(tmp_path):
     from skl2onnx import to_onnx
     from sklearn.linear_model import LogisticRegression
@@ -229,6 +233,7 @@ def _cli_error(args) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_bad_model_files_give_one_line(tmp_path):
     not_onnx = tmp_path / "junk.onnx"
     not_onnx.write_bytes(b"this is not a protobuf")
@@ -261,6 +266,7 @@ def test_bad_model_files_give_one_line(tmp_path):
     assert "weights.pth" in line and "torch.jit.save" in line
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, message", [
     (["--normalize", "0.1307"], "--normalize"),
     (["--normalize", "0.1,0"], "positive STD"),
@@ -273,6 +279,7 @@ def test_bad_flags_give_one_line(reference, tmp_path, flags, message):
     assert message in line
 
 
+@pytest.mark.slow
 def test_flags_on_a_digitlens_run_are_refused(tmp_path):
     from digitlens import models
 
@@ -303,6 +310,7 @@ def small_cnn(tmp_path_factory):
     return {"model": model, "onnx": path, "test": splits.test}
 
 
+@pytest.mark.slow
 def test_onnx_perturbation_maps_equal_pytorch_ones(small_cnn):
     """Occlusion, feature ablation and Shapley value sampling on the ONNX forward give the maps
     of the same methods on the PyTorch model; occlusion and feature ablation over 4x4 patches
@@ -324,6 +332,7 @@ def test_onnx_perturbation_maps_equal_pytorch_ones(small_cnn):
     assert default_methods(load_user_model(small_cnn["onnx"]).prepare(images).torch_module()) == ("occlusion",)
 
 
+@pytest.mark.slow
 def test_torchscript_attributions_are_on_the_users_pixel_scale(reference):
     """Saliency of the TorchScript reference with --normalize is the gradient of its score with
     respect to the [0, 1] pixels (the normalisation is inside the explained function), computed
@@ -343,6 +352,7 @@ def test_torchscript_attributions_are_on_the_users_pixel_scale(reference):
     np.testing.assert_allclose(result["pixel_maps"]["saliency"], expected, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_cli_explains_and_reports_an_onnx_model(small_cnn, tmp_path, monkeypatch):
     import digitlens.evaluate
     from digitlens.cli import app

@@ -143,6 +143,7 @@ def test_linear_imputation_noise_is_seeded_and_on_removed_pixels_only(batch):
 
 # --- deletion / insertion against Quantus and a naive loop -------------------------------------
 
+@pytest.mark.slow
 def test_pixel_deletion_equals_quantus_pixel_flipping(small_cnn, batch, pixel_attr):
     quantus = _quantus()
     x, y = batch
@@ -158,6 +159,7 @@ def test_pixel_deletion_equals_quantus_pixel_flipping(small_cnn, batch, pixel_at
     assert np.ptp(theirs) > 0.1  # the curves do move
 
 
+@pytest.mark.slow
 def test_patch_deletion_equals_quantus_region_perturbation(small_cnn, batch, pixel_attr):
     quantus = _quantus()
     x, y = batch
@@ -186,6 +188,7 @@ def _naive_curves(model, x, y, order, grid, mode, units_per_step):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("grid,units_per_step", [(7, 1), (7, 5), (28, 60)])
 @pytest.mark.parametrize("mode", ["deletion", "insertion"])
 def test_perturbation_curves_equal_naive_loop(small_cnn, batch, grid, units_per_step, mode):
@@ -206,6 +209,7 @@ def _quantus_road(quantus, model, x, y, a, percentages):
     return np.array([scores[p] for p in percentages])
 
 
+@pytest.mark.slow
 def test_pixel_road_equals_quantus(small_cnn, batch, pixel_attr):
     quantus = _quantus()
     x, y = batch
@@ -220,6 +224,7 @@ def test_pixel_road_equals_quantus(small_cnn, batch, pixel_attr):
         assert len(set(theirs)) > 2  # the accuracies do change
 
 
+@pytest.mark.slow
 def test_patch_road_equals_quantus_on_patch_constant_attributions(small_cnn, batch, pixel_attr):
     quantus = _quantus()
     x, y = batch
@@ -235,6 +240,7 @@ def test_patch_road_equals_quantus_on_patch_constant_attributions(small_cnn, bat
 
 # --- ROAD on its own --------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_road_probability_is_the_model_on_imputed_images(small_cnn, batch):
     x, y = batch[0][:6], batch[1][:6]
     order = random_order(6, 49, seed=0)
@@ -250,6 +256,7 @@ def test_road_probability_is_the_model_on_imputed_images(small_cnn, batch):
         np.testing.assert_allclose(ours[:, 0], torch.softmax(small_cnn(x), 1)[torch.arange(6), y].numpy(), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_road_lerf_is_morf_of_reversed_order_and_seeded(small_cnn, batch):
     x, y = batch[0][:8], batch[1][:8]
     order = random_order(8, 49, seed=5)

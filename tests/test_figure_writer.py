@@ -19,6 +19,7 @@ def _figure(title):
     return fig
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", ["0", "2"])
 def test_manifest_lists_every_saved_figure(tmp_path, monkeypatch, workers):
     monkeypatch.setenv("DIGITLENS_FIGURE_WORKERS", workers)

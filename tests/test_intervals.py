@@ -49,6 +49,7 @@ def test_wilson_interval_is_vectorised_and_rejects_bad_input():
         wilson_interval(1, 10, confidence=95)
 
 
+@pytest.mark.slow
 def test_bootstrap_equals_a_plain_loop_over_the_same_resamples():
     y_true, y_pred, proba = _predictions(300, accuracy=0.8)
     calibrated = proba ** 0.5 / (proba ** 0.5).sum(axis=1, keepdims=True)
@@ -160,6 +161,7 @@ def test_report_readings_quote_the_intervals_and_old_runs_still_read(tmp_path):
     assert "no digit is called hardest or easiest" in reading_per_digit(old)[0]
 
 
+@pytest.mark.slow
 def test_figures_draw_the_intervals():
     import matplotlib
 

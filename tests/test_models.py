@@ -47,6 +47,7 @@ def _naive_attention(block, tokens):
     return torch.exp(scores - scores.amax(-1, keepdim=True)) / torch.exp(scores - scores.amax(-1, keepdim=True)).sum(-1, keepdim=True)
 
 
+@pytest.mark.slow
 def test_vit_returns_attention_of_every_block():
     torch.manual_seed(0)
     model = ViT(dim=32, depth=3, heads=4, mlp_dim=64).eval()
@@ -80,6 +81,7 @@ def test_vit_separate_qkv_layers():
             assert isinstance(layer, torch.nn.Linear) and layer.weight.shape == (32, 32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,kwargs", [("cnn", {"widths": [8, 16, 24]}), ("vit", {"dim": 32, "depth": 1, "heads": 2, "mlp_dim": 32})])
 def test_save_and_load_model_round_trip(tmp_path, name, kwargs):
     pinned = {**kwargs, "pool_ceil": True} if name == "cnn" else kwargs  # as train() pins it

@@ -81,6 +81,7 @@ def _write_three_history_files(folder):
     return digitlens_csv, keras_csv, keras_json
 
 
+@pytest.mark.slow
 def test_three_history_formats_give_the_same_curves(tmp_path):
     digitlens_csv, keras_csv, keras_json = _write_three_history_files(tmp_path)
     histories = [read_history_csv(digitlens_csv), read_keras_csvlogger(keras_csv), read_keras_history_json(keras_json),
@@ -180,6 +181,7 @@ def test_bad_history_files_name_the_file(tmp_path):
 
 # --- confusion matrix ----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_confusion_matrix_counts_and_row_normalised(predictions, tmp_path):
     _, y_true, proba = predictions
     y_pred = proba.argmax(axis=1)

@@ -57,6 +57,7 @@ def photos(tmp_path_factory):
     return [photo_of_digit(folder / f"digit_{d}.png", d, seed=d) for d in DIGITS]
 
 
+@pytest.mark.slow
 def test_a_photo_like_digit_is_read_right_by_a_briefly_trained_cnn(mnist_run, photos):
     run_dir, model = mnist_run
     results = predict_images(run_dir, photos)
@@ -71,6 +72,7 @@ def test_a_photo_like_digit_is_read_right_by_a_briefly_trained_cnn(mnist_run, ph
         assert r["top"][0][1] > 0.5
 
 
+@pytest.mark.slow
 def test_an_mnist_png_is_predicted_exactly_as_the_idx_pixels(mnist_run, tmp_path):
     run_dir, model = mnist_run
     test = data.load_mnist_split(data.locate_mnist(download=False), "test")
@@ -81,6 +83,7 @@ def test_an_mnist_png_is_predicted_exactly_as_the_idx_pixels(mnist_run, tmp_path
     assert result["probabilities"] == [float(v) for v in predict_proba(model, test.images[:1])[0]]
 
 
+@pytest.mark.slow
 def test_cli_prints_the_top_three_and_json_lines(mnist_run, photos):
     run_dir, _ = mnist_run
     runner = CliRunner()
@@ -99,6 +102,7 @@ def test_cli_prints_the_top_three_and_json_lines(mnist_run, photos):
         assert len(o["probabilities"]) == 10 and int(np.argmax(o["probabilities"])) == o["prediction"]
 
 
+@pytest.mark.slow
 def test_cli_explain_and_show_steps_write_a_png_per_image(mnist_run, photos, tmp_path):
     run_dir, _ = mnist_run
     out = tmp_path / "figures"
@@ -112,10 +116,21 @@ def test_cli_explain_and_show_steps_write_a_png_per_image(mnist_run, photos, tmp
         for png in (o["steps"], o["explanation"]):
             with Image.open(png) as img:
                 assert img.format == "PNG" and img.width > 3 * img.height > 600
-    assert sorted(p.name for p in out.iterdir()) == sorted(
-        f"{p.stem}_{kind}.png" for p in photos[:2] for kind in ("steps", "saliency"))
+    pngs = sorted(f"{p.stem}_{kind}.png" for p in photos[:2] for kind in ("steps", "saliency"))
+    assert sorted(p.name for p in out.iterdir()) == sorted(pngs + ["figures.json"])
+    # the figure manifest lists each PNG with what it shows
+    manifest = json.loads((out / "figures.json").read_text())
+    assert manifest["stage"] == "predict"
+    entries = {e["path"]: e for e in manifest["figures"]}
+    assert sorted(entries) == pngs
+    for p in photos[:2]:
+        steps, overlay = entries[f"{p.stem}_steps.png"], entries[f"{p.stem}_saliency.png"]
+        assert (steps["kind"], steps["section"], steps["image"]) == ("prediction_steps", "predict", p.name)
+        assert (overlay["kind"], overlay["method"], overlay["image"]) == ("prediction_map", "saliency", p.name)
+        assert overlay["title"].startswith(f"{p.name}: predicted ")
 
 
+@pytest.mark.slow
 def test_two_images_with_the_same_name_get_two_figures(mnist_run, photos, tmp_path):
     run_dir, _ = mnist_run
     other = tmp_path / "elsewhere"
@@ -125,6 +140,7 @@ def test_two_images_with_the_same_name_get_two_figures(mnist_run, photos, tmp_pa
     assert [Path(r["steps"]).name for r in results] == [f"{twin.stem}_steps.png", f"{twin.stem}-2_steps.png"]
 
 
+@pytest.mark.slow
 def test_a_torchscript_file_predicts_like_its_run(mnist_run, photos, tmp_path):
     run_dir, model = mnist_run
     script = tmp_path / "cnn.pt"
@@ -139,6 +155,7 @@ def test_a_torchscript_file_predicts_like_its_run(mnist_run, photos, tmp_path):
         assert Path(a["explanation"]).is_file() and Path(a["explanation"]).parent == tmp_path / "file"
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line_and_writes_nothing(mnist_run, photos, tmp_path):
     run_dir, _ = mnist_run
     runner = CliRunner()
@@ -162,6 +179,7 @@ def test_bad_input_is_one_line_and_writes_nothing(mnist_run, photos, tmp_path):
         predict_images(run_dir, [])
 
 
+@pytest.mark.slow
 def test_an_onnx_file_and_a_normalising_model_predict_like_the_run(mnist_run, photos, tmp_path):
     """`predict` reads model files through the bring-your-own-model loader: an ONNX export predicts
     like its run (forward-only: occlusion works, saliency is one line), and a TorchScript model that

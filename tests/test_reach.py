@@ -98,6 +98,7 @@ def _check_region(model, method, images, labels):
         assert REGION[np.unravel_index(np.argmax(m), m.shape)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["saliency", "input_x_gradient", "integrated_gradients", "occlusion", "gradcam",
                                     "hirescam"])
 def test_cnn_that_reads_one_region_gets_every_map_there(region_cnn, digits, method):
@@ -107,11 +108,13 @@ def test_cnn_that_reads_one_region_gets_every_map_there(region_cnn, digits, meth
     _check_region(region_cnn, method, x, y)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["attention", "attention_rollout", "saliency", "integrated_gradients"])
 def test_vit_that_attends_to_one_region_gets_every_map_there(region_vit, digits, method):
     _check_region(region_vit, method, digits.test.images[:60], digits.test.labels[:60])
 
 
+@pytest.mark.slow
 def test_explain_reports_the_patches_no_class_score_depends_on(region_cnn, digits):
     x, y = digits.test.images[:80], digits.test.labels[:80]
     reach = layer_reach(prepare_model(region_cnn), None, x)  # the input itself
@@ -122,6 +125,7 @@ def test_explain_reports_the_patches_no_class_score_depends_on(region_cnn, digit
     assert out["gradcam_layer"] == "features"
 
 
+@pytest.mark.slow
 def test_gradcam_on_a_partly_dead_layer_is_refused_and_the_default_skips_it(digits):
     """A layer whose outer ring never reaches the classifier (a 5x5 centre crop after it)."""
     x = digits.test.images[:40]

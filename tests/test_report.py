@@ -117,6 +117,7 @@ FIGS = ("figures/training_curves", "figures/confusion_matrix", "figures/misclass
         "figures/prediction_gallery", "figures/zz_brand_new_figure")
 
 
+@pytest.mark.slow
 def test_report_is_self_contained_and_reads_the_numbers(tmp_path, labels):
     from sklearn.metrics import confusion_matrix
 
@@ -159,6 +160,7 @@ def test_report_is_self_contained_and_reads_the_numbers(tmp_path, labels):
     assert "Hardest digit: nine" in page.text_all and "<table" in out.read_text()
 
 
+@pytest.mark.slow
 def test_later_stages_add_their_sections(tmp_path, labels):
     from digitlens.explain.verdict import rank_methods
 
@@ -219,6 +221,7 @@ def test_later_stages_add_their_sections(tmp_path, labels):
     assert "r = 8 is the most accurate: better than r = 4 (p < 0.001)" in text
 
 
+@pytest.mark.slow
 def test_compare_puts_runs_side_by_side(tmp_path, labels):
     y_true, y_pred = labels
     a = make_run(tmp_path, "cnn", val_accuracy=[0.9, 0.95], val_loss=[0.3, 0.2], y_true=y_true, y_pred=y_pred,
@@ -236,6 +239,7 @@ def test_compare_puts_runs_side_by_side(tmp_path, labels):
     assert html.count('class="panels panels-2"') == 1
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line(tmp_path, labels):
     with pytest.raises(DigitlensError, match="run folder not found"):
         write_report(tmp_path / "nope")
@@ -247,6 +251,7 @@ def test_bad_input_is_one_line(tmp_path, labels):
         write_report(run)
 
 
+@pytest.mark.slow
 def test_cli_report(tmp_path, labels):
     from digitlens.cli import app
 
@@ -283,6 +288,7 @@ def test_shares_in_readings_carry_the_wilson_interval_of_their_images(tmp_path, 
     assert f"peaked at 75.00% (95% interval {ci.low * 100:.2f}-{ci.high * 100:.2f}%)" in line
 
 
+@pytest.mark.slow
 def test_no_bare_percentages_in_the_hand_built_reports(tmp_path, labels):
     """Every percentage the report prints for a run (and for two runs side by side) carries its 95% interval;
     the audit itself finds a bare one and passes intervals, confidence levels and the allow-list."""

@@ -38,6 +38,7 @@ def test_bad_files_give_one_line_errors(tmp_path):
     np.testing.assert_array_equal(arrays["a"], np.eye(2))
 
 
+@pytest.mark.slow
 def test_figure_batch_draws_in_workers_same_bytes_as_in_process(tmp_path, monkeypatch):
     import matplotlib
 

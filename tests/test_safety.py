@@ -76,6 +76,7 @@ def _fake_mnist(folder: Path, seed: int = 0) -> None:
         (folder / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(_idx(np.arange(n) % 10)))
 
 
+@pytest.mark.slow
 def test_swapped_mnist_files_are_refused_and_no_verify_trains_on_them(tmp_path):
     _fake_mnist(tmp_path / "variant")
     args = ("train", "--dataset", "mnist", "--data-dir", tmp_path / "variant", "--epochs", 1, "--val-fraction", 0.25,
@@ -90,6 +91,7 @@ def test_swapped_mnist_files_are_refused_and_no_verify_trains_on_them(tmp_path):
     assert cli("evaluate", tmp_path / "variant-run", "--no-progress", "--bootstrap", 0)[0] == 0
 
 
+@pytest.mark.slow
 def test_gzip_bomb_through_train_is_one_line(tmp_path):
     _fake_mnist(tmp_path / "bomb")
     comp = zlib.compressobj(9, zlib.DEFLATED, 31)
@@ -102,6 +104,7 @@ def test_gzip_bomb_through_train_is_one_line(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_images_that_are_not_28x28_leave_no_run_folder(tmp_path):
     _fake_mnist(tmp_path / "small")
     (tmp_path / "small" / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(_idx(np.zeros((60, 14, 14)))))
@@ -111,6 +114,7 @@ def test_images_that_are_not_28x28_leave_no_run_folder(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_all_zero_labels_are_refused_even_with_no_verify(tmp_path):
     _fake_mnist(tmp_path / "zeros")
     (tmp_path / "zeros" / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(_idx(np.zeros(60))))
@@ -122,14 +126,17 @@ def test_all_zero_labels_are_refused_even_with_no_verify(tmp_path):
 
 # --- training ------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_one_cycle_schedule_of_four_steps_trains(tmp_path):
     """`train --dataset digits --epochs 1 --batch-size 303`: 1,212 training images make 4 steps and
     pct_start 0.25 puts the warm-up's end on step 0, where OneCycleLR divided by zero."""
+    from dataclasses import replace
+
     from digitlens.train import DEFAULT_HYPER, make_optimizer
 
     code, output = cli("train", "--out", tmp_path / "run", "--epochs", 1, "--batch-size", 303, "--no-progress")
     assert code == 0, output
-    hyper = dict(DEFAULT_HYPER["cnn"], lr=0.1)
+    hyper = replace(DEFAULT_HYPER["cnn"], lr=0.1)
     net = torch.nn.Linear(2, 2)
     optimizer, scheduler = make_optimizer(net, hyper, 4)
     rates = []
@@ -149,6 +156,7 @@ def test_one_cycle_schedule_of_four_steps_trains(tmp_path):
     np.testing.assert_allclose(rates, expected, rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_out_that_is_a_file(tmp_path, digits_run):
     (tmp_path / "afile").write_text("x")
     line = one_error_line(*cli("train", "--out", tmp_path / "afile", "--epochs", 1, "--no-progress"))
@@ -160,6 +168,7 @@ def test_out_that_is_a_file(tmp_path, digits_run):
 
 # --- damaged run folders ---------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("field, value, needle", [
     ("n_classes", "ten", "n_classes 'ten' is not a whole number"),
     ("n_classes", 2 ** 40, "n_classes 1099511627776 is not a whole number"),
@@ -176,6 +185,7 @@ def test_config_fields_of_the_wrong_type_or_size(tmp_path, digits_run, field, va
     assert str(run / "config.json") in line and needle in line
 
 
+@pytest.mark.slow
 def test_damaged_weights(tmp_path, digits_run):
     from safetensors.torch import load_file, save_file
 
@@ -191,6 +201,7 @@ def test_damaged_weights(tmp_path, digits_run):
     assert f"tensor {key!r} is int8" in one_error_line(*cli("evaluate", run, "--no-progress", "--bootstrap", 0))
 
 
+@pytest.mark.slow
 def test_report_over_damaged_files(tmp_path, digits_run):
     run = copy_run(digits_run, tmp_path)
     (run / "history.csv").write_bytes(b"\xff\xfeepoch,loss\n")
@@ -220,6 +231,7 @@ def _adapter(folder: Path, config, rng, *, rank: int = 4, nan: bool = False, ext
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, needle", [
     ("plain", None),
     ("config list", "adapter_config.json: expected a JSON object, found list"),
@@ -281,6 +293,7 @@ def _hold_lock_in_subprocess(folder: Path, stage: str = "train"):
     return proc
 
 
+@pytest.mark.slow
 def test_second_writer_is_refused_naming_the_pid_and_a_dead_holder_is_not_in_the_way(tmp_path, digits_run):
     import os
     import signal
@@ -311,6 +324,7 @@ def test_second_writer_is_refused_naming_the_pid_and_a_dead_holder_is_not_in_the
     assert not (run / ".digitlens.lock").exists()  # a stage that ends removes its lock file
 
 
+@pytest.mark.slow
 def test_two_trainings_into_one_folder(tmp_path):
     """`train --seed 1 --epochs 6 --out R & train --seed 2 --epochs 3 --out R`: the second is refused
     in one line naming the first's PID, and R holds the first run only."""
@@ -342,6 +356,7 @@ def test_two_trainings_into_one_folder(tmp_path):
     assert cli("evaluate", run, "--no-progress", "--bootstrap", 0)[0] == 0
 
 
+@pytest.mark.slow
 def test_a_failed_first_write_leaves_no_folder(tmp_path):
     code, output = cli("train", "--out", tmp_path / "new", "--model", "resnet", "--no-progress")
     assert "unknown model" in one_error_line(code, output)
@@ -350,6 +365,7 @@ def test_a_failed_first_write_leaves_no_folder(tmp_path):
 
 # --- whole-stage outputs ---------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_explain_output_is_replaced_as_a_whole(tmp_path, digits_run):
     run = copy_run(digits_run, tmp_path)
     args = ("--group-by", "predicted", "--faithfulness-size", 0, "--no-progress")
@@ -367,6 +383,7 @@ def test_explain_output_is_replaced_as_a_whole(tmp_path, digits_run):
     assert not [p for p in run.iterdir() if p.name.endswith((".tmp", ".old"))]
 
 
+@pytest.mark.slow
 def test_orphans_of_killed_writers_are_cleaned_and_a_cut_swap_is_undone(tmp_path, digits_run):
     run = copy_run(digits_run, tmp_path)
     (run / ".metrics.json.k3j4.tmp").write_text("half")
@@ -383,6 +400,7 @@ def test_orphans_of_killed_writers_are_cleaned_and_a_cut_swap_is_undone(tmp_path
 
 # --- file modes ------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_weights_follow_the_umask_like_every_other_file(digits_run):
     import os
 
@@ -417,6 +435,7 @@ def test_adapter_files_follow_the_umask(tmp_path):
 
 # --- a self-contained report ---------------------------------------------------------------
 
+@pytest.mark.slow
 def test_report_inlines_only_the_runs_own_png_images(tmp_path, digits_run):
     import re
 

@@ -24,6 +24,7 @@ def group(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_cli_trains_one_run_per_seed(group):
     info = read_json(group / "group.json")
     assert info["seeds"] == [0, 1] and info["runs"] == ["seed_0", "seed_1"]
@@ -36,6 +37,7 @@ def test_cli_trains_one_run_per_seed(group):
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_summary_mean_and_spread_equal_numpy(group):
     summary = summarise_group(group)  # evaluates the seed runs that have no metrics.json
     assert read_json(group / "group_summary.json")["metrics"] == summary["metrics"]
@@ -52,6 +54,7 @@ def test_summary_mean_and_spread_equal_numpy(group):
     assert "95% interval" in summary["sentence"]
 
 
+@pytest.mark.slow
 def test_report_of_the_group_holds_the_table(group):
     result = CliRunner().invoke(app, ["report", str(group)])
     assert result.exit_code == 0, result.output
@@ -68,6 +71,7 @@ def test_report_of_the_group_holds_the_table(group):
     assert bare_percentages(page) == []  # each run's accuracy with its interval; means and min-max: allow-listed
 
 
+@pytest.mark.slow
 def test_seed_with_seeds_is_refused_in_one_line(tmp_path):
     out = tmp_path / "g"
     result = CliRunner().invoke(app, ["train", "--seeds", "0,1", "--seed", "3", "--out", str(out), *FAST_ARGS])
@@ -77,6 +81,7 @@ def test_seed_with_seeds_is_refused_in_one_line(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_bad_seed_lists_and_resume(group, tmp_path):
     for text in ("", "0,x", "1,1"):
         with pytest.raises(DigitlensError):
@@ -92,6 +97,7 @@ def test_bad_seed_lists_and_resume(group, tmp_path):
     assert result["summaries"] == [None, None]
 
 
+@pytest.mark.slow
 def test_evaluate_on_a_group_evaluates_every_seed_and_prints_the_spread(group):
     result = CliRunner().invoke(app, ["evaluate", str(group), "--no-progress"])
     assert result.exit_code == 0, result.output

@@ -51,6 +51,7 @@ def stroke_png(tmp_path=None) -> bytes:
     return buffer.getvalue()
 
 
+@pytest.mark.slow
 def test_health_and_runs(client, runs):
     from sklearn.metrics import confusion_matrix
 
@@ -66,6 +67,7 @@ def test_health_and_runs(client, runs):
     assert cnn["accuracy"] > 0.8  # the CNN learned something; the untrained ViT is the contrast
 
 
+@pytest.mark.slow
 def test_predict_pixels_matches_the_models_and_captum(client, runs, test_split):
     from captum.attr import Saliency
 
@@ -87,6 +89,7 @@ def test_predict_pixels_matches_the_models_and_captum(client, runs, test_split):
         np.testing.assert_allclose(result["maps"]["saliency"], oracle, atol=1e-4 * np.abs(oracle).max() + 1e-9, rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_target_explains_another_class(client, test_split, runs):
     from captum.attr import Saliency
 
@@ -101,6 +104,7 @@ def test_target_explains_another_class(client, test_split, runs):
     np.testing.assert_allclose(answer["models"][0]["maps"]["saliency"], oracle, atol=1e-4 * np.abs(oracle).max(), rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_png_body_is_what_digitlens_predict_sees(client, runs, tmp_path):
     from digitlens.predict import predict_images
     from digitlens.preprocess import to_mnist
@@ -122,6 +126,7 @@ def test_png_body_is_what_digitlens_predict_sees(client, runs, tmp_path):
     assert all(s["png"].startswith("data:image/png;base64,") for s in answer["steps"])
 
 
+@pytest.mark.slow
 def test_a_method_one_model_lacks_is_skipped_with_a_reason(client, test_split):
     image = test_split.images[0].flatten().tolist()
     cnn, vit = client.post("/api/predict", json={"pixels": image, "methods": "attention"}).json()["models"]
@@ -129,6 +134,7 @@ def test_a_method_one_model_lacks_is_skipped_with_a_reason(client, test_split):
     assert np.asarray(vit["maps"]["attention"]).shape == (28, 28)
 
 
+@pytest.mark.slow
 def test_batched_answers_equal_single_answers(runs, test_split):
     from digitlens.serve.app import load_models, predict_batch
 
@@ -146,6 +152,7 @@ def test_batched_answers_equal_single_answers(runs, test_split):
                                            atol=1e-3 * np.abs(want["maps"][key]).max() + 1e-9)
 
 
+@pytest.mark.slow
 def test_cell_lists_the_pair_most_confident_first(client, runs):
     saved = np.load(runs[1] / "predictions.npz")  # the untrained ViT: plenty of mistakes
     confidence = saved["proba"][np.arange(len(saved["y_pred"])), saved["y_pred"]]
@@ -161,6 +168,7 @@ def test_cell_lists_the_pair_most_confident_first(client, runs):
     assert [it["index"] for it in filtered["items"]] == [i for i in expected if confidence[i] >= cut][:48]
 
 
+@pytest.mark.slow
 def test_disagreements_and_one_image(client, runs, test_split):
     one, two = (np.load(r / "predictions.npz") for r in runs)
     answer = client.get("/api/disagreements?a=cnn&b=vit&limit=500").json()
@@ -171,6 +179,7 @@ def test_disagreements_and_one_image(client, runs, test_split):
     assert item["true"] == int(test_split.labels[5])
 
 
+@pytest.mark.slow
 def test_run_files_are_served_only_from_inside_the_run(client, runs):
     assert client.get("/api/runs/cnn/files/metrics.json").json()["n_samples"] == 450
 
@@ -186,6 +195,7 @@ def error_of(response, status):
 GOOD = [0.0] * 784
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("body, content_type, status, words", [
     (b'{"pixels": [0.1, ', "application/json", 400, "malformed JSON"),
     (b'[1, 2, 3]', "application/json", 400, "JSON object"),
@@ -215,6 +225,7 @@ def test_bad_predict_input(client, body, content_type, status, words):
     assert client.get("/api/health").json()["status"] == "ok"  # and the server keeps serving
 
 
+@pytest.mark.slow
 def test_truncated_png_and_a_huge_declared_size(client):
     png = stroke_png()
     assert "not a readable image" in error_of(client.post("/api/predict", content=png[: len(png) // 2],
@@ -227,6 +238,7 @@ def test_truncated_png_and_a_huge_declared_size(client):
                                                     headers={"Content-Type": "image/png"}), 413)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("url, status, words", [
     ("/api/runs/cnn/files/..%2F..%2Fserve-runs%2Fvit%2Fmetrics.json", 403, "outside the run folder"),
     ("/api/runs/cnn/files/%2Fetc%2Fhostname", 403, "outside the run folder"),
@@ -247,10 +259,12 @@ def test_bad_get_requests(client, url, status, words):
     assert words in error_of(client.get(url), status)
 
 
+@pytest.mark.slow
 def test_wrong_method_is_a_json_405(client):
     assert "not allowed" in error_of(client.get("/api/predict"), 405)
 
 
+@pytest.mark.slow
 def test_page_and_static_files_are_served(client):
     page = client.get("/")
     assert page.status_code == 200 and "<canvas id=\"pad\"" in page.text
@@ -260,6 +274,7 @@ def test_page_and_static_files_are_served(client):
     assert "https://" not in script.text and "https://" not in client.get("/static/style.css").text
 
 
+@pytest.mark.slow
 def test_load_errors_are_one_line(runs, tmp_path):
     with pytest.raises(DigitlensError, match="give at least one run"):
         create_app([])
@@ -269,6 +284,7 @@ def test_load_errors_are_one_line(runs, tmp_path):
         create_app([], model_files=[tmp_path / "missing.pt"])
 
 
+@pytest.mark.slow
 def test_torchscript_model_file_is_served(runs, tmp_path, test_split):
     from digitlens import models
 
@@ -285,6 +301,7 @@ def test_torchscript_model_file_is_served(runs, tmp_path, test_split):
         assert "saliency" in file_result["maps"] and "gradcam" in file_result["skipped"]
 
 
+@pytest.mark.slow
 def test_an_onnx_file_with_declared_normalisation_is_served_like_its_run(runs, tmp_path, test_split):
     """A user's ONNX model that expects MNIST-normalised input, served with its declared --normalize:
     the same probabilities as the run it was exported from; forward-only, so occlusion but no saliency."""
@@ -308,6 +325,7 @@ def test_an_onnx_file_with_declared_normalisation_is_served_like_its_run(runs, t
         assert "occlusion" in file_result["maps"] and "saliency" in file_result["skipped"]
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line(runs):
     from typer.testing import CliRunner
 
@@ -323,6 +341,7 @@ def test_cli_errors_are_one_line(runs):
     assert result.exit_code == 2 and f"error: --host 127.0.0.1 --port {port}: cannot listen there" in result.output
 
 
+@pytest.mark.slow
 def test_concurrent_requests_over_http_are_batched(runs, test_split):
     """Eight clients at once through uvicorn: every answer equals its single answer, and the
     requests were answered in fewer batches than requests."""
@@ -347,6 +366,7 @@ def test_concurrent_requests_over_http_are_batched(runs, test_split):
     assert after["batches"] - before["batches"] < 16
 
 
+@pytest.mark.slow
 def test_disagreements_of_one_digit(client, runs):
     one, two = (np.load(r / "predictions.npz") for r in runs)
     answer = client.get("/api/disagreements?digit=3&limit=500").json()
@@ -354,6 +374,7 @@ def test_disagreements_of_one_digit(client, runs):
     assert answer["total"] == len(expected) and sorted(it["index"] for it in answer["items"]) == expected.tolist()
 
 
+@pytest.mark.slow
 def test_an_internal_error_is_a_one_line_500_and_the_server_goes_on(runs, monkeypatch, test_split):
     from digitlens.serve import app as serve_app
 
@@ -365,6 +386,7 @@ def test_an_internal_error_is_a_one_line_500_and_the_server_goes_on(runs, monkey
     assert client.post("/api/predict", json=body).status_code == 200
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_the_server_cleanly(runs):
     """``digitlens serve`` in a subprocess answers, and SIGINT ends it with status 0, no traceback."""
     import signal
@@ -398,3 +420,19 @@ def test_ctrl_c_stops_the_server_cleanly(runs):
             server.wait()
     assert server.returncode == 0, err
     assert "Traceback" not in err and f"http://127.0.0.1:{port}/" in out
+
+
+@pytest.mark.slow
+def test_serve_gives_the_caller_its_thread_count_back(runs):
+    """serve(threads=N) sets torch's threads for the server only: after it ends (here: a busy port)
+    the caller's count is back."""
+    from digitlens.serve import serve
+
+    before = torch.get_num_threads()
+    threads = 1 if before != 1 else 2
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        with pytest.raises(DigitlensError, match="cannot listen there"):
+            serve([runs[0]], port=busy.getsockname()[1], threads=threads)
+    assert torch.get_num_threads() == before

@@ -77,6 +77,7 @@ def api_predictions(page, api) -> list[int]:
     return [m["prediction"] for m in answer["models"]]
 
 
+@pytest.mark.slow
 def test_draw_see_undo_clear(session):
     page, api, seen = session
     box = page.locator("#pad").bounding_box()
@@ -118,6 +119,7 @@ def test_draw_see_undo_clear(session):
     assert seen["errors"] == [] and seen["outside"] == []
 
 
+@pytest.mark.slow
 def test_confusion_cell_lists_images_and_opens_one(session):
     page, api, seen = session
     page.select_option("#run-select", "vit")  # the untrained ViT: mistakes in many cells
@@ -145,6 +147,7 @@ def test_confusion_cell_lists_images_and_opens_one(session):
     assert seen["errors"] == [] and seen["outside"] == []
 
 
+@pytest.mark.slow
 def test_upload_an_image_file(session, tmp_path):
     from PIL import Image, ImageDraw
 

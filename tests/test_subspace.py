@@ -135,6 +135,7 @@ def _peft_adapter(tmp_path, rank: int, seed: int):
     return base_path, out, model
 
 
+@pytest.mark.slow
 def test_analyse_adapters_on_a_foreign_peft_model(tmp_path):
     base_path, adapter_a, peft_model = _peft_adapter(tmp_path, rank=4, seed=0)
     _, adapter_b, _ = _peft_adapter(tmp_path, rank=8, seed=1)
@@ -156,6 +157,7 @@ def test_analyse_adapters_on_a_foreign_peft_model(tmp_path):
     assert "| encoder.fc_out | adapter_r8_s1 | 8 |" in (tmp_path / "out" / "summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_analyse_adapters_writes_figures(tmp_path):
     base_path, adapter_a, _ = _peft_adapter(tmp_path, rank=4, seed=0)
     subspace.analyse_adapters(base_path, [adapter_a], tmp_path / "out", modules=["encoder.fc_in"])
@@ -165,6 +167,7 @@ def test_analyse_adapters_writes_figures(tmp_path):
     assert "amplification.png" in figures and "dW_spectra.png" in figures
 
 
+@pytest.mark.slow
 def test_name_and_shape_mismatch_give_one_line_errors(tmp_path):
     base_path, adapter, _ = _peft_adapter(tmp_path, rank=2, seed=0)
     wrong_names = tmp_path / "other.safetensors"
@@ -181,6 +184,7 @@ def test_name_and_shape_mismatch_give_one_line_errors(tmp_path):
         subspace.analyse_adapters(base_path, [tmp_path], tmp_path / "o3")
 
 
+@pytest.mark.slow
 def test_gpt2_conv1d_adapter_with_fan_in_fan_out(tmp_path):
     """A tiny transformers GPT-2 built from a config (no download): its Conv1D weights are stored
     (in, out) and PEFT's adapter says fan_in_fan_out; dW must still match PEFT's own delta."""

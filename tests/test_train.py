@@ -39,6 +39,7 @@ def _assert_same_weights(a: dict, b: dict) -> None:
         assert torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.slow
 def test_run_folder_files(tmp_path):
     out = tmp_path / "run"
     summary = train(out, epochs=2, seed=3, **FAST)
@@ -70,6 +71,7 @@ def test_run_folder_files(tmp_path):
     assert float(rows[-1]["val_accuracy"]) == pytest.approx(accuracy_score(val.labels.numpy(), predicted), abs=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("train_eval_size", [None, 500])
 def test_train_eval_columns_equal_plain_cross_entropy_of_the_saved_model(tmp_path, monkeypatch, train_eval_size):
     """train_eval_loss / train_eval_accuracy of the last epoch are the saved model's plain cross-entropy
@@ -100,11 +102,13 @@ def test_train_eval_columns_equal_plain_cross_entropy_of_the_saved_model(tmp_pat
     assert float(last["loss"]) != pytest.approx(float(last["train_eval_loss"]), abs=1e-3)
 
 
+@pytest.mark.slow
 def test_default_cnn_learns_digits(tmp_path):
     summary = train(tmp_path / "run", dataset="digits", model="cnn", epochs=4, threads=1, progress=False)
     assert summary["final"]["val_accuracy"] > 0.9
 
 
+@pytest.mark.slow
 def test_same_seed_same_weights_other_seed_other_weights(tmp_path):
     train(tmp_path / "a", epochs=2, seed=0, **FAST)
     train(tmp_path / "b", epochs=2, seed=0, **FAST)
@@ -114,6 +118,7 @@ def test_same_seed_same_weights_other_seed_other_weights(tmp_path):
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_resume_after_kill_gives_identical_weights(tmp_path):
     """Start a real training process, SIGKILL it once its first checkpoint exists, resume, and compare
     with an uninterrupted run: the weights must be bitwise equal."""
@@ -155,6 +160,7 @@ def test_resume_after_kill_gives_identical_weights(tmp_path):
     assert all(r["train_eval_loss"] != "" for r in rows_a)
 
 
+@pytest.mark.slow
 def test_refusals(tmp_path):
     out = tmp_path / "run"
     with pytest.raises(DigitlensError, match="no run to resume"):
@@ -185,6 +191,7 @@ def test_refusals(tmp_path):
         train(tmp_path / "x", learning_rate=0.1, progress=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,needle", [
     (["--model", "resnet"], "--model 'resnet': unknown model"),
     (["--dataset", "cifar"], "--dataset 'cifar': unknown dataset"),
@@ -197,6 +204,7 @@ def test_cli_bad_arguments_exit_2_with_one_line(tmp_path, args, needle):
     assert len(lines) == 1 and needle in lines[0] and lines[0].startswith("error:")
 
 
+@pytest.mark.slow
 def test_cli_trains_then_refuses_a_second_run(tmp_path):
     out = tmp_path / "run"
     runner = CliRunner()
@@ -226,10 +234,93 @@ def test_long_cnn_runs_on_mnist_use_the_long_settings_unless_overridden():
 
     short = resolve_hyper("cnn", "mnist", {}, 1)
     long = resolve_hyper("cnn", "mnist", {}, 6)
-    assert short["batch_size"] == 128 and short["augment"] == 0
-    assert {k: long[k] for k in LONG_RUN_HYPER["cnn"]} == LONG_RUN_HYPER["cnn"]
-    assert resolve_hyper("cnn", "mnist", {"batch_size": 64}, 6)["batch_size"] == 64
-    assert resolve_hyper("cnn", "digits", {}, 6)["augment"] == 0
+    assert short.batch_size == 128 and short.augment == 0
+    assert long == LONG_RUN_HYPER["cnn"] and (long.batch_size, long.augment, long.label_smoothing) == (256, 1, 0.0)
+    assert resolve_hyper("cnn", "mnist", {"batch_size": 64}, 6).batch_size == 64
+    assert resolve_hyper("cnn", "digits", {}, 6).augment == 0
+
+
+# --------------------------------------------------------------------------- TrainConfig
+
+# config.json as `digitlens train --dataset digits --epochs 2 --seed 0` wrote it before TrainConfig
+# (main at bf6f18f; the recorded facts after "channels_last" shortened).
+CONFIG_BEFORE_TRAINCONFIG = {
+    "dataset": "digits", "model": "cnn",
+    "model_kwargs": {"widths": [16, 32, 64], "in_channels": 1, "image_size": 28, "pool_ceil": True},
+    "seed": 0, "data_dir": None, "image_size": 28, "epochs": 2, "batch_size": 32, "optimizer": "sgd", "lr": 0.2,
+    "momentum": 0.9, "nesterov": True, "weight_decay": 0.0005, "label_smoothing": 0.1, "schedule": "onecycle",
+    "pct_start": 0.25, "augment": 0, "val_fraction": 0.1, "threads": None, "channels_last": True,
+    "n_classes": 10, "n_parameters": 23466, "n_train": 1212, "threads_used": 2, "train_eval_size": 1212,
+}
+
+
+def test_train_config_writes_config_json_as_before_and_reads_it_back():
+    from digitlens.train import RECORDED_KEYS, TrainConfig
+
+    config = TrainConfig.create(dataset="digits", epochs=2, seed=0)
+    settings = {k: v for k, v in CONFIG_BEFORE_TRAINCONFIG.items() if k not in RECORDED_KEYS}
+    assert list(config.to_json().items()) == list(settings.items())  # same keys, values and order
+    assert TrainConfig.from_json(CONFIG_BEFORE_TRAINCONFIG) == config
+    assert TrainConfig.from_json(config.to_json()) == config
+    unverified = TrainConfig.create(dataset="digits", verify=False)
+    assert unverified.to_json()["verify"] is False and TrainConfig.from_json(unverified.to_json()) == unverified
+
+
+def test_train_config_fills_hyper_parameters_an_older_config_lacks():
+    from digitlens.train import DEFAULT_HYPER, TrainConfig
+
+    older = {k: v for k, v in CONFIG_BEFORE_TRAINCONFIG.items() if k not in ("channels_last", "threads", "pct_start")}
+    config = TrainConfig.from_json(older)
+    assert config.hyper.pct_start == DEFAULT_HYPER["cnn"].pct_start and config.hyper.batch_size == 32
+    with pytest.raises(DigitlensError, match=r"run/config.json: missing key 'epochs'"):
+        TrainConfig.from_json({k: v for k, v in older.items() if k != "epochs"}, "run/config.json")
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    ({"optimizer": "adam"}, "--optimizer 'adam': choose from sgd, adamw"),
+    ({"schedule": "cosine"}, "--schedule 'cosine': choose from onecycle, constant"),
+    ({"val_fraction": 1.0}, "--val-fraction 1.0: must be in [0, 1)"),
+    ({"batch_size": 1}, "--batch-size 1: must be at least 2"),
+    ({"batch_size": 2.5}, "--batch-size 2.5: expected a whole number"),
+    ({"lr": 0}, "--lr 0.0: must be positive"),
+    ({"lr": "fast"}, "--lr 'fast': expected a number"),
+    ({"augment": -1}, "--augment -1: must be 0"),
+    ({"threads": 0}, "--threads 0: must be at least 1"),
+    ({"label_smoothing": 1.5}, "train: label_smoothing 1.5"),
+    ({"pct_start": 0}, "train: pct_start 0.0"),
+    ({"epochs": 0}, "--epochs 0: must be at least 1"),
+    ({"model": "resnet"}, "--model 'resnet': unknown model"),
+    ({"dataset": "cifar"}, "--dataset 'cifar': unknown dataset"),
+    ({"model_kwargs": {"depthh": 2}}, "model_kwargs: cnn has no argument 'depthh'"),
+    ({"learning_rate": 0.1}, "train: unknown hyper-parameter 'learning_rate'"),
+])
+def test_train_config_refuses_bad_values_in_one_line_naming_the_flag(overrides, needle):
+    from digitlens.train import TrainConfig
+
+    with pytest.raises(DigitlensError) as info:
+        TrainConfig.create(**overrides)
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_defaults_are_checked_where_they_are_defined():
+    import dataclasses
+
+    from digitlens.train import DEFAULT_HYPER, DEFAULT_MODEL_KWARGS, Hyper
+
+    assert all(isinstance(h, Hyper) for h in DEFAULT_HYPER.values())
+    with pytest.raises(DigitlensError, match="--optimizer 'adam'"):
+        dataclasses.replace(DEFAULT_HYPER["cnn"], optimizer="adam")
+    with pytest.raises(TypeError):  # read-only: a typo cannot change every later run's defaults
+        DEFAULT_MODEL_KWARGS["vit"]["depth"] = 3
+
+
+@pytest.mark.slow
+def test_train_leaves_the_callers_global_rng_as_it_was(tmp_path):
+    torch.manual_seed(1234)
+    expected = torch.rand(3)
+    torch.manual_seed(1234)
+    train(tmp_path / "run", epochs=1, **FAST)
+    assert torch.equal(torch.rand(3), expected)
 
 
 def test_config_pins_the_full_architecture(tmp_path):
@@ -244,6 +335,7 @@ def test_config_pins_the_full_architecture(tmp_path):
         full_model_kwargs("vit", {"depthh": 2})
 
 
+@pytest.mark.slow
 def test_train_leaves_the_callers_thread_count_as_it_was(tmp_path):
     import torch
 

@@ -30,6 +30,7 @@ def _one_line_error(args) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_torchscript_is_not_loaded_without_trust(tmp_path, monkeypatch):
     """Without --trust-code torch.jit.load is never called (nothing of the file runs); with it, it is."""
     script = _script(tmp_path / "model.pt")
@@ -57,6 +58,7 @@ def test_a_state_dict_is_not_a_torchscript_archive(tmp_path):
     assert "weights.pth" in line and "state dict" in line and "torch.jit.save" in line
 
 
+@pytest.mark.slow
 def test_a_trusted_folder_vouches_for_its_file_until_the_file_changes(tmp_path):
     script = _script(tmp_path / "model.pt")
     out = tmp_path / "byo"
@@ -70,6 +72,7 @@ def test_a_trusted_folder_vouches_for_its_file_until_the_file_changes(tmp_path):
         load_user_model(out)
 
 
+@pytest.mark.slow
 def test_another_model_never_overwrites_a_runs_results_or_a_foreign_folder(tmp_path):
     from digitlens.train import train
 

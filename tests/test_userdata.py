@@ -87,6 +87,7 @@ def _one_line_error(result, *needles):
 
 # --- real formats reproduce the IDX results ------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.mnist
 @needs_mnist
 def test_kaggle_train_csv_reproduces_the_idx_results_exactly(mnist_first, tmp_path):
@@ -115,6 +116,7 @@ def test_kaggle_train_csv_reproduces_the_idx_results_exactly(mnist_first, tmp_pa
     assert f"accuracy {metrics['accuracy']:.4f}" in result.output
 
 
+@pytest.mark.slow
 @pytest.mark.mnist
 @needs_mnist
 def test_kaggle_test_csv_without_labels_gets_a_submission_file(mnist_first, tmp_path):
@@ -138,6 +140,7 @@ def test_kaggle_test_csv_without_labels_gets_a_submission_file(mnist_first, tmp_
     assert summary["predicted_counts"] == np.bincount(expected, minlength=10).tolist()
 
 
+@pytest.mark.slow
 @pytest.mark.mnist
 @needs_mnist
 def test_an_image_folder_of_mnist_pngs_reproduces_the_idx_results_exactly(mnist_first, tmp_path):
@@ -161,6 +164,7 @@ def test_an_image_folder_of_mnist_pngs_reproduces_the_idx_results_exactly(mnist_
     assert runio.read_json(out / "metrics.json")["accuracy"] == accuracy_score(first.labels.numpy(), expected)
 
 
+@pytest.mark.slow
 @pytest.mark.mnist
 @needs_mnist
 def test_a_folder_of_large_dark_on_light_colour_images_is_brought_to_mnist_form(mnist_first, tmp_path):
@@ -188,6 +192,7 @@ def test_a_folder_of_large_dark_on_light_colour_images_is_brought_to_mnist_form(
 
 # --- the split and the train refusal --------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_path_dataset_is_all_test_split(tmp_path):
     rng = np.random.default_rng(0)
     path = write_kaggle_csv(tmp_path / "train.csv", rng.integers(0, 256, (7, 28, 28)), np.arange(7) % 10)
@@ -335,6 +340,7 @@ def scripted_model(tmp_path):
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["csv:" + k for k in ("short row", "pixel 256", "label 10")]
                          + ["folder:" + k for k in ("empty class", "unreadable image")])
 def test_cli_bad_data_is_one_line_and_writes_nothing(tmp_path, scripted_model, kind):
@@ -355,6 +361,7 @@ def test_cli_bad_data_is_one_line_and_writes_nothing(tmp_path, scripted_model, k
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_cli_unlabelled_csv_with_a_model_file(tmp_path, scripted_model):
     rng = np.random.default_rng(2)
     pixels = rng.integers(0, 256, (5, 28, 28))

@@ -7,6 +7,7 @@ status 2, never a traceback.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 from pathlib import Path
@@ -14,8 +15,21 @@ from typing import Optional
 
 import typer
 
+from digitlens import distributed, evaluate
+from digitlens.adapt import adapt_run
+from digitlens.demo import run_demo
 from digitlens.errors import DigitlensError
+from digitlens.explain import explain_run
+from digitlens.explain.methods import IG_TOLERANCE
+from digitlens.external import LAYOUTS, parse_normalize
+from digitlens.figure_writer import default_figure_workers
 from digitlens.intervals import DEFAULT_BOOTSTRAP
+from digitlens.predict import predict_images
+from digitlens.report import write_report
+from digitlens.seeds import is_group, parse_seeds, summarise_group, train_seeds
+from digitlens.serve import serve
+from digitlens.subspace import analyse_adapters, analyse_run
+from digitlens.train import train, width_kwargs
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Train handwritten-digit recognisers and see what they learned and where they fail.")
@@ -46,7 +60,6 @@ def main() -> None:
     # Commands draw figures in worker processes (runio.figure_batch): safe here, where the main
     # module is this guarded entry point; the Python API leaves it to the user (a script needs an
     # `if __name__ == "__main__":` guard for multiprocessing).
-    from digitlens.runio import default_figure_workers
 
     os.environ.setdefault("DIGITLENS_FIGURE_WORKERS", str(default_figure_workers()))
 
@@ -88,9 +101,8 @@ def _forward_args(ctx: typer.Context, skip: tuple[str, ...] = ("nproc",)) -> lis
 
 
 def _run_with_torchrun(ctx: typer.Context, nproc: int) -> None:
-    from digitlens.distributed import launch
 
-    code = launch(_forward_args(ctx), nproc)
+    code = distributed.launch(_forward_args(ctx), nproc)
     if code:
         raise DigitlensError(f"--nproc {nproc}: torchrun exited with status {code} (its processes' errors are above)")
 INPUT_SCALE_HELP = "A user's model (--model-file): pixels it expects, 1 ([0, 1], default) or 255 ([0, 255])."
@@ -102,8 +114,6 @@ OUTPUTS_HELP = "A user's model: what it returns, auto (detected, default), logit
 
 def preprocessing_flags(input_scale: Optional[int], normalize: Optional[str], outputs: Optional[str]) -> Optional[dict]:
     """The --input-scale/--normalize/--outputs given, as a preprocessing dict (None when none is)."""
-    from digitlens.external import parse_normalize
-
     flags = {"input_scale": input_scale, "normalize": parse_normalize(normalize), "outputs": outputs}
     flags = {k: v for k, v in flags.items() if v is not None}
     return flags or None
@@ -111,8 +121,6 @@ def preprocessing_flags(input_scale: Optional[int], normalize: Optional[str], ou
 
 def describe_user_model(info: dict) -> str:
     """One line: the user's model, the layout it was fed and what its outputs were taken as."""
-    from digitlens.external import LAYOUTS
-
     prep = info["preprocessing"]
     shape = "(N, " + ", ".join(str(s) for s in LAYOUTS[info["layout"]]) + ")"
     norm = f", normalize {prep['normalize'][0]:g},{prep['normalize'][1]:g}" if prep.get("normalize") else ""
@@ -149,8 +157,6 @@ def train_command(
 ) -> None:
     """Train a digit classifier; write config.json, history.csv, checkpoints/ and model.safetensors
     (with --seeds: one such run folder per seed, --out/seed_S/, and --out/group.json)."""
-    from digitlens.train import train, width_kwargs
-
     extra = {k: v for k, v in (("val_fraction", val_fraction), ("optimizer", optimizer), ("schedule", schedule))
              if v is not None}
     if nproc is not None and nproc != 1:
@@ -164,7 +170,6 @@ def train_command(
     if not verify:
         extra["verify"] = False
     if seeds is not None:
-        from digitlens.seeds import parse_seeds, train_seeds
 
         if seed is not None:
             raise DigitlensError("--seed and --seeds: give one or the other")
@@ -205,10 +210,6 @@ def evaluate_command(
 ) -> None:
     """Predict the test split; write predictions.npz, metrics.json, insights.md/json and figures/
     (for --model-file also config.json, so explain and report on --out use the same model and flags)."""
-    from digitlens import evaluate
-
-    from digitlens.seeds import is_group, summarise_group
-
     if run_dir is not None and is_group(run_dir):  # a `train --seeds` folder: every seed run, then the spread
         if model_file is not None or dataset is not None or out is not None or history is not None:
             raise DigitlensError(f"{run_dir}: a group of seed runs takes no --model-file/--dataset/--out/--history")
@@ -276,9 +277,6 @@ def explain_command(
     """Per-digit attribution maps, overlays, filters and faithfulness; write RUN_DIR/explain/.
     RUN_DIR may be the --out folder of `evaluate --model-file` (a TorchScript or ONNX model; ONNX:
     occlusion by default, feature_ablation and shapley_value_sampling on request)."""
-    from digitlens.explain import explain_run
-    from digitlens.explain.methods import IG_TOLERANCE
-
     if nproc is not None and nproc != 1:
         if nproc < 1:
             raise DigitlensError(f"--nproc {nproc}: must be at least 1")
@@ -314,10 +312,6 @@ def predict_command(
 ) -> None:
     """Predict the digit in each image, after MNIST's own preprocessing (greyscale, polarity,
     crop to the ink, fit into 20x20, centre by mass in 28x28)."""
-    import json
-
-    from digitlens.predict import predict_images
-
     results = predict_images(model_or_run, images, top=top, explain=explain, show_steps=show_steps, out_dir=out,
                              preprocessing=preprocessing_flags(input_scale, normalize, outputs), trust_code=trust_code)
     for r in results:
@@ -348,8 +342,6 @@ def serve_command(
 ) -> None:
     """Serve a page on which you draw a digit and watch every model read it (probabilities,
     attribution maps, preprocessing steps), browse each run's mistakes, and its JSON API."""
-    from digitlens.serve import serve
-
     load_options = {"preprocessing": preprocessing_flags(input_scale, normalize, outputs), "trust_code": trust_code}
     serve(runs or [], host=host, port=port, model_files=model_file or [], data_dir=data_dir, threads=threads,
           load_options=load_options)
@@ -363,8 +355,6 @@ def report_command(
     bootstrap: int = typer.Option(DEFAULT_BOOTSTRAP, "--bootstrap", help="Resamples of the paired bootstrap (--compare; 0 = the default) and of seed runs evaluated for a group report."),
 ) -> None:
     """Write RUN_DIR/report.html: one self-contained page with every figure, table and insight."""
-    from digitlens.report import write_report
-
     typer.echo(f"wrote {write_report(run_dir, compare=compare, bootstrap=bootstrap)}")
 
 
@@ -378,8 +368,6 @@ def demo_command(
     bootstrap: int = typer.Option(DEFAULT_BOOTSTRAP, "--bootstrap", help="Resamples of the test images behind the evaluation's intervals and the CNN-vs-ViT paired bootstrap."),
 ) -> None:
     """Train a CNN and a ViT, evaluate, explain, run the LoRA study and write the reports."""
-    from digitlens.demo import run_demo
-
     run_demo(out_root, dataset=dataset, data_dir=data_dir, device=device, bootstrap=bootstrap)
 
 
@@ -406,14 +394,11 @@ def adapt_command(
 ) -> None:
     """Train LoRA adapters (PEFT) per rank and seed plus head-only and full fine-tuning baselines,
     then (unless --no-subspace) write the subspace analysis: the whole LoRA study in one command."""
-    from digitlens.adapt import adapt_run
-
     results = adapt_run(run_dir, task=task, ranks=_int_list(ranks, "--ranks"), seeds=_int_list(seeds, "--seeds"),
                         targets=[t.strip() for t in targets.split(",") if t.strip()], epochs=epochs, n_train=n_train,
                         n_test=n_test, data_dir=data_dir, progress=progress, device=device, patience=patience)
     typer.echo(results["markdown"])
     if subspace:
-        from digitlens.subspace import analyse_run
 
         analyse_run(run_dir, task=task, progress=progress, device=device)
         typer.echo(f"subspace analysis written to {Path(run_dir) / 'subspace' / task}")
@@ -431,8 +416,6 @@ def subspace_command(
     device: Optional[str] = typer.Option(None, "--device", help="Where the SVDs run (float64): " + DEVICE_HELP),
 ) -> None:
     """Subspace similarity, amplification, spectra and intruder dimensions of LoRA adapters."""
-    from digitlens.subspace import analyse_adapters, analyse_run
-
     if run_dir is not None:
         summary = analyse_run(run_dir, task=task, out_dir=out, progress=True, device=device,
                               **({"modules": module} if module else {}))

@@ -25,17 +25,16 @@ import struct
 import urllib.error
 import urllib.request
 import zlib
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from digitlens import userdata
+from digitlens.dataset_types import DATASETS, DigitDataset, Splits  # noqa: F401 (DATASETS, Splits: re-exported)
 from digitlens.errors import DigitlensError
-from digitlens.runio import atomic_path
-
-DATASETS = ("mnist", "digits")
+from digitlens.runio import atomic_path, write_json
 
 #: SHA-256 of each decompressed MNIST file (from the dataset's canonical distribution).
 MNIST_FILES = {
@@ -52,34 +51,6 @@ MNIST_MIRRORS = (
 )
 
 _IDX_MAGIC = {3: 2051, 1: 2049}  # ndim -> magic number of unsigned-byte IDX files
-
-
-@dataclass
-class DigitDataset:
-    """Images and labels of one split.
-
-    images: float32 tensor of shape (N, 1, H, W) in [0, 1]; labels: int64 tensor of shape (N,),
-    or None for unlabelled data (a Kaggle test.csv); files: the image file of each sample, for
-    image folders (else None).
-    """
-
-    name: str
-    split: str
-    images: torch.Tensor
-    labels: torch.Tensor | None
-    files: list[str] | None = field(default=None, repr=False)
-
-    def __len__(self) -> int:
-        return int(self.images.shape[0])
-
-
-@dataclass
-class Splits:
-    """The train, validation and test parts of a dataset."""
-
-    train: DigitDataset
-    val: DigitDataset
-    test: DigitDataset
 
 
 def default_cache_dir() -> Path:
@@ -282,8 +253,6 @@ def _verified_before(path: Path, sha: str) -> bool:
 def _remember_verified(path: Path, sha: str) -> None:
     """Record that ``path`` (at its current size and mtime) has SHA-256 ``sha``; best effort: a
     read-only cache folder only means verifying again next time."""
-    from digitlens.runio import write_json
-
     cache = verified_cache_path()
     try:
         entries = json.loads(cache.read_text()) if cache.is_file() else {}
@@ -390,8 +359,6 @@ def load_splits(name: str, *, data_dir: str | os.PathLike | None = None, val_fra
     CSV, see :mod:`digitlens.userdata`) is all test split: its train and validation splits are empty.
     ``verify=False`` accepts MNIST files that are not the canonical ones (see :func:`load_mnist_split`).
     """
-    from digitlens import userdata
-
     if userdata.is_path_dataset(name):
         test = userdata.load_path_dataset(name)
         empty = DigitDataset(test.name, "train", test.images[:0], torch.zeros(0, dtype=torch.int64))

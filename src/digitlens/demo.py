@@ -20,9 +20,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from rich.console import Console
+
+from digitlens import adapt, evaluate, explain, subspace, train
 from digitlens.device import resolve_device
 from digitlens.errors import DigitlensError
 from digitlens.intervals import DEFAULT_BOOTSTRAP, format_ci, wilson_interval
+from digitlens.report import write_report
 from digitlens.runio import read_json, write_json
 
 # Epochs and study sizes per dataset: the digits demo must finish in under 2 minutes on 2 CPU
@@ -186,11 +190,7 @@ def run_demo(out_root: str | Path = "runs", *, dataset: str = "digits", data_dir
     evaluation's intervals and the CNN-vs-ViT paired bootstrap (:func:`digitlens.evaluate.evaluate_run`,
     :func:`digitlens.report.write_report`). Returns the ``demo.json`` dict.
     """
-    from digitlens.evaluate import check_bootstrap
-
-    bootstrap = check_bootstrap(bootstrap)
-    from rich.console import Console
-
+    bootstrap = evaluate.check_bootstrap(bootstrap)
     if dataset not in SETTINGS:
         raise DigitlensError(f"--dataset {dataset!r}: the demo runs on {' or '.join(SETTINGS)}")
     settings = FAST if fast else SETTINGS[dataset]
@@ -212,9 +212,6 @@ def run_demo(out_root: str | Path = "runs", *, dataset: str = "digits", data_dir
                       "status": "done"})
         console.print(f"[green]✓[/] {label} [dim]({seconds:.1f} s)[/]")
         return value
-
-    from digitlens import adapt, evaluate, explain, subspace, train
-    from digitlens.report import write_report
 
     for name in ("cnn", "vit"):
         kwargs = dict(settings["train"][name])

@@ -45,7 +45,7 @@ from digitlens.history import load_history, normalise_history
 from digitlens.inference import as_model, on_device, predict_logits, predict_proba, softmax  # noqa: F401 (re-exported)
 from digitlens.intervals import DEFAULT_BOOTSTRAP, DEFAULT_SEED, check_bootstrap
 from digitlens.metrics import add_bootstrap_intervals, compute_metrics, temperature_metrics
-from digitlens.plots._common import pyplot
+from digitlens.pyplot import pyplot
 from digitlens.userdata import dataset_name, is_path_dataset, write_kaggle_submission
 
 #: Digit groups of the grouped per-digit figure (see :mod:`digitlens.groups`).

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from digitlens import models, runio
 from digitlens.errors import DigitlensError
 
 N_CLASSES = 10
@@ -484,8 +485,6 @@ def load_user_model(model: Any, preprocessing: Preprocessing | dict | None = Non
     if isinstance(model, (str, os.PathLike)):
         path = Path(model)
         if path.is_dir():
-            from digitlens import models, runio
-
             config = runio.read_json(runio.require_run_dir(path) / "config.json")
             if config.get("model_file"):  # the --out folder of `evaluate --model-file`: its file, its flags
                 recorded = config.get("preprocessing") or {}

@@ -31,6 +31,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from digitlens.errors import DigitlensError
+from digitlens.pyplot import pyplot
 from digitlens.runio import atomic_path, read_json, write_json
 
 MANIFEST_NAME = "figures.json"
@@ -84,10 +85,7 @@ def save_figure_files(fig, stem: Path, formats: tuple[str, ...] = FIGURE_FORMATS
 
 def _render_pickled_figure(blob: bytes, stem: str, formats: tuple[str, ...], dpi: int) -> list[str]:
     """Worker side of :class:`FigureWriter`: rebuild a figure the parent pickled and save it."""
-    import matplotlib  # in the worker only: it must pick the Agg backend before pyplot loads
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()  # in the worker: Agg unless $MPLBACKEND says otherwise
 
     fig = pickle.loads(blob)  # our own figure, pickled a moment ago by the parent process
     try:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from digitlens.errors import DigitlensError
+from digitlens.runio import atomic_path, read_json, require_run_dir
 
 MODELS = ("cnn", "mlp", "vit")
 
@@ -241,8 +242,6 @@ def save_model(model: nn.Module, path) -> None:
     """Write ``model.state_dict()`` to a ``.safetensors`` file atomically."""
     from safetensors.torch import save_file
 
-    from digitlens.runio import atomic_path
-
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp))
@@ -298,8 +297,6 @@ def load_model(run_dir) -> nn.Module:
 
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-
-    from digitlens.runio import read_json, require_run_dir
 
     run_dir = require_run_dir(run_dir)
     config = read_json(run_dir / "config.json")

@@ -17,7 +17,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from digitlens import models
 from digitlens.errors import DigitlensError
+from digitlens.explain.methods import attribute, parse_methods, prepare_model
+from digitlens.external import UserModel, load_user_model
+from digitlens.figure_writer import FigureWriter
+from digitlens.inference import predict_proba
+from digitlens.plots.predict import PredictionExplanationDisplay, PreprocessingStepsDisplay
+from digitlens.preprocess import to_mnist
+from digitlens.pyplot import pyplot
+from digitlens.runio import read_json
 
 #: How many of the most probable digits each result lists (``top``).
 TOP = 3
@@ -32,10 +41,6 @@ def load_predictor(model_or_run: Any, preprocessing: dict | None = None, trust_c
     an eval-mode ``nn.Module`` for a digitlens run or a plain module, else a
     :class:`digitlens.external.UserModel` (its layout is detected on the images to predict).
     ``trust_code``: load a TorchScript file (code that runs when loaded; refused otherwise)."""
-    from digitlens import models
-    from digitlens.external import load_user_model
-    from digitlens.runio import read_json
-
     if isinstance(model_or_run, nn.Module) and not preprocessing:
         return model_or_run.eval(), type(model_or_run).__name__
     if isinstance(model_or_run, (str, os.PathLike)):
@@ -52,14 +57,14 @@ def load_predictor(model_or_run: Any, preprocessing: dict | None = None, trust_c
     return user, user.label
 
 
-def _figure_stem(out_dir: Path, image: Path, suffix: str, taken: set) -> Path:
-    """``out_dir/<image stem>_<suffix>``, with ``-2``, ``-3``... when two images share a stem."""
+def _figure_stem(image: Path, suffix: str, taken: set) -> str:
+    """``<image stem>_<suffix>``, with ``-2``, ``-3``... when two images share a stem."""
     stem, k = f"{image.stem}_{suffix}", 1
-    while (out_dir / stem) in taken:
+    while stem in taken:
         k += 1
         stem = f"{image.stem}-{k}_{suffix}"
-    taken.add(out_dir / stem)
-    return out_dir / stem
+    taken.add(stem)
+    return stem
 
 
 def predict_images(model_or_run: Any, paths, *, top: int = TOP, explain: str | None = None,
@@ -76,16 +81,11 @@ def predict_images(model_or_run: Any, paths, *, top: int = TOP, explain: str | N
     written; a bad one raises a one-line DigitlensError naming it. ``preprocessing``: what a user's
     model file expects, ``trust_code`` (see :func:`load_predictor`).
     """
-    from digitlens.evaluate import predict_proba
-    from digitlens.preprocess import to_mnist
-
     paths = [Path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
     if not paths:
         raise DigitlensError("predict: no image files given")
     if not 1 <= top <= 10:
         raise DigitlensError(f"--top {top}: expected 1 to 10")
-    from digitlens.external import UserModel
-
     loaded, _ = load_predictor(model_or_run, preprocessing, trust_code)
     inputs, steps = [], []
     for path in paths:
@@ -97,8 +97,6 @@ def predict_images(model_or_run: Any, paths, *, top: int = TOP, explain: str | N
     model = loaded.prepare(images).torch_module() if isinstance(loaded, UserModel) else loaded
     method = None
     if explain is not None:
-        from digitlens.explain.methods import parse_methods
-
         try:
             methods = parse_methods(explain, model)
         except DigitlensError as exc:  # its messages name explain's --methods option
@@ -123,12 +121,8 @@ def predict_images(model_or_run: Any, paths, *, top: int = TOP, explain: str | N
 
 
 def _write_figures(model, images, steps, results, method, out_dir: Path, show_steps: bool) -> None:
-    """The steps and overlay PNGs of :func:`predict_images`; adds their paths to ``results``."""
-    from digitlens.explain.methods import attribute, prepare_model
-    from digitlens.plots._common import pyplot
-    from digitlens.plots.predict import PredictionExplanationDisplay, PreprocessingStepsDisplay
-    from digitlens.runio import save_figure
-
+    """The steps and overlay PNGs of :func:`predict_images`, listed in ``out_dir/figures.json``
+    (kinds ``prediction_steps`` and ``prediction_map``); adds their paths to ``results``."""
     plt = pyplot()
     heatmaps = None
     if method is not None:
@@ -143,20 +137,23 @@ def _write_figures(model, images, steps, results, method, out_dir: Path, show_st
             raise DigitlensError(f"--explain {method}: failed on this model ({first})") from None
     out_dir.mkdir(parents=True, exist_ok=True)
     taken: set = set()
-    for i, (s, result) in enumerate(zip(steps, results)):
-        path = Path(result["file"])
-        if show_steps:
-            title = f"{path.name}: preprocessing stages (predicted {result['prediction']})"
-            display = PreprocessingStepsDisplay.from_steps(s, title=title).plot()
-            written = save_figure(display.figure_, _figure_stem(out_dir, path, "steps", taken), formats=("png",))
-            plt.close(display.figure_)
-            result["steps"] = str(written[0])
-        if heatmaps is not None:
-            d = result["prediction"]
-            display = PredictionExplanationDisplay(
-                original=s.stages[0][1], model_input=images[i, 0].numpy(), heatmap=heatmaps[i],
-                probabilities=result["probabilities"], method=method,
-                title=f"{path.name}: predicted {d} ({result['probabilities'][d]:.1%}), {method}").plot()
-            written = save_figure(display.figure_, _figure_stem(out_dir, path, method, taken), formats=("png",))
-            plt.close(display.figure_)
-            result["explanation"] = str(written[0])
+    with FigureWriter(out_dir, "predict", formats=("png",)) as writer:
+        for i, (s, result) in enumerate(zip(steps, results)):
+            path = Path(result["file"])
+            if show_steps:
+                title = f"{path.name}: preprocessing stages (predicted {result['prediction']})"
+                display = PreprocessingStepsDisplay.from_steps(s, title=title).plot()
+                written = writer.save(display.figure_, _figure_stem(path, "steps", taken), kind="prediction_steps",
+                                      section="predict", title=title, image=path.name)
+                plt.close(display.figure_)
+                result["steps"] = str(written[0])
+            if heatmaps is not None:
+                d = result["prediction"]
+                title = f"{path.name}: predicted {d} ({result['probabilities'][d]:.1%}), {method}"
+                display = PredictionExplanationDisplay(
+                    original=s.stages[0][1], model_input=images[i, 0].numpy(), heatmap=heatmaps[i],
+                    probabilities=result["probabilities"], method=method, title=title).plot()
+                written = writer.save(display.figure_, _figure_stem(path, method, taken), kind="prediction_map",
+                                      section="predict", title=title, method=method, image=path.name)
+                plt.close(display.figure_)
+                result["explanation"] = str(written[0])

@@ -19,6 +19,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from digitlens.errors import DigitlensError
+from digitlens.pyplot import pyplot
 
 
 @contextlib.contextmanager
@@ -178,10 +179,7 @@ def _render_pickled_figure(blob: bytes, stem: str, formats: tuple[str, ...], dpi
     """Worker side of :func:`figure_batch`: rebuild a figure this process pickled and save it."""
     import pickle
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()  # in the worker: Agg unless $MPLBACKEND says otherwise
 
     fig = pickle.loads(blob)  # our own figure, pickled a moment ago by the parent process
     try:

@@ -16,8 +16,10 @@ from typing import Any
 import numpy as np
 
 from digitlens.errors import DigitlensError
+from digitlens.evaluate import check_bootstrap, evaluate_run
 from digitlens.intervals import DEFAULT_BOOTSTRAP
 from digitlens.runio import read_json, write_json
+from digitlens.train import train
 
 GROUP_FILE = "group.json"
 SUMMARY_FILE = "group_summary.json"
@@ -82,8 +84,6 @@ def train_seeds(out_dir: str | os.PathLike, seeds, *, resume: bool = False, **tr
     a finished one is left as it is and one never started is trained from scratch. Returns the group
     dict (as written to ``group.json``) with ``summaries``: each run's training summary (or None
     for a finished run left alone)."""
-    from digitlens.train import train
-
     if "seed" in train_kwargs and train_kwargs["seed"] is not None:
         raise DigitlensError("--seed and --seeds: give one or the other")
     train_kwargs.pop("seed", None)
@@ -151,8 +151,6 @@ def summarise_group(group_dir: str | os.PathLike, *, evaluate: bool = True, data
     A seed run without ``metrics.json`` (every seed run with ``reevaluate``) is evaluated first
     (:func:`digitlens.evaluate.evaluate_run` with ``bootstrap`` resamples) when ``evaluate`` is true;
     otherwise a missing one is a one-line error."""
-    from digitlens.evaluate import check_bootstrap
-
     bootstrap = check_bootstrap(bootstrap)
     group_dir = Path(group_dir)
     group = read_group(group_dir)
@@ -163,8 +161,6 @@ def summarise_group(group_dir: str | os.PathLike, *, evaluate: bool = True, data
         if reevaluate or not metrics_path.is_file():
             if not evaluate:
                 raise DigitlensError(f"{run_dir}: not evaluated (run `digitlens evaluate {run_dir}` first)")
-            from digitlens.evaluate import evaluate_run
-
             evaluate_run(run_dir, data_dir=data_dir, progress=progress, bootstrap=bootstrap, device=device)
         m = read_json(metrics_path)
         macro_f1 = m.get("macro", {}).get("f1") if isinstance(m.get("macro"), dict) else m.get("macro_f1")

@@ -30,24 +30,38 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
+import functools
+import importlib.metadata
+import inspect
 import io
 import json
 import math
 import os
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from types import MappingProxyType
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from rich.progress import TextColumn
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
-from digitlens import distributed
+import digitlens
+from digitlens import distributed, models
+from digitlens.data import load_splits
+from digitlens.dataset_types import DATASETS, Splits
 from digitlens.device import autocast, check_precision, resolve_device, synchronize
 from digitlens.errors import DigitlensError
+from digitlens.models import MODELS, build_model, count_parameters, save_model
+from digitlens.progress import progress_bar
 from digitlens.runio import atomic_path, has_content, read_json, run_lock, write_json, write_text
+from digitlens.userdata import is_path_dataset
 
 HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "train_eval_loss", "train_eval_accuracy",
                    "lr", "seconds")
@@ -59,63 +73,148 @@ TRAIN_EVAL_SIZE = 2000
 #: (0.37 s against 0.92 s for 2,000 MNIST images on 2 cores), about 1% of its 30 s epoch.
 TRAIN_EVAL_BATCH_SIZE = 256
 
-#: Training hyper-parameters per model; any of them can be overridden through ``**hyper``.
-DEFAULT_HYPER: dict[str, dict] = {
-    "cnn": dict(batch_size=128, optimizer="sgd", lr=0.2, momentum=0.9, nesterov=True, weight_decay=5e-4,
-                label_smoothing=0.1, schedule="onecycle", pct_start=0.25, augment=0, val_fraction=0.1,
-                threads=None, channels_last=True),
-    "mlp": dict(batch_size=128, optimizer="adamw", lr=2e-3, momentum=0.9, nesterov=False, weight_decay=1e-4,
-                label_smoothing=0.0, schedule="onecycle", pct_start=0.25, augment=0, val_fraction=0.1,
-                threads=None, channels_last=False),
-    "vit": dict(batch_size=128, optimizer="adamw", lr=4e-3, momentum=0.9, nesterov=False, weight_decay=0.05,
-                label_smoothing=0.1, schedule="onecycle", pct_start=0.2, augment=0, val_fraction=0.1,
-                threads=None, channels_last=False),
-}
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("onecycle", "constant")
 
-#: The ``cnn``'s settings for long runs (``epochs >= LONG_RUN_EPOCHS``): larger batches are cheaper per
+
+# --------------------------------------------------------------------------- configuration
+
+
+def _number(name: str, value, kind: type, flag: str | None = None):
+    """``value`` as ``kind`` (int or float); a one-line error naming ``flag`` (or the field) otherwise."""
+    try:
+        if isinstance(value, bool) or (kind is int and float(value) != int(value)):
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError):
+        raise DigitlensError(f"{flag or 'train: ' + name} {value!r}: expected {'a whole number' if kind is int else 'a number'}") from None
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """Training hyper-parameters of one run (config.json holds them as top-level keys), checked on creation."""
+
+    batch_size: int
+    optimizer: str
+    lr: float
+    momentum: float
+    nesterov: bool
+    weight_decay: float
+    label_smoothing: float
+    schedule: str
+    pct_start: float
+    augment: int
+    val_fraction: float
+    threads: int | None = None
+    channels_last: bool = False
+
+    def __post_init__(self) -> None:
+        set_ = functools.partial(object.__setattr__, self)
+        set_("batch_size", _number("batch_size", self.batch_size, int, "--batch-size"))
+        set_("lr", _number("lr", self.lr, float, "--lr"))
+        for name in ("momentum", "weight_decay", "label_smoothing", "pct_start"):
+            set_(name, _number(name, getattr(self, name), float))
+        set_("augment", _number("augment", self.augment, int, "--augment"))
+        set_("val_fraction", _number("val_fraction", self.val_fraction, float, "--val-fraction"))
+        if self.threads is not None:
+            set_("threads", _number("threads", self.threads, int, "--threads"))
+        set_("nesterov", bool(self.nesterov))
+        set_("channels_last", bool(self.channels_last))
+        if self.optimizer not in OPTIMIZERS:
+            raise DigitlensError(f"--optimizer {self.optimizer!r}: choose from {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise DigitlensError(f"--schedule {self.schedule!r}: choose from {', '.join(SCHEDULES)}")
+        if self.batch_size < 2:
+            raise DigitlensError(f"--batch-size {self.batch_size}: must be at least 2")
+        if not self.lr > 0:
+            raise DigitlensError(f"--lr {self.lr}: must be positive")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise DigitlensError(f"--val-fraction {self.val_fraction}: must be in [0, 1)")
+        if self.augment < 0:
+            raise DigitlensError(f"--augment {self.augment}: must be 0 (off) or a number of pixels")
+        if self.threads is not None and self.threads < 1:
+            raise DigitlensError(f"--threads {self.threads}: must be at least 1")
+        if not (self.momentum >= 0 and self.weight_decay >= 0):
+            raise DigitlensError(f"train: momentum {self.momentum} and weight_decay {self.weight_decay} must be >= 0")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise DigitlensError(f"train: label_smoothing {self.label_smoothing}: must be in [0, 1)")
+        if not 0.0 < self.pct_start < 1.0:
+            raise DigitlensError(f"train: pct_start {self.pct_start}: must be in (0, 1)")
+
+    def updated(self, overrides: Mapping) -> "Hyper":
+        """A copy with ``overrides`` (None values ignored); an unknown name is a one-line error."""
+        unknown = sorted(set(overrides) - set(HYPER_FIELDS))
+        if unknown:
+            raise DigitlensError(f"train: unknown hyper-parameter {unknown[0]!r} (known: {', '.join(sorted(HYPER_FIELDS))})")
+        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+HYPER_FIELDS = tuple(f.name for f in dataclasses.fields(Hyper))
+
+#: Training hyper-parameters per model; any of them can be overridden through ``train(**hyper)``.
+DEFAULT_HYPER: Mapping[str, Hyper] = MappingProxyType({
+    "cnn": Hyper(batch_size=128, optimizer="sgd", lr=0.2, momentum=0.9, nesterov=True, weight_decay=5e-4,
+                 label_smoothing=0.1, schedule="onecycle", pct_start=0.25, augment=0, val_fraction=0.1,
+                 threads=None, channels_last=True),
+    "mlp": Hyper(batch_size=128, optimizer="adamw", lr=2e-3, momentum=0.9, nesterov=False, weight_decay=1e-4,
+                 label_smoothing=0.0, schedule="onecycle", pct_start=0.25, augment=0, val_fraction=0.1,
+                 threads=None, channels_last=False),
+    "vit": Hyper(batch_size=128, optimizer="adamw", lr=4e-3, momentum=0.9, nesterov=False, weight_decay=0.05,
+                 label_smoothing=0.1, schedule="onecycle", pct_start=0.2, augment=0, val_fraction=0.1,
+                 threads=None, channels_last=False),
+})
+
+#: The ``cnn``'s settings for long MNIST runs (``epochs >= LONG_RUN_EPOCHS``): larger batches are cheaper per
 #: image but need more epochs, and random 1-pixel shifts pay off once the model has time to use them.
 #: On MNIST ``--epochs 6`` with these reaches 99.4% test accuracy; the 1-epoch default reaches 99.0%.
-LONG_RUN_HYPER = {"cnn": dict(batch_size=256, lr=0.2, label_smoothing=0.0, augment=1)}
+LONG_RUN_HYPER: Mapping[str, Hyper] = MappingProxyType({
+    "cnn": dataclasses.replace(DEFAULT_HYPER["cnn"], batch_size=256, lr=0.2, label_smoothing=0.0, augment=1)})
 LONG_RUN_EPOCHS = 4
 
 #: Default number of epochs per (dataset, model): the fast configuration.
-DEFAULT_EPOCHS = {
+DEFAULT_EPOCHS: Mapping[tuple[str, str], int] = MappingProxyType({
     ("mnist", "cnn"): 1, ("mnist", "mlp"): 5, ("mnist", "vit"): 5,
     ("digits", "cnn"): 8, ("digits", "mlp"): 30, ("digits", "vit"): 40,
-}
+})
 
 #: Smaller batches for the tiny ``digits`` dataset (1,212 training images), unless overridden.
 DIGITS_BATCH_SIZE = 32
 
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("onecycle", "constant")
+_MODEL_CLASSES = {"cnn": models.CNN, "mlp": models.MLP, "vit": models.ViT}
 
-# Config keys that define a run: resuming with a different value would not continue the same run.
+
+def _class_defaults(model: str) -> dict:
+    """The constructor defaults of ``model``'s class (n_classes left out)."""
+    return {name: p.default for name, p in inspect.signature(_MODEL_CLASSES[model]).parameters.items()
+            if name != "n_classes" and p.default is not inspect.Parameter.empty}
+
+
+def _checked_model_kwargs(model: str, model_kwargs: Mapping | None) -> dict:
+    """``model_kwargs`` as a dict, after checking that ``model``'s class takes each of them."""
+    known = _class_defaults(model)
+    unknown = sorted(set(model_kwargs or {}) - set(known))
+    if unknown:
+        raise DigitlensError(f"model_kwargs: {model} has no argument {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    return dict(model_kwargs or {})
+
+
 #: Architecture settings train() uses unless given: the ViT is made shallower than the class default
 #: (2 blocks, MLP width 128, dim 128 so LoRA ranks up to 64 fit) to train within minutes on a CPU.
 #: A small MLP per 4x4 patch and a fixed sine-cosine position embedding make it learn faster: on
 #: MNIST, 5 epochs reach 98.8% (98.5% after 4 epochs, 146 s on 2 CPU cores); with a linear patch
 #: embedding and learned positions the same budget gave 97.9%.
-DEFAULT_MODEL_KWARGS = {"vit": {"dim": 128, "depth": 2, "heads": 4, "mlp_dim": 128, "patch_hidden": 64,
-                                "pos_embed": "sincos"}}
+DEFAULT_MODEL_KWARGS: Mapping[str, Mapping] = MappingProxyType({
+    "vit": MappingProxyType(_checked_model_kwargs("vit", {"dim": 128, "depth": 2, "heads": 4, "mlp_dim": 128,
+                                                          "patch_hidden": 64, "pos_embed": "sincos"}))})
 
 
-def full_model_kwargs(model: str, model_kwargs: dict | None) -> dict:
+def full_model_kwargs(model: str, model_kwargs: Mapping | None) -> dict:
     """Every constructor argument of ``model`` (except n_classes): its class defaults, then
     :data:`DEFAULT_MODEL_KWARGS`, then ``model_kwargs``; as JSON types, so config.json pins the
     architecture even if a default changes later."""
-    import inspect
-
-    from digitlens import models
-
-    cls = {"cnn": models.CNN, "mlp": models.MLP, "vit": models.ViT}[model]
-    merged = {name: p.default for name, p in inspect.signature(cls).parameters.items()
-              if name != "n_classes" and p.default is not inspect.Parameter.empty}
+    merged = _class_defaults(model)
     merged.update(DEFAULT_MODEL_KWARGS.get(model, {}))
-    unknown = sorted(set(model_kwargs or {}) - set(merged))
-    if unknown:
-        raise DigitlensError(f"model_kwargs: {model} has no argument {unknown[0]!r} (known: {', '.join(sorted(merged))})")
-    merged.update(model_kwargs or {})
+    merged.update(_checked_model_kwargs(model, model_kwargs))
     return json.loads(json.dumps(merged))
 
 
@@ -133,75 +232,136 @@ def width_kwargs(model: str | None, widths) -> dict | None:
 
 def library_versions() -> dict[str, str]:
     """Versions of Python, torch, numpy, scikit-learn and digitlens."""
-    import sklearn
-
-    import digitlens
-
+    # scikit-learn's version from its metadata: importing sklearn costs seconds, and train never needs it
     return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-            "sklearn": sklearn.__version__, "digitlens": getattr(digitlens, "__version__", "unknown")}
+            "sklearn": importlib.metadata.version("scikit-learn"),
+            "digitlens": getattr(digitlens, "__version__", "unknown")}
 
 
-def resolve_hyper(model: str, dataset: str, hyper: dict, epochs: int | None = None) -> dict:
-    """The full hyper-parameter dict: the model's defaults (its long-run settings on MNIST when
-    ``epochs >= LONG_RUN_EPOCHS``) updated with ``hyper`` (checked)."""
-    from digitlens.models import MODELS
-
-    if model not in DEFAULT_HYPER:
+def _check_model(model: str) -> None:
+    if model not in MODELS:
         raise DigitlensError(f"--model {model!r}: unknown model (choose from {', '.join(MODELS)})")
-    resolved = dict(DEFAULT_HYPER[model])
+
+
+def _check_dataset(dataset: str) -> None:
+    if dataset in DATASETS:
+        return
+    if is_path_dataset(dataset):
+        raise DigitlensError(f"--dataset {dataset}: a folder or CSV is test data only; train on "
+                             f"{' or '.join(DATASETS)}, then `digitlens evaluate RUN --dataset {dataset}`")
+    raise DigitlensError(f"--dataset {dataset!r}: unknown dataset (choose from {', '.join(DATASETS)})")
+
+
+def default_hyper(model: str, dataset: str, epochs: int | None = None) -> Hyper:
+    """The hyper-parameters ``model`` trains with on ``dataset`` unless overridden: its defaults, with
+    :data:`DIGITS_BATCH_SIZE` on digits and its long-run settings on MNIST when ``epochs >= LONG_RUN_EPOCHS``."""
+    _check_model(model)
     if dataset == "digits":
-        resolved["batch_size"] = DIGITS_BATCH_SIZE
-    elif epochs is not None and epochs >= LONG_RUN_EPOCHS:
-        resolved.update(LONG_RUN_HYPER.get(model, {}))
-    unknown = sorted(set(hyper) - set(resolved))
-    if unknown:
-        raise DigitlensError(f"train: unknown hyper-parameter {unknown[0]!r} (known: {', '.join(sorted(resolved))})")
-    resolved.update({k: v for k, v in hyper.items() if v is not None})
-    if resolved["optimizer"] not in OPTIMIZERS:
-        raise DigitlensError(f"--optimizer {resolved['optimizer']!r}: choose from {', '.join(OPTIMIZERS)}")
-    if resolved["schedule"] not in SCHEDULES:
-        raise DigitlensError(f"--schedule {resolved['schedule']!r}: choose from {', '.join(SCHEDULES)}")
-    if int(resolved["batch_size"]) < 2:
-        raise DigitlensError(f"--batch-size {resolved['batch_size']}: must be at least 2")
-    if not float(resolved["lr"]) > 0:
-        raise DigitlensError(f"--lr {resolved['lr']}: must be positive")
-    if not 0.0 <= float(resolved["val_fraction"]) < 1.0:
-        raise DigitlensError(f"--val-fraction {resolved['val_fraction']}: must be in [0, 1)")
-    return resolved
+        return dataclasses.replace(DEFAULT_HYPER[model], batch_size=DIGITS_BATCH_SIZE)
+    if epochs is not None and epochs >= LONG_RUN_EPOCHS and model in LONG_RUN_HYPER:
+        return LONG_RUN_HYPER[model]
+    return DEFAULT_HYPER[model]
+
+
+def resolve_hyper(model: str, dataset: str, hyper: Mapping, epochs: int | None = None) -> Hyper:
+    """:func:`default_hyper` updated with ``hyper`` (None values ignored; checked)."""
+    return default_hyper(model, dataset, epochs).updated(hyper)
+
+
+#: config.json keys written at the start of a run besides the settings: facts about it, not choices.
+RECORDED_KEYS = ("n_classes", "n_parameters", "n_train", "n_val", "n_test", "steps_per_epoch", "threads_used",
+                 "versions", "train_eval_size", "device", "precision", "world_size")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run, checked on creation; :meth:`to_json` is config.json's
+    settings (the facts of :data:`RECORDED_KEYS` follow them in the file)."""
+
+    dataset: str
+    model: str
+    model_kwargs: Mapping  # every constructor argument (full_model_kwargs), JSON types
+    seed: int
+    data_dir: str | None
+    epochs: int
+    hyper: Hyper
+    image_size: int = 28
+    verify: bool = True
+
+    def __post_init__(self) -> None:
+        _check_dataset(self.dataset)
+        _check_model(self.model)
+        object.__setattr__(self, "seed", _number("seed", self.seed, int, "--seed"))
+        object.__setattr__(self, "epochs", _number("epochs", self.epochs, int, "--epochs"))
+        if self.epochs < 1:
+            raise DigitlensError(f"--epochs {self.epochs}: must be at least 1")
+        _checked_model_kwargs(self.model, self.model_kwargs)
+
+    @classmethod
+    def create(cls, *, dataset: str | None = None, model: str | None = None, epochs: int | None = None,
+               seed: int | None = None, data_dir: str | os.PathLike | None = None,
+               model_kwargs: Mapping | None = None, verify: bool = True, **hyper) -> "TrainConfig":
+        """A new run's configuration: ``dataset`` digits, ``model`` cnn, ``seed`` 0 and the
+        per-model defaults (:data:`DEFAULT_EPOCHS`, :func:`default_hyper`, :data:`DEFAULT_MODEL_KWARGS`)
+        for whatever is None; ``hyper`` overrides :class:`Hyper` fields."""
+        dataset, model = dataset or "digits", model or "cnn"
+        _check_dataset(dataset)
+        _check_model(model)
+        epochs = DEFAULT_EPOCHS[(dataset, model)] if epochs is None else _number("epochs", epochs, int, "--epochs")
+        return cls(dataset=dataset, model=model, model_kwargs=full_model_kwargs(model, model_kwargs),
+                   seed=0 if seed is None else seed, data_dir=None if data_dir is None else str(Path(data_dir).resolve()),
+                   epochs=epochs, hyper=resolve_hyper(model, dataset, hyper, epochs), verify=verify)
+
+    def to_json(self) -> dict:
+        """The settings as config.json holds them (``verify`` only when False, as older runs lack it)."""
+        return {"dataset": self.dataset, "model": self.model, "model_kwargs": json.loads(json.dumps(dict(self.model_kwargs))),
+                "seed": self.seed, "data_dir": self.data_dir, "image_size": self.image_size, "epochs": self.epochs,
+                **dataclasses.asdict(self.hyper), **({} if self.verify else {"verify": False})}
+
+    @classmethod
+    def from_json(cls, data: Mapping, source: str | os.PathLike = "config.json") -> "TrainConfig":
+        """The configuration of a run from its config.json dict (recorded facts ignored). A hyper-parameter
+        missing from an older file takes the model's default; a missing setting is a one-line error."""
+        missing = [key for key in ("dataset", "model", "model_kwargs", "seed", "epochs") if key not in data]
+        if missing:
+            raise DigitlensError(f"{source}: missing key {missing[0]!r}")
+        defaults = default_hyper(data["model"], data["dataset"], data["epochs"])
+        return cls(dataset=data["dataset"], model=data["model"], model_kwargs=dict(data["model_kwargs"]),
+                   seed=data["seed"], data_dir=data.get("data_dir"), epochs=data["epochs"],
+                   hyper=defaults.updated({k: data[k] for k in HYPER_FIELDS if k in data}),
+                   image_size=int(data.get("image_size", 28)), verify=bool(data.get("verify", True)))
 
 
 # --------------------------------------------------------------------------- building blocks
 
 
-def prepare_model(model: str, n_classes: int, model_kwargs: dict, hyper: dict) -> nn.Module:
-    """Build ``model`` for training; with ``hyper['channels_last']`` its weights use the NHWC layout,
+def prepare_model(model: str, n_classes: int, model_kwargs: Mapping, hyper: Hyper) -> nn.Module:
+    """Build ``model`` for training; with ``hyper.channels_last`` its weights use the NHWC layout,
     which oneDNN's CPU convolutions and max-pooling run faster (same numbers, another memory order)."""
-    from digitlens.models import build_model
-
     try:
         net = build_model(model, n_classes=n_classes, **model_kwargs)
     except TypeError as exc:
-        raise DigitlensError(f"model_kwargs {model_kwargs}: {exc}") from None
-    if hyper.get("channels_last"):
+        raise DigitlensError(f"model_kwargs {dict(model_kwargs)}: {exc}") from None
+    if hyper.channels_last:
         net = net.to(memory_format=torch.channels_last)
     return net
 
 
-def make_optimizer(model: nn.Module, hyper: dict, total_steps: int):
+def make_optimizer(model: nn.Module, hyper: Hyper, total_steps: int):
     """(optimizer, scheduler) for ``hyper``; the scheduler is stepped once per batch."""
-    lr = float(hyper["lr"])
+    lr = hyper.lr
     # On CUDA the fused kernels (one launch per step instead of one per operation and parameter
     # group) matter for a model this small; on the CPU torch's default implementation stays, so CPU
     # results do not change.
     fused = {"fused": True} if next(model.parameters()).device.type == "cuda" else {}
-    if hyper["optimizer"] == "sgd":
-        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=float(hyper["momentum"]),
-                                    nesterov=bool(hyper["nesterov"]), weight_decay=float(hyper["weight_decay"]), **fused)
+    if hyper.optimizer == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=hyper.momentum,
+                                    nesterov=hyper.nesterov, weight_decay=hyper.weight_decay, **fused)
     else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=float(hyper["weight_decay"]), **fused)
-    if hyper["schedule"] == "onecycle":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=hyper.weight_decay, **fused)
+    if hyper.schedule == "onecycle":
         total_steps = max(1, total_steps)
-        pct_start = float(hyper["pct_start"])
+        pct_start = hyper.pct_start
         if pct_start * total_steps == 1.0:
             # OneCycleLR's warm-up then ends at step 0 and it divides by its zero length (4 steps,
             # pct_start 0.25); the next float up gives the same rates (the limit of a vanishing warm-up).
@@ -324,17 +484,6 @@ def last_checkpoint(out_dir: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
-def _numpy_rng_state() -> dict:
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
-
-
-def _set_numpy_rng_state(state: dict) -> None:
-    np.random.set_state((state["kind"], state["keys"].numpy().astype(np.uint32), state["pos"],
-                         state["has_gauss"], state["cached_gaussian"]))
-
-
 def _to_cpu(obj):
     """``obj`` with every tensor inside (dicts, lists) moved to the CPU."""
     if isinstance(obj, torch.Tensor):
@@ -348,7 +497,7 @@ def _to_cpu(obj):
 
 def save_checkpoint(out_dir: Path, epoch: int, model, optimizer, scheduler, history: list[dict]) -> Path:
     """Write ``checkpoints/epoch_NNN.pt`` (1-based epoch) atomically: model, optimizer and scheduler
-    states, torch's and numpy's RNG states and the history so far; only tensors and primitives,
+    states, torch's RNG states (dropout draws from them) and the history so far; only tensors and primitives,
     all on the CPU, so it loads with ``torch.load(..., weights_only=True)`` on any machine."""
     state = {
         "epoch": int(epoch),
@@ -357,7 +506,6 @@ def save_checkpoint(out_dir: Path, epoch: int, model, optimizer, scheduler, hist
         "scheduler": scheduler.state_dict(),
         "torch_rng": torch.get_rng_state(),
         **({"cuda_rng": torch.cuda.get_rng_state()} if torch.cuda.is_available() and torch.cuda.is_initialized() else {}),
-        "numpy_rng": _numpy_rng_state(),
         "history": [dict(row) for row in history],
     }
     path = _checkpoint_path(out_dir, epoch)
@@ -390,7 +538,7 @@ def _write_history(out_dir: Path, history: list[dict]) -> None:
 
 
 def _prepare_out_dir(out: Path, requested: dict, resume: bool) -> tuple[dict | None, Path | None]:
-    """Check ``out`` against ``resume``; return (stored config, last checkpoint) when resuming."""
+    """Check ``out`` against ``resume``; return (stored config.json dict, last checkpoint) when resuming."""
     config_path = out / "config.json"
     if out.exists() and not out.is_dir():
         raise DigitlensError(f"--out {out}: is a file, not a folder; choose a new --out folder")
@@ -415,6 +563,152 @@ def _prepare_out_dir(out: Path, requested: dict, resume: bool) -> tuple[dict | N
     return stored, last_checkpoint(out)
 
 
+def _resumed_config(out: Path, stored: dict, data_dir, hyper: Mapping) -> TrainConfig:
+    """The configuration of the run in ``out`` (its config.json dict ``stored``); ``data_dir`` may
+    point elsewhere, any other ``hyper`` value given must equal the run's."""
+    config = TrainConfig.from_json(stored, out / "config.json")
+    if data_dir is not None:
+        config = dataclasses.replace(config, data_dir=str(Path(data_dir).resolve()))
+    recorded = config.to_json()
+    different = {k: v for k, v in hyper.items() if v is not None and recorded.get(k) != v}
+    if different:
+        key = sorted(different)[0]
+        raise DigitlensError(f"--resume: {out} was trained with {key}={stored.get(key)!r}, not {different[key]!r}")
+    return config
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None):
+    """Run the block with ``threads`` torch CPU threads (None: leave them), restoring the caller's count."""
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _seeded_global_rng(seed: int, device: torch.device):
+    """Seed torch's global RNG (the weight initialisation and dropout draw from it; a Generator cannot
+    reach them) for the block only: ``fork_rng`` gives the caller back its own RNG state afterwards."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.random.fork_rng(devices=devices))
+    torch.manual_seed(seed)
+    return stack
+
+
+def _load_training_data(config: TrainConfig) -> Splits:
+    """The run's train/val/test splits; a training split of a single digit is a one-line error."""
+    splits = load_splits(config.dataset, data_dir=config.data_dir, val_fraction=config.hyper.val_fraction,
+                         seed=config.seed, size=config.image_size, verify=config.verify)
+    present = torch.unique(splits.train.labels).tolist()
+    if len(present) < 2:  # all-zero labels would "train" to a perfect score on nothing
+        raise DigitlensError(f"--dataset {config.dataset}: the training split holds only digit "
+                             f"{', '.join(map(str, present)) or '(none)'}; nothing to tell apart")
+    return splits
+
+
+def _n_classes(splits: Splits) -> int:
+    """Output classes: at least 10, more when the labels go higher."""
+    return max(int(torch.cat([splits.train.labels, splits.test.labels]).max()) + 1, 10)
+
+
+def _recorded_facts(net: nn.Module, splits: Splits, n_classes: int, per_epoch: int, run_device: torch.device,
+                    precision: str, world_size: int) -> dict:
+    """config.json's :data:`RECORDED_KEYS`: facts about a new run, measured at its start."""
+    n_train = len(splits.train)
+    return {"n_classes": n_classes, "n_parameters": count_parameters(net), "n_train": n_train,
+            "n_val": len(splits.val), "n_test": len(splits.test), "steps_per_epoch": per_epoch,
+            "threads_used": torch.get_num_threads(), "versions": library_versions(),
+            "train_eval_size": min(TRAIN_EVAL_SIZE, n_train),
+            "device": str(run_device), "precision": precision, "world_size": world_size}
+
+
+def _restore_checkpoint(path: Path, net: nn.Module, optimizer, scheduler, run_device: torch.device) -> tuple[int, list[dict]]:
+    """Load checkpoint ``path`` into the model, optimizer, scheduler and torch's RNG; return
+    (epochs done, history so far). A numpy RNG state in older checkpoints is ignored (training draws none)."""
+    state = load_checkpoint(path)
+    net.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    if run_device.type == "cuda" and "cuda_rng" in state:
+        torch.cuda.set_rng_state(state["cuda_rng"], run_device)
+    return int(state["epoch"]), list(state["history"])
+
+
+@dataclass
+class _Session:
+    """What the epoch loop works with: the model (``trained`` is its DDP wrapper under torchrun),
+    its optimizer and the data, on the training device."""
+
+    out: Path
+    config: TrainConfig
+    net: nn.Module
+    trained: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    batch_size: int
+    per_epoch: int
+    train: tuple[torch.Tensor, torch.Tensor]
+    val: tuple[torch.Tensor, torch.Tensor]
+    train_eval: tuple[torch.Tensor, torch.Tensor]
+    device: torch.device
+    precision: str
+    rank: int
+    world_size: int
+    main: bool
+
+
+def _fit(session: _Session, start_epoch: int, history: list[dict], progress: bool) -> list[dict]:
+    """Train from ``start_epoch`` (0-based) to the configured epochs, measuring and (rank 0) checkpointing
+    after each; return the whole history (``history`` so far plus the new rows)."""
+    config, history = session.config, list(history)
+    show = progress and session.main
+    with progress_bar(show, TextColumn("loss {task.fields[loss]:.4f}")) as bar:
+        task = bar.add_task("training", total=session.per_epoch * (config.epochs - start_epoch), loss=float("nan"))
+
+        def on_batch(step: int, loss_value: float | None) -> None:
+            bar.update(task, advance=1, **({} if loss_value is None else {"loss": loss_value}))
+
+        for epoch in range(start_epoch, config.epochs):
+            bar.update(task, description=f"epoch {epoch + 1}/{config.epochs}")
+            row = _one_epoch(session, epoch, on_batch)
+            history.append(row)
+            if session.main:
+                save_checkpoint(session.out, epoch + 1, session.net, session.optimizer, session.scheduler, history)
+                _write_history(session.out, history)
+            if show:
+                bar.console.print(f"epoch {epoch + 1}/{config.epochs}: loss {row['loss']:.4f}, accuracy {row['accuracy']:.4f}, "
+                                  f"val_loss {row['val_loss']:.4f}, val_accuracy {row['val_accuracy']:.4f}, "
+                                  f"train_eval_loss {row['train_eval_loss']:.4f} ({row['seconds']:.1f} s)")
+    return history
+
+
+def _one_epoch(session: _Session, epoch: int, on_batch) -> dict:
+    """Train epoch ``epoch`` (0-based) and measure it: its history.csv row."""
+    lr_at_start = session.optimizer.param_groups[0]["lr"]
+    synchronize(session.device)
+    tic = time.perf_counter()
+    loss, accuracy = train_one_epoch(
+        session.trained, *session.train, session.optimizer, session.scheduler, batch_size=session.batch_size,
+        seed=session.config.seed, epoch=epoch, label_smoothing=session.config.hyper.label_smoothing,
+        augment=session.config.hyper.augment, on_batch=on_batch, precision=session.precision,
+        rank=session.rank, world_size=session.world_size)
+    synchronize(session.device)
+    seconds = time.perf_counter() - tic
+    # Every rank measures (the same model on the same images), only rank 0 writes; not part of
+    # `seconds` (training time).
+    val_loss, val_accuracy = evaluate_loss_accuracy(session.net, *session.val)
+    train_eval_loss, train_eval_accuracy = evaluate_loss_accuracy(session.net, *session.train_eval,
+                                                                  batch_size=TRAIN_EVAL_BATCH_SIZE)
+    return {"epoch": epoch + 1, "loss": loss, "accuracy": accuracy, "val_loss": val_loss,
+            "val_accuracy": val_accuracy, "train_eval_loss": train_eval_loss,
+            "train_eval_accuracy": train_eval_accuracy, "lr": lr_at_start, "seconds": seconds}
+
+
 def train(out_dir: str | os.PathLike, *, dataset: str | None = None, model: str | None = None,
           epochs: int | None = None, seed: int | None = None, data_dir: str | os.PathLike | None = None,
           resume: bool = False, progress: bool = True, model_kwargs: dict | None = None,
@@ -423,17 +717,18 @@ def train(out_dir: str | os.PathLike, *, dataset: str | None = None, model: str 
     """Train ``model`` (default ``cnn``) on ``dataset`` (default ``digits``) into ``out_dir``.
 
     ``seed`` defaults to 0 and ``epochs`` to a fast per-model/per-dataset value
-    (:data:`DEFAULT_EPOCHS`). ``**hyper`` overrides :data:`DEFAULT_HYPER` (batch_size, lr, optimizer,
-    weight_decay, label_smoothing, augment, val_fraction, threads, ...). With ``resume=True`` the
-    run in ``out_dir`` continues from its last checkpoint; arguments left as None take the run's
-    recorded values and any other value must match them.
+    (:data:`DEFAULT_EPOCHS`). ``**hyper`` overrides fields of :class:`Hyper` (batch_size, lr,
+    optimizer, weight_decay, label_smoothing, augment, val_fraction, threads, ...; defaults in
+    :data:`DEFAULT_HYPER`). With ``resume=True`` the run in ``out_dir`` continues from its last
+    checkpoint; arguments left as None take the run's recorded values and any other value must match them.
 
     ``device``: 'auto' (default, or ``$DIGITLENS_DEVICE``), 'cpu', 'cuda[:N]' or 'mps';
     ``precision``: 'fp32' (default) or 'bf16' (autocast, CUDA only). Neither defines the run: a run
     trained on a GPU resumes on a CPU. ``verify=False`` (``--no-verify``) trains on MNIST files
     that are not the canonical ones (recorded as ``verify: false`` in ``config.json``, so later
     stages accept them too). Under torchrun the processes train one model together
-    (see the module docstring); only rank 0 writes.
+    (see the module docstring); only rank 0 writes. The caller's torch thread count and global
+    RNG state are as they were when it returns.
 
     Returns a summary dict (also written to ``train_summary.json``): run folder, dataset, model,
     epochs, parameter count, the last history row, training seconds and samples per second.
@@ -441,183 +736,96 @@ def train(out_dir: str | os.PathLike, *, dataset: str | None = None, model: str 
     out = Path(out_dir)
     if model_kwargs is not None:  # as config.json will hold them (tuples become lists)
         model_kwargs = json.loads(json.dumps(dict(model_kwargs)))
+    DEFAULT_HYPER["cnn"].updated(hyper)  # an unknown hyper-parameter is refused before anything happens
     requested = {"dataset": dataset, "model": model, "model_kwargs": model_kwargs, "seed": seed, "epochs": epochs}
     run_device = distributed.rank_device(resolve_device(device))
     precision = check_precision(precision, run_device)
     ctx = distributed.context(run_device)
     try:
         with contextlib.ExitStack() as lock_stack:
-            return _train(out, ctx, run_device, precision, requested, dataset=dataset, model=model, epochs=epochs,
-                          seed=seed, data_dir=data_dir, resume=resume, progress=progress, model_kwargs=model_kwargs,
-                          hyper=hyper, verify=verify, lock_stack=lock_stack)
+            def decide():
+                # Rank 0 alone writes, so it alone holds the run folder's writer lock (until train returns);
+                # every rank gets its answer (or its error).
+                if out.exists() and not out.is_dir():
+                    raise DigitlensError(f"--out {out}: is a file, not a folder; choose a new --out folder")
+                lock_stack.enter_context(run_lock(out, "train", create=True))
+                return _prepare_out_dir(out, requested, resume)
+
+            stored, checkpoint_path = distributed.rank0_decides(ctx, decide)
+            if stored is not None:
+                config = _resumed_config(out, stored, data_dir, hyper)
+            else:
+                config = TrainConfig.create(dataset=dataset, model=model, epochs=epochs, seed=seed, data_dir=data_dir,
+                                            model_kwargs=model_kwargs, verify=verify, **hyper)
+            return _train(out, config, stored, checkpoint_path, ctx, run_device, precision, progress)
     finally:
         distributed.finish(ctx)
 
 
-def _train(out: Path, ctx, run_device: torch.device, precision: str, requested: dict, *, dataset, model, epochs, seed,
-           data_dir, resume, progress, model_kwargs, hyper, verify=True, lock_stack) -> dict:
-    from digitlens.data import DATASETS, load_splits
-    from digitlens.models import MODELS, count_parameters, save_model
-
-    main = ctx is None or ctx.is_main
+def _train(out: Path, config: TrainConfig, stored: dict | None, checkpoint_path: Path | None, ctx,
+           run_device: torch.device, precision: str, progress: bool) -> dict:
+    """Train the run ``config`` describes (``stored``: its config.json dict when resuming, else None);
+    return the summary dict."""
     world_size = 1 if ctx is None else ctx.world_size
-    # Rank 0 checks the folder; every rank gets its answer (or its error).
-    def decide():
-        # Rank 0 alone writes, so it alone holds the run folder's writer lock (until train returns).
-        if out.exists() and not out.is_dir():
-            raise DigitlensError(f"--out {out}: is a file, not a folder; choose a new --out folder")
-        lock_stack.enter_context(run_lock(out, "train", create=True))
-        return _prepare_out_dir(out, requested, resume)
-
-    stored, checkpoint_path = distributed.rank0_decides(ctx, decide)
-    if stored is not None:
-        config = stored
-        if data_dir is not None:
-            config["data_dir"] = str(Path(data_dir).resolve())
-        extra = {k: v for k, v in hyper.items() if v is not None and config.get(k) != v}
-        if extra:
-            key = sorted(extra)[0]
-            raise DigitlensError(f"--resume: {out} was trained with {key}={config.get(key)!r}, not {extra[key]!r}")
-    else:
-        dataset = dataset or "digits"
-        model = model or "cnn"
-        if dataset not in DATASETS:
-            from digitlens.userdata import is_path_dataset
-
-            if is_path_dataset(dataset):
-                raise DigitlensError(f"--dataset {dataset}: a folder or CSV is test data only; train on "
-                                     f"{' or '.join(DATASETS)}, then `digitlens evaluate RUN --dataset {dataset}`")
-            raise DigitlensError(f"--dataset {dataset!r}: unknown dataset (choose from {', '.join(DATASETS)})")
-        if model not in MODELS:
-            raise DigitlensError(f"--model {model!r}: unknown model (choose from {', '.join(MODELS)})")
-        if epochs is None:
-            epochs = DEFAULT_EPOCHS[(dataset, model)]
-        resolved = resolve_hyper(model, dataset, hyper, int(epochs))
-        if int(epochs) < 1:
-            raise DigitlensError(f"--epochs {epochs}: must be at least 1")
-        config = {
-            "dataset": dataset, "model": model, "model_kwargs": full_model_kwargs(model, model_kwargs),
-            "seed": int(0 if seed is None else seed), "data_dir": None if data_dir is None else str(Path(data_dir).resolve()),
-            "image_size": 28, "epochs": int(epochs), **resolved,
-        }
-        if not verify:
-            config["verify"] = False
-
-    if int(config["batch_size"]) % world_size:
-        raise DigitlensError(f"--batch-size {config['batch_size']}: must be a multiple of the {world_size} "
+    main = ctx is None or ctx.is_main
+    resuming = stored is not None
+    if config.hyper.batch_size % world_size:
+        raise DigitlensError(f"--batch-size {config.hyper.batch_size}: must be a multiple of the {world_size} "
                              "processes (each trains on an equal share of every batch)")
     # A resumed run uses the thread count of the original, so reductions split the same way.
-    threads = config.get("threads") or (config.get("threads_used") if stored is not None else None)
-    previous_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(int(threads))
-    try:
-        splits = load_splits(config["dataset"], data_dir=config["data_dir"], val_fraction=config["val_fraction"],
-                             seed=config["seed"], size=config["image_size"], verify=bool(config.get("verify", True)))
-        present = torch.unique(splits.train.labels).tolist()
-        if len(present) < 2:  # all-zero labels would "train" to a perfect score on nothing
-            raise DigitlensError(f"--dataset {config['dataset']}: the training split holds only digit "
-                                 f"{', '.join(map(str, present)) or '(none)'}; nothing to tell apart")
-        n_classes = int(torch.cat([splits.train.labels, splits.test.labels]).max()) + 1
-        n_classes = max(n_classes, 10)
-        torch.manual_seed(config["seed"])
-        np.random.seed(config["seed"])
-        net = prepare_model(config["model"], n_classes, config["model_kwargs"], config).to(run_device)
-        n_train = len(splits.train)
-        bs = min(int(config["batch_size"]), n_train)
-        per_epoch = steps_per_epoch(n_train, bs)
-        optimizer, scheduler = make_optimizer(net, config, per_epoch * config["epochs"])
-
-        if stored is None:
-            config.update({
-                "n_classes": n_classes, "n_parameters": count_parameters(net), "n_train": n_train,
-                "n_val": len(splits.val), "n_test": len(splits.test), "steps_per_epoch": per_epoch,
-                "threads_used": torch.get_num_threads(), "versions": library_versions(),
-                "train_eval_size": min(TRAIN_EVAL_SIZE, n_train),
-                "device": str(run_device), "precision": precision, "world_size": world_size,
-            })
-            if main:
-                out.mkdir(parents=True, exist_ok=True)
-                write_json(out / "config.json", config)
-
-        history: list[dict] = []
-        start_epoch = 0
-        if checkpoint_path is not None:
-            state = load_checkpoint(checkpoint_path)
-            net.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            torch.set_rng_state(state["torch_rng"])
-            if run_device.type == "cuda" and "cuda_rng" in state:
-                torch.cuda.set_rng_state(state["cuda_rng"], run_device)
-            _set_numpy_rng_state(state["numpy_rng"])
-            history = list(state["history"])
-            start_epoch = int(state["epoch"])
-
-        train_seconds = sum(row["seconds"] for row in history)
-        # Older runs have no train_eval_size in config.json; resuming one measures from then on.
-        n_train_eval = int(config.get("train_eval_size", min(TRAIN_EVAL_SIZE, n_train)))
-        # The data live on the training device as whole tensors (no DataLoader, no per-batch copies).
-        train_images, train_labels = splits.train.images.to(run_device), splits.train.labels.to(run_device)
-        val_images, val_labels = splits.val.images.to(run_device), splits.val.labels.to(run_device)
-        train_eval_images, train_eval_labels = train_images[:n_train_eval], train_labels[:n_train_eval]
-        trained = net
-        if ctx is not None:
-            from torch.nn.parallel import DistributedDataParallel
-
-            trained = DistributedDataParallel(net, device_ids=[run_device.index] if run_device.type == "cuda" else None)
-        with _progress_bar(progress and main) as bar:
-            task = bar.add_task("training", total=per_epoch * (config["epochs"] - start_epoch),
-                                     loss=float("nan")) if bar else None
-            for epoch in range(start_epoch, config["epochs"]):
-                lr_at_start = optimizer.param_groups[0]["lr"]
-                if bar is not None:
-                    bar.update(task, description=f"epoch {epoch + 1}/{config['epochs']}")
-
-                def on_batch(step: int, loss_value: float | None) -> None:
-                    if bar is not None:
-                        bar.update(task, advance=1, **({} if loss_value is None else {"loss": loss_value}))
-
-                synchronize(run_device)
-                tic = time.perf_counter()
-                loss, accuracy = train_one_epoch(
-                    trained, train_images, train_labels, optimizer, scheduler, batch_size=bs,
-                    seed=config["seed"], epoch=epoch, label_smoothing=float(config["label_smoothing"]),
-                    augment=int(config["augment"]), on_batch=on_batch, precision=precision,
-                    rank=0 if ctx is None else ctx.rank, world_size=world_size)
-                synchronize(run_device)
-                seconds = time.perf_counter() - tic
-                train_seconds += seconds
-                # Every rank measures (the same model on the same images), only rank 0 writes.
-                val_loss, val_accuracy = evaluate_loss_accuracy(net, val_images, val_labels)
-                # Not part of `seconds` (training time), like the validation pass.
-                train_eval_loss, train_eval_accuracy = evaluate_loss_accuracy(
-                    net, train_eval_images, train_eval_labels, batch_size=TRAIN_EVAL_BATCH_SIZE)
-                history.append({"epoch": epoch + 1, "loss": loss, "accuracy": accuracy, "val_loss": val_loss,
-                                "val_accuracy": val_accuracy, "train_eval_loss": train_eval_loss,
-                                "train_eval_accuracy": train_eval_accuracy, "lr": lr_at_start, "seconds": seconds})
+    threads = config.hyper.threads or (stored.get("threads_used") if resuming else None)
+    with _torch_threads(threads):
+        splits = _load_training_data(config)
+        with _seeded_global_rng(config.seed, run_device):
+            n_classes = _n_classes(splits)
+            net = prepare_model(config.model, n_classes, config.model_kwargs, config.hyper).to(run_device)
+            n_train = len(splits.train)
+            batch_size = min(config.hyper.batch_size, n_train)
+            per_epoch = steps_per_epoch(n_train, batch_size)
+            optimizer, scheduler = make_optimizer(net, config.hyper, per_epoch * config.epochs)
+            if not resuming:
+                stored = {**config.to_json(),
+                          **_recorded_facts(net, splits, n_classes, per_epoch, run_device, precision, world_size)}
                 if main:
-                    save_checkpoint(out, epoch + 1, net, optimizer, scheduler, history)
-                    _write_history(out, history)
-                if bar is not None:
-                    bar.console.print(f"epoch {epoch + 1}/{config['epochs']}: loss {loss:.4f}, accuracy {accuracy:.4f}, "
-                                      f"val_loss {val_loss:.4f}, val_accuracy {val_accuracy:.4f}, "
-                                      f"train_eval_loss {train_eval_loss:.4f} ({seconds:.1f} s)")
-        summary = {
-            "run_dir": str(out), "dataset": config["dataset"], "model": config["model"], "epochs": config["epochs"],
-            "n_parameters": config["n_parameters"], "final": history[-1] if history else None,
-            "train_seconds": train_seconds,
-            "samples_per_second": n_train * len(history) / train_seconds if train_seconds > 0 else None,
-            "resumed_from_epoch": start_epoch if stored is not None else None,
-            "device": str(run_device), "precision": precision, "world_size": world_size,
-        }
-        if main:
-            save_model(net, out / "model.safetensors")
-            write_json(out / "train_summary.json", _finite(summary))
-        distributed.barrier(ctx)  # nobody returns before rank 0 has written the model
-        return summary
-    finally:  # the caller's thread count, whatever happened
-        torch.set_num_threads(previous_threads)
+                    out.mkdir(parents=True, exist_ok=True)
+                    write_json(out / "config.json", stored)
+            start_epoch, history = 0, []
+            if checkpoint_path is not None:
+                start_epoch, history = _restore_checkpoint(checkpoint_path, net, optimizer, scheduler, run_device)
+            # Older runs have no train_eval_size in config.json; resuming one measures from then on.
+            n_train_eval = int(stored.get("train_eval_size", min(TRAIN_EVAL_SIZE, n_train)))
+            # The data live on the training device as whole tensors (no DataLoader, no per-batch copies).
+            train_images, train_labels = splits.train.images.to(run_device), splits.train.labels.to(run_device)
+            session = _Session(
+                out=out, config=config, net=net, trained=_distributed_wrapper(net, ctx, run_device),
+                optimizer=optimizer, scheduler=scheduler, batch_size=batch_size, per_epoch=per_epoch,
+                train=(train_images, train_labels),
+                val=(splits.val.images.to(run_device), splits.val.labels.to(run_device)),
+                train_eval=(train_images[:n_train_eval], train_labels[:n_train_eval]),
+                device=run_device, precision=precision, rank=0 if ctx is None else ctx.rank,
+                world_size=world_size, main=main)
+            history = _fit(session, start_epoch, history, progress)
+    train_seconds = sum(row["seconds"] for row in history)
+    summary = {
+        "run_dir": str(out), "dataset": config.dataset, "model": config.model, "epochs": config.epochs,
+        "n_parameters": stored["n_parameters"], "final": history[-1] if history else None,
+        "train_seconds": train_seconds,
+        "samples_per_second": n_train * len(history) / train_seconds if train_seconds > 0 else None,
+        "resumed_from_epoch": start_epoch if resuming else None,
+        "device": str(run_device), "precision": precision, "world_size": world_size,
+    }
+    if main:
+        save_model(net, out / "model.safetensors")
+        write_json(out / "train_summary.json", _finite(summary))
+    distributed.barrier(ctx)  # nobody returns before rank 0 has written the model
+    return summary
+
+
+def _distributed_wrapper(net: nn.Module, ctx, run_device: torch.device) -> nn.Module:
+    """``net`` in DistributedDataParallel under torchrun, else ``net`` itself."""
+    if ctx is None:
+        return net
+    return DistributedDataParallel(net, device_ids=[run_device.index] if run_device.type == "cuda" else None)
 
 
 def _finite(obj):
@@ -627,22 +835,3 @@ def _finite(obj):
     if isinstance(obj, dict):
         return {k: _finite(v) for k, v in obj.items()}
     return obj
-
-
-class _NoBar:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _progress_bar(enabled: bool):
-    """A Rich progress bar (per-batch, with the running loss), or a no-op context when disabled."""
-    if not enabled:
-        return _NoBar()
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                    transient=False)

@@ -28,8 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from digitlens.dataset_types import DATASETS, DigitDataset
 from digitlens.errors import DigitlensError
 from digitlens.preprocess import IMAGE_SUFFIXES, to_mnist
+from digitlens.runio import write_text
 
 N_PIXELS = 784
 PIXEL_COLUMNS = tuple(f"pixel{i}" for i in range(N_PIXELS))
@@ -39,8 +41,6 @@ def is_path_dataset(name) -> bool:
     """True when ``--dataset`` names a file or folder (a ``.csv`` file, an existing folder, or any
     path with a separator) rather than a built-in dataset: ``mnist`` and ``digits`` always mean
     those (write ``./digits`` for a folder of that name)."""
-    from digitlens.data import DATASETS
-
     if isinstance(name, os.PathLike):
         return True
     text = str(name)
@@ -128,8 +128,6 @@ def load_kaggle_csv(path: str | os.PathLike):
     :class:`digitlens.data.DigitDataset`: images float32 (N, 1, 28, 28) = pixel / 255, labels
     int64 (N,) or None, split ``test``. Raises a one-line DigitlensError naming the file and line
     of the first problem."""
-    from digitlens.data import DigitDataset
-
     path = Path(path)
     _, labelled = _header(path)
     n_columns = N_PIXELS + labelled
@@ -181,8 +179,6 @@ def _data_line(path: Path, row: int) -> str:
 def write_kaggle_submission(path: str | os.PathLike, predictions) -> Path:
     """Write ``predictions`` (N,) as Kaggle's submission CSV ``ImageId,Label`` (ImageId from 1),
     atomically; returns the path."""
-    from digitlens.runio import write_text
-
     predictions = np.asarray(predictions).astype(np.int64)
     lines = ["ImageId,Label", *(f"{i},{int(p)}" for i, p in enumerate(predictions, start=1))]
     return write_text(path, "\n".join(lines) + "\n")
@@ -218,8 +214,6 @@ def load_image_folder(root: str | os.PathLike):
     """An ImageFolder tree (see :func:`image_folder_files`) as a :class:`digitlens.data.DigitDataset`:
     images float32 (N, 1, 28, 28) through :func:`digitlens.preprocess.to_mnist`, labels int64 (N,)
     from the folder names, split ``test``, and ``files`` (N,) the image paths."""
-    from digitlens.data import DigitDataset
-
     files = image_folder_files(root)
     images = torch.stack([to_mnist(path) for path, _ in files])
     labels = torch.tensor([digit for _, digit in files], dtype=torch.int64)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from digitlens.errors import DigitlensError
+from digitlens.pyplot import pyplot  # noqa: F401 (the Display classes' import of it)
 
 #: One colour per metric, the same in every figure.
 METRIC_COLOURS = {
@@ -19,17 +18,6 @@ METRIC_LABELS = {"precision": "precision", "recall": "recall", "f1": "F1", "accu
 METRIC_SHORT = {"precision": "p", "recall": "r", "f1": "f1", "accuracy": "acc"}
 CORRECT_COLOUR = "#1a7f37"
 WRONG_COLOUR = "#cf222e"
-
-
-def pyplot():
-    """matplotlib.pyplot with a non-interactive backend unless one was chosen explicitly."""
-    import matplotlib
-
-    if "MPLBACKEND" not in os.environ and matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def axes_grid(ax, n: int, *, ncols: int | None = None, figsize=None, **subplot_kw):

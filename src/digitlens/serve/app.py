@@ -27,6 +27,7 @@ import base64
 import io
 import json
 import math
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
@@ -44,7 +45,15 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from digitlens import data
 from digitlens.errors import DigitlensError
+from digitlens.explain.methods import (ATTENTION_METHODS, CAM_METHODS, INPUT_GRADIENT_METHODS, METHODS, attribute,
+                                       fold_batch_norm, is_attention_model, prepare_model)
+from digitlens.external import UserModel
+from digitlens.inference import predict_logits, softmax
+from digitlens.predict import load_predictor
+from digitlens.preprocess import to_mnist
+from digitlens.runio import read_json, read_npz
 
 STATIC_DIR = Path(__file__).parent / "static"
 #: Largest request body accepted (bytes); a photo from a phone fits.
@@ -95,8 +104,6 @@ class ServedModel:
     def model_for(self, method: str) -> torch.nn.Module:
         """The copy ``method`` runs on: batch norm folded for input-gradient methods (same function
         of the input, faster), the frozen original for layer and attention maps."""
-        from digitlens.explain.methods import INPUT_GRADIENT_METHODS
-
         return self.gradient_model if method in INPUT_GRADIENT_METHODS else self.layer_model
 
 
@@ -106,13 +113,6 @@ def load_served_model(spec: Any, ident: str, load_options: dict | None = None) -
     ``load_options``: keyword arguments handed to ``load_predictor`` unchanged; this is where the
     bring-your-own-model options (input scale, normalisation, ONNX) plug in.
     """
-    from digitlens.explain.methods import (CAM_METHODS, METHODS, ATTENTION_METHODS, fold_batch_norm,
-                                           is_attention_model, prepare_model)
-    from digitlens.predict import load_predictor
-    from digitlens.runio import read_json
-
-    from digitlens.external import UserModel
-
     model, _ = load_predictor(spec, **(load_options or {}))
     if isinstance(model, UserModel):  # a user's file: its declared preprocessing, layout and outputs in one module
         probe = torch.cat([torch.zeros(1, 1, 28, 28), torch.rand(7, 1, 28, 28, generator=torch.Generator().manual_seed(0))])
@@ -197,8 +197,6 @@ def predict_batch(models: list[ServedModel], images: torch.Tensor, methods: list
 
     Returns, per image, per model, ``{"id", "probabilities" (10 floats), "prediction" (int),
     "maps" ({method: 28x28 list, summed over channels}), "skipped" ({method: reason})}``."""
-    from digitlens.evaluate import predict_logits, softmax
-    from digitlens.explain.methods import attribute
 
     n = images.shape[0]
     results: list[list[dict]] = [[] for _ in range(n)]
@@ -316,8 +314,6 @@ async def read_body(request: Request, limit: int) -> bytes:
 def parse_methods_param(value: Any, models: list[ServedModel]) -> tuple[str, ...]:
     """Method names from a list or a comma-separated string; ``"default"`` stands for each model's
     defaults. Unknown names are a 400."""
-    from digitlens.explain.methods import METHODS
-
     if value is None or value == "":
         return ()
     if isinstance(value, str):
@@ -423,9 +419,6 @@ def browse_data(served: ServedModel, data_dir=None) -> BrowseData:
     has none (``digitlens evaluate`` writes it) or they do not match."""
     if served._browse is not None:
         return served._browse
-    from digitlens import data
-    from digitlens.runio import read_json, read_npz
-
     if served.run_dir is None:
         raise ApiError(404, f"{served.id}: a model file has no saved test predictions")
     npz_path = served.run_dir / "predictions.npz"
@@ -524,8 +517,6 @@ def create_app(runs=(), *, model_files=(), load_options: dict | None = None, max
 
     async def predict(request: Request) -> Response:
         started = time.perf_counter()
-        from digitlens.preprocess import to_mnist
-
         body = await read_body(request, max_body_bytes)
         if not body:
             raise ApiError(400, "body: empty (send JSON {\"pixels\": [...]} or an image file)")
@@ -689,17 +680,25 @@ def serve(runs=(), *, host: str = "127.0.0.1", port: int = 8000, model_files=(),
           data_dir=None, threads: int | None = DEFAULT_THREADS, log_level: str = "info") -> None:
     """Serve the page and API for ``runs`` on ``http://host:port/`` until Ctrl-C (uvicorn).
     Binds to 127.0.0.1 unless told otherwise; a busy port is a one-line error. ``threads``:
-    torch's intra-op threads for this process (None: torch's default)."""
-    import socket
-
-    import uvicorn
-
+    torch's intra-op threads while it serves (None: torch's default); the caller's count is restored."""
     if not 0 <= port <= 65535:
         raise DigitlensError(f"--port {port}: expected 0-65535")
     if threads is not None:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise DigitlensError(f"--threads {threads!r}: expected a whole number >= 1")
-        torch.set_num_threads(threads)
+    previous_threads = torch.get_num_threads()
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        _serve_until_stopped(runs, model_files, load_options, data_dir, host, port, log_level)
+    finally:  # the caller's thread count again, however the server ended
+        torch.set_num_threads(previous_threads)
+
+
+def _serve_until_stopped(runs, model_files, load_options, data_dir, host: str, port: int, log_level: str) -> None:
+    """Check that ``host:port`` is free, then run uvicorn on the app for ``runs`` until it stops."""
+    import uvicorn  # lazily: the web server stack is only needed while serving
+
     app = create_app(runs, model_files=model_files, load_options=load_options, data_dir=data_dir)
     try:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -59,13 +59,11 @@ KNOWN_VIOLATIONS: set[tuple[str, str]] = {
     ("digitlens.adapt", "digitlens.runio"),
     # evaluate
     ("digitlens.evaluate", "digitlens"),
-    ("digitlens.evaluate", "digitlens.calibration"),
     ("digitlens.evaluate", "digitlens.data"),
     ("digitlens.evaluate", "digitlens.external"),
     ("digitlens.evaluate", "digitlens.insights"),
     ("digitlens.evaluate", "digitlens.models"),
     ("digitlens.evaluate", "digitlens.plots"),
-    ("digitlens.evaluate", "digitlens.plots.training_curves"),
     ("digitlens.evaluate", "digitlens.userdata"),
     # explain.aggregate
     ("digitlens.explain.aggregate", "digitlens.distributed"),
@@ -80,26 +78,20 @@ KNOWN_VIOLATIONS: set[tuple[str, str]] = {
     ("digitlens.explain.run", "digitlens.plots.overlays"),
     ("digitlens.explain.run", "digitlens.runio"),
     # insights
-    ("digitlens.insights", "digitlens.plots.training_curves"),
     # plots.confusion_matrix
-    ("digitlens.plots.confusion_matrix", "digitlens.evaluate"),
     # plots.faithfulness
     ("digitlens.plots.faithfulness", "digitlens.runio"),
     # plots.heatmaps
     ("digitlens.plots.heatmaps", "digitlens.explain.aggregate"),
     ("digitlens.plots.heatmaps", "digitlens.explain.run"),
     # plots.per_digit_metrics
-    ("digitlens.plots.per_digit_metrics", "digitlens.evaluate"),
     # plots.prediction_gallery
-    ("digitlens.plots.prediction_gallery", "digitlens.evaluate"),
     # plots.reliability_diagram
-    ("digitlens.plots.reliability_diagram", "digitlens.evaluate"),
     ("digitlens.plots.reliability_diagram", "digitlens.plots._common"),
     # plots.subspace
     ("digitlens.plots.subspace", "digitlens.runio"),
     ("digitlens.plots.subspace", "digitlens.subspace"),
     # plots.training_curves
-    ("digitlens.plots.training_curves", "digitlens.insights"),
     # report.build
     ("digitlens.report.build", "digitlens.report"),  # `from digitlens.report import readings`: a cycle with report/__init__
     ("digitlens.report.build", "digitlens.evaluate"),

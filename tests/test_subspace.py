@@ -346,3 +346,48 @@ def test_any_import_order_works(first):
     code = f"import {first}; from digitlens.subspace import analyse_run; from digitlens.plots.subspace import plot_spectra"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-1000:]
+
+
+def _cli_options(command: str) -> set[str]:
+    import typer
+
+    from digitlens.cli import app
+
+    click_command = typer.main.get_command(app).commands[command]
+    return {opt for param in click_command.params for opt in (*param.opts, *param.secondary_opts)}
+
+
+def test_every_flag_named_in_a_subspace_error_exists():
+    """Errors name only flags the CLI has (``digitlens subspace``, or ``digitlens adapt`` where the
+    error says to run it)."""
+    import ast
+    import re
+    from pathlib import Path
+
+    allowed = _cli_options("subspace") | _cli_options("adapt")
+    named = set()
+    for path in Path(subspace.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "DigitlensError":
+                text = "".join(part.value for part in ast.walk(node.args[0])
+                               if isinstance(part, ast.Constant) and isinstance(part.value, str))
+                named |= set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", text))
+    assert {"--module", "--adapter", "--base", "--out", "--task"} <= named
+    assert named <= allowed, named - allowed
+
+
+def test_subspace_command_needs_no_out(tmp_path):
+    """Without --out the analysis goes to the adapter's subspace folder (and, for a run, to
+    RUN/subspace/TASK: see test_adapt); with neither a run nor --base/--adapter, one line."""
+    from typer.testing import CliRunner
+
+    from digitlens.cli import app
+
+    base_path, adapter, _ = _peft_adapter(tmp_path, rank=2, seed=0)
+    result = CliRunner().invoke(app, ["subspace", "--base", str(base_path), "--adapter", str(adapter)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((adapter / "subspace" / "subspace.json").read_text())["labels"] == [adapter.name]
+    assert (adapter / "subspace" / "figures.json").is_file()
+    result = CliRunner().invoke(app, ["subspace", "--base", str(base_path)])
+    assert result.exit_code == 2 and result.output.startswith("error: subspace: give RUN_DIR")
+    assert len(result.output.strip().splitlines()) == 1

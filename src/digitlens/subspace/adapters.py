@@ -205,4 +205,3 @@ def match_base_weight(base: dict[str, np.ndarray], module: LoraModule, base_labe
                              f"{name!r} changes a {expected} matrix (lora_B {module.lora_b.shape} @ lora_A "
                              f"{module.lora_a.shape})")
     return weight
-

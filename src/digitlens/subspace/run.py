@@ -331,7 +331,8 @@ def _by_adapter(module_results: list[dict], labels: list[str]) -> list[dict]:
     out = []
     for k, label in enumerate(labels):
         entries = [m["adapters"][k] for m in module_results]
-        factors = [e["amplification"]["amplification"] for e in entries if np.isfinite(e["amplification"]["amplification"])]
+        factors = [e["amplification"]["amplification"] for e in entries]
+        factors = [f for f in factors if np.isfinite(f)]
         tested = [e["amplification"] for e in entries if "above_chance" in e["amplification"]]
         out.append({"adapter": label, "rank": entries[0]["rank"], "n_modules": len(entries),
                     "effective_rank_mean": float(np.mean([e["effective_rank"] for e in entries])),

@@ -89,8 +89,6 @@ KNOWN_VIOLATIONS: set[tuple[str, str]] = {
     # plots.reliability_diagram
     ("digitlens.plots.reliability_diagram", "digitlens.plots._common"),
     # plots.subspace
-    ("digitlens.plots.subspace", "digitlens.runio"),
-    ("digitlens.plots.subspace", "digitlens.subspace"),
     # plots.training_curves
     # report.build
     ("digitlens.report.build", "digitlens.report"),  # `from digitlens.report import readings`: a cycle with report/__init__
@@ -107,7 +105,6 @@ KNOWN_VIOLATIONS: set[tuple[str, str]] = {
     ("digitlens.report.readings", "digitlens.explain.verdict"),
     ("digitlens.report.readings", "digitlens.runio"),
     # subspace
-    ("digitlens.subspace", "digitlens.plots.subspace"),
 }
 
 

@@ -158,13 +158,60 @@ def test_analyse_adapters_on_a_foreign_peft_model(tmp_path):
 
 
 @pytest.mark.slow
-def test_analyse_adapters_writes_figures(tmp_path):
+def test_analyse_adapters_writes_figures_listed_in_its_manifest(tmp_path):
+    from digitlens.figure_writer import read_figure_manifest
+
     base_path, adapter_a, _ = _peft_adapter(tmp_path, rank=4, seed=0)
-    subspace.analyse_adapters(base_path, [adapter_a], tmp_path / "out", modules=["encoder.fc_in"])
-    figures = sorted(p.name for p in (tmp_path / "out" / "figures").glob("*.png"))
-    assert "phi_W_vs_A__fc_in.png" in figures and "phi_W_vs_A__fc_in_corrected.png" in figures
-    assert "phi_W_vs_A_seed003.png" in figures and "phi_W_vs_A_seed003_corrected.png" in figures
-    assert "amplification.png" in figures and "dW_spectra.png" in figures
+    _, adapter_b, _ = _peft_adapter(tmp_path, rank=8, seed=1)
+    out = tmp_path / "out"
+    summary = subspace.analyse_adapters(base_path, [adapter_a, adapter_b], out, modules=["encoder.fc_in"])
+    figures = sorted(p.name for p in (out / "figures").glob("*.png"))
+    assert figures == sorted(["phi_W_vs_A__fc_in.png", "phi_W_vs_A__fc_in_corrected.png", "phi_W_vs_A_seed003.png",
+                              "phi_W_vs_A_seed003_corrected.png", "amplification.png", "dW_spectra.png"])
+    manifest = json.loads((out / "figures.json").read_text())
+    assert manifest["stage"] == "subspace"
+    entries = {e["path"]: e for e in manifest["figures"]}
+    # Paths relative to the folder, the same list in subspace.json; every file is there.
+    assert sorted(entries) == sorted(f"figures/{name}" for name in figures) == sorted(summary["figures"])
+    assert json.loads((out / "subspace.json").read_text())["figures"] == summary["figures"]
+    assert len(read_figure_manifest(out)) == len(figures)
+    assert {e["section"] for e in entries.values()} == {"lora"} and all(e["title"] for e in entries.values())
+    seed003 = entries["figures/phi_W_vs_A_seed003_corrected.png"]
+    assert (seed003["kind"], seed003["module"], seed003["ranks"], seed003["corrected"]) == (
+        "subspace_paper_figure", "encoder.fc_in", [4, 8], True)
+    assert seed003["adapters"] == ["adapter_r4_s0", "adapter_r8_s1"] and "task" not in seed003
+    per_target = entries["figures/phi_W_vs_A__fc_in.png"]
+    assert (per_target["kind"], per_target["modules"], per_target["corrected"]) == ("phi_w_vs_a", ["encoder.fc_in"], False)
+    assert entries["figures/amplification.png"]["kind"] == "amplification"
+    assert entries["figures/dW_spectra.png"]["kind"] == "spectrum"
+
+
+def test_aggregates_in_subspace_json_are_the_means_of_its_module_entries(tmp_path):
+    """The per-target, per-adapter and per-comparison numbers a report reads are plain means and
+    counts of the per-module entries beside them."""
+    base_path, adapter_a, _ = _peft_adapter(tmp_path, rank=4, seed=0)
+    _, adapter_b, _ = _peft_adapter(tmp_path, rank=8, seed=1)
+    summary = subspace.analyse_adapters(base_path, [adapter_a, adapter_b], tmp_path / "out", figures=False)
+    modules = summary["modules"]
+    by_target = {(e["target"], e["adapter"]): e for e in summary["phi_W_A_by_target"]}
+    entry = by_target[("fc_in", "adapter_r8_s1")]
+    phi_w_a = modules[0]["adapters"][1]["phi_W_A"]
+    assert (entry["rank"], entry["n_modules"], entry["modules"]) == (8, 1, ["encoder.fc_in"])
+    assert entry["phi_k_k_mean"] == phi_w_a["phi_k_k"] and entry["p_1_1_median"] == phi_w_a["p_1_1"]
+    assert entry["above_chance_k_k"] == int(phi_w_a["above_chance_k_k"])
+    assert by_target[("fc_out", "random")]["phi_1_1_mean"] == modules[1]["phi_W_random"]["phi_1_1"]
+    agg = subspace.aggregate_phi([m["phi_between"][0] for m in modules])
+    loop_sum, hits = 0.0, 0
+    for m in modules:
+        loop_sum += m["phi_between"][0]["phi_1_1"]
+        hits += m["phi_between"][0]["above_chance_1_1"]
+    assert agg["phi_1_1_mean"] == pytest.approx(loop_sum / 2) and agg["above_chance_1_1"] == hits
+    first = summary["by_adapter"][0]
+    assert first["effective_rank_mean"] == pytest.approx(np.mean([m["adapters"][0]["effective_rank"] for m in modules]))
+    assert first["amplification_mean"] == pytest.approx(
+        np.mean([m["adapters"][0]["amplification"]["amplification"] for m in modules]))
+    assert set(summary) >= set(subspace.SUBSPACE_JSON_KEYS) - {"task", "seeds", "seed_for_ranks", "comparisons",
+                                                               "full_finetuning_intruders", "amplification_by_rank"}
 
 
 @pytest.mark.slow
@@ -255,3 +302,96 @@ def test_projection_null_matches_its_exact_mean_square():
     u, s, vh = np.linalg.svd(w)
     amp = subspace.amplification(w, u[:, :3] @ np.diag(s[:3]) @ vh[:3], rank=3)
     assert amp["above_chance"] and amp["p_proj_dW"] < 0.01
+
+
+FLOOR = {"digitlens.errors", "digitlens.runio", "digitlens.figure_writer", "digitlens.device", "digitlens.seeds",
+         "digitlens.progress", "digitlens.groups", "digitlens.metrics", "digitlens.history", "digitlens.intervals",
+         "digitlens.calibration", "digitlens.explain.maps", "digitlens.subspace.measures"}
+
+
+def _digitlens_imports(path):
+    """(module imported, at module level?) for every import of a digitlens module in ``path``."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    top = set(map(id, tree.body))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("digitlens"):
+            found += [(f"{node.module}.{a.name}" if node.module == "digitlens.plots" else node.module, id(node) in top)
+                      for a in node.names]
+        elif isinstance(node, ast.Import):
+            found += [(a.name, id(node) in top) for a in node.names if a.name.startswith("digitlens")]
+    return found
+
+
+def test_subspace_layers_floor_figures_stage_without_local_imports():
+    """measures and the figures import only the floor; nothing of digitlens is imported inside a
+    function; the stage imports no stage of another kind (layer check with ast)."""
+    from pathlib import Path
+
+    src = Path(subspace.__file__).parent
+    files = {"measures": src / "measures.py", "plots": src.parent / "plots" / "subspace.py",
+             "adapters": src / "adapters.py", "run": src / "run.py", "init": src / "__init__.py"}
+    imports = {name: _digitlens_imports(path) for name, path in files.items()}
+    assert all(at_top for found in imports.values() for _, at_top in found), imports
+    assert {m for m, _ in imports["measures"]} <= FLOOR
+    assert {m for m, _ in imports["plots"]} <= FLOOR | {"digitlens.plots._common"}
+    assert {m for m, _ in imports["adapters"]} <= FLOOR
+    allowed_run = FLOOR | {"digitlens.subspace.adapters", "digitlens.plots.subspace", "digitlens.plots._common"}
+    assert {m for m, _ in imports["run"]} <= allowed_run, imports["run"]
+
+
+@pytest.mark.parametrize("first", ["digitlens.plots.subspace", "digitlens.subspace.measures", "digitlens.subspace"])
+def test_any_import_order_works(first):
+    import subprocess
+    import sys
+
+    code = f"import {first}; from digitlens.subspace import analyse_run; from digitlens.plots.subspace import plot_spectra"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-1000:]
+
+
+def _cli_options(command: str) -> set[str]:
+    import typer
+
+    from digitlens.cli import app
+
+    click_command = typer.main.get_command(app).commands[command]
+    return {opt for param in click_command.params for opt in (*param.opts, *param.secondary_opts)}
+
+
+def test_every_flag_named_in_a_subspace_error_exists():
+    """Errors name only flags the CLI has (``digitlens subspace``, or ``digitlens adapt`` where the
+    error says to run it)."""
+    import ast
+    import re
+    from pathlib import Path
+
+    allowed = _cli_options("subspace") | _cli_options("adapt")
+    named = set()
+    for path in Path(subspace.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "DigitlensError":
+                text = "".join(part.value for part in ast.walk(node.args[0])
+                               if isinstance(part, ast.Constant) and isinstance(part.value, str))
+                named |= set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", text))
+    assert {"--module", "--adapter", "--base", "--out", "--task"} <= named
+    assert named <= allowed, named - allowed
+
+
+def test_subspace_command_needs_no_out(tmp_path):
+    """Without --out the analysis goes to the adapter's subspace folder (and, for a run, to
+    RUN/subspace/TASK: see test_adapt); with neither a run nor --base/--adapter, one line."""
+    from typer.testing import CliRunner
+
+    from digitlens.cli import app
+
+    base_path, adapter, _ = _peft_adapter(tmp_path, rank=2, seed=0)
+    result = CliRunner().invoke(app, ["subspace", "--base", str(base_path), "--adapter", str(adapter)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((adapter / "subspace" / "subspace.json").read_text())["labels"] == [adapter.name]
+    assert (adapter / "subspace" / "figures.json").is_file()
+    result = CliRunner().invoke(app, ["subspace", "--base", str(base_path)])
+    assert result.exit_code == 2 and result.output.startswith("error: subspace: give RUN_DIR")
+    assert len(result.output.strip().splitlines()) == 1

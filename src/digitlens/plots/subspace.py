@@ -1,12 +1,18 @@
 """Figures of the LoRA subspace study: phi(i, j) heatmaps with one shared colour bar (the LoRA
 paper's figures 3, 4 and 8 / seed 003), singular-value spectra of dW, and the amplification
-table (the paper's Table 7)."""
+table (the paper's Table 7). Each function returns what it drew (a Display or a Figure); the
+subspace stage saves it with its FigureWriter."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from digitlens.plots._common import pyplot
+from digitlens.subspace.measures import chance_corrected
+
+SPECTRA_TITLE = "Singular-value spectrum of the LoRA update dW = (alpha / r) B A"
+AMPLIFICATION_TITLE = ("Amplification factor ||dW||_F / ||U^T W V^T||_F (U, V: top-r singular vectors of dW);\n"
+                       "same projection for W's own top-r and random directions (Hu et al. 2021, Table 7)")
 
 
 class SubspaceSimilarityDisplay:
@@ -86,19 +92,14 @@ def _index_ticks(n: int) -> list[int]:
     return [1] + [t for t in ticks if t > 1]
 
 
-def save_phi_pair(phis, titles, dim: int, stem, *, row_labels=None, title: str = "", xlabel="j", ylabel="i") -> list:
-    """Save two figures of the same panels: raw phi (``stem``) and chance-corrected phi
-    (``stem`` + ``_corrected``), each with one shared colour bar; return the written paths."""
-    from digitlens.runio import save_figure
-    from digitlens.subspace import chance_corrected
-
-    plt = pyplot()
-    written = []
+def phi_pair_displays(phis, titles, dim: int, *, row_labels=None, title: str = "", xlabel="j",
+                      ylabel="i") -> tuple[SubspaceSimilarityDisplay, SubspaceSimilarityDisplay]:
+    """The same panels twice, drawn: raw phi and chance-corrected phi ``(phi - E) / (1 - E)``,
+    each with one shared colour bar. Returns (raw display, corrected display); their ``figure_``
+    is for the caller to save and close."""
     raw = SubspaceSimilarityDisplay(phis=phis, titles=titles, row_labels=row_labels, value_label="phi(i, j)",
                                     xlabel=xlabel, ylabel=ylabel)
     raw.plot(title=f"{title}\nraw phi; chance level E[phi] = max(i, j) / d, d = {dim}")
-    written += save_figure(raw.figure_, stem)
-    plt.close(raw.figure_)
     corrected = [[None if p is None else chance_corrected(p, dim) for p in row] for row in phis]
     corr = SubspaceSimilarityDisplay(phis=corrected, titles=titles, row_labels=row_labels, xlabel=xlabel,
                                      ylabel=ylabel, value_label="(phi - E) / (1 - E)   (0 = chance)")
@@ -109,35 +110,37 @@ def save_phi_pair(phis, titles, dim: int, stem, *, row_labels=None, title: str =
     limit = max(float(np.percentile(finite, 99)), 1e-6)
     corr.plot(title=f"{title}\nchance-corrected phi, 0 = chance (grey: undefined, max(i, j) = d)", cmap="RdBu_r",
               vmin=-limit, vmax=limit)
-    written += save_figure(corr.figure_, f"{stem}_corrected")
-    plt.close(corr.figure_)
-    return written
+    return raw, corr
 
 
-def plot_phi_w_panels(modules: list[str], phis: list[list], titles: list[str], dim: int, stem) -> list:
+def phi_w_panel_displays(modules: list[str], phis: list[list], titles: list[str],
+                         dim: int) -> tuple[SubspaceSimilarityDisplay, SubspaceSimilarityDisplay]:
     """The seed-003 figure: phi(W, A_k, i, j) for each adapter k plus a random Gaussian A (last
     entry of each ``phis[m]``), i over W's top right-singular directions, one row per module in
-    ``modules``, one shared colour bar; raw and chance-corrected versions."""
+    ``modules``, one shared colour bar. Returns (raw display, chance-corrected display)."""
     random_rank = phis[0][-1].shape[1]
     head = [f"phi(W, A, i, j)\n{t}" for t in titles] + [f"phi(W, A_rand, i, j)\nrandom Gaussian A (r={random_rank})"]
     panel_titles = [head] + [[None] * len(head) for _ in modules[1:]]
+    return phi_pair_displays([list(p) for p in phis], panel_titles, dim, row_labels=list(modules),
+                             title=phi_w_title(modules), ylabel="i (W direction)", xlabel="j (A direction)")
+
+
+def phi_w_title(modules: list[str]) -> str:
+    """The title of a phi(W, A) figure of ``modules`` (one, or the first ... last)."""
     name = modules[0] if len(modules) == 1 else f"{modules[0]} ... {modules[-1]}"
-    return save_phi_pair([list(p) for p in phis], panel_titles, dim, stem, row_labels=list(modules),
-                         title=f"{name}: W's top-i vs A's top-j right-singular directions",
-                         ylabel="i (W direction)", xlabel="j (A direction)")
+    return f"{name}: W's top-i vs A's top-j right-singular directions"
 
 
-def plot_spectra(modules: list[dict], stem) -> list:
+def plot_spectra(modules: list[dict]):
     """Singular values of dW = scale * B A, one panel per adapter, one line per module (log
-    scale), effective rank in the legend."""
-    from digitlens.runio import save_figure
-
-    from matplotlib.ticker import MaxNLocator
+    scale), effective rank in the legend. ``modules``: the ``modules`` entries of subspace.json.
+    Returns the matplotlib Figure (for the caller to save and close)."""
+    from matplotlib.ticker import MaxNLocator  # matplotlib is imported only when plotting (plots/__init__)
 
     plt = pyplot()
     adapters = [a["adapter"] for a in modules[0]["adapters"]]
     fig, axes = plt.subplots(1, len(adapters), figsize=(4.2 * len(adapters), 3.8), squeeze=False)
-    fig.subplots_adjust(wspace=0.3, top=0.82)
+    fig.subplots_adjust(wspace=0.4, top=0.82)
     cmap = plt.get_cmap("viridis")
     for k, label in enumerate(adapters):
         ax = axes[0, k]
@@ -155,17 +158,14 @@ def plot_spectra(modules: list[dict], stem) -> list:
         ax.set_title(f"{label} (r={modules[0]['adapters'][k]['rank']})", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
-    fig.suptitle("Singular-value spectrum of the LoRA update dW = (alpha / r) B A")
-    written = save_figure(fig, stem)
-    plt.close(fig)
-    return written
+    fig.suptitle(SPECTRA_TITLE)
+    return fig
 
 
-def plot_amplification_table(modules: list[dict], stem) -> list:
+def plot_amplification_table(modules: list[dict]):
     """The paper's Table 7 as a figure: per module and adapter, ||U^T W V^T||_F for dW's, W's own
-    and random top-r directions, ||W||_F, ||dW||_F and the amplification factor."""
-    from digitlens.runio import save_figure
-
+    and random top-r directions, ||W||_F, ||dW||_F and the amplification factor. ``modules``: the
+    ``modules`` entries of subspace.json. Returns the matplotlib Figure."""
     plt = pyplot()
     header = ["module", "adapter", "r", "||U^T W V^T||_F\ndW's top-r dirs", "\nW's top-r dirs", "\nrandom dirs",
               "||W||_F", "||dW||_F", "amplification\nfactor"]
@@ -187,8 +187,5 @@ def plot_amplification_table(modules: list[dict], stem) -> list:
     for col in range(len(header)):
         table[0, col].set_height(table[0, col].get_height() * 1.6)
         table[0, col].set_text_props(fontweight="bold")
-    ax.set_title("Amplification factor ||dW||_F / ||U^T W V^T||_F (U, V: top-r singular vectors of dW);\n"
-                 "same projection for W's own top-r and random directions (Hu et al. 2021, Table 7)", fontsize=10)
-    written = save_figure(fig, stem)
-    plt.close(fig)
-    return written
+    ax.set_title(AMPLIFICATION_TITLE, fontsize=10)
+    return fig

@@ -2,6 +2,10 @@
 
 Run folders here are written by hand with known numbers, so the oracles are independent of the
 training and evaluation code: numpy argmax over the history, scikit-learn's confusion matrix.
+Their figures come with figure manifests written by :func:`write_manifests`, as the stages write them.
+
+Slow: the test of a real run trains a digits CNN for 2 epochs, evaluates and explains it (about
+a minute on a busy 2-core machine).
 """
 
 from __future__ import annotations
@@ -438,3 +442,85 @@ def test_no_bare_percentages_in_the_hand_built_reports(tmp_path, labels):
     k, n = int((y_true == y_pred).sum()), y_true.size
     ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
     assert f"{k / n * 100:.2f}% ({ci.low * 100:.2f}-{ci.high * 100:.2f})" in parse(write_report(a)).text_all
+
+
+# The figures today's stages write, as their figures.json will list them (issue #12's contract);
+# the stages in this branch do not write manifests yet, so the test writes them for the run's PNGs.
+REAL_RUN_FIGURES = {
+    "figures/training_curves": ("training_curves", "training", {}),
+    "figures/confusion_matrix": ("confusion_matrix", "evaluation", {"split": "test"}),
+    "figures/per_digit_metrics": ("per_digit", "evaluation", {}),
+    "figures/per_digit_metrics_groups": ("per_digit_groups", "evaluation", {}),
+    "figures/reliability_diagram": ("reliability", "evaluation", {}),
+    "figures/prediction_gallery": ("predictions", "galleries", {}),
+    "figures/misclassified_gallery": ("misclassified", "galleries", {}),
+    "explain/figures/per_digit_saliency": ("heatmap", "explanations", {"method": "saliency"}),
+    "explain/figures/per_digit_gradcam": ("heatmap", "explanations", {"method": "gradcam"}),
+    "explain/figures/faithfulness": ("faithfulness", "explanations", {"methods": ["saliency", "gradcam"]}),
+    "explain/figures/filters_first_layer": ("filters", "filters", {}),
+}
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """A digits CNN trained 2 epochs, evaluated and explained with two methods, its figures listed
+    in manifests (those of REAL_RUN_FIGURES; any other PNG the stages drew is in none)."""
+    from digitlens.evaluate import evaluate_run
+    from digitlens.explain import explain_run
+    from digitlens.train import train
+
+    run = tmp_path_factory.mktemp("real") / "cnn"
+    train(run, dataset="digits", model="cnn", epochs=2, progress=False, model_kwargs={"widths": (4, 8, 8)})
+    evaluate_run(run, progress=False, bootstrap=200)
+    explain_run(run, methods="saliency,gradcam", progress=False, faithfulness_size=20, sanity_size=4)
+    listed = {rel: {"kind": kind, "section": section, "title": f"{rel.rsplit('/', 1)[1].replace('_', ' ')}", **shows}
+              for rel, (kind, section, shows) in REAL_RUN_FIGURES.items() if (run / f"{rel}.png").is_file()}
+    write_manifests(run, listed)
+    return run, listed
+
+
+@pytest.mark.slow
+def test_the_numbers_of_a_real_run_are_those_of_the_stages_json(digits_run):
+    """Every accuracy, ECE, macro F1, per-digit F1 and the most faithful method in the report of a real
+    run are the values of metrics.json and explain_metrics.json, as formatted; its figures are
+    exactly those of the manifests."""
+    from digitlens.intervals import format_ci
+
+    run, listed = digits_run
+    page = parse(write_report(run))
+    text = page.text_all
+    metrics = json.loads((run / "metrics.json").read_text())
+    explain = json.loads((run / "explain/explain_metrics.json").read_text())
+    insights = json.loads((run / "insights.json").read_text())
+
+    assert len(listed) == len(REAL_RUN_FIGURES) and len(page.images) == len(listed)
+    low, high = metrics["accuracy_ci"]
+    accuracy = f"{metrics['accuracy'] * 100:.2f}%"
+    sentence = f"{accuracy} (95% interval {low * 100:.2f}-{high * 100:.2f}%)"
+    assert f"Test accuracy (95% Wilson interval) {format_ci(metrics['accuracy'], metrics['accuracy_ci'])}" in text
+    n, errors = metrics["n_samples"], metrics["n_errors"]
+    assert f"{n - errors:,} of {n:,} test images are classified correctly, {sentence}" in text
+    assert f"Accuracy over the whole test split is {sentence}" in text
+    # every test accuracy the page prints (overview, readings, the stage's own insights) is this one
+    printed = re.findall(r"(?:[Tt]est accuracy(?: \(95% Wilson interval\))?|classified correctly,|whole test split is|"
+                         r"against accuracy) (\d+\.\d+)%", text)
+    assert len(printed) >= 4 and set(printed) == {accuracy[:-1]}
+    ece = format_ci(metrics["ece"], metrics["ece_ci"], percent=False, digits=4)
+    assert f"Expected calibration error (95% bootstrap interval) {ece}" in text
+    assert f"Expected calibration error is {metrics['ece']:.4f} (95% interval {metrics['ece_ci'][0]:.4f}-" in text
+    if metrics.get("ece_calibrated") is not None:
+        assert f"brings it to {metrics['ece_calibrated']:.4f}" in text
+    macro = format_ci(metrics["macro"]["f1"], metrics["macro"]["f1_ci"], percent=False, digits=4)
+    assert f"Macro F1 (95% bootstrap interval) {macro}" in text
+    for row in metrics["per_digit"]:
+        assert format_ci(row["f1"], row["f1_ci"], percent=False, digits=3) in text
+    best = explain["most_faithful"]
+    if best:
+        road = explain["faithfulness"]["methods"][best]["road_score"]
+        assert f"Most faithful explanation {best}" in text
+        assert f"Most faithful: {best.replace('_', ' ')}, ROAD score (LeRF − MoRF AUC) {road:.3f}" in text
+    else:
+        assert "Most faithful explanation none passes both sanity checks" in text
+    overfitting = insights["overfitting"]
+    assert ("overfits from epoch" in text) == bool(overfitting.get("diverges"))
+

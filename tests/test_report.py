@@ -524,3 +524,19 @@ def test_the_numbers_of_a_real_run_are_those_of_the_stages_json(digits_run):
     overfitting = insights["overfitting"]
     assert ("overfits from epoch" in text) == bool(overfitting.get("diverges"))
 
+
+
+def test_a_stage_folder_without_a_manifest_falls_back_to_the_temporary_legacy_names(tmp_path, labels):
+    """TEMPORARY (delete with ``collect._legacy_figures``): an evaluate folder written before the
+    stages wrote figures.json shows its figures, placed as the old file names said; a folder that
+    has a manifest is never guessed."""
+    run = make_run(tmp_path, "cnn", val_accuracy=[0.9, 0.95], val_loss=[0.3, 0.2], y_true=labels[0], y_pred=labels[1])
+    _png(run / "figures" / "confusion_matrix", 0)
+    _png(run / "figures" / "reliability_diagram", 1)
+    (run / "figures" / "figures.json").unlink(missing_ok=True)
+    page = parse(write_report(run))
+    assert len(page.images) == 2 and "evaluation" in page.sections
+    assert "test images are classified correctly" in page.text_all   # the confusion matrix's reading
+    write_manifests(run, {"figures/reliability_diagram": {"kind": "reliability", "section": "evaluation",
+                                                          "title": "Reliability"}})
+    assert len(parse(write_report(run)).images) == 1

@@ -228,6 +228,10 @@ def test_figures_come_only_from_the_manifests(tmp_path, labels):
     with pytest.raises(DigitlensError, match=r"figures\.json: figure 0 points outside its folder") as err:
         write_report(run)
     assert "\n" not in str(err.value)
+    manifest["figures"][0].update(path="confusion_matrix.svg", files=["confusion_matrix.svg", "../../elsewhere.png"])
+    write_json(run / "figures/figures.json", manifest)
+    with pytest.raises(DigitlensError, match=r"figures\.json: a figure's files point outside its folder"):
+        write_report(run)
 
 
 def test_figure_order_and_captions_come_from_kind_and_what_it_shows(tmp_path, labels):

@@ -129,8 +129,11 @@ def _png_of(entry: dict, folder: Path) -> Path | None:
     if path.suffix.lower() == ".png":
         return path
     for name in entry.get("files") or []:
-        if isinstance(name, str) and name.lower().endswith(".png") and (folder / name).is_file():
-            return (folder / name).resolve()
+        if isinstance(name, str) and name.lower().endswith(".png"):
+            png = (folder / name).resolve()
+            if not png.is_relative_to(folder.resolve()):
+                raise DigitlensError(f"{folder / MANIFEST_NAME}: a figure's files point outside its folder ({name!r})")
+            return png
     return None
 
 

@@ -277,7 +277,7 @@ def test_the_adapt_reading_states_the_verdict_and_the_convergence(tmp_path):
     res = {"task": "digits", "rows": rows, "summary": _summarise(rows), "verdict": lora_verdict(rows, "digits"),
            "n_test": 400, "patience": 3, "epochs": 8}
     run = RunData(run_dir=Path(tmp_path), name="vit", config={}, adapt_results={"digits": res})
-    lines = reading("adapt", run, "adapt/digits/figures/accuracy_vs_params")
+    lines = reading("adapt_accuracy", run, {"task": "digits"})  # what its figures.json entry shows
     assert res["verdict"]["sentence"] in lines and "from r = 4" in res["verdict"]["sentence"]
-    curves = reading("adapt", run, "adapt/digits/figures/training_curves")
+    curves = reading("adapt_training_curves", run, {"task": "digits"})
     assert curves[0].startswith("3 of 4 models stopped early (no better validation accuracy for 3 epochs) after 8-11")

@@ -151,11 +151,13 @@ def test_report_readings_quote_the_intervals_and_old_runs_still_read(tmp_path):
     assert len(tied) > 1 and "Hardest digit" not in per_digit
     assert ("does not single out the hardest digit" in per_digit) or ("ranks no digit hardest or easiest" in per_digit
                                                                       and len(tied) == 10)
-    old = RunData(run_dir=Path(tmp_path), name="old", config={}, metrics={"ece": metrics["ece"]},
+    before = {k: v for k, v in compute_metrics(y_true, y_pred, proba).items() if k != "accuracy_ci"}
+    old = RunData(run_dir=Path(tmp_path), name="old", config={}, metrics=before,
                   predictions=predictions)  # a metrics.json from before the intervals
-    # the accuracy's Wilson interval comes from the predictions' counts (the same as metrics.json's);
-    # no bootstrap interval of F1 or ECE is invented for it
-    assert quoted in reading_confusion(old)[0] and quoted in reading_predictions(old)[1]
+    # the report reads metrics.json only: no interval is invented for an old one (none recomputed
+    # from the predictions)
+    assert f"{before['accuracy'] * 100:.2f}%;" in reading_confusion(old)[0]
+    assert "interval" not in reading_confusion(old)[0] + reading_predictions(old)[1]
     assert "95% interval" not in " ".join(reading_per_digit(old)) and "interval" not in reading_reliability(old)[0]
     assert reading_per_digit(old)[0].startswith(f"Lowest F1: digit {hard['digit']} (F1 {hard['f1']:.3f}, precision")
     assert "no digit is called hardest or easiest" in reading_per_digit(old)[0]

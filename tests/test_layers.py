@@ -92,18 +92,11 @@ KNOWN_VIOLATIONS: set[tuple[str, str]] = {
     # plots.training_curves
     # report.build
     ("digitlens.report.build", "digitlens.report"),  # `from digitlens.report import readings`: a cycle with report/__init__
-    ("digitlens.report.build", "digitlens.evaluate"),
-    ("digitlens.report.build", "digitlens.report.group"),
-    ("digitlens.report.build", "digitlens.seeds"),
     # report.group
     ("digitlens.report.group", "digitlens.report.build"),
     ("digitlens.report.group", "digitlens.report.collect"),
     ("digitlens.report.group", "digitlens.seeds"),
     # report.readings
-    ("digitlens.report.readings", "digitlens.adapt"),
-    ("digitlens.report.readings", "digitlens.evaluate"),
-    ("digitlens.report.readings", "digitlens.explain.verdict"),
-    ("digitlens.report.readings", "digitlens.runio"),
     # subspace
 }
 

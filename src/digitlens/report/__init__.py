@@ -2,6 +2,6 @@
 ``report.html`` (figures embedded, no network needed) from what the stages left in the run folder.
 """
 
-from digitlens.report.build import write_report
+from digitlens.report.write import write_report
 
 __all__ = ["write_report"]

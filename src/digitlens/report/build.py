@@ -1,32 +1,38 @@
 """Assemble the report of one run (or two, side by side) and write ``report.html``.
 
 The report is one self-contained HTML file: figures are embedded as base64 PNG data URIs and
-the stylesheet is inlined, so it opens offline and can be mailed as is.
+the stylesheet is inlined, so it opens offline and can be mailed as is. Every figure comes from a
+stage's figure manifest (:mod:`digitlens.report.collect`); it is placed by its ``section`` and
+``kind`` and captioned from its ``title`` and what it shows. Every number comes from the stages'
+JSON files (:mod:`digitlens.report.readings`).
 """
 
 from __future__ import annotations
 
 import base64
 import datetime as _dt
-import fnmatch
 import html
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
+import jinja2
 import numpy as np
+from markdown_it import MarkdownIt
+from markdown_it.token import Token
 
 from digitlens.comparison import compare_predictions, format_p
 from digitlens.errors import DigitlensError
 from digitlens.intervals import DEFAULT_BOOTSTRAP, format_ci, wilson_interval
 from digitlens.report import readings as R
-from digitlens.report.collect import RunData, collect_run
-from digitlens.runio import read_text, write_json, write_text, writes_folders
+from digitlens.report.collect import FigureRef, RunData, collect_run
+from digitlens.runio import read_text, write_json, write_text
 
 TEMPLATES = Path(__file__).with_name("templates")
 
-# Report sections in reading order: (id, title).
+# Report sections in reading order: (id, title). The ids are the manifests' ``section`` values.
 SECTIONS = (
     ("overview", "Overview"),
     ("training", "Training"),
@@ -35,98 +41,72 @@ SECTIONS = (
     ("explanations", "Per-digit heatmaps and faithfulness"),
     ("filters", "Filters and activations"),
     ("lora", "LoRA study"),
+    ("predict", "Predictions on your images"),
+    ("other", "Other figures"),
     ("insights", "Insights"),
 )
 
-
-@dataclass(frozen=True)
-class FigureSpec:
-    """Where a known figure goes: glob patterns on its path in the run, section, reading kind, caption."""
-
-    patterns: tuple[str, ...]
-    section: str
-    kind: str | None
-    caption: str
-
-
-# Known figures, in the order they appear within their section. A figure matching no entry
-# still appears, in the section of its folder (FOLDER_SECTIONS), with a caption from its name.
-CATALOGUE = (
-    FigureSpec(("figures/*curve*", "figures/*history*", "figures/*loss*", "figures/*training*"),
-               "training", "training", "Accuracy and loss per epoch, training against validation"),
-    FigureSpec(("figures/*confusion*norm*",), "evaluation", "confusion", "Confusion matrix, row-normalised"),
-    FigureSpec(("figures/*confusion*",), "evaluation", "confusion", "Confusion matrix"),
-    FigureSpec(("figures/*per_digit*group*", "figures/*group*"), "evaluation", "per_digit_groups",
-               "Per-digit precision, recall and F1 by digit group"),
-    FigureSpec(("figures/*per_digit*", "figures/*per_class*", "figures/*metrics*"), "evaluation", "per_digit",
-               "Per-digit precision, recall, F1 and accuracy"),
-    FigureSpec(("figures/*reliab*", "figures/*calibrat*"), "evaluation", "reliability",
-               "Reliability diagram: confidence against accuracy"),
-    FigureSpec(("figures/*misclass*", "figures/*mistake*", "figures/*error*"), "galleries", "misclassified",
-               "Misclassified test images, most confident mistakes first"),
-    FigureSpec(("figures/*gallery*", "figures/*prediction*", "figures/*sample*"), "galleries", "predictions",
-               "Predictions on test images"),
-    FigureSpec(("explain/figures/*overlay*mis*", "explain/figures/*mis*overlay*"), "galleries", "overlay_mis",
-               "Why the mistakes happened: misclassified images with their heatmaps"),
-    FigureSpec(("explain/figures/*overlay*",), "galleries", "overlay", "Images with their heatmaps"),
-    FigureSpec(("explain/figures/*filter*", "explain/figures/*kernel*", "explain/figures/*patch_embed*",
-                "explain/figures/*feature*", "explain/figures/*activation*"), "filters", "filters",
-               "Filters and activations"),
-    FigureSpec(("explain/figures/*faithful*", "explain/figures/*deletion*", "explain/figures/*insertion*",
-                "explain/figures/*sanity*", "explain/figures/*random*"), "explanations", "faithfulness",
-               "How faithful each explanation method is"),
-    FigureSpec(("explain/figures/*compar*", "explain/figures/*vs*", "explain/figures/*diff*"), "explanations",
-               "heatmap_compare", "Per-digit maps side by side, on one colour scale"),
-    FigureSpec(("explain/figures/*",), "explanations", "heatmap", "Per-digit maps"),
-    FigureSpec(("adapt/*accuracy_vs_param*",), "lora", "adapt", "LoRA against baselines: test accuracy and trainable parameters"),
-    FigureSpec(("adapt/*per_digit*",), "lora", "adapt", "Per-digit precision and recall of the groups task"),
-    FigureSpec(("adapt/*training_curves*",), "lora", "adapt",
-               "Training and validation curves of every adapter and baseline (early stopping)"),
-    FigureSpec(("adapt/**",), "lora", "adapt", "LoRA adaptation"),
-    FigureSpec(("subspace/*seed003*",), "lora", "subspace",
-               "The LoRA paper's figure (Hu et al. 2021): phi(W_q, A_r) for every rank and a random A"),
-    FigureSpec(("subspace/*phi_W_vs_A*",), "lora", "subspace", "phi(W, A_r) per projection"),
-    FigureSpec(("subspace/*rank*_vs_rank*",), "lora", "subspace", "phi between adapters of two ranks (paper figure 3)"),
-    FigureSpec(("subspace/*seed*_vs_seed*",), "lora", "subspace", "phi between two seeds at one rank (paper figure 4)"),
-    FigureSpec(("subspace/*amplification*",), "lora", "subspace", "Amplification factor (paper table 7)"),
-    FigureSpec(("subspace/*spectr*",), "lora", "subspace", "Singular values and effective rank of ΔW"),
-    FigureSpec(("subspace/**",), "lora", "subspace", "Subspace analysis"),
+#: Figure kinds of the manifest contract in the order they appear within their section; a kind
+#: not listed (a new one) follows them, by name.
+KIND_ORDER = (
+    "training_curves",
+    "confusion_matrix", "confusion_matrix_normalised", "per_digit", "per_digit_groups", "reliability",
+    "predictions", "misclassified", "overlay", "overlay_misclassified",
+    "heatmap", "heatmap_compare", "faithfulness", "sanity",
+    "filters",
+    "adapt_accuracy", "adapt_per_digit", "adapt_training_curves", "subspace_paper_figure", "phi_w_vs_a",
+    "phi_rank_vs_rank", "phi_seed_vs_seed", "amplification", "spectrum",
+    "prediction_steps", "prediction_map",
 )
 
-FOLDER_SECTIONS = {"figures": "evaluation", "explain": "explanations", "adapt": "lora", "subspace": "lora"}
+#: What a figure shows, as its caption words it: (manifest key, label); in this order.
+SHOWN = (("task", "task"), ("method", "method"), ("methods", "methods"), ("module", "module"),
+         ("modules", "modules"), ("rank", "r"), ("ranks", "ranks"), ("seed", "seed"), ("seeds", "seeds"),
+         ("run", "run"), ("group_by", "grouped by"), ("split", "split"))
+
+_STAGE_ORDER = ("evaluate", "explain", "adapt", "subspace")
 
 
-def _match(rel: str, pattern: str) -> bool:
-    # fnmatch's "*" already crosses "/", so "adapt/**" matches any depth.
-    return fnmatch.fnmatch(rel, pattern)
+def _shown_value(value: Any) -> str:
+    if isinstance(value, list):
+        return ", ".join(R.label(str(v)) for v in value)
+    return R.label(str(value))
 
 
-def classify(rel: Path) -> tuple[int, FigureSpec | None, str]:
-    """(catalogue position, spec or None, section id) of a figure path relative to its run."""
-    rel_s = rel.as_posix()
-    for i, spec in enumerate(CATALOGUE):
-        if any(_match(rel_s, p) for p in spec.patterns):
-            return i, spec, spec.section
-    return len(CATALOGUE), None, FOLDER_SECTIONS.get(rel.parts[0], "evaluation")
+def figure_caption(figure: FigureRef) -> str:
+    """The figure's ``title`` followed by what it shows (task, method, module, rank, seed...) that
+    the title does not already say; ``chance-corrected`` for a corrected phi figure."""
+    title = figure.title or R.label(figure.kind).capitalize()
+    parts = []
+    for key, name in SHOWN:
+        if key not in figure.shows or figure.shows[key] in (None, "", []):
+            continue
+        value = _shown_value(figure.shows[key])
+        if value not in title and value not in R.label(title):
+            parts.append(f"{name} {value}" if key != "task" else f"task “{value}”")
+    if figure.shows.get("corrected") is True and "corrected" not in title:
+        parts.append("chance-corrected")
+    return title + (" — " + ", ".join(parts) if parts else "")
 
 
-def humanise(stem: str) -> str:
-    """``per_digit_saliency`` -> ``Per digit saliency``."""
-    words = re.sub(r"[_\-]+", " ", stem).strip()
-    return words[:1].upper() + words[1:]
+def _sort_value(value: Any) -> tuple:
+    """A sort key for a shown value of any JSON type (numbers before text)."""
+    if isinstance(value, bool):
+        return (0, int(value), "")
+    if isinstance(value, (int, float)):
+        return (0, value, "")
+    if isinstance(value, list):
+        return (1, 0, ",".join(f"{v:>12}" if isinstance(v, (int, float)) else str(v) for v in value))
+    return (1, 0, str(value))
 
 
-def figure_caption(rel: Path, spec: FigureSpec | None) -> str:
-    """Caption of a figure: the catalogue's, plus what its file name adds (method, rank, task)."""
-    name = humanise(rel.stem)
-    if spec is None:
-        return name
-    if spec.kind in ("adapt", "subspace"):
-        task = rel.parts[1] if len(rel.parts) > 2 else ""
-        return f"{spec.caption} — task “{task}”, {rel.stem.replace('_', ' ')}"
-    if spec.kind in ("heatmap", "heatmap_compare", "filters", "faithfulness", "overlay", "overlay_mis"):
-        return f"{spec.caption} — {rel.stem.replace('_', ' ')}"
-    return spec.caption
+def figure_order(figure: FigureRef) -> tuple:
+    """The fixed place of a figure within its section: its kind's place in :data:`KIND_ORDER`, then
+    its stage, then what it shows (task, method, module, rank, seed... in :data:`SHOWN` order), then its path."""
+    kind = KIND_ORDER.index(figure.kind) if figure.kind in KIND_ORDER else len(KIND_ORDER)
+    stage = _STAGE_ORDER.index(figure.stage) if figure.stage in _STAGE_ORDER else len(_STAGE_ORDER)
+    shown = tuple(_sort_value(figure.shows.get(key, "")) for key, _ in SHOWN) + (_sort_value(bool(figure.shows.get("corrected"))),)
+    return (kind, figure.kind, stage, shown, figure.rel)
 
 
 def data_uri(png: Path) -> str:
@@ -155,34 +135,37 @@ class Table:
 
 
 def per_digit_table(run: RunData) -> Table | None:
-    p = R.prediction_summary(run)
+    """Per-digit precision, recall, F1, accuracy and support of ``metrics.json``, with its intervals."""
+    p = R.evaluation_of(run)
     if not p:
         return None
-    by_digit = {r["digit"]: r for r in R.metrics_of(run, p).get("per_digit") or [] if isinstance(r, dict) and "digit" in r}
 
-    def cell(d: int, key: str, value: float) -> str:  # with the bootstrap interval of metrics.json when it has one
-        return format_ci(value, (by_digit.get(d) or {}).get(f"{key}_ci"), percent=False, digits=3)
+    def cell(d: int, key: str) -> str:  # with the bootstrap interval of metrics.json when it has one
+        row = p["rows"][d]
+        return format_ci(row[key], row.get(f"{key}_ci"), percent=False, digits=3)
 
-    rows = [[str(d), cell(d, "precision", p["precision"][d]), cell(d, "recall", p["recall"][d]), cell(d, "f1", p["f1"][d]),
-             cell(d, "accuracy", p["per_digit_accuracy"][d]), f"{int(p['support'][d]):,}"] for d in p["labels"]]
+    rows = [[str(d), cell(d, "precision"), cell(d, "recall"), cell(d, "f1"), cell(d, "accuracy"),
+             f"{int(p['support'][d]):,}"] for d in p["labels"]]
     hard = int(np.argmin(p["f1"]))
-    _, tied, _ = R.f1_ties(run, p)
+    _, tied, _ = R.f1_ties(p)
     if tied is None:
         noise = ""
     elif len(tied) == 1:
         noise = ", below every other digit's F1 interval"
     else:
         noise = f", but its F1 interval overlaps those of digits {', '.join(map(str, tied[1:]))}: within noise"
-    macro = format_ci(float(p["f1"].mean()), R.dig(R.metrics_of(run, p), "macro.f1_ci"), percent=False, digits=3)
+    macro = ("" if p["macro_f1"] is None else
+             f"; the macro F1 over all digits is {format_ci(p['macro_f1'], p['macro_f1_ci'], percent=False, digits=3)}")
     return Table("Per-digit metrics", ["Digit", "Precision", "Recall", "F1", "Accuracy (one-vs-rest)", "Support"], rows,
-                 f"Values with their 95% bootstrap intervals where metrics.json has them. Digit {hard} has the lowest "
-                 f"F1 ({p['f1'][hard]:.3f}){noise}; the macro F1 over all digits is {macro}.", run.name)
+                 f"Values from metrics.json, with their 95% bootstrap intervals where it has them. Digit {hard} has the "
+                 f"lowest F1 ({p['f1'][hard]:.3f}){noise}{macro}.", run.name)
 
 
 def per_digit_diff_table(a: RunData, b: RunData, comparison: dict | None = None) -> Table | None:
-    """Per-digit precision, recall and F1 of two runs with the F1 difference (b - a); with ``comparison``
-    (:func:`paired_comparison`, a = its A) the caption says which differences survive Holm's correction."""
-    pa, pb = R.prediction_summary(a), R.prediction_summary(b)
+    """Per-digit precision, recall and F1 of two runs (their ``metrics.json``) with the F1 difference
+    (b - a); with ``comparison`` (:func:`paired_comparison`, a = its A) the caption says which
+    differences survive Holm's correction."""
+    pa, pb = R.evaluation_of(a), R.evaluation_of(b)
     if not pa or not pb or pa["labels"] != pb["labels"]:
         return None
     rows = []
@@ -241,20 +224,13 @@ def paired_comparison(a: RunData, b: RunData, *, n_resamples: int = DEFAULT_BOOT
 
 
 def confused_pairs_table(run: RunData, top: int = 5) -> Table | None:
-    p = R.prediction_summary(run)
-    if not p or p["most_confused"] is None:
+    """The ``top`` most-confused pairs of ``metrics.json`` with their shares of the true digit."""
+    p = R.evaluation_of(run)
+    if not p or not p["most_confused"]:
         return None
-    off = p["confusion"].copy()
-    np.fill_diagonal(off, 0)
-    order = np.argsort(off, axis=None)[::-1][:top]
-    rows = []
-    for flat in order:
-        t, q = np.unravel_index(flat, off.shape)
-        if off[t, q] == 0:
-            break
-        support = int(p["support"][t])
-        rows.append([f"{t} → {q}", f"{int(off[t, q]):,}",
-                     format_ci(off[t, q] / max(support, 1), wilson_interval(int(off[t, q]), support), digits=1)])
+    rows = [[f"{pair['true']} → {pair['predicted']}", f"{int(pair['count']):,}",
+             format_ci(pair["share_of_true"], pair.get("share_of_true_ci"), digits=1)]
+            for pair in p["most_confused"][:top]]
     return Table("Most-confused pairs", ["True → predicted", "Images", "Share of true digit (95% Wilson interval)"],
                  rows, "", run.name)
 
@@ -282,13 +258,13 @@ def _wilson_estimate(share: Any, n: Any) -> Estimate | None:
 
 
 def overview_facts(run: RunData) -> dict[str, Any]:
-    """Headline numbers of a run (used by the overview table and by the comparison); numbers estimated
-    from images are :class:`Estimate` with their 95% intervals."""
+    """Headline numbers of a run (used by the overview table and by the comparison), as the stages
+    wrote them; numbers estimated from images are :class:`Estimate` with their 95% intervals."""
     cfg = run.config
     h = R.history_summary(run) or {}
-    p = R.prediction_summary(run) or {}
-    metrics = R.metrics_of(run, p) if p else (run.metrics or {})
-    test_ci = metrics.get("accuracy_ci") or (wilson_interval(p["correct"], p["n"]).tolist() if p else None)
+    p = R.evaluation_of(run) or {}
+    metrics = run.metrics or {}
+    overfit = R.overfitting_of(run) or {}
     facts: dict[str, Any] = {
         "Dataset": cfg.get("dataset"),
         "Model": cfg.get("model"),
@@ -298,20 +274,19 @@ def overview_facts(run: RunData) -> dict[str, Any]:
         "Seed": cfg.get("seed"),
         "Training time (s)": h.get("seconds"),
         "Best validation accuracy (95% Wilson interval)": _wilson_estimate(h.get("best_val_accuracy"), cfg.get("n_val")),
-        "Test accuracy (95% Wilson interval)": _estimate(p.get("accuracy", R.dig(run.metrics or {}, "accuracy")), test_ci),
-        "Macro F1 (95% bootstrap interval)": _estimate(
-            float(np.mean(p["f1"])) if p else R.dig(run.metrics or {}, "macro.f1", "macro_f1", "f1_macro"),
-            R.dig(metrics, "macro.f1_ci")),
-        "Expected calibration error (95% bootstrap interval)": _estimate(R.ece_of(run), R.dig(metrics, "ece_ci")),
-        "ECE after temperature scaling (95% bootstrap interval)": _estimate(R.dig(run.metrics or {}, "ece_calibrated"),
-                                                                           R.dig(metrics, "ece_calibrated_ci")),
-        "Temperature (fitted on validation)": R.dig(run.metrics or {}, "temperature"),
+        "Overfits from epoch": (overfit.get("from_epoch") if overfit.get("diverges") else "no") if overfit.get("available") else None,
+        "Test accuracy (95% Wilson interval)": _estimate(p.get("accuracy"), p.get("accuracy_ci")),
+        "Macro F1 (95% bootstrap interval)": _estimate(p.get("macro_f1"), p.get("macro_f1_ci")),
+        "Expected calibration error (95% bootstrap interval)": _estimate(R.ece_of(run), metrics.get("ece_ci")),
+        "ECE after temperature scaling (95% bootstrap interval)": _estimate(metrics.get("ece_calibrated"),
+                                                                           metrics.get("ece_calibrated_ci")),
+        "Temperature (fitted on validation)": metrics.get("temperature"),
         "Test images": p.get("n"),
-        "Mistakes": (p["n"] - p["correct"]) if p else None,
+        "Mistakes": p.get("errors"),
     }
-    if p and p.get("most_confused"):
-        t, q, c = p["most_confused"]
-        facts["Most-confused pair"] = f"{t} → {q} ({c})"
+    if p and p["most_confused"]:
+        top = p["most_confused"][0]
+        facts["Most-confused pair"] = f"{top['true']} → {top['predicted']} ({top['count']})"
     best = best_explain_method(run)
     if best:
         facts["Most faithful explanation"] = best
@@ -340,7 +315,7 @@ def _interval_text(ci: Any, percent: bool = False) -> str | None:
     if not (isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(v, (int, float)) for v in ci)):
         return None
     return f"{ci[0] * 100:.2f}-{ci[1] * 100:.2f}%" if percent else f"{ci[0]:.4f}-{ci[1]:.4f}"
-NO_DIFF_FACTS = {"Seed"}
+NO_DIFF_FACTS = {"Seed", "Overfits from epoch"}
 TEST_ACCURACY = "Test accuracy (95% Wilson interval)"
 
 
@@ -464,8 +439,10 @@ def _section_blocks(section: str, run: RunData, run_index: int | None) -> list[s
             if md.is_file():
                 blocks.append(prefix + f"<h3>LoRA against baselines, task “{html.escape(task)}”</h3>\n"
                               + markdown_to_html(read_text(md), md.parent, run.run_dir))
-        for md in sorted((run.run_dir / "subspace").glob("**/summary.md")) if (run.run_dir / "subspace").is_dir() else []:
-            task = md.parent.name
+        for task in run.subspace:
+            md = run.run_dir / "subspace" / task / "summary.md"
+            if not md.is_file():
+                continue
             blocks.append(prefix + f"<h3>Subspace analysis, task “{html.escape(task)}”</h3>\n"
                           + "<div class=\"table-wrap\">" + markdown_to_html(read_text(md), md.parent, run.run_dir) + "</div>")
     elif section == "insights" and run.insights_md:
@@ -489,8 +466,6 @@ def _embedded_image(src: str, base: Path | None, root: Path | None) -> str | Non
     """The data URI of a Markdown image ``src`` when it is a PNG file of the run (a path relative
     to ``base`` that stays inside ``root``) or already a PNG data URI; None for anything else (a
     web address, a file outside the run, not a PNG), which the report must not load."""
-    from urllib.parse import unquote, urlparse
-
     if src.startswith("data:image/png;base64,"):
         return src
     if base is None or root is None or urlparse(src).scheme or src.startswith(("//", "\\")):
@@ -510,9 +485,6 @@ def markdown_to_html(text: str, base: Path | None = None, root: Path | None = No
     The report opens offline and loads nothing: an image is inlined when it is a PNG of the run
     (``root``; relative paths start at ``base``, the Markdown file's folder) and replaced by a
     note otherwise."""
-    from markdown_it import MarkdownIt
-    from markdown_it.token import Token
-
     md = MarkdownIt("commonmark", {"html": False}).enable("table")
     tokens = md.parse(_escape_norm_bars(text))
     for token in tokens:
@@ -536,23 +508,23 @@ def markdown_to_html(text: str, base: Path | None = None, root: Path | None = No
 
 def build_sections(runs: list[RunData], comparison: dict | None = None, note: str | None = None) -> list[Section]:
     """The report's sections for one run, or two runs side by side; empty sections dropped.
-    ``comparison`` (:func:`paired_comparison`) or ``note`` (why there is none) word the comparison."""
+    ``comparison`` (:func:`paired_comparison`) or ``note`` (why there is none) word the comparison.
+
+    Figures: one per manifest entry (the same figure of two runs, by its path in the run, gets one
+    panel per run), in its ``section`` (an unknown one: "Other figures") at :func:`figure_order`."""
     sections = {sid: Section(sid, title) for sid, title in SECTIONS}
-    # Figures: one slot per relative path; panels from every run that has it.
-    slots: dict[str, tuple[int, FigureSpec | None, str, Path]] = {}
+    slots: dict[str, FigureRef] = {}
     for run in runs:
-        for rel in run.figures:
-            key = rel.as_posix()
-            if key not in slots:
-                pos, spec, sid = classify(rel)
-                slots[key] = (pos, spec, sid, rel)
-    for key, (pos, spec, sid, rel) in sorted(slots.items(), key=lambda kv: (kv[1][0], kv[0])):
+        for figure in run.figures:
+            slots.setdefault(figure.rel, figure)
+    for rel, first in sorted(slots.items(), key=lambda kv: figure_order(kv[1])):
         panels = []
         for run in runs:
-            if rel in run.figures:
-                panels.append(Panel(run.name, data_uri(run.figure_path(rel)), key,
-                                    R.reading(spec.kind if spec else None, run, str(rel.with_suffix("")))))
-        sections[sid].figures.append(Figure(_slug("fig-" + key), figure_caption(rel, spec), panels))
+            own = next((f for f in run.figures if f.rel == rel), None)
+            if own is not None:
+                panels.append(Panel(run.name, data_uri(own.path), rel, R.reading(own.kind, run, own)))
+        sid = first.section if first.section in sections and first.section not in ("overview", "insights") else "other"
+        sections[sid].figures.append(Figure(_slug("fig-" + rel), figure_caption(first), panels))
     diff = per_digit_diff_table(*runs, comparison) if len(runs) == 2 else None
     if diff:
         sections["evaluation"].tables.append(diff)
@@ -607,8 +579,7 @@ def overview_table(runs: list[RunData], comparison: dict | None = None, note: st
 
 
 def render(runs: list[RunData], sections: list[Section], title: str | None = None) -> str:
-    import jinja2
-
+    """The HTML page of ``sections`` (the template of ``templates/``, stylesheet inlined)."""
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)),
                              autoescape=jinja2.select_autoescape(["html"]), trim_blocks=True, lstrip_blocks=True)
     css = (TEMPLATES / "report.css").read_text()
@@ -620,26 +591,15 @@ def render(runs: list[RunData], sections: list[Section], title: str | None = Non
     )
 
 
-def write_report(run_dir: str | Path, *, compare: str | Path | None = None, out: str | Path | None = None,
-                 bootstrap: int = DEFAULT_BOOTSTRAP) -> Path:
+def write_run_report(run_dir: str | Path, *, compare: str | Path | None = None, out: str | Path | None = None,
+                     bootstrap: int = DEFAULT_BOOTSTRAP) -> Path:
     """Write ``run_dir/report.html`` (or ``out``): one self-contained HTML file for the run,
     with ``compare`` (another run folder) side by side when given. Returns the path written.
 
     With ``compare``, when both runs hold ``predictions.npz`` on the same test images, also writes
     ``comparison.json`` beside the report (:func:`paired_comparison`: McNemar's exact test, paired
     bootstrap intervals with ``bootstrap`` resamples, Holm-corrected per-digit F1; this run is A,
-    ``compare`` is B).
-
-    A seed group folder (``digitlens train --seeds``, holds ``group.json``) gets the group report
-    instead (:func:`digitlens.report.group.write_group_report`)."""
-    from digitlens.evaluate import check_bootstrap
-    from digitlens.seeds import is_group
-
-    bootstrap = check_bootstrap(bootstrap)
-    if is_group(run_dir):
-        from digitlens.report.group import write_group_report
-
-        return write_group_report(run_dir, out=out, compare=compare, bootstrap=bootstrap)
+    ``compare`` is B)."""
     runs = [collect_run(run_dir)]
     if compare is not None:
         other = collect_run(compare)
@@ -654,14 +614,3 @@ def write_report(run_dir: str | Path, *, compare: str | Path | None = None, out:
         write_json(target.parent / "comparison.json", comparison)
     sections = build_sections(runs, comparison, note)
     return write_text(target, render(runs, sections))
-
-
-def _report_folders(run_dir, *args, out=None, **kwargs):
-    from digitlens.seeds import is_group
-
-    # With --out elsewhere the run folder is only read (it may be read-only): nothing to lock.
-    return [] if is_group(run_dir) or out is not None else [(run_dir, "run")]
-
-
-# One writer per run folder (issue 14): report.html and comparison.json are written under its lock.
-write_report = writes_folders("report", _report_folders)(write_report)

@@ -1,28 +1,56 @@
 """Gather what a run folder holds for the report: its JSON files, its history and its figures.
 
-Every reader returns ``None`` (or an empty list) for a stage that was not run, so the report
-leaves that section out instead of breaking.
+Figures come from the stages' figure manifests (``figures.json``, see
+:mod:`digitlens.figure_writer`) at the places the stages write them:
+
+    evaluate  -> <run>/figures/figures.json
+    explain   -> <run>/explain/figures.json
+    adapt     -> <run>/adapt/<TASK>/figures.json
+    subspace  -> <run>/subspace/<TASK>/figures.json
+
+A figure that no manifest lists is not shown. Every reader returns ``None`` (or an empty list or
+dict) for a stage that was not run, so the report leaves that section out instead of breaking;
+a file that is there but broken is a one-line DigitlensError naming it.
+
+History: :func:`read_history` is the one history parser the report uses (``digitlens.history``
+replaces it once merged).
 """
 
 from __future__ import annotations
 
 import csv
+import fnmatch
 import io
-import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from digitlens.errors import DigitlensError
+from digitlens.figure_writer import ENTRY_KEYS, MANIFEST_NAME, read_figure_manifest
 from digitlens.runio import read_json, read_npz, read_text, require_run_dir
 
-# Folders of a run searched for figures (PNG; the SVG twins are not embedded), in report order.
-FIGURE_FOLDERS = ("figures", "explain/figures", "explain", "adapt", "subspace")
+
+@dataclass(frozen=True)
+class FigureRef:
+    """One figure of a stage's manifest: ``rel`` (its PNG, relative to the run folder: the key that
+    pairs the same figure of two runs), ``kind``, ``section``, ``title``, ``shows`` (what it shows:
+    ``method``, ``rank``, ``module``, ``task``...), ``stage`` and ``path`` (absolute)."""
+
+    stage: str
+    rel: str
+    kind: str
+    section: str
+    title: str
+    shows: dict
+    path: Path
 
 
 @dataclass
 class RunData:
-    """Everything the report reads from one run folder; missing stages are ``None``."""
+    """Everything the report reads from one run folder; missing stages are ``None`` (or empty)."""
 
     run_dir: Path
     name: str
@@ -33,17 +61,9 @@ class RunData:
     insights_md: str | None = None
     predictions: dict | None = None
     explain_metrics: dict | None = None
-    explain_manifest: dict | None = None
-    adapt_results: dict[str, dict] = field(default_factory=dict)   # task -> results.json
-    subspace: dict[str, Any] = field(default_factory=dict)         # relative path -> JSON
-    figures: list[Path] = field(default_factory=list)              # relative PNG paths
-
-    def figure_path(self, rel: Path | str) -> Path:
-        return self.run_dir / rel
-
-
-def _optional_json(path: Path) -> Any:
-    return read_json(path) if path.is_file() else None
+    adapt_results: dict[str, dict] = field(default_factory=dict)   # task -> adapt/<task>/results.json
+    subspace: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> {file name: subspace/<task>/*.json}
+    figures: list[FigureRef] = field(default_factory=list)
 
 
 def read_history(path: Path) -> list[dict[str, float]] | None:
@@ -75,8 +95,6 @@ def check_predictions(path: Path, arrays: dict) -> dict:
     """``arrays`` of a ``predictions.npz`` when they fit together (``y_true``, ``y_pred``: (N,) whole
     numbers; ``proba`` and ``proba_calibrated``: (N, C)); a one-line DigitlensError naming the
     file otherwise. Returns ``arrays``."""
-    import numpy as np
-
     n = None
     for key in ("y_true", "y_pred"):
         if key not in arrays:
@@ -101,21 +119,156 @@ def check_predictions(path: Path, arrays: dict) -> dict:
     return arrays
 
 
-def find_figures(run_dir: Path) -> list[Path]:
-    """Every PNG under the figure folders, as paths relative to ``run_dir`` (sorted, no duplicates)."""
-    found: list[Path] = []
-    seen = set()
-    for folder in FIGURE_FOLDERS:
-        base = run_dir / folder
-        if not base.is_dir():
+def _optional_json(path: Path) -> Any:
+    return read_json(path) if path.is_file() else None
+
+
+def _png_of(entry: dict, folder: Path) -> Path | None:
+    """The PNG of a manifest entry (its ``path``, else the PNG among its ``files``), or None."""
+    path = Path(entry["path"])
+    if path.suffix.lower() == ".png":
+        return path
+    for name in entry.get("files") or []:
+        if isinstance(name, str) and name.lower().endswith(".png"):
+            png = (folder / name).resolve()
+            if not png.is_relative_to(folder.resolve()):
+                raise DigitlensError(f"{folder / MANIFEST_NAME}: a figure's files point outside its folder ({name!r})")
+            return png
+    return None
+
+
+def stage_folders(run_dir: Path) -> list[tuple[str, Path, str | None]]:
+    """(stage, folder of its figures.json, task or None) at the contract's places, in report order."""
+    folders: list[tuple[str, Path, str | None]] = [("evaluate", run_dir / "figures", None),
+                                                   ("explain", run_dir / "explain", None)]
+    for stage in ("adapt", "subspace"):
+        base = run_dir / stage
+        if base.is_dir():
+            folders += [(stage, task_dir, task_dir.name) for task_dir in sorted(base.iterdir())
+                        if task_dir.is_dir() and not task_dir.name.startswith(".")]
+    return folders
+
+
+def stage_figures(run: RunData, stage: str, folder: Path, task: str | None) -> list[FigureRef]:
+    """The figures of one stage folder, from its ``figures.json`` (or, for a stage that wrote none,
+    from :func:`_legacy_figures`)."""
+    if not folder.is_dir():
+        return []
+    if (folder / MANIFEST_NAME).is_file():
+        entries = read_figure_manifest(folder)
+    else:
+        entries = _legacy_figures(run, stage, folder)
+    root = run.run_dir.resolve()
+    found = []
+    for entry in entries:
+        png = _png_of(entry, folder)
+        if png is None or not png.is_file():
             continue
-        pattern = "*.png" if folder in ("figures", "explain/figures", "explain") else "**/*.png"
-        for png in sorted(base.glob(pattern)):
-            rel = png.relative_to(run_dir)
-            if rel not in seen and not png.name.startswith("."):
-                seen.add(rel)
-                found.append(rel)
+        shows = {k: v for k, v in entry.items() if k not in ENTRY_KEYS}
+        if task is not None:
+            shows.setdefault("task", task)  # the manifest's folder names the task
+        found.append(FigureRef(stage=stage, rel=png.relative_to(root).as_posix(), kind=entry["kind"],
+                               section=entry["section"], title=str(entry.get("title") or ""), shows=shows, path=png))
     return found
+
+
+def _legacy_figures(run: RunData, stage: str, folder: Path) -> list[dict]:
+    """TEMPORARY (issue #12): manifest entries guessed from file names, for a stage folder written
+    before the stages wrote ``figures.json``. Delete this function (and its one caller in
+    :func:`stage_figures`) once every stage writes its manifest; nothing else in the report looks
+    at figure file names."""
+    methods = [str(m) for m in ((run.explain_metrics or {}).get("methods") or [])]
+    subspace_js = next((js for js in (run.subspace.get(folder.name) or {}).values()
+                        if isinstance(js, dict) and "modules" in js), None) if stage == "subspace" else None
+    modules = [m["module"] for m in (subspace_js or {}).get("modules", []) if isinstance(m, dict) and "module" in m]
+    # (glob patterns on the file name, kind, section, title), first match wins
+    table = {
+        "evaluate": [
+            (("*curve*", "*history*", "*loss*", "*training*"), "training_curves", "training",
+             "Accuracy and loss per epoch, training against validation"),
+            (("*confusion*norm*",), "confusion_matrix_normalised", "evaluation", "Confusion matrix, row-normalised"),
+            (("*confusion*",), "confusion_matrix", "evaluation", "Confusion matrix"),
+            (("*per_digit*group*", "*group*"), "per_digit_groups", "evaluation",
+             "Per-digit precision, recall and F1 by digit group"),
+            (("*per_digit*", "*per_class*", "*metrics*"), "per_digit", "evaluation",
+             "Per-digit precision, recall, F1 and accuracy"),
+            (("*reliab*", "*calibrat*"), "reliability", "evaluation", "Reliability diagram: confidence against accuracy"),
+            (("*misclass*", "*mistake*", "*error*"), "misclassified", "galleries",
+             "Misclassified test images, most confident mistakes first"),
+            (("*gallery*", "*prediction*", "*sample*"), "predictions", "galleries", "Predictions on test images"),
+        ],
+        "explain": [
+            (("*overlay*mis*", "*mis*overlay*"), "overlay_misclassified", "galleries",
+             "Why the mistakes happened: misclassified images with their heatmaps"),
+            (("*overlay*",), "overlay", "galleries", "Images with their heatmaps"),
+            (("*filter*", "*kernel*", "*patch_embed*", "*feature*", "*activation*"), "filters", "filters",
+             "Filters and activations"),
+            (("*sanity*",), "sanity", "explanations", "Sanity checks of each explanation method"),
+            (("*faithful*", "*deletion*", "*insertion*", "*random*"), "faithfulness", "explanations",
+             "How faithful each explanation method is"),
+            (("*compar*", "*vs*", "*diff*"), "heatmap_compare", "explanations",
+             "Per-digit maps side by side, on one colour scale"),
+            (("*",), "heatmap", "explanations", "Per-digit maps"),
+        ],
+        "adapt": [
+            (("*accuracy_vs_param*",), "adapt_accuracy", "lora",
+             "LoRA against baselines: test accuracy and trainable parameters"),
+            (("*per_digit*",), "adapt_per_digit", "lora", "Per-digit precision and recall of the groups task"),
+            (("*training_curves*",), "adapt_training_curves", "lora",
+             "Training and validation curves of every adapter and baseline (early stopping)"),
+        ],
+        "subspace": [
+            (("*seed003*",), "subspace_paper_figure", "lora",
+             "The LoRA paper's figure (Hu et al. 2021): phi(W_q, A_r) for every rank and a random A"),
+            (("*phi_W_vs_A*",), "phi_w_vs_a", "lora", "phi(W, A_r) per projection"),
+            (("*rank*_vs_rank*",), "phi_rank_vs_rank", "lora", "phi between adapters of two ranks (paper figure 3)"),
+            (("*seed*_vs_seed*",), "phi_seed_vs_seed", "lora", "phi between two seeds at one rank (paper figure 4)"),
+            (("*amplification*",), "amplification", "lora", "Amplification factor (paper table 7)"),
+            (("*spectr*",), "spectrum", "lora", "Singular values and effective rank of ΔW"),
+        ],
+    }
+    pngs = (sorted(folder.glob("*.png")) + sorted(folder.glob("figures/*.png")) if stage in ("evaluate", "explain")
+            else sorted(folder.rglob("*.png")))
+    entries = []
+    for png in pngs:
+        if png.name.startswith("."):
+            continue
+        stem = png.stem
+        match = next(((kind, section, title) for patterns, kind, section, title in table[stage]
+                      if any(fnmatch.fnmatch(png.name, p) for p in patterns)), None)
+        if match is None:  # an unknown figure of an old run: shown under its own name
+            kind, section, title = "other", {"evaluate": "evaluation", "explain": "explanations"}.get(stage, "lora"), \
+                re.sub(r"[_\-]+", " ", stem).strip().capitalize()
+        else:
+            kind, section, title = match
+        entry: dict[str, Any] = {"path": png.resolve(), "kind": kind, "section": section, "title": title}
+        if stage == "explain":
+            found = [m for m in methods if m in stem]
+            if found:
+                entry["method"] = max(found, key=len)
+        if stage == "adapt" and (m := re.search(r"_r(\d+)$", stem)):
+            entry["rank"] = int(m.group(1))
+        if stage == "subspace":
+            entry["corrected"] = stem.endswith("_corrected")
+            base = stem[: -len("_corrected")] if entry["corrected"] else stem
+            if base.startswith("phi_W_vs_A__"):
+                safe = base[len("phi_W_vs_A__"):]
+                picked = [m for m in modules if re.sub(r"[^A-Za-z0-9_-]+", "_", m).endswith(safe)]
+                entry["modules"] = picked
+            elif kind == "subspace_paper_figure":
+                entry["module"] = next((m for m in modules if m.endswith(".q")), modules[0] if modules else None)
+            elif m := re.match(r"phi_rank(\d+)_vs_rank(\d+)$", base):
+                entry["ranks"] = [int(m.group(1)), int(m.group(2))]
+            elif m := re.match(r"phi_seed(\d+)_vs_seed(\d+)_rank(\d+)$", base):
+                entry["seeds"], entry["rank"] = [int(m.group(1)), int(m.group(2))], int(m.group(3))
+        entries.append({k: v for k, v in entry.items() if v is not None})
+    return entries
+
+
+def _subspace_files(task_dir: Path) -> dict[str, Any]:
+    """The JSON files of one subspace task folder (``subspace/<task>/*.json``, the manifest left
+    out), by file name."""
+    return {js.name: read_json(js) for js in sorted(task_dir.glob("*.json")) if js.name != MANIFEST_NAME}
 
 
 def collect_run(run_dir: str | Path) -> RunData:
@@ -130,17 +283,11 @@ def collect_run(run_dir: str | Path) -> RunData:
     if (run_dir / "predictions.npz").is_file():
         data.predictions = check_predictions(run_dir / "predictions.npz", read_npz(run_dir / "predictions.npz"))
     data.explain_metrics = _optional_json(run_dir / "explain" / "explain_metrics.json")
-    data.explain_manifest = _optional_json(run_dir / "explain" / "manifest.json")
-    adapt_dir = run_dir / "adapt"
-    if adapt_dir.is_dir():
-        for results in sorted(adapt_dir.glob("*/results.json")):
-            data.adapt_results[results.parent.name] = read_json(results)
-    subspace_dir = run_dir / "subspace"
-    if subspace_dir.is_dir():
-        for js in sorted(subspace_dir.rglob("*.json")):
-            try:
-                data.subspace[str(js.relative_to(subspace_dir))] = json.loads(read_text(js))
-            except json.JSONDecodeError as exc:
-                raise DigitlensError(f"{js}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    data.figures = find_figures(run_dir)
+    for stage, folder, task in stage_folders(run_dir):
+        if stage == "adapt" and (folder / "results.json").is_file():
+            data.adapt_results[task] = read_json(folder / "results.json")
+        if stage == "subspace":
+            data.subspace[task] = _subspace_files(folder)
+    for stage, folder, task in stage_folders(run_dir):
+        data.figures += stage_figures(data, stage, folder, task)
     return data

@@ -7,7 +7,10 @@ from pathlib import Path
 
 from digitlens.errors import DigitlensError
 from digitlens.intervals import DEFAULT_BOOTSTRAP, format_ci
+from digitlens.report.build import Section, Table, build_sections, render
+from digitlens.report.collect import collect_run
 from digitlens.runio import write_text
+from digitlens.seeds import summarise_group
 
 
 def _pct(v) -> str:
@@ -18,10 +21,8 @@ def _num(v) -> str:
     return "—" if v is None else f"{v:.4f}"
 
 
-def seeds_section(summary: dict):
+def seeds_section(summary: dict) -> Section:
     """The "Across seeds" section: one row per seed run, then mean, std and min-max rows."""
-    from digitlens.report.build import Section, Table
-
     rows = []
     for r in summary["runs"]:
         accuracy = "—" if r["accuracy"] is None else format_ci(r["accuracy"], r.get("accuracy_ci"))
@@ -52,10 +53,6 @@ def write_group_report(group_dir: str | Path, *, out: str | Path | None = None, 
     """Write ``group_dir/report.html``: the "Across seeds" section, then the first seed's report.
     Seed runs without ``metrics.json`` are evaluated first (``bootstrap`` resamples);
     ``group_summary.json`` is (re)written."""
-    from digitlens.report.build import build_sections, render
-    from digitlens.report.collect import collect_run
-    from digitlens.seeds import summarise_group
-
     group_dir = Path(group_dir)
     if compare is not None:
         raise DigitlensError(f"--compare: not available for the seed group {group_dir}; compare two seed runs instead")

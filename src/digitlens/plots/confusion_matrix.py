@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from digitlens.errors import DigitlensError
+from digitlens.intervals import wilson_interval
 from digitlens.metrics import as_labels
 from digitlens.plots._common import axes_grid
 
@@ -99,8 +100,9 @@ class ConfusionMatrixDisplay:
                 bar.ax.yaxis.set_major_formatter(FuncFormatter(_general_format))
         total = int(self.confusion_matrix.sum())
         correct = int(np.trace(self.confusion_matrix))
-        fig.suptitle(title or f"Confusion matrix: {correct:,} of {total:,} correct "
-                              f"({correct / max(total, 1):.2%}); off-diagonal cells are mistakes")
+        low, high = wilson_interval(correct, total) * 100
+        fig.suptitle(title or f"Confusion matrix: {correct:,} of {total:,} correct, {correct / max(total, 1):.2%} "
+                              f"({low:.2f}-{high:.2f}); off-diagonal cells are mistakes")
         fig.tight_layout()
         self.ax_, self.figure_ = axes, fig
         return self

@@ -173,9 +173,10 @@ def test_adapt_command_runs_the_whole_study_in_one_command(tmp_path):
 
 
 def test_early_stopping_keeps_the_best_epochs_weights_as_a_hand_run_gets_them():
-    """_train stops after `patience` epochs without a better validation accuracy and puts back the
-    best epoch's weights: they equal those of a plain AdamW + OneCycleLR loop run for exactly the
-    best epoch's number of epochs (same order of images), and score the best validation accuracy."""
+    """_train stops `patience` epochs after the validation accuracy last rose and puts back the
+    best epoch's weights (highest validation accuracy, ties: lowest validation loss, read off the
+    curve here): they equal those of a plain AdamW + OneCycleLR loop run for exactly the best
+    epoch's number of epochs (same order of images), and score the best validation accuracy."""
     from torch import nn
 
     from digitlens.adapt import _train
@@ -192,9 +193,13 @@ def test_early_stopping_keeps_the_best_epochs_weights_as_a_hand_run_gets_them():
     model = fresh()
     fitted = _train(model, x, y, val_x, val_y, patience=3, **kwargs)
     best, curve = fitted["best_epoch"], fitted["curve"]
-    assert fitted["stopped_early"] and fitted["epochs_run"] == best + 3 < 25
-    assert fitted["best_val_accuracy"] == max(curve["val_accuracy"]) == curve["val_accuracy"][best - 1]
-    assert all(a < fitted["best_val_accuracy"] for a in curve["val_accuracy"][best:])
+    top = max(curve["val_accuracy"])
+    rose = curve["val_accuracy"].index(top) + 1  # the first epoch at the top accuracy: it last rose there
+    assert fitted["stopped_early"] and fitted["stop_reason"] == "patience"
+    assert fitted["last_improvement_epoch"] == rose and fitted["epochs_run"] == rose + 3 < 25
+    at_top = [e for e, a in zip(curve["epoch"], curve["val_accuracy"]) if a == top]
+    assert best == min(at_top, key=lambda e: curve["val_loss"][e - 1])
+    assert fitted["best_val_accuracy"] == top == curve["val_accuracy"][best - 1]
     def hand_run(n_epochs):
         """The same schedule (25 epochs long) in a plain loop, stopped after ``n_epochs``."""
         hand = fresh()

@@ -150,13 +150,17 @@ def _train(model: nn.Module, x, y, val_x, val_y, *, epochs: int, lr: float, pct_
            epoch_limit: int | None = None, head_lr: float | None = None) -> dict:
     """AdamW with a one-cycle schedule over ``epochs`` on the parameters that require grad (those
     of the ``head`` at peak ``head_lr`` when given, the others at ``lr``), scored
-    on (val_x, val_y) after every epoch; stops after ``patience`` epochs without a better
-    validation accuracy (ties: lower validation loss) and puts the best epoch's weights back.
-    ``epoch_limit`` stops after that many epochs regardless (same schedule; for checks).
+    on (val_x, val_y) after every epoch; stops after ``patience`` epochs without a higher
+    validation accuracy and puts the best epoch's weights back (highest validation accuracy,
+    ties: lower validation loss). ``epoch_limit`` stops after that many epochs regardless (same
+    schedule; for checks).
 
     Returns ``{"seconds", "epochs_run", "best_epoch", "best_val_accuracy", "best_val_loss",
-    "stopped_early", "curve": {"epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
-    "lr"} (lists, one entry per epoch)}``. PyTorch has no early stopping of its own; this loop is it.
+    "last_improvement_epoch" (the last epoch whose validation accuracy rose), "stop_reason"
+    ("patience", "max_epochs" or "epoch_limit"), "stopped_early" (stopped by patience, also when
+    that happened at the last allowed epoch), "curve": {"epoch", "train_loss", "train_accuracy",
+    "val_loss", "val_accuracy", "lr"} (lists, one entry per epoch)}``. PyTorch has no early
+    stopping of its own; this loop is it.
     """
     params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     is_head = [head_lr is not None and ("head." in name or name.startswith("head")) for name, _ in params]
@@ -170,6 +174,10 @@ def _train(model: nn.Module, x, y, val_x, val_y, *, epochs: int, lr: float, pct_
     curve: dict[str, list] = {"epoch": [], "train_loss": [], "train_accuracy": [], "val_loss": [], "val_accuracy": [],
                               "lr": []}
     best = {"epoch": 0, "accuracy": -1.0, "loss": float("inf"), "weights": None}
+    # Patience counts from the last epoch whose validation accuracy rose: a plateau of equal
+    # accuracies whose loss keeps creeping down (as it does while the one-cycle rate decays) is
+    # converged, so it stops training; among its epochs the lowest validation loss is kept.
+    improved_epoch, stop_reason = 0, "max_epochs" if epoch_limit is None or epoch_limit >= epochs else "epoch_limit"
     start = time.perf_counter()
     last = epochs if epoch_limit is None else min(epochs, epoch_limit)
     for epoch in range(1, last + 1):
@@ -190,13 +198,16 @@ def _train(model: nn.Module, x, y, val_x, val_y, *, epochs: int, lr: float, pct_
         for key, value in zip(curve, (epoch, total / len(y), correct / len(y), val_loss, val_acc,
                                       opt.param_groups[0]["lr"])):
             curve[key].append(value)
+        if val_acc > best["accuracy"]:
+            improved_epoch = epoch
         if val_acc > best["accuracy"] or (val_acc == best["accuracy"] and val_loss < best["loss"]):
             best = {"epoch": epoch, "accuracy": val_acc, "loss": val_loss,
                     "weights": {name: p.detach().clone() for name, p in params}}
         if progress:
             print(f"  {label}: epoch {epoch}/{epochs} loss {total / len(y):.4f} validation accuracy {val_acc:.4f}"
                   f"{' (best)' if best['epoch'] == epoch else ''}", flush=True)
-        if epoch - best["epoch"] >= patience:
+        if epoch - improved_epoch >= patience:
+            stop_reason = "patience"
             break
     with torch.no_grad():
         for name, p in params:
@@ -204,7 +215,8 @@ def _train(model: nn.Module, x, y, val_x, val_y, *, epochs: int, lr: float, pct_
     model.eval()
     return {"seconds": time.perf_counter() - start, "epochs_run": len(curve["epoch"]), "best_epoch": best["epoch"],
             "best_val_accuracy": best["accuracy"], "best_val_loss": best["loss"],
-            "stopped_early": len(curve["epoch"]) < epochs, "curve": curve}
+            "last_improvement_epoch": improved_epoch, "stop_reason": stop_reason,
+            "stopped_early": stop_reason == "patience", "curve": curve}
 
 
 @torch.no_grad()
@@ -351,7 +363,7 @@ def adapt_run(run_dir, *, task: str = "groups", ranks=(4, 8, 64), seeds=(0, 1), 
                          "trainable_fraction": trainable / total_params, "accuracy": acc, "train_seconds": seconds,
                          "adapter_dir": None if adapter_dir is None else recorded(adapter_dir),
                          **{k: fitted[k] for k in ("epochs_run", "best_epoch", "best_val_accuracy", "best_val_loss",
-                                                   "stopped_early", "curve")}})
+                                                   "last_improvement_epoch", "stop_reason", "stopped_early", "curve")}})
             if progress:
                 print(f"{task}: {method}{f' r={rank}' if rank else ''} seed {seed}: accuracy {acc:.4f}, "
                       f"{trainable:,} trainable parameters, best epoch {fitted['best_epoch']} of {fitted['epochs_run']}, "

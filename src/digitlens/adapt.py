@@ -311,7 +311,8 @@ def _fresh_base(run_dir: Path, n_classes: int, seed: int) -> nn.Module:
 def _check_base(run_dir: Path, study: LoraStudyConfig, n_classes: int) -> int:
     """Check the base model can take the study (linear layers named ``targets``, ranks at most
     its width); return its parameter count."""
-    probe = _fresh_base(run_dir, n_classes, 0)
+    with torch.random.fork_rng(devices=[]):  # building it draws from (and seeds) the global RNG
+        probe = _fresh_base(run_dir, n_classes, 0)
     names = {name.rsplit(".", 1)[-1] for name, mod in probe.named_modules() if isinstance(mod, nn.Linear)}
     missing = [t for t in study.targets if t not in names]
     if missing:
@@ -341,15 +342,13 @@ def _model_plan(study: LoraStudyConfig) -> list[tuple[str, int, int]]:
 
 def _fresh_model(run_dir: Path, study: LoraStudyConfig, method: str, rank: int, seed: int, n_classes: int) -> nn.Module:
     """The untrained model of one (method, rank, seed): the base with a new head, wrapped by PEFT
-    (LoRA), with only the head trainable (head only) or whole (full). Its random initialisation
-    comes from ``seed``; the global RNG is left as it was."""
+    (LoRA), with only the head trainable (head only) or whole (full). Draws its initialisation
+    from the global RNG: call it where :func:`_train_models` seeds that."""
     from peft import get_peft_model  # lazy: see _lora_config
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = _fresh_base(run_dir, n_classes, seed)
-        if method == "lora":
-            return get_peft_model(model, _lora_config(rank, study.targets, study.lora_alpha))
+    model = _fresh_base(run_dir, n_classes, seed)
+    if method == "lora":
+        return get_peft_model(model, _lora_config(rank, study.targets, study.lora_alpha))
     if method == "head_only":
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith("head."))
@@ -557,8 +556,13 @@ def _train_models(run_dir: Path, study: LoraStudyConfig, data: TaskData, out_dir
     ``final_dir`` (``out_dir``'s final name) puts them."""
     rows, predictions = [], {}
     for method, rank, seed in _model_plan(study):
-        model = _fresh_model(run_dir, study, method, rank, seed, data.n_classes).to(device)
-        fitted = _fit(model, method, rank, seed, data, study, progress)
+        # PEFT's initialisation and the model's dropout draw from the global RNG (they take no
+        # generator): seeded per model, so each model's result depends on its seed alone, and put
+        # back afterwards, so the study leaves the caller's RNG as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = _fresh_model(run_dir, study, method, rank, seed, data.n_classes).to(device)
+            fitted = _fit(model, method, rank, seed, data, study, progress)
         saved = _save_trained(model, method, rank, seed, out_dir)
         y_pred = predict_logits(model, data.test_x, batch_size=500).argmax(axis=1)
         predictions[_model_key(method, rank, seed)] = y_pred
@@ -800,8 +804,8 @@ def plot_training_curves(results: dict):
         top.grid(alpha=0.3)
         bottom.grid(alpha=0.3)
         if col == 0:
-            top.set_ylabel("cross-entropy (dashed: training,\nsolid: validation)")
-            bottom.set_ylabel("validation accuracy (dot: kept epoch)")
+            top.set_ylabel("cross-entropy\n(dashed: training, solid: validation)", fontsize=9)
+            bottom.set_ylabel("validation accuracy\n(dot: kept epoch)", fontsize=9)
             top.legend(fontsize=7)
     fig.suptitle(f"Task '{results['task']}': training curves ({results['n_train']} training, "
                  f"{results.get('n_validation')} validation images; early stopping, patience {results.get('patience')}, "

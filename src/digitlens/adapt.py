@@ -385,7 +385,6 @@ def validation_split(n_images: int, fraction: float, seed: int = 0) -> tuple[np.
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
-
 @torch.no_grad()
 def _loss_and_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) of ``model`` on (x, y), in eval mode."""
@@ -490,7 +489,8 @@ def load_adapted_model(run_dir, adapter_dir, n_classes: int | None = None):
     run_dir, adapter_dir = require_run_dir(run_dir), Path(adapter_dir)
     if n_classes is None:
         n_classes = int(read_json(adapter_dir.parent / "results.json")["n_classes"])
-    base = _fresh_base(run_dir, n_classes, seed=0)
+    with torch.random.fork_rng(devices=[]):  # the new head's draws leave the caller's RNG as it was
+        base = _fresh_base(run_dir, n_classes, seed=0)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise DigitlensError(f"{adapter_dir}: not a PEFT adapter folder (no adapter_config.json)")
     return PeftModel.from_pretrained(base, str(adapter_dir)).eval()

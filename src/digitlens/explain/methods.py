@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import weakref
 from dataclasses import dataclass, field
 
@@ -24,6 +25,7 @@ from torch import nn
 
 from digitlens.device import model_device
 from digitlens.errors import DigitlensError
+from digitlens.external import OnnxForward
 
 GRADIENT_METHODS = ("saliency", "input_x_gradient", "integrated_gradients", "occlusion", "gradcam", "hirescam")
 #: Methods that read a layer's map (Grad-CAM's layer, see :func:`gradcam_layer_name`).
@@ -52,8 +54,6 @@ DEFAULT_METHODS_VIT = ("saliency", "input_x_gradient", "integrated_gradients", "
 
 def is_attention_model(model: nn.Module) -> bool:
     """True when ``model(x, return_attention=True)`` is supported (the digitlens ViT)."""
-    import inspect
-
     try:
         return "return_attention" in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
@@ -63,8 +63,6 @@ def is_attention_model(model: nn.Module) -> bool:
 def forward_only_file(model: nn.Module) -> str | None:
     """The file name of the model without gradients inside ``model`` (an ONNX file run by
     onnxruntime, :class:`digitlens.external.OnnxForward`), or None when gradients flow."""
-    from digitlens.external import OnnxForward
-
     found = next((m for m in model.modules() if isinstance(m, OnnxForward)), None) if isinstance(model, nn.Module) else None
     return found.path.name if found is not None else None
 
@@ -371,7 +369,7 @@ def integrated_gradients(model, images, target, *, n_steps=None, tolerance=IG_TO
         gap = (model(images) - model(base)).gather(1, target[:, None])[:, 0]
     scale = gap.abs().clamp_min(1e-3)
     if n_steps is not None:
-        from captum.attr import IntegratedGradients
+        from captum.attr import IntegratedGradients  # lazy: see _attribute
 
         attr, delta = IntegratedGradients(model).attribute(
             images, baselines=base, target=target, n_steps=int(n_steps), method=method,
@@ -393,7 +391,7 @@ def integrated_gradients(model, images, target, *, n_steps=None, tolerance=IG_TO
 def _path_gradients(model, images, target, base, alphas, internal_batch_size):
     """Gradients of the target output at ``base + alpha * (images - base)`` for every alpha:
     returns (N, len(alphas), C, H, W), computed by Captum's Saliency in chunks of rows."""
-    from captum.attr import Saliency
+    from captum.attr import Saliency  # lazy: see _attribute
 
     saliency = Saliency(model)
     n, k = images.shape[0], len(alphas)
@@ -519,7 +517,20 @@ def attribute(model: nn.Module, images: torch.Tensor, target, method: str = "sal
     return attr.detach().contiguous().to(home)
 
 
+def abs_attribution_maps(model: nn.Module, images: torch.Tensor, targets, method: str, batch_size: int = 256,
+                         **method_kwargs) -> np.ndarray:
+    """Per-image |attribution| of ``method`` summed over channels, (N, H, W) float32, computed in
+    batches of ``batch_size`` images towards ``targets`` (N,)."""
+    out = []
+    for start in range(0, images.shape[0], batch_size):
+        sl = slice(start, start + batch_size)
+        a = attribute(model, images[sl], torch.as_tensor(targets[sl]), method, **method_kwargs)
+        out.append(a.detach().abs().sum(1).numpy())
+    return np.concatenate(out) if out else np.zeros((0, *images.shape[-2:]))
+
+
 def _attribute(model, images, target, method, *, gradcam_layer, occlusion_window, ig_info, **ig_kwargs):
+    # Captum is imported when a map is computed, not when digitlens.explain loads (about a second).
     from captum.attr import (FeatureAblation, InputXGradient, LayerGradCam, LayerGradientXActivation, Occlusion,
                              Saliency, ShapleyValueSampling)
 

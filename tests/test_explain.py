@@ -458,7 +458,8 @@ def test_explain_command_and_one_line_errors(tiny_cnn, tmp_path):
     assert (figures / "per_digit_attention_rollout.png").is_file()
     assert (figures / "compare_saliency_a_vs_b.png").is_file()  # only methods that apply to both runs
     assert not (run_a / "explain" / "explain_metrics.json").read_text().count("faithfulness")
-    result = runner.invoke(app, ["explain", str(run_b), "--methods", "integrated_gradients", "--ig-steps", "16",
+    # the CLI's dash spelling of a method name works as well as the underscore one
+    result = runner.invoke(app, ["explain", str(run_b), "--methods", "integrated-gradients", "--ig-steps", "16",
                                  "--faithfulness-size", "0", "--no-progress", "--split", "val"])
     assert result.exit_code == 0, result.output
     ig = json.loads((run_b / "explain" / "explain_metrics.json").read_text())["integrated_gradients"]

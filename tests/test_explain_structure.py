@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from digitlens.errors import DigitlensError
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "digitlens"
@@ -116,6 +117,26 @@ def test_per_digit_maps_display_uses_the_one_grouped_maps_implementation():
         expected[digit] = pooled / pooled.sum()
     np.testing.assert_allclose(display.maps, expected, rtol=1e-9, equal_nan=True)
     assert display.counts.tolist() == [8, 7, 7, 7, 7, 7, 7, 0, 0, 0]
+
+
+def test_method_names_take_dashes_everywhere_and_errors_list_the_dashed_names():
+    from digitlens.explain import PerDigitMaps, attribute, faithfulness_report
+    from digitlens.explain.methods import parse_methods
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10)).eval()
+    x, y = torch.rand(6, 1, 28, 28), torch.arange(6)
+    torch.testing.assert_close(attribute(model, x, y, "input-x-gradient"), attribute(model, x, y, "input_x_gradient"))
+    assert PerDigitMaps(model, "integrated-gradients").method == "integrated_gradients"
+    report = faithfulness_report(model, x, y.numpy(), ["input-x-gradient"], sanity_size=0)
+    assert "input_x_gradient" in report["methods"]
+    with pytest.raises(DigitlensError) as err:
+        parse_methods("saliency,integrated_gradient", model)
+    message = str(err.value)
+    assert "'integrated-gradient'" in message and "integrated-gradients" in message and "input-x-gradient" in message
+    assert "integrated_gradients" not in message
+    with pytest.raises(DigitlensError, match="choose from saliency, input-x-gradient"):
+        attribute(model, x, y, "no-such-method")
 
 
 def _error_flags(path: Path) -> set[str]:

@@ -169,7 +169,7 @@ def save_maps(explain_dir, result: dict) -> dict:
 def load_maps(run_dir, method: str) -> dict:
     """The saved per-group maps of ``method`` in ``run_dir/explain/``: dict of ndarrays
     (maps (G, grid, grid), has_mass (G,), pixel_maps (G, H, W), counts (G,), group_names (G,))."""
-    return read_npz(Path(run_dir) / "explain" / f"maps_{method}.npz")
+    return read_npz(Path(run_dir) / "explain" / f"maps_{method.replace('-', '_')}.npz")
 
 
 def write_maps_manifest(explain_dir, summary: dict) -> Path:

@@ -80,25 +80,39 @@ def default_methods(model: nn.Module) -> tuple[str, ...]:
     return DEFAULT_METHODS_CNN
 
 
+def method_name(name: str) -> str:
+    """The canonical (underscore) name of a method: ``integrated-gradients`` (the CLI's dash
+    spelling) and ``integrated_gradients`` are both ``integrated_gradients``; any other string is
+    returned stripped, for the caller to check against :data:`METHODS`."""
+    return str(name).strip().replace("-", "_")
+
+
+def dashed(names) -> str:
+    """Method names as the CLI spells them, comma-separated: ``integrated-gradients, occlusion``."""
+    return ", ".join(n.replace("_", "-") for n in names)
+
+
 def parse_methods(methods, model: nn.Module) -> tuple[str, ...]:
-    """Validate a list (or comma-separated string) of method names; None -> the defaults. A
-    gradient method asked of a model without gradients (ONNX) is a one-line error."""
+    """Validate a list (or comma-separated string) of method names, dashed or underscored; returns
+    their canonical names (:func:`method_name`); None -> the defaults. A gradient method asked of a
+    model without gradients (ONNX) is a one-line error."""
     if methods is None:
         return default_methods(model)
     if isinstance(methods, str):
-        methods = [m.strip() for m in methods.split(",") if m.strip()]
-    methods = tuple(m.replace("-", "_") for m in methods)  # the CLI's dash spelling: integrated-gradients
+        methods = [m for m in methods.split(",") if m.strip()]
+    methods = tuple(method_name(m) for m in methods)
     if not methods:
         raise DigitlensError("--methods: empty list")
     for name in methods:
         if name not in METHODS:
-            raise DigitlensError(f"--methods {name!r}: unknown method (choose from {', '.join(METHODS)})")
+            raise DigitlensError(f"--methods {name.replace('_', '-')!r}: unknown method (choose from {dashed(METHODS)})")
         onnx_file = forward_only_file(model)
         if onnx_file and name not in PERTURBATION_METHODS:
-            raise DigitlensError(f"{name} needs a PyTorch model; {onnx_file} is ONNX "
-                                 f"(use {', '.join(PERTURBATION_METHODS[:-1])} or {PERTURBATION_METHODS[-1]})")
+            raise DigitlensError(f"{name.replace('_', '-')} needs a PyTorch model; {onnx_file} is ONNX "
+                                 f"(use {dashed(PERTURBATION_METHODS[:-1])} or {dashed(PERTURBATION_METHODS[-1:])})")
         if name in ATTENTION_METHODS and not is_attention_model(model):
-            raise DigitlensError(f"--methods {name!r}: needs a transformer model with attention maps (e.g. --model vit)")
+            raise DigitlensError(f"--methods {name.replace('_', '-')!r}: needs a transformer model with attention maps "
+                                 "(e.g. --model vit)")
     return methods
 
 
@@ -505,6 +519,7 @@ def attribute(model: nn.Module, images: torch.Tensor, target, method: str = "sal
     is computed on the model's device (``images`` and ``target`` are moved there) and returned on
     ``images``' device.
     """
+    method = method_name(method)  # integrated-gradients works as well as integrated_gradients
     home = images.device
     device = model_device(model)
     images = images.to(device)
@@ -570,4 +585,4 @@ def _attribute(model, images, target, method, *, gradcam_layer, occlusion_window
             raise DigitlensError(f"method {method!r}: the model has no attention maps (needs return_attention)")
         cam = class_token_attention(model, images, rollout=method == "attention_rollout")
         return cam.expand(-1, images.shape[1], -1, -1) / images.shape[1]
-    raise DigitlensError(f"method {method!r}: unknown (choose from {', '.join(METHODS)})")
+    raise DigitlensError(f"method {method.replace('_', '-')!r}: unknown (choose from {dashed(METHODS)})")

@@ -16,7 +16,7 @@ from digitlens.explain.faithfulness import (INK_THRESHOLD, RANDOM_LOGIT_THRESHOL
                                             curve_auc, ink_random_order, patch_order, perturbation_curves,
                                             random_logit_similarity, random_order)
 from digitlens.explain.maps import pool_to_grid
-from digitlens.explain.methods import abs_attribution_maps
+from digitlens.explain.methods import abs_attribution_maps, method_name
 from digitlens.explain.road import ROAD_FRACTIONS, road_areas, road_auc, road_curves
 from digitlens.explain.verdict import SANITY_MAX_SPEARMAN, margin_over_runner_up, rank_methods
 from digitlens.external import OnnxForward
@@ -36,9 +36,11 @@ def faithfulness_report(model: nn.Module, images: torch.Tensor, targets: np.ndar
     ``eligible`` and ``reasons``. ``scoring_model`` (default ``model``) is the same function of
     the input evaluated for the curves (e.g. the batch-norm-folded copy). ``randomisation=False``
     skips the randomisation check (a TorchScript or ONNX file has no layers digitlens can
-    re-initialise; ``randomisation_note`` says so). Returns a JSON-able dict.
+    re-initialise; ``randomisation_note`` says so). Method names may be dashed or underscored; the
+    result uses the underscored ones. Returns a JSON-able dict.
     """
-    method_kwargs = method_kwargs or {}
+    methods = [method_name(m) for m in methods]
+    method_kwargs = {method_name(m): kw for m, kw in (method_kwargs or {}).items()}
     scorer = scoring_model if scoring_model is not None else model
     n, _, h, w = images.shape
     result = {"n_images": int(n), "grid": grid, "sanity_n_images": int(min(sanity_size, n)), "methods": {},

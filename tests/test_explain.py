@@ -437,6 +437,7 @@ def _write_run(path, model, name, model_kwargs):
 @pytest.mark.slow
 def test_explain_run_writes_maps_manifest_metrics_and_figures(tiny_cnn, tmp_path):
     from digitlens.explain import explain_run, load_maps
+    from digitlens.figure_writer import read_figure_manifest
     from digitlens.runio import read_json
 
     run = _write_run(tmp_path / "cnn", tiny_cnn, "cnn", {"widths": [4, 8, 8]})
@@ -455,6 +456,20 @@ def test_explain_run_writes_maps_manifest_metrics_and_figures(tiny_cnn, tmp_path
                 "feature_maps", "faithfulness"):
         assert (explain / "figures" / f"{fig}.png").stat().st_size > 1000, fig
         assert f"{fig}.png" in summary["files"]["figures"]
+    # every figure is listed in explain/figures.json (paths relative to explain/), saying what it shows
+    entries = read_figure_manifest(explain)
+    assert sorted(e["path"].name for e in entries) == sorted(summary["files"]["figures"])
+    assert all(e["path"].parent == (explain / "figures").resolve() and e["title"] for e in entries)
+    assert all(e["files"] == [f"figures/{e['path'].stem}.png", f"figures/{e['path'].stem}.svg"] for e in entries)
+    by_name = {e["path"].stem: e for e in entries}
+    assert {k: by_name["per_digit_gradcam"][k] for k in ("kind", "section", "method", "group_by", "split", "run")} == \
+        {"kind": "heatmap", "section": "explanations", "method": "gradcam", "group_by": "true", "split": "val", "run": "cnn"}
+    assert (by_name["faithfulness"]["kind"], by_name["faithfulness"]["methods"]) == ("faithfulness", ["saliency", "gradcam"])
+    assert (by_name["overlays_predictions"]["kind"], by_name["overlays_predictions"]["section"]) == ("overlay", "galleries")
+    assert by_name["overlays_predictions"]["method"] == "saliency"
+    assert (by_name["filters_first_layer"]["kind"], by_name["filters_first_layer"]["section"]) == ("filters", "filters")
+    assert read_json(explain / "figures.json")["stage"] == "explain"
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]  # the staged folder was swapped in whole
 
 
 @pytest.mark.slow
@@ -475,7 +490,8 @@ def test_explain_command_and_one_line_errors(tiny_cnn, tmp_path):
     assert (figures / "per_digit_attention_rollout.png").is_file()
     assert (figures / "compare_saliency_a_vs_b.png").is_file()  # only methods that apply to both runs
     assert not (run_a / "explain" / "explain_metrics.json").read_text().count("faithfulness")
-    result = runner.invoke(app, ["explain", str(run_b), "--methods", "integrated_gradients", "--ig-steps", "16",
+    # the CLI's dash spelling of a method name works as well as the underscore one
+    result = runner.invoke(app, ["explain", str(run_b), "--methods", "integrated-gradients", "--ig-steps", "16",
                                  "--faithfulness-size", "0", "--no-progress", "--split", "val"])
     assert result.exit_code == 0, result.output
     ig = json.loads((run_b / "explain" / "explain_metrics.json").read_text())["integrated_gradients"]
@@ -515,17 +531,19 @@ def test_comparison_display_shares_colour_scale_and_draws_difference():
 def test_comparison_reuses_maps_saved_in_the_other_run(tiny_cnn, tmp_path, monkeypatch):
     from digitlens.explain import explain_run, load_maps
     from digitlens.explain import run as explain_run_module
+    from digitlens.explain.maps import saved_maps
+    from digitlens.figure_writer import read_figure_manifest
     from digitlens.runio import read_json
 
     run_b = _write_run(tmp_path / "b", tiny_cnn, "cnn", {"widths": [4, 8, 8]})
     explain_run(run_b, methods="saliency", split="val", faithfulness_size=0, figures=False, progress=False)
     saved = load_maps(run_b, "saliency")["maps"]
     result = {"group_by": "true", "grid": 7, "n_images": int(read_json(run_b / "explain" / "manifest.json")["n_images"])}
-    reused = explain_run_module._saved_maps(run_b, ["saliency", "gradcam"], result, "val")
+    reused = saved_maps(run_b, ["saliency", "gradcam"], result, "val")
     assert list(reused) == ["saliency"]  # gradcam was not explained in run b
     np.testing.assert_array_equal(reused["saliency"], saved)
-    assert explain_run_module._saved_maps(run_b, ["saliency"], result, "test") == {}  # another split
-    assert explain_run_module._saved_maps(run_b, ["saliency"], dict(result, grid=4), "val") == {}
+    assert saved_maps(run_b, ["saliency"], result, "test") == {}  # another split
+    assert saved_maps(run_b, ["saliency"], dict(result, grid=4), "val") == {}
 
     # explain_run --compare takes those maps instead of explaining run b again
     torch.manual_seed(1)
@@ -537,6 +555,9 @@ def test_comparison_reuses_maps_saved_in_the_other_run(tiny_cnn, tmp_path, monke
     explain_run(run_a, methods="saliency", split="val", faithfulness_size=0, progress=False, compare=run_b)
     assert calls == ["saliency"]  # run a only
     assert (run_a / "explain" / "figures" / "compare_saliency_a_vs_b.png").is_file()
+    compared = [e for e in read_figure_manifest(run_a / "explain") if e["kind"] == "heatmap_compare"]
+    assert [(e["path"].name, e["method"], e["runs"], e["section"]) for e in compared] == \
+        [("compare_saliency_a_vs_b.png", "saliency", ["a", "b"], "explanations")]
 
 
 @pytest.mark.slow
@@ -563,7 +584,7 @@ def test_fold_batch_norm_keeps_the_function_and_its_input_gradients(tiny_cnn, di
 
 @pytest.mark.slow
 def test_a_class_without_attribution_is_reported_not_passed_off_as_a_distribution(digits, tmp_path):
-    from digitlens.explain.run import _save_maps
+    from digitlens.explain.maps import save_maps
     from digitlens.plots.heatmaps import PerDigitMapsDisplay
     from digitlens.runio import read_npz
 
@@ -576,7 +597,7 @@ def test_a_class_without_attribution_is_reported_not_passed_off_as_a_distributio
     assert np.isnan(maps[1]).all() and out["empty_maps"] == {"saliency": ["1"]}
     others = np.delete(maps, 1, axis=0)
     np.testing.assert_allclose(others.sum(axis=(1, 2)), 1.0)
-    saved = read_npz(tmp_path / _save_maps(tmp_path, out)["saliency"])
+    saved = read_npz(tmp_path / save_maps(tmp_path, out)["saliency"])
     assert saved["has_mass"].tolist() == [d != 1 for d in range(10)]
     assert np.isnan(saved["maps"][1]).all()
     disp = PerDigitMapsDisplay(maps=maps, counts=out["counts"]).plot()
@@ -640,7 +661,8 @@ def test_the_verdict_says_when_the_runner_up_is_within_noise():
 def test_explain_compare_carries_the_paired_accuracy_test(tmp_path, tiny_cnn, digits):
     from scipy.stats import binomtest
 
-    from digitlens.explain.run import explain_run, predict
+    from digitlens.explain.run import explain_run
+    from digitlens.inference import predict
 
     run_a = _write_run(tmp_path / "a", tiny_cnn, "cnn", {"widths": [4, 8, 8]})
     torch.manual_seed(5)

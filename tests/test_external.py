@@ -365,7 +365,7 @@ def test_cli_explains_and_reports_an_onnx_model(small_cnn, tmp_path, monkeypatch
     assert result.exit_code == 0, result.output
     line = _cli_error(["explain", str(out), "--methods", "saliency", "--no-progress"])
     assert line == ("error: saliency needs a PyTorch model; cnn.onnx is ONNX "
-                    "(use occlusion, feature_ablation or shapley_value_sampling)")
+                    "(use occlusion, feature-ablation or shapley-value-sampling)")
     line = _cli_error(["explain", str(out), "--methods", "occlusion", "--normalize", "0.1,0.3", "--input-scale", "7"])
     assert "--input-scale 7" in line
     result = runner.invoke(app, ["explain", str(out), "--methods", "occlusion", "--faithfulness-size", "20",

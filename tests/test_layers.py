@@ -72,18 +72,12 @@ KNOWN_VIOLATIONS: set[tuple[str, str]] = {
     # explain.run
     ("digitlens.explain.run", "digitlens.data"),
     ("digitlens.explain.run", "digitlens.models"),
-    ("digitlens.explain.run", "digitlens.plots.faithfulness"),
-    ("digitlens.explain.run", "digitlens.plots.filters"),
-    ("digitlens.explain.run", "digitlens.plots.heatmaps"),
-    ("digitlens.explain.run", "digitlens.plots.overlays"),
     ("digitlens.explain.run", "digitlens.runio"),
     # insights
     # plots.confusion_matrix
     # plots.faithfulness
     ("digitlens.plots.faithfulness", "digitlens.runio"),
     # plots.heatmaps
-    ("digitlens.plots.heatmaps", "digitlens.explain.aggregate"),
-    ("digitlens.plots.heatmaps", "digitlens.explain.run"),
     # plots.per_digit_metrics
     # plots.prediction_gallery
     # plots.reliability_diagram

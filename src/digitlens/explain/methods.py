@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import weakref
 from dataclasses import dataclass, field
 
@@ -24,6 +25,7 @@ from torch import nn
 
 from digitlens.device import model_device
 from digitlens.errors import DigitlensError
+from digitlens.external import OnnxForward
 
 GRADIENT_METHODS = ("saliency", "input_x_gradient", "integrated_gradients", "occlusion", "gradcam", "hirescam")
 #: Methods that read a layer's map (Grad-CAM's layer, see :func:`gradcam_layer_name`).
@@ -52,8 +54,6 @@ DEFAULT_METHODS_VIT = ("saliency", "input_x_gradient", "integrated_gradients", "
 
 def is_attention_model(model: nn.Module) -> bool:
     """True when ``model(x, return_attention=True)`` is supported (the digitlens ViT)."""
-    import inspect
-
     try:
         return "return_attention" in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
@@ -63,8 +63,6 @@ def is_attention_model(model: nn.Module) -> bool:
 def forward_only_file(model: nn.Module) -> str | None:
     """The file name of the model without gradients inside ``model`` (an ONNX file run by
     onnxruntime, :class:`digitlens.external.OnnxForward`), or None when gradients flow."""
-    from digitlens.external import OnnxForward
-
     found = next((m for m in model.modules() if isinstance(m, OnnxForward)), None) if isinstance(model, nn.Module) else None
     return found.path.name if found is not None else None
 
@@ -82,25 +80,39 @@ def default_methods(model: nn.Module) -> tuple[str, ...]:
     return DEFAULT_METHODS_CNN
 
 
+def method_name(name: str) -> str:
+    """The canonical (underscore) name of a method: ``integrated-gradients`` (the CLI's dash
+    spelling) and ``integrated_gradients`` are both ``integrated_gradients``; any other string is
+    returned stripped, for the caller to check against :data:`METHODS`."""
+    return str(name).strip().replace("-", "_")
+
+
+def dashed(names) -> str:
+    """Method names as the CLI spells them, comma-separated: ``integrated-gradients, occlusion``."""
+    return ", ".join(n.replace("_", "-") for n in names)
+
+
 def parse_methods(methods, model: nn.Module) -> tuple[str, ...]:
-    """Validate a list (or comma-separated string) of method names; None -> the defaults. A
-    gradient method asked of a model without gradients (ONNX) is a one-line error."""
+    """Validate a list (or comma-separated string) of method names, dashed or underscored; returns
+    their canonical names (:func:`method_name`); None -> the defaults. A gradient method asked of a
+    model without gradients (ONNX) is a one-line error."""
     if methods is None:
         return default_methods(model)
     if isinstance(methods, str):
-        methods = [m.strip() for m in methods.split(",") if m.strip()]
-    methods = tuple(m.replace("-", "_") for m in methods)  # the CLI's dash spelling: integrated-gradients
+        methods = [m for m in methods.split(",") if m.strip()]
+    methods = tuple(method_name(m) for m in methods)
     if not methods:
         raise DigitlensError("--methods: empty list")
     for name in methods:
         if name not in METHODS:
-            raise DigitlensError(f"--methods {name!r}: unknown method (choose from {', '.join(METHODS)})")
+            raise DigitlensError(f"--methods {name.replace('_', '-')!r}: unknown method (choose from {dashed(METHODS)})")
         onnx_file = forward_only_file(model)
         if onnx_file and name not in PERTURBATION_METHODS:
-            raise DigitlensError(f"{name} needs a PyTorch model; {onnx_file} is ONNX "
-                                 f"(use {', '.join(PERTURBATION_METHODS[:-1])} or {PERTURBATION_METHODS[-1]})")
+            raise DigitlensError(f"{name.replace('_', '-')} needs a PyTorch model; {onnx_file} is ONNX "
+                                 f"(use {dashed(PERTURBATION_METHODS[:-1])} or {dashed(PERTURBATION_METHODS[-1:])})")
         if name in ATTENTION_METHODS and not is_attention_model(model):
-            raise DigitlensError(f"--methods {name!r}: needs a transformer model with attention maps (e.g. --model vit)")
+            raise DigitlensError(f"--methods {name.replace('_', '-')!r}: needs a transformer model with attention maps "
+                                 "(e.g. --model vit)")
     return methods
 
 
@@ -371,7 +383,7 @@ def integrated_gradients(model, images, target, *, n_steps=None, tolerance=IG_TO
         gap = (model(images) - model(base)).gather(1, target[:, None])[:, 0]
     scale = gap.abs().clamp_min(1e-3)
     if n_steps is not None:
-        from captum.attr import IntegratedGradients
+        from captum.attr import IntegratedGradients  # lazy: see _attribute
 
         attr, delta = IntegratedGradients(model).attribute(
             images, baselines=base, target=target, n_steps=int(n_steps), method=method,
@@ -393,7 +405,7 @@ def integrated_gradients(model, images, target, *, n_steps=None, tolerance=IG_TO
 def _path_gradients(model, images, target, base, alphas, internal_batch_size):
     """Gradients of the target output at ``base + alpha * (images - base)`` for every alpha:
     returns (N, len(alphas), C, H, W), computed by Captum's Saliency in chunks of rows."""
-    from captum.attr import Saliency
+    from captum.attr import Saliency  # lazy: see _attribute
 
     saliency = Saliency(model)
     n, k = images.shape[0], len(alphas)
@@ -507,6 +519,7 @@ def attribute(model: nn.Module, images: torch.Tensor, target, method: str = "sal
     is computed on the model's device (``images`` and ``target`` are moved there) and returned on
     ``images``' device.
     """
+    method = method_name(method)  # integrated-gradients works as well as integrated_gradients
     home = images.device
     device = model_device(model)
     images = images.to(device)
@@ -519,7 +532,20 @@ def attribute(model: nn.Module, images: torch.Tensor, target, method: str = "sal
     return attr.detach().contiguous().to(home)
 
 
+def abs_attribution_maps(model: nn.Module, images: torch.Tensor, targets, method: str, batch_size: int = 256,
+                         **method_kwargs) -> np.ndarray:
+    """Per-image |attribution| of ``method`` summed over channels, (N, H, W) float32, computed in
+    batches of ``batch_size`` images towards ``targets`` (N,)."""
+    out = []
+    for start in range(0, images.shape[0], batch_size):
+        sl = slice(start, start + batch_size)
+        a = attribute(model, images[sl], torch.as_tensor(targets[sl]), method, **method_kwargs)
+        out.append(a.detach().abs().sum(1).numpy())
+    return np.concatenate(out) if out else np.zeros((0, *images.shape[-2:]))
+
+
 def _attribute(model, images, target, method, *, gradcam_layer, occlusion_window, ig_info, **ig_kwargs):
+    # Captum is imported when a map is computed, not when digitlens.explain loads (about a second).
     from captum.attr import (FeatureAblation, InputXGradient, LayerGradCam, LayerGradientXActivation, Occlusion,
                              Saliency, ShapleyValueSampling)
 
@@ -559,4 +585,4 @@ def _attribute(model, images, target, method, *, gradcam_layer, occlusion_window
             raise DigitlensError(f"method {method!r}: the model has no attention maps (needs return_attention)")
         cam = class_token_attention(model, images, rollout=method == "attention_rollout")
         return cam.expand(-1, images.shape[1], -1, -1) / images.shape[1]
-    raise DigitlensError(f"method {method!r}: unknown (choose from {', '.join(METHODS)})")
+    raise DigitlensError(f"method {method.replace('_', '-')!r}: unknown (choose from {dashed(METHODS)})")

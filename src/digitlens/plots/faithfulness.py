@@ -4,11 +4,13 @@ sanity check and a ranked table (from ``explain_metrics.json``'s ``faithfulness`
 from __future__ import annotations
 
 import textwrap
+from pathlib import Path
 
 import numpy as np
 
 from digitlens.errors import DigitlensError
 from digitlens.plots._common import pyplot
+from digitlens.runio import read_json
 
 
 class FaithfulnessDisplay:
@@ -24,10 +26,6 @@ class FaithfulnessDisplay:
     @classmethod
     def from_run(cls, run_dir):
         """Read ``run_dir/explain/explain_metrics.json``."""
-        from pathlib import Path
-
-        from digitlens.runio import read_json
-
         data = read_json(Path(run_dir) / "explain" / "explain_metrics.json")
         if "faithfulness" not in data:
             raise DigitlensError(f"{run_dir}/explain/explain_metrics.json: no faithfulness entry")

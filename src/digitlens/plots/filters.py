@@ -26,7 +26,7 @@ class FiltersDisplay:
     @classmethod
     def from_model(cls, model, layer_name: str | None = None, title=None):
         """The first ``nn.Conv2d`` of ``model`` (the ViT's ``patch_embed``), or the named layer."""
-        from torch import nn
+        from torch import nn  # lazy: drawing plain arrays needs no torch, only reading a model does
 
         convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
         if layer_name is not None:
@@ -80,7 +80,7 @@ class FeatureMapsDisplay:
     def from_model(cls, model, image, title=None):
         """Run ``model`` on ``image`` (1, C, H, W) and record every ``nn.Conv2d`` output (hooks);
         returns None when the model has no conv layer."""
-        import torch
+        import torch  # lazy: drawing plain arrays needs no torch, only running a model does
         from torch import nn
 
         records = []

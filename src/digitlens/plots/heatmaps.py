@@ -9,9 +9,12 @@ sets of maps on the same colour scale plus their difference (diverging map).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from digitlens.errors import DigitlensError
+from digitlens.explain.maps import GroupedMaps, load_maps
 from digitlens.plots._common import pyplot
 
 SEQUENTIAL_CMAP = "hot"  # black -> red -> yellow -> white
@@ -107,26 +110,17 @@ class PerDigitMapsDisplay:
     @classmethod
     def from_attributions(cls, attributions, labels, *, grid: int = 7, n_groups: int = 10, title=None):
         """Build from per-image attributions (N, H, W) or (N, C, H, W) and group labels (N,):
-        mean |attribution| per group, pooled onto the grid, normalised to sum 1."""
-        from digitlens.explain.aggregate import normalise_maps, pool_to_grid
-
+        mean |attribution| per group, pooled onto the grid, normalised to sum 1 (the explain
+        stage's own :class:`digitlens.explain.maps.GroupedMaps`)."""
         a = np.abs(np.asarray(attributions, dtype=np.float64))
         if a.ndim == 4:
             a = a.sum(axis=1)
-        labels = np.asarray(labels, dtype=np.int64)
-        sums = np.zeros((n_groups, *a.shape[1:]))
-        np.add.at(sums, labels, a)
-        counts = np.bincount(labels, minlength=n_groups)
-        maps = normalise_maps(pool_to_grid(sums / np.maximum(counts, 1)[:, None, None], grid))
-        return cls(maps=maps, counts=counts, title=title)
+        grouped = GroupedMaps(n_groups, grid).add(a, np.asarray(labels, dtype=np.int64))
+        return cls(maps=grouped.maps(), counts=grouped.counts_, title=title)
 
     @classmethod
     def from_run(cls, run_dir, method: str = "saliency", title=None):
         """Read ``run_dir/explain/maps_<method>.npz``."""
-        from pathlib import Path
-
-        from digitlens.explain.run import load_maps
-
         data = load_maps(run_dir, method)
         return cls(maps=data["maps"], group_names=list(data["group_names"]), counts=data["counts"],
                    title=title or f"{Path(run_dir).name}: {method}")
@@ -160,10 +154,6 @@ class PerDigitMapsComparisonDisplay:
     @classmethod
     def from_runs(cls, run_a, run_b, method_a: str = "saliency", method_b: str | None = None):
         """Compare saved maps of two runs (or of two methods when run_b is run_a)."""
-        from pathlib import Path
-
-        from digitlens.explain.run import load_maps
-
         method_b = method_b or method_a
         a, b = load_maps(run_a, method_a), load_maps(run_b, method_b)
         return cls(maps_a=a["maps"], maps_b=b["maps"], name_a=f"{Path(run_a).name}: {method_a}",

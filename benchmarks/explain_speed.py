@@ -108,7 +108,7 @@ def worker(name: str, run: str, data_dir: str, n: int, threads: int, reference_f
         reference = torch.load(reference_file, weights_only=True)
     t0 = time.perf_counter()
     if lib == "digitlens":
-        from digitlens.explain import explain_model
+        from digitlens.explain.run import explain_model
 
         ig = _ig_settings(method)
         method = method.partition("@")[0]

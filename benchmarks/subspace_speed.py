@@ -33,7 +33,8 @@ import torch  # noqa: E402
 from digitlens.adapt import adapt_run  # noqa: E402
 from digitlens.models import build_model, save_model  # noqa: E402
 from digitlens.runio import read_json, write_json  # noqa: E402
-from digitlens.subspace import analyse_run, phi_matrix, right_singular_vectors  # noqa: E402
+from digitlens.subspace.measures import phi_matrix, right_singular_vectors  # noqa: E402
+from digitlens.subspace.run import analyse_run  # noqa: E402
 from digitlens.train import full_model_kwargs  # noqa: E402
 
 ADAPT = {"task": "groups", "ranks": (4, 8, 64), "seeds": (0, 1), "epochs": 2, "n_train": 1000, "n_test": 1000}

@@ -131,7 +131,8 @@ def test_per_digit_group_metrics_match_counts():
 @pytest.mark.slow
 def test_subspace_of_the_run_matches_peft_merged_weights(adapted_run):
     from digitlens.adapt import load_adapted_model
-    from digitlens.subspace import analyse_run, load_base_weights, read_lora_adapter
+    from digitlens.subspace.adapters import load_base_weights, read_lora_adapter
+    from digitlens.subspace.run import analyse_run
 
     run, _ = adapted_run
     summary = analyse_run(run, task="groups", figures=False)

@@ -98,7 +98,8 @@ def test_two_gloo_processes_train_one_run_and_explain_like_one_process(tmp_path)
     """`train --nproc 2` (torchrun, gloo, 127.0.0.1): one run folder written by rank 0, accuracy in the
     band of one process; `explain --nproc 2`: the per-digit maps equal one process's within float
     tolerance."""
-    from digitlens.explain import explain_model, load_maps
+    from digitlens.explain.maps import load_maps
+    from digitlens.explain.run import explain_model
     from digitlens.explain.run import load_run_split
     from digitlens.models import load_model
     from digitlens.train import train
@@ -190,7 +191,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @needs_cuda
 def test_a_gpu_run_evaluates_explains_and_resumes_on_the_cpu(tmp_path):
     from digitlens.evaluate import evaluate_run
-    from digitlens.explain import explain_model
+    from digitlens.explain.run import explain_model
     from digitlens.explain.run import load_run_split
     from digitlens.models import load_model
     from digitlens.train import train

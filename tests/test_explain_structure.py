@@ -98,7 +98,8 @@ def test_the_figures_and_the_floor_load_without_the_explain_stage():
 
 
 def test_per_digit_maps_display_uses_the_one_grouped_maps_implementation():
-    from digitlens.explain import PerDigitMaps, attribute
+    from digitlens.explain.aggregate import PerDigitMaps
+    from digitlens.explain.methods import attribute
     from digitlens.plots.heatmaps import PerDigitMapsDisplay
 
     torch.manual_seed(0)
@@ -120,7 +121,9 @@ def test_per_digit_maps_display_uses_the_one_grouped_maps_implementation():
 
 
 def test_method_names_take_dashes_everywhere_and_errors_list_the_dashed_names():
-    from digitlens.explain import PerDigitMaps, attribute, faithfulness_report
+    from digitlens.explain.aggregate import PerDigitMaps
+    from digitlens.explain.methods import attribute
+    from digitlens.explain.scoring import faithfulness_report
     from digitlens.explain.methods import parse_methods
 
     torch.manual_seed(0)

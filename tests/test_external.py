@@ -315,7 +315,7 @@ def test_onnx_perturbation_maps_equal_pytorch_ones(small_cnn):
     """Occlusion, feature ablation and Shapley value sampling on the ONNX forward give the maps
     of the same methods on the PyTorch model; occlusion and feature ablation over 4x4 patches
     (two Captum implementations) agree with each other."""
-    from digitlens.explain import explain_model
+    from digitlens.explain.run import explain_model
 
     test = small_cnn["test"]
     images, labels = test.images[:16], test.labels[:16].numpy()
@@ -337,7 +337,7 @@ def test_torchscript_attributions_are_on_the_users_pixel_scale(reference):
     """Saliency of the TorchScript reference with --normalize is the gradient of its score with
     respect to the [0, 1] pixels (the normalisation is inside the explained function), computed
     here by autograd on the plain module."""
-    from digitlens.explain import explain_model
+    from digitlens.explain.run import explain_model
 
     test = reference["test"]
     images, labels = test.images[:24], test.labels[:24]

@@ -135,6 +135,13 @@ def imports_of(name: str, path: Path, known: set[str], package: str) -> list[Imp
             target = target.rpartition(".")[0]
         if target and target.split(".")[0] == package:
             found.append(Import(name, target, node.lineno, local))
+            # Importing digitlens.a.b runs the package digitlens.a first (its __init__ and what that
+            # imports), unless the importer lives inside digitlens.a, which is then already imported.
+            parent = target.rpartition(".")[0]
+            while parent and parent != package and not name.startswith(parent + ".") and name != parent:
+                if Import(name, parent, node.lineno, local) not in found:
+                    found.append(Import(name, parent, node.lineno, local))
+                parent = parent.rpartition(".")[0]
 
     def visit(node: ast.AST, local: bool) -> None:
         for child in ast.iter_child_nodes(node):
@@ -248,7 +255,8 @@ def test_package_docstring_states_the_layers():
     """The table is there, in order, with the floor under the figures and the report above the stages."""
     assert LAYERS["errors"] == LAYERS["runio"] == LAYERS["figure_writer"] == 0
     assert LAYERS["data"] < LAYERS["models"] < LAYERS["plots"] < LAYERS["train"] < LAYERS["report"] < LAYERS["cli"]
-    assert LAYERS["explain.maps"] == 0 < LAYERS["explain"]
+    assert LAYERS["explain.maps"] == LAYERS["explain"] == 0 < LAYERS["explain.run"]
+    assert LAYERS["subspace.measures"] == LAYERS["subspace"] == 0 < LAYERS["subspace.run"]
 
 
 # --------------------------------------------------------------------------- the checker on planted faults
@@ -314,3 +322,24 @@ def test_checker_passes_a_clean_package(tmp_path):
         "app.py": "import fake.stage as stage\n",
     })
     assert problems(import_graph(src, "fake"), FAKE_LAYERS, "fake") == {"cycles": [], "upward": [], "local": []}
+
+
+def test_checker_counts_the_package_that_an_import_of_its_submodule_runs(tmp_path):
+    """``from fake.stagepkg.floor import x`` runs ``fake/stagepkg/__init__.py`` first: a package
+    __init__ that imports its stage closes a cycle with a figure that imports the package's floor."""
+    src = _fake_package(tmp_path, {
+        "__init__.py": "",
+        "stagepkg/__init__.py": "from fake.stagepkg.stage import run\n",
+        "stagepkg/floor.py": "",
+        "stagepkg/stage.py": "from fake.plots import bars\n",
+        "plots/__init__.py": "",
+        "plots/bars.py": "from fake.stagepkg.floor import x\n",
+    })
+    layers = {"": 0, "stagepkg": 0, "stagepkg.floor": 0, "stagepkg.stage": 1, "plots": 1}
+    imports = import_graph(src, "fake")
+    edges = {(imp.importer, imp.imported) for imp in imports}
+    assert ("fake.plots.bars", "fake.stagepkg") in edges
+    assert ("fake.stagepkg.stage", "fake.stagepkg") not in edges  # its own package is already running
+    found = problems(imports, layers, "fake")
+    assert found["cycles"] == ["fake.plots.bars <-> fake.stagepkg <-> fake.stagepkg.stage"]
+    assert any("fake.stagepkg:1 imports fake.stagepkg.stage" in line for line in found["upward"])

@@ -16,8 +16,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support  # noqa: E402
 
-from digitlens import runio  # noqa: E402
 from digitlens.errors import DigitlensError  # noqa: E402
+from digitlens.figure_writer import save_figure_files  # noqa: E402
 from digitlens.plots.prediction_gallery import format_confidence  # noqa: E402
 from digitlens.plots import (  # noqa: E402
     ConfusionMatrixDisplay,
@@ -191,7 +191,7 @@ def test_confusion_matrix_counts_and_row_normalised(predictions, tmp_path):
     np.testing.assert_allclose(display.im_[1].get_array(), expected / expected.sum(axis=1, keepdims=True) * 100)
     assert display.ax_[0].get_xlabel() == "predicted digit" and display.ax_[0].get_ylabel() == "true digit"
     assert len(display.figure_.axes) == 4  # two matrices and two colour bars
-    written = runio.save_figure(display.figure_, tmp_path / "cm")
+    written = save_figure_files(display.figure_, tmp_path / "cm")
     assert [p.suffix for p in written] == [".png", ".svg"] and all(p.stat().st_size > 0 for p in written)
 
 

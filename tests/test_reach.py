@@ -15,7 +15,9 @@ import torch
 from torch import nn
 
 from digitlens.data import load_splits
-from digitlens.explain import PerDigitMaps, attribute, explain_model, prepare_model
+from digitlens.explain.aggregate import PerDigitMaps
+from digitlens.explain.methods import attribute, prepare_model
+from digitlens.explain.run import explain_model
 from digitlens.explain.methods import gradcam_layer_name, layer_reach
 from digitlens.models import Attention, build_model
 from training import train_briefly

@@ -476,7 +476,7 @@ def digits_run(tmp_path_factory):
     """A digits CNN trained 2 epochs, evaluated and explained with two methods, its figures listed
     in manifests (those of REAL_RUN_FIGURES; any other PNG the stages drew is in none)."""
     from digitlens.evaluate import evaluate_run
-    from digitlens.explain import explain_run
+    from digitlens.explain.run import explain_run
     from digitlens.train import train
 
     run = tmp_path_factory.mktemp("real") / "cnn"
@@ -536,17 +536,17 @@ def test_the_numbers_of_a_real_run_are_those_of_the_stages_json(digits_run):
 
 
 
-def test_a_stage_folder_without_a_manifest_falls_back_to_the_temporary_legacy_names(tmp_path, labels):
-    """TEMPORARY (delete with ``collect._legacy_figures``): an evaluate folder written before the
-    stages wrote figures.json shows its figures, placed as the old file names said; a folder that
-    has a manifest is never guessed."""
+def test_a_stage_folder_without_a_manifest_shows_no_figures_and_says_so(tmp_path, labels):
+    """An evaluate folder written before the stages wrote figures.json: its figures are not guessed
+    from file names; the overview names the folder and says to run the stage again."""
     run = make_run(tmp_path, "cnn", val_accuracy=[0.9, 0.95], val_loss=[0.3, 0.2], y_true=labels[0], y_pred=labels[1])
     _png(run / "figures" / "confusion_matrix", 0)
     _png(run / "figures" / "reliability_diagram", 1)
     (run / "figures" / "figures.json").unlink(missing_ok=True)
     page = parse(write_report(run))
-    assert len(page.images) == 2 and "evaluation" in page.sections
-    assert "test images are classified correctly" in page.text_all   # the confusion matrix's reading
+    assert len(page.images) == 0
+    assert "figures are not shown" in page.text_all and "no figures.json" in page.text_all
     write_manifests(run, {"figures/reliability_diagram": {"kind": "reliability", "section": "evaluation",
                                                           "title": "Reliability"}})
-    assert len(parse(write_report(run)).images) == 1
+    page = parse(write_report(run))
+    assert len(page.images) == 1 and "figures are not shown" not in page.text_all

@@ -39,49 +39,43 @@ def test_bad_files_give_one_line_errors(tmp_path):
 
 
 @pytest.mark.slow
-def test_figure_batch_draws_in_workers_same_bytes_as_in_process(tmp_path, monkeypatch):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def test_figure_writer_draws_in_workers_same_bytes_as_in_process(tmp_path, monkeypatch):
+    from digitlens.figure_writer import FigureWriter
     from digitlens.plots.heatmaps import PerDigitMapsDisplay
-    from digitlens.runio import figure_batch, save_figure
+    from digitlens.pyplot import pyplot
 
+    plt = pyplot()
     maps = np.random.default_rng(0).random((10, 7, 7))
-    monkeypatch.setenv("DIGITLENS_FIGURE_WORKERS", "0")
     fig = PerDigitMapsDisplay(maps=maps).plot().figure_
-    save_figure(fig, tmp_path / "here", formats=("png", "svg"))
+    with FigureWriter(tmp_path / "here", "explain", workers=0) as writer:
+        writer.save(fig, "maps", kind="heatmap", section="explanations")
     plt.close(fig)
-    monkeypatch.setenv("DIGITLENS_FIGURE_WORKERS", "2")
-    with figure_batch():
+    with FigureWriter(tmp_path / "worker", "explain", workers=2) as writer:
         fig = PerDigitMapsDisplay(maps=maps).plot().figure_
-        paths = save_figure(fig, tmp_path / "worker", formats=("png", "svg"))
+        paths = writer.save(fig, "maps", kind="heatmap", section="explanations")
         plt.close(fig)  # closing at once is fine: the worker has its own copy
-    assert [p.name for p in paths] == ["worker.png", "worker.svg"]
-    assert (tmp_path / "worker.png").read_bytes() == (tmp_path / "here.png").read_bytes()
-    assert (tmp_path / "worker.svg").stat().st_size > 1000
-    assert not list(tmp_path.glob(".*.tmp"))
+    assert [p.name for p in paths] == ["maps.png", "maps.svg"]
+    assert (tmp_path / "worker" / "maps.png").read_bytes() == (tmp_path / "here" / "maps.png").read_bytes()
+    assert (tmp_path / "worker" / "maps.svg").stat().st_size > 1000
+    assert not list(tmp_path.rglob(".*.tmp"))
 
 
-def test_figure_batch_reports_a_worker_error_after_the_block(tmp_path, monkeypatch):
-    import matplotlib
+def test_figure_writer_reports_a_worker_error_after_the_block(tmp_path, monkeypatch):
+    from digitlens.figure_writer import FigureWriter
+    from digitlens.pyplot import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from digitlens.runio import figure_batch, save_figure
-
-    monkeypatch.setenv("DIGITLENS_FIGURE_WORKERS", "2")
+    plt = pyplot()
     fig, ax = plt.subplots()
     ax.plot([0, 1])
     with pytest.raises(ValueError, match="Format 'nope' is not supported"):
-        with figure_batch():
-            save_figure(fig, tmp_path / "good", formats=("png",))
-            save_figure(fig, tmp_path / "bad", formats=("nope",))
+        with FigureWriter(tmp_path, "evaluate", workers=2) as good:
+            good.save(fig, "good", kind="k", section="s")
+            bad = FigureWriter(tmp_path, "evaluate", workers=2, formats=("nope",))
+            bad.save(fig, "bad", kind="k", section="s")
+            bad.wait()
     plt.close(fig)
     assert (tmp_path / "good.png").is_file() and not (tmp_path / "bad.nope").exists()
+    assert not (tmp_path / "figures.json").exists()  # a failed stage lists nothing
     monkeypatch.setenv("DIGITLENS_FIGURE_WORKERS", "x")
     with pytest.raises(DigitlensError, match="DIGITLENS_FIGURE_WORKERS='x'"):
-        with figure_batch():
-            pass
+        FigureWriter(tmp_path, "evaluate")

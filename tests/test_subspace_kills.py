@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from digitlens import subspace
+from digitlens.subspace import run as subspace_run
 from digitlens.errors import DigitlensError
 from test_kills import cli, kill_after, start, timed
 from test_subspace import _peft_adapter
@@ -70,9 +70,9 @@ def test_subspace_killed_anywhere_leaves_the_old_or_the_new_analysis_whole(tmp_p
 def test_a_rerun_replaces_the_folder_and_keeps_no_figure_of_the_earlier_analysis(tmp_path):
     base_path, adapter, _ = _peft_adapter(tmp_path, rank=4, seed=0)
     out = tmp_path / "out"
-    subspace.analyse_adapters(base_path, [adapter], out)
+    subspace_run.analyse_adapters(base_path, [adapter], out)
     assert (out / "figures" / "phi_W_vs_A__fc_out.png").is_file()
-    subspace.analyse_adapters(base_path, [adapter], out, modules=["encoder.fc_in"])
+    subspace_run.analyse_adapters(base_path, [adapter], out, modules=["encoder.fc_in"])
     assert not (out / "figures" / "phi_W_vs_A__fc_out.png").exists()
     assert _files(out) == _whole(out)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
@@ -84,7 +84,7 @@ def test_a_foreign_out_folder_is_refused_and_left_alone(tmp_path):
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
     with pytest.raises(DigitlensError, match=r"--out .*mine: holds files that are not a subspace analysis") as info:
-        subspace.analyse_adapters(base_path, [adapter], out)
+        subspace_run.analyse_adapters(base_path, [adapter], out)
     assert "\n" not in str(info.value)
     assert _files(out) == {"notes.txt"}
 
@@ -92,17 +92,17 @@ def test_a_foreign_out_folder_is_refused_and_left_alone(tmp_path):
 def test_leftovers_of_a_killed_analysis_outside_a_run_are_cleaned_or_put_back(tmp_path):
     base_path, adapter, _ = _peft_adapter(tmp_path, rank=2, seed=0)
     out = tmp_path / "out"
-    subspace.analyse_adapters(base_path, [adapter], out, figures=False)
+    subspace_run.analyse_adapters(base_path, [adapter], out, figures=False)
     before = _files(out)
     # Killed between staged_dir's two renames: the old output aside, a half-written new one beside it.
     shutil.move(out, tmp_path / ".out.k1x.old")
     (tmp_path / ".out.k2y.tmp").mkdir()
     (tmp_path / ".out.k2y.tmp" / "subspace.json").write_text("{")
     with pytest.raises(DigitlensError, match="--module 'nope'"):  # a failing analysis keeps the old output
-        subspace.analyse_adapters(base_path, [adapter], out, modules=["nope"], figures=False)
+        subspace_run.analyse_adapters(base_path, [adapter], out, modules=["nope"], figures=False)
     assert _files(out) == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out")) == []
     shutil.move(out, tmp_path / ".out.k3z.old")
-    subspace.analyse_adapters(base_path, [adapter], out)  # a succeeding one replaces it
+    subspace_run.analyse_adapters(base_path, [adapter], out)  # a succeeding one replaces it
     assert _files(out) == _whole(out) and len(_files(out)) > len(before)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out")) == []

@@ -19,7 +19,7 @@ from digitlens import distributed, evaluate
 from digitlens.adapt import adapt_run
 from digitlens.demo import run_demo
 from digitlens.errors import DigitlensError
-from digitlens.explain import explain_run
+from digitlens.explain.run import explain_run
 from digitlens.explain.methods import IG_TOLERANCE
 from digitlens.external import LAYOUTS, parse_normalize
 from digitlens.figure_writer import default_figure_workers
@@ -28,7 +28,7 @@ from digitlens.predict import predict_images
 from digitlens.report import write_report
 from digitlens.seeds import is_group, parse_seeds, summarise_group, train_seeds
 from digitlens.serve import serve
-from digitlens.subspace import analyse_adapters, analyse_run
+from digitlens.subspace.run import analyse_adapters, analyse_run
 from digitlens.train import train, width_kwargs
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -57,7 +57,7 @@ def one_line_errors(func):
 @app.callback()
 def main() -> None:
     """Train handwritten-digit recognisers and see what they learned and where they fail."""
-    # Commands draw figures in worker processes (runio.figure_batch): safe here, where the main
+    # Commands draw figures in worker processes (figure_writer.FigureWriter): safe here, where the main
     # module is this guarded entry point; the Python API leaves it to the user (a script needs an
     # `if __name__ == "__main__":` guard for multiprocessing).
 

@@ -14,7 +14,7 @@ from digitlens.runio import read_json
 
 
 class FaithfulnessDisplay:
-    """Parameters: metrics, dict as returned by ``digitlens.explain.faithfulness_report`` (keys
+    """Parameters: metrics, dict as returned by ``digitlens.explain.scoring.faithfulness_report`` (keys
     ``methods``, ``curves``, ``ranking``, optional ``randomisation``); title, default=None."""
 
     def __init__(self, *, metrics: dict, title=None):

@@ -537,6 +537,10 @@ def build_sections(runs: list[RunData], comparison: dict | None = None, note: st
             sections[sid].html_blocks += _section_blocks(sid, run, index if len(runs) > 1 else None)
     overview = sections["overview"]
     overview.tables.append(overview_table(runs, comparison, note))
+    for run in runs:
+        if run.unlisted_figures:
+            overview.intro.append(f"{run.name}: the figures in {', '.join(run.unlisted_figures)} are not shown: that "
+                                  "folder has no figures.json (it was written by an older digitlens); run its stage again.")
     return [s for s in sections.values() if not s.empty]
 
 

@@ -19,9 +19,7 @@ replaces it once merged).
 from __future__ import annotations
 
 import csv
-import fnmatch
 import io
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +62,7 @@ class RunData:
     adapt_results: dict[str, dict] = field(default_factory=dict)   # task -> adapt/<task>/results.json
     subspace: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> {file name: subspace/<task>/*.json}
     figures: list[FigureRef] = field(default_factory=list)
+    unlisted_figures: list[str] = field(default_factory=list)  # stage folders with figures, no figures.json
 
 
 def read_history(path: Path) -> list[dict[str, float]] | None:
@@ -150,14 +149,16 @@ def stage_folders(run_dir: Path) -> list[tuple[str, Path, str | None]]:
 
 
 def stage_figures(run: RunData, stage: str, folder: Path, task: str | None) -> list[FigureRef]:
-    """The figures of one stage folder, from its ``figures.json`` (or, for a stage that wrote none,
-    from :func:`_legacy_figures`)."""
+    """The figures of one stage folder, from its ``figures.json``. A folder with figures but no
+    manifest (written by digitlens before 0.2) shows none: it is named in ``run.unlisted_figures``
+    so the report can say which stage to run again."""
     if not folder.is_dir():
         return []
-    if (folder / MANIFEST_NAME).is_file():
-        entries = read_figure_manifest(folder)
-    else:
-        entries = _legacy_figures(run, stage, folder)
+    if not (folder / MANIFEST_NAME).is_file():
+        if any(folder.rglob("*.png")):
+            run.unlisted_figures.append(folder.relative_to(run.run_dir).as_posix())
+        return []
+    entries = read_figure_manifest(folder)
     root = run.run_dir.resolve()
     found = []
     for entry in entries:
@@ -170,99 +171,6 @@ def stage_figures(run: RunData, stage: str, folder: Path, task: str | None) -> l
         found.append(FigureRef(stage=stage, rel=png.relative_to(root).as_posix(), kind=entry["kind"],
                                section=entry["section"], title=str(entry.get("title") or ""), shows=shows, path=png))
     return found
-
-
-def _legacy_figures(run: RunData, stage: str, folder: Path) -> list[dict]:
-    """TEMPORARY (issue #12): manifest entries guessed from file names, for a stage folder written
-    before the stages wrote ``figures.json``. Delete this function (and its one caller in
-    :func:`stage_figures`) once every stage writes its manifest; nothing else in the report looks
-    at figure file names."""
-    methods = [str(m) for m in ((run.explain_metrics or {}).get("methods") or [])]
-    subspace_js = next((js for js in (run.subspace.get(folder.name) or {}).values()
-                        if isinstance(js, dict) and "modules" in js), None) if stage == "subspace" else None
-    modules = [m["module"] for m in (subspace_js or {}).get("modules", []) if isinstance(m, dict) and "module" in m]
-    # (glob patterns on the file name, kind, section, title), first match wins
-    table = {
-        "evaluate": [
-            (("*curve*", "*history*", "*loss*", "*training*"), "training_curves", "training",
-             "Accuracy and loss per epoch, training against validation"),
-            (("*confusion*norm*",), "confusion_matrix_normalised", "evaluation", "Confusion matrix, row-normalised"),
-            (("*confusion*",), "confusion_matrix", "evaluation", "Confusion matrix"),
-            (("*per_digit*group*", "*group*"), "per_digit_groups", "evaluation",
-             "Per-digit precision, recall and F1 by digit group"),
-            (("*per_digit*", "*per_class*", "*metrics*"), "per_digit", "evaluation",
-             "Per-digit precision, recall, F1 and accuracy"),
-            (("*reliab*", "*calibrat*"), "reliability", "evaluation", "Reliability diagram: confidence against accuracy"),
-            (("*misclass*", "*mistake*", "*error*"), "misclassified", "galleries",
-             "Misclassified test images, most confident mistakes first"),
-            (("*gallery*", "*prediction*", "*sample*"), "predictions", "galleries", "Predictions on test images"),
-        ],
-        "explain": [
-            (("*overlay*mis*", "*mis*overlay*"), "overlay_misclassified", "galleries",
-             "Why the mistakes happened: misclassified images with their heatmaps"),
-            (("*overlay*",), "overlay", "galleries", "Images with their heatmaps"),
-            (("*filter*", "*kernel*", "*patch_embed*", "*feature*", "*activation*"), "filters", "filters",
-             "Filters and activations"),
-            (("*sanity*",), "sanity", "explanations", "Sanity checks of each explanation method"),
-            (("*faithful*", "*deletion*", "*insertion*", "*random*"), "faithfulness", "explanations",
-             "How faithful each explanation method is"),
-            (("*compar*", "*vs*", "*diff*"), "heatmap_compare", "explanations",
-             "Per-digit maps side by side, on one colour scale"),
-            (("*",), "heatmap", "explanations", "Per-digit maps"),
-        ],
-        "adapt": [
-            (("*accuracy_vs_param*",), "adapt_accuracy", "lora",
-             "LoRA against baselines: test accuracy and trainable parameters"),
-            (("*per_digit*",), "adapt_per_digit", "lora", "Per-digit precision and recall of the groups task"),
-            (("*training_curves*",), "adapt_training_curves", "lora",
-             "Training and validation curves of every adapter and baseline (early stopping)"),
-        ],
-        "subspace": [
-            (("*seed003*",), "subspace_paper_figure", "lora",
-             "The LoRA paper's figure (Hu et al. 2021): phi(W_q, A_r) for every rank and a random A"),
-            (("*phi_W_vs_A*",), "phi_w_vs_a", "lora", "phi(W, A_r) per projection"),
-            (("*rank*_vs_rank*",), "phi_rank_vs_rank", "lora", "phi between adapters of two ranks (paper figure 3)"),
-            (("*seed*_vs_seed*",), "phi_seed_vs_seed", "lora", "phi between two seeds at one rank (paper figure 4)"),
-            (("*amplification*",), "amplification", "lora", "Amplification factor (paper table 7)"),
-            (("*spectr*",), "spectrum", "lora", "Singular values and effective rank of ΔW"),
-        ],
-    }
-    pngs = (sorted(folder.glob("*.png")) + sorted(folder.glob("figures/*.png")) if stage in ("evaluate", "explain")
-            else sorted(folder.rglob("*.png")))
-    entries = []
-    for png in pngs:
-        if png.name.startswith("."):
-            continue
-        stem = png.stem
-        match = next(((kind, section, title) for patterns, kind, section, title in table[stage]
-                      if any(fnmatch.fnmatch(png.name, p) for p in patterns)), None)
-        if match is None:  # an unknown figure of an old run: shown under its own name
-            kind, section, title = "other", {"evaluate": "evaluation", "explain": "explanations"}.get(stage, "lora"), \
-                re.sub(r"[_\-]+", " ", stem).strip().capitalize()
-        else:
-            kind, section, title = match
-        entry: dict[str, Any] = {"path": png.resolve(), "kind": kind, "section": section, "title": title}
-        if stage == "explain":
-            found = [m for m in methods if m in stem]
-            if found:
-                entry["method"] = max(found, key=len)
-        if stage == "adapt" and (m := re.search(r"_r(\d+)$", stem)):
-            entry["rank"] = int(m.group(1))
-        if stage == "subspace":
-            entry["corrected"] = stem.endswith("_corrected")
-            base = stem[: -len("_corrected")] if entry["corrected"] else stem
-            if base.startswith("phi_W_vs_A__"):
-                safe = base[len("phi_W_vs_A__"):]
-                picked = [m for m in modules if re.sub(r"[^A-Za-z0-9_-]+", "_", m).endswith(safe)]
-                entry["modules"] = picked
-            elif kind == "subspace_paper_figure":
-                entry["module"] = next((m for m in modules if m.endswith(".q")), modules[0] if modules else None)
-            elif m := re.match(r"phi_rank(\d+)_vs_rank(\d+)$", base):
-                entry["ranks"] = [int(m.group(1)), int(m.group(2))]
-            elif m := re.match(r"phi_seed(\d+)_vs_seed(\d+)_rank(\d+)$", base):
-                entry["seeds"], entry["rank"] = [int(m.group(1)), int(m.group(2))], int(m.group(3))
-        entries.append({k: v for k, v in entry.items() if v is not None})
-    return entries
 
 
 def _subspace_files(task_dir: Path) -> dict[str, Any]:

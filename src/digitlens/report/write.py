@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from digitlens.evaluate import check_bootstrap
-from digitlens.intervals import DEFAULT_BOOTSTRAP
+from digitlens.intervals import DEFAULT_BOOTSTRAP, check_bootstrap
 from digitlens.report.build import write_run_report
 from digitlens.report.group import write_group_report
 from digitlens.runio import writes_folders

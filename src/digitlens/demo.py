@@ -22,7 +22,9 @@ from typing import Any, Callable
 
 from rich.console import Console
 
-from digitlens import adapt, evaluate, explain, subspace, train
+from digitlens import adapt, evaluate, train
+from digitlens.explain.run import explain_run
+from digitlens.subspace.run import analyse_run
 from digitlens.device import resolve_device
 from digitlens.errors import DigitlensError
 from digitlens.intervals import DEFAULT_BOOTSTRAP, format_ci, wilson_interval
@@ -231,10 +233,10 @@ def run_demo(out_root: str | Path = "runs", *, dataset: str = "digits", data_dir
                                            bootstrap=bootstrap))
     explain_kwargs = settings["explain"]
     step("Explain the CNN (per-digit maps, overlays, filters, faithfulness)",
-         lambda: explain.explain_run(runs["cnn"], data_dir=data_dir, progress=progress, device=device,
+         lambda: explain_run(runs["cnn"], data_dir=data_dir, progress=progress, device=device,
                                      **explain_kwargs["cnn"]))
     step("Explain the ViT, side by side with the CNN",
-         lambda: explain.explain_run(runs["vit"], data_dir=data_dir, progress=progress, compare=runs["cnn"],
+         lambda: explain_run(runs["vit"], data_dir=data_dir, progress=progress, compare=runs["cnn"],
                                      device=device, **explain_kwargs["vit"]))
     for adapt_kwargs in settings["adapt"]:
         ranks = ", ".join(map(str, adapt_kwargs["ranks"]))
@@ -242,7 +244,7 @@ def run_demo(out_root: str | Path = "runs", *, dataset: str = "digits", data_dir
         step(f"LoRA study on the ViT, task {task} (r = {ranks}; {len(adapt_kwargs['seeds'])} seeds)",
              lambda: adapt.adapt_run(runs["vit"], data_dir=data_dir, progress=progress, device=device, **adapt_kwargs))
         step(f"Subspace analysis of the adapters, task {task}",
-             lambda: subspace.analyse_run(runs["vit"], task=task, device=device))
+             lambda: analyse_run(runs["vit"], task=task, device=device))
     reports = []
     reports.append(step("Write the ViT report", lambda: write_report(runs["vit"], bootstrap=bootstrap)))
     reports.insert(0, step("Write the CNN report, ViT side by side", lambda: write_report(runs["cnn"], compare=runs["vit"], bootstrap=bootstrap)))

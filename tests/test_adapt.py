@@ -379,6 +379,27 @@ def test_the_figures_are_listed_in_the_adapt_manifest(adapted_run):
         assert entry["path"].with_suffix(".svg").is_file()
 
 
+def test_per_digit_entries_name_their_adapter_and_accuracies_carry_their_interval(adapted_run):
+    """Each per_digit entry of results.json says which adapter it is (method, rank, seed: the report
+    reads these fields, never the key), its numbers are those of that adapter's saved predictions, and
+    each summary row's accuracy_mean carries the Wilson interval of the n_test images (scipy)."""
+    from scipy.stats import binomtest
+
+    from digitlens.adapt import per_digit_group_metrics
+
+    run, results = adapted_run
+    saved = read_npz(run / "adapt" / "groups" / "predictions.npz")
+    entries = results["per_digit"]
+    assert sorted((e["method"], e["rank"], e["seed"]) for e in entries.values()) == [("lora", 2, 0), ("lora", 4, 0)]
+    for e in entries.values():
+        again = per_digit_group_metrics(saved["digits"], saved["y_true"], saved[f"lora_r{e['rank']}_s{e['seed']}"])
+        assert {k: v for k, v in e.items() if k not in ("method", "rank", "seed")} == again
+    for row in results["summary"]:
+        n = results["n_test"]
+        ci = binomtest(round(row["accuracy_mean"] * n), n).proportion_ci(confidence_level=0.95, method="wilson")
+        assert row["accuracy_mean_ci"] == pytest.approx([ci.low, ci.high])
+
+
 def test_convergence_counts_the_models_that_stopped_early(adapted_run):
     """results.json's convergence equals a count over the rows made here, and every row says why it stopped."""
     _, results = adapted_run

@@ -22,7 +22,9 @@ from digitlens.errors import DigitlensError
 from digitlens.calibration import fit_temperature
 from digitlens.evaluate import FIGURES, evaluate_model, evaluate_run
 from digitlens.inference import predict_proba
-from digitlens.metrics import NO_VAL_NOTE, calibration_bins, compute_metrics, expected_calibration_error
+from digitlens.groups import DIGIT_GROUPS
+from digitlens.metrics import (NO_VAL_NOTE, calibration_bins, compute_metrics, confidence_by_outcome,
+                               expected_calibration_error, group_metrics)
 
 LABELS = np.arange(10)
 
@@ -124,6 +126,69 @@ def test_ece_agrees_with_sklearn_calibration_curve():
     metrics = compute_metrics(y_true, proba.argmax(axis=1), proba)
     assert metrics["ece"] == pytest.approx(oracle)
     assert [c for c in metrics["calibration"]["count"] if c] == counts[counts > 0].tolist()
+
+
+def _random_predictions(seed=3, n=400):
+    rng = np.random.default_rng(seed)
+    y_true = rng.integers(0, 10, n)
+    logits = rng.normal(size=(n, 10))
+    logits[np.arange(n), y_true] += 2.0            # mostly right, some confident mistakes
+    proba = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    return y_true, proba
+
+
+def test_confidence_of_right_and_wrong_predictions_against_numpy_and_scipy():
+    from scipy.stats import ttest_1samp
+
+    y_true, proba = _random_predictions()
+    found = confidence_by_outcome(y_true, proba)
+    confidence, y_pred = proba.max(axis=1), proba.argmax(axis=1)
+    for name, mask in (("correct", y_pred == y_true), ("wrong", y_pred != y_true)):
+        assert found[name]["n"] == int(mask.sum()) > 1
+        assert found[name]["mean_confidence"] == pytest.approx(confidence[mask].mean())
+        ci = ttest_1samp(confidence[mask], 0.0).confidence_interval(0.95)  # Student-t interval of the mean
+        assert found[name]["mean_confidence_ci"] == pytest.approx([ci.low, ci.high])
+    assert found["interval"] == "student_t"
+    # the most confident mistake: a plain loop over the images, first of ties
+    best = None
+    for i in range(len(y_true)):
+        if y_pred[i] != y_true[i] and (best is None or confidence[i] > confidence[best]):
+            best = i
+    assert found["most_confident_mistake"] == {"index": best, "true": int(y_true[best]),
+                                               "predicted": int(y_pred[best]),
+                                               "confidence": pytest.approx(float(confidence[best]))}
+    metrics = compute_metrics(y_true, y_pred, proba)
+    assert metrics["confidence_by_outcome"] == found
+    # no mistakes: no mean confidence of mistakes and no most confident mistake, not a crash
+    right = confidence_by_outcome(y_pred, proba)
+    assert right["wrong"] == {"n": 0, "mean_confidence": None, "mean_confidence_ci": None}
+    assert right["most_confident_mistake"] is None and right["correct"]["n"] == len(y_pred)
+
+
+def test_group_precision_and_recall_are_those_of_the_binary_decision():
+    from scipy.stats import binomtest
+    from sklearn.metrics import f1_score, precision_score, recall_score
+
+    y_true, proba = _random_predictions(seed=5)
+    y_pred = proba.argmax(axis=1)
+    found = compute_metrics(y_true, y_pred)["groups"]
+    assert [g["digits"] for g in found] == [list(g) for g in DIGIT_GROUPS]
+    for group, row in zip(DIGIT_GROUPS, found):
+        truth = np.array([t in group for t in y_true])     # the binary relabelling, by hand
+        guess = np.array([p in group for p in y_pred])
+        assert row["precision"] == pytest.approx(precision_score(truth, guess))
+        assert row["recall"] == pytest.approx(recall_score(truth, guess))
+        assert row["f1"] == pytest.approx(f1_score(truth, guess))
+        tp = int(np.sum(truth & guess))
+        assert (row["support"], row["n_predicted"]) == (int(truth.sum()), int(guess.sum()))
+        for key, n in (("precision_ci", guess.sum()), ("recall_ci", truth.sum())):
+            ci = binomtest(tp, int(n)).proportion_ci(confidence_level=0.95, method="wilson")
+            assert row[key] == pytest.approx([ci.low, ci.high])
+    # not the mean of the per-digit values the report used to average: the groups differ in size
+    per_digit = precision_recall_fscore_support(y_true, y_pred, labels=LABELS, zero_division=0)[0]
+    assert found[0]["precision"] != pytest.approx(np.mean(per_digit[list(DIGIT_GROUPS[0])]))
+    assert group_metrics(y_true, y_pred) == found
+    assert "groups" not in compute_metrics([0, 1, 1], [0, 1, 0], n_classes=3)  # the groups need digits 0-9
 
 
 def test_bad_inputs_give_one_line_errors():
@@ -365,6 +430,26 @@ def test_metrics_json_carries_the_intervals(evaluated_run, tmp_path):
         assert metrics["ece_calibrated_ci"] == pytest.approx(again["ece_calibrated"].tolist())
     insights = runio.read_json(run_dir / "insights.json")
     assert insights["digits"]["hardest"][0]["f1_ci"] and insights["digits"]["hardest_within_noise"]
+    # the readings the report quotes, against numpy on predictions.npz
+    confidence = preds["proba"].max(axis=1)
+    wrong = np.flatnonzero(preds["y_pred"] != preds["y_true"])
+    found = metrics["confidence_by_outcome"]
+    assert found["wrong"]["n"] == len(wrong) > 0
+    assert found["wrong"]["mean_confidence"] == pytest.approx(confidence[wrong].mean(), rel=1e-6)
+    assert found["correct"]["mean_confidence"] == pytest.approx(np.delete(confidence, wrong).mean(), rel=1e-6)
+    worst = found["most_confident_mistake"]
+    assert confidence[worst["index"]] == pytest.approx(confidence[wrong].max())
+    assert (worst["true"], worst["predicted"]) == (preds["y_true"][worst["index"]], preds["y_pred"][worst["index"]])
+    assert [g["digits"] for g in metrics["groups"]] == [list(g) for g in DIGIT_GROUPS]
+    # the best validation accuracy: numpy over history.csv, Wilson interval of the run's n_val images
+    history = np.genfromtxt(run_dir / "history.csv", delimiter=",", names=True)
+    best = insights["best_validation"]
+    assert best["best_val_accuracy"] == pytest.approx(history["val_accuracy"].max())
+    assert best["best_val_accuracy_epoch"] == int(history["epoch"][np.argmax(history["val_accuracy"])])
+    n_val = runio.read_json(run_dir / "config.json")["n_val"]
+    ci = binomtest(round(best["best_val_accuracy"] * n_val), n_val).proportion_ci(confidence_level=0.95,
+                                                                                  method="wilson")
+    assert best["n_val"] == n_val and best["best_val_accuracy_ci"] == pytest.approx([ci.low, ci.high])
     # bootstrap=0 keeps only the (free) Wilson intervals
     plain = evaluate_model(models.load_model(run_dir), data.load_splits("digits").test, progress=False,
                            bootstrap=0)["metrics"]

@@ -241,3 +241,41 @@ def test_an_old_history_csv_without_train_eval_columns_still_reads(tmp_path):
     assert found["generalisation_gap"]["compared"] == "not comparable"
     assert found["generalisation_gap"]["loss_gap"] is None
     assert found["overfitting"]["available"] is True
+
+
+def test_best_validation_accuracy_is_the_highest_epoch_with_its_wilson_interval(tmp_path):
+    from scipy.stats import binomtest
+
+    val_accuracy = [0.70, 0.88, 0.91, 0.91, 0.86]      # a tie: the first of the two epochs is the best
+    history = _history([0.9, 0.5, 0.3, 0.2, 0.1], [0.6, 0.4, 0.3, 0.33, 0.36],
+                       accuracy=[0.7, 0.8, 0.9, 0.95, 0.99], val_accuracy=val_accuracy)
+    found = write_insights(tmp_path, _metrics_with_known_hard_digit(), history, n_val=200)["best_validation"]
+    best = int(np.argmax(val_accuracy))                  # numpy's argmax: first of ties
+    assert (found["best_val_accuracy"], found["best_val_accuracy_epoch"]) == (val_accuracy[best], best + 1) == (0.91, 3)
+    for key, value in (("best_val_accuracy_ci", val_accuracy[best]), ("final_val_accuracy_ci", val_accuracy[-1])):
+        ci = binomtest(round(value * 200), 200).proportion_ci(confidence_level=0.95, method="wilson")
+        assert found[key] == pytest.approx([ci.low, ci.high])
+    assert found["n_val"] == 200 and found["n_epochs"] == 5 and found["train_accuracy_at_best"] == 0.9
+    assert runio.read_json(tmp_path / "insights.json")["best_validation"] == found
+    # without the count of validation images: the value, no invented interval
+    assert derive_insights(_metrics_with_known_hard_digit(), history)["best_validation"]["best_val_accuracy_ci"] is None
+    # no validation split (NaN columns) or no history: not available, with the reason
+    nan = float("nan")
+    no_val = _history([0.9, 0.5], [nan, nan], accuracy=[0.7, 0.8], val_accuracy=[nan, nan])
+    assert derive_insights(_metrics_with_known_hard_digit(), no_val)["best_validation"] == {
+        "available": False, "reason": "the history has no validation accuracy"}
+    assert derive_insights(_metrics_with_known_hard_digit(), None)["best_validation"]["available"] is False
+
+
+def test_best_validation_quotes_the_training_images_measured_like_validation(tmp_path):
+    from scipy.stats import binomtest
+
+    from digitlens.history import best_validation
+
+    history = _history([0.9, 0.5, 0.3], [0.6, 0.4, 0.45], accuracy=[0.7, 0.8, 0.9], val_accuracy=[0.8, 0.9, 0.85])
+    history["train_eval_accuracy"] = np.array([0.75, 0.95, 0.97])
+    found = best_validation(history, n_val=100, n_train_eval=400)
+    ci = binomtest(380, 400).proportion_ci(confidence_level=0.95, method="wilson")
+    assert found["train_eval_accuracy_at_best"] == 0.95 and found["n_train_eval"] == 400
+    assert found["train_eval_accuracy_at_best_ci"] == pytest.approx([ci.low, ci.high])
+    assert "train_accuracy_at_best" not in found  # Keras' running mean only when nothing better was measured

@@ -109,24 +109,29 @@ def write_manifests(run: Path, figures: dict[str, dict]) -> None:
 
 
 def make_run(root: Path, name: str, *, val_accuracy, val_loss, y_true, y_pred, figures=None, extra=None,
-             overfitting=None) -> Path:
-    """A run folder with a history, predictions, ``metrics.json`` (the evaluate stage's maths on
+             overfitting=None, n_val=None) -> Path:
+    """A run folder with a history, predictions (the predicted digit's probability varies between
+    0.55 and 0.95 over the images), ``metrics.json`` (the evaluate stage's maths on
     ``y_true``/``y_pred``), ``insights.json`` with the ``overfitting`` dict given (default: none
-    found), and ``figures`` ({path without suffix: manifest entry}) drawn and listed in manifests."""
+    found) and the stage's ``best_validation`` of the history (``n_val`` validation images, also in
+    config.json), and ``figures`` ({path without suffix: manifest entry}) drawn and listed in manifests."""
     from digitlens.evaluate import add_bootstrap_intervals, compute_metrics
+    from digitlens.history import best_validation, load_history
 
     run = root / name
     run.mkdir(parents=True)
     write_json(run / "config.json", {"dataset": "digits", "model": name, "model_kwargs": {}, "n_classes": 10,
-                                     "seed": 0, "val_fraction": 0.1, "data_dir": None, "epochs": len(val_accuracy)})
+                                     "seed": 0, "val_fraction": 0.1, "data_dir": None, "epochs": len(val_accuracy),
+                                     **({"n_val": n_val} if n_val is not None else {})})
     with open(run / "history.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds"])
         for epoch, (acc, loss) in enumerate(zip(val_accuracy, val_loss), start=1):
             writer.writerow([epoch, loss * 0.9, min(acc + 0.01, 1.0), loss, acc, 0.01, 1.5])
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    proba = np.full((y_true.size, 10), 0.02, dtype=np.float32)
-    proba[np.arange(y_true.size), y_pred] = 0.82
+    top = np.random.default_rng(1).uniform(0.55, 0.95, y_true.size)
+    proba = np.repeat(((1 - top) / 9)[:, None], 10, axis=1).astype(np.float32)
+    proba[np.arange(y_true.size), y_pred] = top
     write_npz(run / "predictions.npz", y_true=y_true, y_pred=y_pred, proba=proba)
     metrics = add_bootstrap_intervals(compute_metrics(y_true, y_pred, proba), y_true, y_pred, proba, n_resamples=200)
     write_json(run / "metrics.json", metrics)
@@ -135,7 +140,8 @@ def make_run(root: Path, name: str, *, val_accuracy, val_loss, y_true, y_pred, f
         overfitting = {"available": True, "diverges": False, "from_epoch": None, "best_epoch": low + 1,
                        "min_val_loss": val_loss[low], "final_val_loss": val_loss[-1],
                        "final_rise_percent": (val_loss[-1] - val_loss[low]) / val_loss[low] * 100, "reasons": []}
-    write_json(run / "insights.json", {"overfitting": overfitting, "summary": []})
+    write_json(run / "insights.json", {"overfitting": overfitting, "summary": [],
+                                       "best_validation": best_validation(load_history(run / "history.csv"), n_val=n_val)})
     (run / "insights.md").write_text("# Insights\n\n- Hardest digit: **nine**.\n\n| a | b |\n|---|---|\n| 1 | 2 |\n")
     for i, rel in enumerate(figures or {}):
         _png(run / rel, i)
@@ -418,11 +424,87 @@ def test_shares_in_readings_carry_the_wilson_interval_of_their_images(tmp_path, 
     ci = binomtest(45, 60).proportion_ci(confidence_level=0.95, method="wilson")
     assert R.wilson_text(0.75, 60) == f"75.00% (95% interval {ci.low * 100:.2f}-{ci.high * 100:.2f}%)"
     assert R.wilson_text(0.75, None) == "75.00%"  # unknown n: no invented interval
-    run = make_run(tmp_path, "cnn", val_accuracy=[0.5, 0.75], val_loss=[1.0, 0.9], y_true=labels[0], y_pred=labels[1])
-    config = json.loads((run / "config.json").read_text())
-    (run / "config.json").write_text(json.dumps({**config, "n_val": 60}))
+    run = make_run(tmp_path, "cnn", val_accuracy=[0.5, 0.75], val_loss=[1.0, 0.9], y_true=labels[0], y_pred=labels[1],
+                   n_val=60)
     line = R.reading_training(collect_run(run))[0]
     assert f"peaked at 75.00% (95% interval {ci.low * 100:.2f}-{ci.high * 100:.2f}%)" in line
+
+
+def _ci_text(value, ci, digits=1):
+    return f"{value * 100:.{digits}f}% (95% interval {ci[0] * 100:.{digits}f}-{ci[1] * 100:.{digits}f}%)"
+
+
+def test_readings_quote_the_numbers_the_stages_wrote(tmp_path, labels):
+    """The gallery readings quote metrics.json's mean confidence of right and wrong predictions and its
+    most confident mistake (numpy's on predictions.npz), the group reading its per-group precision and
+    recall, the training reading insights.json's best validation accuracy (numpy's max over the history)."""
+    from digitlens.runio import read_npz
+
+    figures = {**FIGS, "figures/per_digit_metrics_groups": {"kind": "per_digit_groups", "section": "evaluation",
+                                                            "title": "Precision and recall by digit group"}}
+    val_acc = [0.80, 0.93, 0.951, 0.947]
+    run = make_run(tmp_path, "cnn", val_accuracy=val_acc, val_loss=[0.6, 0.3, 0.2, 0.25], y_true=labels[0],
+                   y_pred=labels[1], figures=figures, n_val=300)
+    text = parse(write_report(run)).text_all
+    metrics = json.loads((run / "metrics.json").read_text())
+    right, wrong = metrics["confidence_by_outcome"]["correct"], metrics["confidence_by_outcome"]["wrong"]
+    assert (f"Correct predictions carry a mean confidence of {_ci_text(right['mean_confidence'], right['mean_confidence_ci'])}"
+            f", mistakes {_ci_text(wrong['mean_confidence'], wrong['mean_confidence_ci'])}") in text
+    preds = read_npz(run / "predictions.npz")
+    confidence = preds["proba"].max(axis=1)
+    mistakes = np.flatnonzero(preds["y_pred"] != preds["y_true"])
+    worst = int(mistakes[np.argmax(confidence[mistakes])])
+    assert (f"The most confident mistake (test image {worst:,}) reads a {preds['y_true'][worst]} as "
+            f"{preds['y_pred'][worst]} with {confidence[worst] * 100:.1f}% confidence.") in text
+    for i, g in enumerate(metrics["groups"]):
+        assert (f"Group {i + 1}, digits {', '.join(map(str, g['digits']))}: precision {g['precision']:.3f} "
+                f"(95% interval {g['precision_ci'][0]:.3f}-{g['precision_ci'][1]:.3f}), recall {g['recall']:.3f}") in text
+    assert "mean precision" not in text                    # no average of per-digit rows
+    best = int(np.argmax(val_acc))
+    saved = json.loads((run / "insights.json").read_text())["best_validation"]
+    assert (f"Validation accuracy peaked at {_ci_text(val_acc[best], saved['best_val_accuracy_ci'], 2)} in epoch "
+            f"{best + 1}") in text
+    assert f"Best validation accuracy (95% Wilson interval) {val_acc[best] * 100:.2f}% (" in text
+
+
+def test_the_training_reading_reads_insights_json_not_the_history(tmp_path, labels):
+    """The best validation accuracy is insights.json's, whatever history.csv holds; an evaluation
+    written before insights.json had it gives no best-accuracy line (the report takes no max itself)."""
+    from digitlens.report import readings as R
+    from digitlens.report.collect import collect_run
+
+    run = make_run(tmp_path, "cnn", val_accuracy=[0.5, 0.75], val_loss=[1.0, 0.9], y_true=labels[0], y_pred=labels[1])
+    insights = json.loads((run / "insights.json").read_text())
+    written = {**insights["best_validation"], "best_val_accuracy": 0.625, "best_val_accuracy_epoch": 1,
+               "best_val_accuracy_ci": [0.5, 0.7]}
+    write_json(run / "insights.json", {**insights, "best_validation": written})
+    line = R.reading_training(collect_run(run))[0]
+    assert line.startswith("Validation accuracy peaked at 62.50% (95% interval 50.00-70.00%) in epoch 1")
+    write_json(run / "insights.json", {k: v for k, v in insights.items() if k != "best_validation"})
+    assert not any("peaked" in line for line in R.reading_training(collect_run(run)))
+
+
+def test_the_adapt_per_digit_reading_finds_its_adapter_by_rank_and_seed(tmp_path):
+    """results.json's per_digit entry is the one whose rank and seed fields are the figure's (not a key
+    built from them); an older entry without the fields gives no reading."""
+    from digitlens.report.collect import RunData
+    from digitlens.report.readings import reading
+
+    recall = [0.9, 0.8, 0.95, 0.7, 0.85, 0.99, 0.9, 0.9, 0.9, 0.9]
+    precision = [0.9, 0.9, 0.6, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9]
+    entry = {"digit": list(range(10)), "recall": recall, "precision": precision}
+    res = {"task": "groups", "seeds": [3, 7], "per_digit": {
+        "any name": {"method": "lora", "rank": 4, "seed": 7, **entry},
+        "other": {"method": "lora", "rank": 4, "seed": 3, **entry, "recall": [0.5] * 10}}}
+    run = RunData(run_dir=Path(tmp_path), name="vit", config={}, adapt_results={"groups": res})
+    lines = reading("adapt_per_digit", run, {"task": "groups", "rank": 4, "seed": 7})
+    assert lines[0].startswith(f"With r = 4, the digit put least often into its own group is {int(np.argmin(recall))} "
+                               f"(recall {min(recall):.3f}); the group that others leak into most is that of "
+                               f"{int(np.argmin(precision))}")
+    assert reading("adapt_per_digit", run, {"task": "groups", "rank": 4}) == []   # two seeds: which one?
+    old = {"task": "groups", "seeds": [0], "per_digit": {"lora_r4_s0": entry}}
+    assert reading("adapt_per_digit", RunData(run_dir=Path(tmp_path), name="vit", config={},
+                                              adapt_results={"groups": old}), {"task": "groups", "rank": 4}) == []
 
 
 @pytest.mark.slow
@@ -438,13 +520,11 @@ def test_no_bare_percentages_in_the_hand_built_reports(tmp_path, labels):
                             "<style>td { width: 100% }</style>") == []
     assert bare_percentages("with 97.3% confidence; (0.52% of the model)") == []
     y_true, y_pred = labels
+    # train writes n_val into config.json and evaluate the validation accuracy's interval into insights.json
     a = make_run(tmp_path, "cnn", val_accuracy=[0.9, 0.95], val_loss=[0.3, 0.2], y_true=y_true, y_pred=y_pred,
-                 figures=FIGS)
+                 figures=FIGS, n_val=60)
     b = make_run(tmp_path, "vit", val_accuracy=[0.8, 0.9], val_loss=[0.5, 0.4], y_true=y_true, y_pred=y_true,
-                 figures={"figures/training_curves": FIGS["figures/training_curves"]})
-    for run in (a, b):  # train writes n_val into config.json: the validation accuracy's interval needs it
-        config = json.loads((run / "config.json").read_text())
-        (run / "config.json").write_text(json.dumps({**config, "n_val": 60}))
+                 figures={"figures/training_curves": FIGS["figures/training_curves"]}, n_val=60)
     for out in (write_report(a), write_report(a, compare=b)):
         page = out.read_text()
         assert bare_percentages(page) == [], out

@@ -604,7 +604,7 @@ def _study_results(run_dir: Path, study: LoraStudyConfig, data: TaskData, rows: 
         "val_fraction": study.val_fraction, "n_test": int(len(data.test_y)), "total_params": int(total_params),
         "schedules": {method: {"name": "onecycle (cosine)", "epochs": study.epochs, **hyper}
                       for method, hyper in study.schedules.items()},
-        "config": study.to_json(), "rows": rows, "summary": _summarise(rows),
+        "config": study.to_json(), "rows": rows, "summary": _summarise(rows, int(len(data.test_y))),
         "verdict": lora_verdict(rows, study.task), "convergence": convergence(rows, study.epochs), "figures": [],
     }
     if len(study.ranks) > 1:  # a best rank only where the paired test supports it
@@ -613,9 +613,12 @@ def _study_results(run_dir: Path, study: LoraStudyConfig, data: TaskData, rows: 
         results["per_digit_definition"] = ("per digit d of group g, on the test images of d plus those of the other "
                                            "group: recall = share of d put into g; precision = share of d among the "
                                            "images predicted g")
-        results["per_digit"] = {key: per_digit_group_metrics(data.test_digits.numpy(), data.test_y.numpy(),
-                                                             predictions[key])
-                                for key in (_model_key("lora", rank, study.seeds[0]) for rank in study.ranks)}
+        seed = study.seeds[0]  # each entry names its adapter: the report reads rank and seed, not the key
+        results["per_digit"] = {_model_key("lora", rank, seed): {
+            "method": "lora", "rank": int(rank), "seed": int(seed),
+            **per_digit_group_metrics(data.test_digits.numpy(), data.test_y.numpy(),
+                                      predictions[_model_key("lora", rank, seed)])}
+            for rank in study.ranks}
     results["markdown"] = results_markdown(results) + convergence_markdown(results)
     return results
 
@@ -628,13 +631,13 @@ def _draw_figures(results: dict, out_dir: Path) -> list[str]:
     methods = list(dict.fromkeys(row["method"] for row in results["summary"]))
     plt = pyplot()
     with FigureWriter(out_dir, "adapt") as writer:
-        for key, metrics in results.get("per_digit", {}).items():
-            rank = int(key.split("_r")[1].split("_s")[0])
-            title = (f"Groups task, LoRA r={rank} (seed {seeds[0]}): per-digit precision and recall of "
+        for metrics in results.get("per_digit", {}).values():
+            rank = metrics["rank"]
+            title = (f"Groups task, LoRA r={rank} (seed {metrics['seed']}): per-digit precision and recall of "
                      f"'{GROUP_NAMES[0]}?'")
             fig = plot_per_digit_groups(metrics, title)
             writer.save(fig, f"figures/per_digit_groups_r{rank}", kind="adapt_per_digit", section="lora", title=title,
-                        task=task, method="lora", rank=rank, seed=seeds[0])
+                        task=task, method="lora", rank=rank, seed=metrics["seed"])
             plt.close(fig)
         fig = plot_accuracy_vs_params(results)
         writer.save(fig, "figures/accuracy_vs_params", kind="adapt_accuracy", section="lora",
@@ -686,8 +689,10 @@ def adapt_run(run_dir, config: LoraStudyConfig | None = None, *, data_dir=None, 
     return results
 
 
-def _summarise(rows: list[dict]) -> list[dict]:
-    """One row per (method, rank): mean and std of accuracy over seeds, trainable parameters, seconds."""
+def _summarise(rows: list[dict], n_test: int | None = None) -> list[dict]:
+    """One row per (method, rank): mean and std of accuracy over seeds, trainable parameters, seconds;
+    with ``n_test`` also ``accuracy_mean_ci``, the 95% Wilson interval of that accuracy on ``n_test``
+    test images (the test set's sampling noise, not the seeds' spread), as results.md and the report quote it."""
     keys = []
     for row in rows:
         if (row["method"], row["rank"]) not in keys:
@@ -701,6 +706,8 @@ def _summarise(rows: list[dict]) -> list[dict]:
                     "accuracy_std": float(acc.std()), "n_seeds": len(group),
                     "accuracy_min": float(acc.min()), "accuracy_max": float(acc.max()),
                     "train_seconds_mean": float(np.mean([r["train_seconds"] for r in group]))})
+        if n_test:
+            out[-1]["accuracy_mean_ci"] = wilson_interval(round(float(acc.mean()) * n_test), n_test).tolist()
         if all("epochs_run" in r for r in group):
             out[-1]["epochs_run_mean"] = float(np.mean([r["epochs_run"] for r in group]))
             out[-1]["best_val_accuracy_mean"] = float(np.mean([r["best_val_accuracy"] for r in group]))

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from digitlens.errors import DigitlensError
+from digitlens.intervals import wilson_interval
 from digitlens.runio import read_text
 
 CURVES = ("loss", "accuracy", "val_loss", "val_accuracy")
@@ -192,6 +193,50 @@ def best_epoch_index(history: dict[str, np.ndarray]) -> int | None:
         if values is not None and len(values) and not np.all(np.isnan(values)):
             return int(pick(values))
     return None
+
+
+def _wilson(share: float | None, n: int | None) -> list[float] | None:
+    """The 95% Wilson interval of ``share`` of ``n`` images; None when either is unknown."""
+    if share is None or not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n <= 0:
+        return None
+    return [float(v) for v in wilson_interval(round(float(share) * int(n)), int(n))]
+
+
+def best_validation(history: dict[str, np.ndarray] | None, *, n_val: int | None = None,
+                    n_train_eval: int | None = None) -> dict:
+    """The best validation accuracy of a normalised history, its epoch and its 95% Wilson interval.
+
+    Returns ``available`` (False without a finite ``val_accuracy``, with ``reason``) and, when
+    available: ``best_val_accuracy`` (the highest, first epoch of ties), ``best_val_accuracy_epoch``,
+    ``best_val_accuracy_ci`` (Wilson interval of ``n_val`` images; None without ``n_val``), ``n_val``,
+    ``final_val_accuracy`` and ``final_val_accuracy_ci`` (last epoch), ``n_epochs``, and at the best
+    epoch ``train_eval_accuracy_at_best`` with ``train_eval_accuracy_at_best_ci`` (``n_train_eval``
+    training images measured like validation) when recorded, else ``train_accuracy_at_best``
+    (Keras' in-epoch running mean: no interval) when recorded."""
+    if history is None or not has_values(history, "val_accuracy"):
+        reason = "no training history" if history is None else "the history has no validation accuracy"
+        return {"available": False, "reason": reason}
+    val = np.asarray(history["val_accuracy"], dtype=np.float64)
+    epoch = np.asarray(history["epoch"])
+    best = int(np.nanargmax(val))
+    out: dict[str, Any] = {
+        "available": True,
+        "best_val_accuracy": float(val[best]),
+        "best_val_accuracy_epoch": int(epoch[best]),
+        "best_val_accuracy_ci": _wilson(float(val[best]), n_val),
+        "n_val": int(n_val) if isinstance(n_val, (int, np.integer)) else None,
+        "final_val_accuracy": float(val[-1]) if np.isfinite(val[-1]) else None,
+        "n_epochs": int(len(epoch)),
+    }
+    out["final_val_accuracy_ci"] = _wilson(out["final_val_accuracy"], n_val)
+    if has_values(history, "train_eval_accuracy") and np.isfinite(history["train_eval_accuracy"][best]):
+        measured = float(history["train_eval_accuracy"][best])
+        out.update(train_eval_accuracy_at_best=measured,
+                   train_eval_accuracy_at_best_ci=_wilson(measured, n_train_eval),
+                   n_train_eval=int(n_train_eval) if isinstance(n_train_eval, (int, np.integer)) else None)
+    elif has_values(history, "accuracy") and np.isfinite(history["accuracy"][best]):
+        out["train_accuracy_at_best"] = float(history["accuracy"][best])
+    return out
 
 
 def detect_overfitting(history: dict[str, np.ndarray] | None, *, patience: int = DIVERGENCE_PATIENCE,

@@ -13,7 +13,8 @@ against the validation loss: a history without the ``train_eval_*`` columns gets
 
 ``insights.json`` holds ``accuracy``, ``accuracy_ci``, ``n_errors``, ``n_samples``, ``digits``,
 ``confused_pairs``, ``confused_pairs_within_noise``, ``generalisation_gap``, ``calibration``,
-``summary`` and ``overfitting``, the verdict of digitlens' one overfitting rule
+``summary``, ``best_validation`` (the best validation accuracy, its epoch and its Wilson interval of
+``n_val`` images: :func:`digitlens.history.best_validation`) and ``overfitting``, the verdict of digitlens' one overfitting rule
 (:func:`digitlens.history.detect_overfitting`; the report reads it from here, never recomputes it):
 
     available           bool: False without a history, without loss/val_loss, or without a finite
@@ -41,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from digitlens import runio
-from digitlens.history import detect_overfitting, normalise_history
+from digitlens.history import best_validation, detect_overfitting, normalise_history
 from digitlens.intervals import format_ci, overlapping, wilson_interval
 
 #: ``generalisation_gap()["compared"]``: whether train and validation were measured alike.
@@ -225,7 +226,8 @@ def derive_insights(metrics: dict, history: Any = None, *, k: int = 3, top_pairs
                     n_val: int | None = None, n_train_eval: int | None = None) -> dict:
     """All insights as a JSON-ready dict with keys ``accuracy``, ``accuracy_ci`` (None for metrics
     without it), ``n_errors``, ``n_samples``, ``digits`` (easiest/hardest, see :func:`rank_digits`),
-    ``confused_pairs``, ``confused_pairs_within_noise`` (see :func:`confused_pairs_within_noise`), ``overfitting``, ``generalisation_gap``,
+    ``confused_pairs``, ``confused_pairs_within_noise`` (see :func:`confused_pairs_within_noise`), ``overfitting``,
+    ``best_validation`` (see :func:`digitlens.history.best_validation`), ``generalisation_gap``,
     ``calibration`` and ``summary`` (a list of one-sentence findings with their numbers).
 
     ``n_val``, ``n_train_eval``: images behind ``val_accuracy`` and ``train_eval_accuracy`` in the
@@ -311,6 +313,7 @@ def derive_insights(metrics: dict, history: Any = None, *, k: int = 3, top_pairs
         "confused_pairs": pairs,
         "confused_pairs_within_noise": tied_pairs,
         "overfitting": overfitting,
+        "best_validation": best_validation(history, n_val=n_val, n_train_eval=n_train_eval),
         "generalisation_gap": gap,
         "calibration": calibration,
         "summary": summary,

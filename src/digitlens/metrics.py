@@ -14,6 +14,7 @@ import numpy as np
 
 from digitlens import calibration
 from digitlens.errors import DigitlensError
+from digitlens.groups import DIGIT_GROUPS
 from digitlens.intervals import DEFAULT_BOOTSTRAP, DEFAULT_SEED, bootstrap_metrics, mean_interval, wilson_interval
 
 #: Equal-width confidence bins of the reliability table and the ECE.
@@ -88,6 +89,60 @@ def expected_calibration_error(y_true: Any, proba: Any, n_bins: int = ECE_BINS) 
     return calibration_bins(y_true, proba, n_bins)["ece"]
 
 
+def confidence_by_outcome(y_true: Any, proba: Any) -> dict:
+    """The model's confidence (top probability) on its right and on its wrong predictions.
+
+    Returns ``correct`` and ``wrong``, each ``{"n", "mean_confidence", "mean_confidence_ci"}`` (the
+    95% Student-t interval of the mean over those images, :func:`digitlens.intervals.mean_interval`,
+    clipped to [0, 1]; mean and interval None when there are no such images), ``interval``
+    (``"student_t"``), and ``most_confident_mistake``: ``{"index", "true", "predicted",
+    "confidence"}`` of the wrong prediction with the highest confidence (ties: the first image, as
+    the misclassified gallery orders them), None without mistakes."""
+    y_true = as_labels(y_true, "y_true")
+    proba = check_proba(proba, len(y_true))
+    confidence = proba.max(axis=1)
+    y_pred = proba.argmax(axis=1)
+    right = y_pred == y_true
+    out: dict[str, Any] = {"interval": "student_t"}
+    for name, mask in (("correct", right), ("wrong", ~right)):
+        values = confidence[mask]
+        out[name] = {"n": int(mask.sum()),
+                     "mean_confidence": float(values.mean()) if values.size else None,
+                     "mean_confidence_ci": mean_interval(values, bounds=(0.0, 1.0)).tolist() if values.size else None}
+    wrong = np.flatnonzero(~right)
+    if wrong.size:
+        worst = int(wrong[np.argmax(confidence[wrong])])  # argmax: the first of tied images
+        out["most_confident_mistake"] = {"index": worst, "true": int(y_true[worst]), "predicted": int(y_pred[worst]),
+                                         "confidence": float(confidence[worst])}
+    else:
+        out["most_confident_mistake"] = None
+    return out
+
+
+def group_metrics(y_true: Any, y_pred: Any, groups: Any = DIGIT_GROUPS) -> list[dict]:
+    """Precision, recall and F1 of each digit group (default :data:`digitlens.groups.DIGIT_GROUPS`)
+    as a binary decision "is it in this group?" (scikit-learn on the relabelled predictions).
+
+    Returns one dict per group: ``digits`` (list), ``precision``, ``recall``, ``f1``, ``support``
+    (test images of the group), ``n_predicted`` (images predicted in it), ``precision_ci`` and
+    ``recall_ci`` (95% Wilson intervals of TP / n_predicted and TP / support)."""
+    from sklearn.metrics import precision_recall_fscore_support  # lazy: ~1 s to import, see compute_metrics
+
+    y_true = as_labels(y_true, "y_true")
+    y_pred = as_labels(y_pred, "y_pred")
+    out = []
+    for group in groups:
+        digits = [int(d) for d in group]
+        truth, guess = np.isin(y_true, digits), np.isin(y_pred, digits)
+        p, r, f, _ = precision_recall_fscore_support(truth, guess, average="binary", pos_label=True, zero_division=0)
+        tp, support, predicted = int(np.sum(truth & guess)), int(truth.sum()), int(guess.sum())
+        out.append({"digits": digits, "precision": float(p), "recall": float(r), "f1": float(f),
+                    "support": support, "n_predicted": predicted,
+                    "precision_ci": [float(v) for v in wilson_interval(tp, predicted)],
+                    "recall_ci": [float(v) for v in wilson_interval(tp, support)]})
+    return out
+
+
 def most_confused_pairs(confusion: Any, top: int = 10) -> list[dict]:
     """The off-diagonal cells of a confusion matrix, largest count first (ties: smaller true, then
     predicted digit), as dicts ``true``, ``predicted``, ``count``, ``count_ci`` (95% Wilson interval
@@ -121,7 +176,8 @@ def compute_metrics(y_true: Any, y_pred: Any, proba: Any = None, *, n_classes: i
     ``digit``, ``precision``, ``recall``, ``f1``, ``accuracy``, ``support``), ``confusion_matrix``
     (n_classes x n_classes list of lists, rows = true digit), ``most_confused`` (see
     :func:`most_confused_pairs`), and with ``proba``: ``ece`` and ``calibration`` (see
-    :func:`calibration_bins`).
+    :func:`calibration_bins`) and ``confidence_by_outcome`` (see :func:`confidence_by_outcome`); with
+    10 or more classes ``groups`` (see :func:`group_metrics`, the digit groups of :mod:`digitlens.groups`).
 
     Per-digit ``accuracy`` is the one-vs-rest accuracy (TP + TN) / N of "is it this digit?";
     per-digit recall is the share of that digit's images recognised. Classes are 0..n_classes-1
@@ -172,10 +228,13 @@ def compute_metrics(y_true: Any, y_pred: Any, proba: Any = None, *, n_classes: i
         "confusion_matrix": cm.astype(int).tolist(),
         "most_confused": most_confused_pairs(cm, top_pairs),
     }
+    if all(d < n_classes for group in DIGIT_GROUPS for d in group):
+        metrics["groups"] = group_metrics(y_true, y_pred)
     if proba is not None:
         calibration = calibration_bins(y_true, proba, n_bins)
         metrics["ece"] = calibration["ece"]
         metrics["calibration"] = calibration
+        metrics["confidence_by_outcome"] = confidence_by_outcome(y_true, proba)
     return metrics
 
 

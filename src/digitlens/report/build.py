@@ -25,7 +25,7 @@ from markdown_it.token import Token
 
 from digitlens.comparison import compare_predictions, format_p
 from digitlens.errors import DigitlensError
-from digitlens.intervals import DEFAULT_BOOTSTRAP, format_ci, wilson_interval
+from digitlens.intervals import DEFAULT_BOOTSTRAP, format_ci
 from digitlens.report import readings as R
 from digitlens.report.collect import FigureRef, RunData, collect_run
 from digitlens.runio import read_text, write_json, write_text
@@ -250,13 +250,6 @@ def _estimate(value: Any, ci: Any = None) -> Estimate | None:
     return Estimate(float(value), list(ci) if ok else None)
 
 
-def _wilson_estimate(share: Any, n: Any) -> Estimate | None:
-    """``share`` of ``n`` images with its Wilson interval (none when ``n`` is unknown)."""
-    if not isinstance(share, (int, float)) or not isinstance(n, int) or n <= 0:
-        return _estimate(share)
-    return _estimate(share, wilson_interval(round(float(share) * n), n).tolist())
-
-
 def overview_facts(run: RunData) -> dict[str, Any]:
     """Headline numbers of a run (used by the overview table and by the comparison), as the stages
     wrote them; numbers estimated from images are :class:`Estimate` with their 95% intervals."""
@@ -273,7 +266,7 @@ def overview_facts(run: RunData) -> dict[str, Any]:
         "Epochs": cfg.get("epochs", h.get("epochs")),
         "Seed": cfg.get("seed"),
         "Training time (s)": h.get("seconds"),
-        "Best validation accuracy (95% Wilson interval)": _wilson_estimate(h.get("best_val_accuracy"), cfg.get("n_val")),
+        "Best validation accuracy (95% Wilson interval)": _estimate(h.get("best_val_accuracy"), h.get("best_val_accuracy_ci")),
         "Overfits from epoch": (overfit.get("from_epoch") if overfit.get("diverges") else "no") if overfit.get("available") else None,
         "Test accuracy (95% Wilson interval)": _estimate(p.get("accuracy"), p.get("accuracy_ci")),
         "Macro F1 (95% bootstrap interval)": _estimate(p.get("macro_f1"), p.get("macro_f1_ci")),

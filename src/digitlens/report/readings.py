@@ -19,7 +19,6 @@ from typing import Any, Callable
 import numpy as np
 
 from digitlens.errors import DigitlensError
-from digitlens.groups import DIGIT_GROUPS
 from digitlens.intervals import overlapping, wilson_interval
 from digitlens.report.collect import FigureRef, RunData
 
@@ -200,23 +199,27 @@ def _amplification_lines(by_rank: list[dict]) -> list[str]:
 # --------------------------------------------------------------------------- training
 
 
+def best_validation_of(run: RunData) -> dict | None:
+    """``insights.json``'s ``best_validation`` dict (see :func:`digitlens.history.best_validation`:
+    ``best_val_accuracy``, ``best_val_accuracy_epoch``, ``best_val_accuracy_ci``,
+    ``final_val_accuracy``, ``final_val_accuracy_ci``, ``n_epochs``, ``train_eval_accuracy_at_best``
+    and its ``_ci`` or ``train_accuracy_at_best``) when it is available; None otherwise (not
+    evaluated, no validation split, or evaluated before the stage wrote it)."""
+    found = (run.insights or {}).get("best_validation") if isinstance(run.insights, dict) else None
+    return found if isinstance(found, dict) and found.get("available") else None
+
+
 def history_summary(run: RunData) -> dict | None:
-    """Epochs, the best validation accuracy (its epoch, the training accuracy then), the final
-    values and the training time, as the history holds them; ``None`` without history."""
+    """Epochs and the training time as the history holds them, the final loss and training
+    accuracy, and the best validation accuracy as the evaluate stage wrote it into ``insights.json``
+    (:func:`best_validation_of`, its keys merged in); ``None`` without history."""
     rows = run.history
     if not rows:
         return None
     epochs = [int(r.get("epoch", i + 1)) for i, r in enumerate(rows)]
     out: dict[str, Any] = {"epochs": len(rows), "last_epoch": epochs[-1]}
     out["seconds"] = sum(r.get("seconds", 0.0) for r in rows) if any("seconds" in r for r in rows) else None
-    val_acc = [r.get("val_accuracy") for r in rows]
-    if all(v is not None and not math.isnan(v) for v in val_acc):
-        best = int(np.argmax(val_acc))
-        out.update(best_val_accuracy=val_acc[best], best_val_accuracy_epoch=epochs[best],
-                   train_accuracy_at_best=rows[best].get("accuracy"), final_val_accuracy=val_acc[-1])
-        measured = rows[best].get("train_eval_accuracy")  # training images measured like validation
-        if measured is not None and not math.isnan(measured):
-            out["train_eval_accuracy_at_best"] = measured
+    out.update({k: v for k, v in (best_validation_of(run) or {}).items() if k != "available"})
     if rows[-1].get("loss") is not None:
         out["final_loss"] = rows[-1]["loss"]
     if rows[-1].get("accuracy") is not None:
@@ -244,22 +247,24 @@ def overfitting_sentence(o: dict) -> str:
 
 
 def reading_training(run: RunData, shows: dict | None = None) -> list[str]:
+    """The best validation accuracy with its epoch and Wilson interval (``insights.json``'s
+    ``best_validation``), the overfitting verdict and the training time."""
     h = history_summary(run) or {}
     lines = []
-    n_val = run.config.get("n_val")
     if "best_val_accuracy" in h:
-        line = (f"Validation accuracy peaked at {wilson_text(h['best_val_accuracy'], n_val)} in epoch "
+        line = (f"Validation accuracy peaked at {pct_ci(h['best_val_accuracy'], h.get('best_val_accuracy_ci'))} in epoch "
                 f"{h['best_val_accuracy_epoch']}")
-        n_train_eval = run.config.get("train_eval_size")
+        n_train_eval = h.get("n_train_eval")
         if h.get("train_eval_accuracy_at_best") is not None:
-            line += (f" (accuracy on {n_train_eval:,} training images measured the same way then "
-                     f"{wilson_text(h['train_eval_accuracy_at_best'], n_train_eval)})"
-                     if isinstance(n_train_eval, int) else
-                     f" (training images measured the same way then {pct(h['train_eval_accuracy_at_best'], 2)})")
+            measured = pct_ci(h["train_eval_accuracy_at_best"], h.get("train_eval_accuracy_at_best_ci"))
+            line += (f" (accuracy on {n_train_eval:,} training images measured the same way then {measured})"
+                     if isinstance(n_train_eval, int) else f" (training images measured the same way then {measured})")
         elif h.get("train_accuracy_at_best") is not None:  # older runs: only Keras' in-epoch running mean
             line += f" (training accuracy then {pct(h['train_accuracy_at_best'], 2)}, measured during the epoch)"
-        line += f" and ended at {wilson_text(h['final_val_accuracy'], n_val)} after {h['epochs']} epochs."
-        lines.append(line)
+        if h.get("final_val_accuracy") is not None:
+            line += (f" and ended at {pct_ci(h['final_val_accuracy'], h.get('final_val_accuracy_ci'))} after "
+                     f"{h.get('n_epochs', h['epochs'])} epochs")
+        lines.append(line + ".")
     o = overfitting_of(run)
     if o is not None:
         lines.append(overfitting_sentence(o))
@@ -383,18 +388,22 @@ def reading_per_digit(run: RunData, shows: dict | None = None) -> list[str]:
 
 
 def reading_groups(run: RunData, shows: dict | None = None) -> list[str]:
-    """Mean precision and recall of the digits of each group (:data:`digitlens.groups.DIGIT_GROUPS`),
-    averaged over ``metrics.json``'s per-digit values."""
+    """Precision and recall of each digit group as a binary decision, with their Wilson intervals
+    (``metrics.json``'s ``groups``, see :func:`digitlens.metrics.group_metrics`), and the digit of
+    the group with the lowest recall; nothing for a run evaluated before the stage wrote them."""
     p = evaluation_of(run)
-    if not p:
+    groups = (run.metrics or {}).get("groups")
+    if not p or not isinstance(groups, list):
         return []
-    parts = []
-    for group in DIGIT_GROUPS:
-        g = [d for d in group if d < len(p["labels"])]
-        worst = min(g, key=lambda d: p["recall"][d])
-        parts.append(f"digits {', '.join(map(str, g))}: mean precision {np.mean(p['precision'][g]):.3f}, "
-                     f"mean recall {np.mean(p['recall'][g]):.3f} (lowest recall {worst}: {p['recall'][worst]:.3f})")
-    return [f"Group {i + 1}, {part}." for i, part in enumerate(parts)]
+    lines = []
+    for i, g in enumerate(groups):
+        digits = [d for d in g["digits"] if d < len(p["labels"])]
+        worst = min(digits, key=lambda d: p["recall"][d])
+        lines.append(f"Group {i + 1}, digits {', '.join(map(str, g['digits']))}: precision "
+                     f"{g['precision']:.3f}{interval(g.get('precision_ci'), 3, False)}, recall "
+                     f"{g['recall']:.3f}{interval(g.get('recall_ci'), 3, False)} as the decision “in this group?”; "
+                     f"of its digits, {worst} has the lowest per-digit recall ({p['recall'][worst]:.3f}).")
+    return lines
 
 
 def reading_reliability(run: RunData, shows: dict | None = None) -> list[str]:
@@ -425,13 +434,41 @@ def reading_reliability(run: RunData, shows: dict | None = None) -> list[str]:
     return lines
 
 
+def confidence_sentence(run: RunData, digits: int = 1) -> str | None:
+    """The mean confidence of the right and of the wrong predictions with their Student-t intervals
+    (``metrics.json``'s ``confidence_by_outcome``); None for a run evaluated before it was written."""
+    found = (run.metrics or {}).get("confidence_by_outcome")
+    if not isinstance(found, dict) or not isinstance(found.get("correct"), dict):
+        return None
+    right, wrong = found["correct"], found.get("wrong") or {}
+    if right.get("mean_confidence") is None:
+        return "No prediction is right, so there is no mean confidence of right predictions."
+    line = (f"Correct predictions carry a mean confidence of "
+            f"{pct_ci(right['mean_confidence'], right.get('mean_confidence_ci'), digits)}")
+    if wrong.get("mean_confidence") is not None:
+        line += f", mistakes {pct_ci(wrong['mean_confidence'], wrong.get('mean_confidence_ci'), digits)}"
+    return line + " (Student-t intervals over the images)."
+
+
+def most_confident_mistake_sentence(run: RunData) -> str | None:
+    """The wrong prediction with the highest confidence (``metrics.json``'s
+    ``confidence_by_outcome.most_confident_mistake``); None without one."""
+    worst = dig(run.metrics or {}, "confidence_by_outcome.most_confident_mistake")
+    if not isinstance(worst, dict):
+        return None
+    return (f"The most confident mistake (test image {worst['index']:,}) reads a {worst['true']} as "
+            f"{worst['predicted']} with {pct(worst['confidence'], 1)} confidence.")
+
+
 def reading_predictions(run: RunData, shows: dict | None = None) -> list[str]:
+    """The mean confidence of right and wrong predictions (overall for older runs) and the accuracy."""
     p = evaluation_of(run)
     if not p:
         return []
     conf = dig(run.metrics or {}, "calibration.mean_confidence")
-    first = (f"Predictions carry a mean confidence of {pct_ci(conf, dig(run.metrics, 'calibration.mean_confidence_ci'), 1)}."
-             if isinstance(conf, (int, float)) else f"{p['errors']:,} of the {p['n']:,} test images are misclassified.")
+    first = confidence_sentence(run) or (
+        f"Predictions carry a mean confidence of {pct_ci(conf, dig(run.metrics, 'calibration.mean_confidence_ci'), 1)}."
+        if isinstance(conf, (int, float)) else f"{p['errors']:,} of the {p['n']:,} test images are misclassified.")
     return [first, f"Accuracy over the whole test split is {accuracy_text(p)} ({p['correct']:,} of {p['n']:,})."]
 
 
@@ -444,7 +481,7 @@ def reading_misclassified(run: RunData, shows: dict | None = None) -> list[str]:
     ci = p["accuracy_ci"]
     error_ci = [1.0 - ci[1], 1.0 - ci[0]] if isinstance(ci, (list, tuple)) and len(ci) == 2 else None
     return [f"{p['errors']:,} test images ({pct_ci(p['errors'] / p['n'], error_ci)}) are misclassified, "
-            "most confident first."]
+            "most confident first.", most_confident_mistake_sentence(run)]
 
 
 # --------------------------------------------------------------------------- explanations
@@ -564,6 +601,14 @@ def lora_summary(run: RunData, task: str | None = None) -> tuple[str, dict] | No
     return None
 
 
+def mean_accuracy_text(row: dict, n_test: Any) -> str:
+    """A ``summary`` row's ``accuracy_mean`` with results.json's ``accuracy_mean_ci``; for a
+    results.json written before the stage recorded it, the Wilson interval of ``n_test`` images."""
+    if row.get("accuracy_mean_ci") is not None:
+        return pct_ci(row["accuracy_mean"], row["accuracy_mean_ci"])
+    return wilson_text(row["accuracy_mean"], n_test)  # older results.json only
+
+
 def reading_adapt(run: RunData, shows: dict | None = None) -> list[str]:
     """The smallest rank's accuracy, the paired test of the ranks, the baselines and the verdict."""
     found = lora_summary(run, (shows or {}).get("task"))
@@ -575,13 +620,13 @@ def reading_adapt(run: RunData, shows: dict | None = None) -> list[str]:
     if not lora:
         return []
     small = min(lora, key=lambda r: r["rank"])
-    n_test = res.get("n_test")  # each accuracy (a mean over seeds) with the Wilson interval of that many images
-    line = (f"On task “{task}”, LoRA r = {small['rank']} reaches {wilson_text(small['accuracy_mean'], n_test)} with "
+    n_test = res.get("n_test")  # older results.json without accuracy_mean_ci: the Wilson interval of that many images
+    line = (f"On task “{task}”, LoRA r = {small['rank']} reaches {mean_accuracy_text(small, n_test)} with "
             f"{small['trainable_params']:,} trainable parameters ({small['trainable_fraction'] * 100:.2f}% of the model); "
             + rank_sentence(res, lora))
     others = {r["method"]: r for r in rows if r.get("method") in ("head_only", "full")}
     second = ", ".join(f"{'head only' if k == 'head_only' else 'full fine-tuning'} "
-                       f"{wilson_text(v['accuracy_mean'], n_test)} ({v['trainable_params']:,} parameters)"
+                       f"{mean_accuracy_text(v, n_test)} ({v['trainable_params']:,} parameters)"
                        for k, v in others.items())
     verdict = (res.get("verdict") or {}).get("sentence")
     return [line] + ([f"Baselines: {second}."] if second else []) + ([verdict] if verdict else [])
@@ -593,17 +638,19 @@ def reading_adapt_curves(run: RunData, shows: dict | None = None) -> list[str]:
 
 
 def reading_adapt_per_digit(run: RunData, shows: dict | None = None) -> list[str]:
-    """The per-digit group metrics of the figure's rank (and seed: the task's first when it names none)."""
+    """The per-digit group metrics of the figure's rank and seed: the ``per_digit`` entry of
+    ``results.json`` whose ``rank`` and ``seed`` fields are those of the figure (any seed when the
+    figure names none and one entry has that rank)."""
     shows = shows or {}
     found = lora_summary(run, shows.get("task"))
     rank = shows.get("rank")
     if not found or rank is None or not isinstance(found[1].get("per_digit"), dict):
         return []
-    res = found[1]
-    seed = shows.get("seed", (res.get("seeds") or [None])[0])
-    pd = res["per_digit"].get(f"lora_r{rank}_s{seed}")  # results.json's key of that adapter
-    if not isinstance(pd, dict):
+    entries = [e for e in found[1]["per_digit"].values()
+               if isinstance(e, dict) and e.get("rank") == rank and shows.get("seed", e.get("seed")) == e.get("seed")]
+    if len(entries) != 1:  # none (an older results.json without the fields) or not one adapter
         return []
+    pd = entries[0]
     rec, prec = np.asarray(pd["recall"]), np.asarray(pd["precision"])
     lo, plo = int(np.argmin(rec)), int(np.argmin(prec))
     return [f"With r = {rank}, the digit put least often into its own group is {pd['digit'][lo]} "
@@ -621,7 +668,7 @@ def rank_sentence(res: dict, lora: list[dict]) -> str:
     if len(lora) < 2:
         return "only one rank was trained."
     top = max(lora, key=lambda r: r["accuracy_mean"])
-    return (f"r = {top['rank']} has the highest mean accuracy ({wilson_text(top['accuracy_mean'], res.get('n_test'))}), "
+    return (f"r = {top['rank']} has the highest mean accuracy ({mean_accuracy_text(top, res.get('n_test'))}), "
             "untested: results.json holds no paired test of the ranks, so no rank is called best.")
 
 

@@ -65,7 +65,7 @@ def main(argv=None):
     import torch
 
     from digitlens import models
-    from digitlens.evaluate import predict_proba
+    from digitlens.inference import predict_proba
     from digitlens.preprocess import naive_resize, to_mnist
 
     run = args.run

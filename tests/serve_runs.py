@@ -11,7 +11,8 @@ from training import train_briefly
 def small_runs(tmp_path_factory) -> tuple:
     """``(cnn_run_dir, vit_run_dir)`` under the session's temporary folder; reused when present."""
     from digitlens import data, models, runio
-    from digitlens.evaluate import compute_metrics, predict_proba
+    from digitlens.inference import predict_proba
+    from digitlens.metrics import compute_metrics
     from digitlens.train import full_model_kwargs
 
     root = tmp_path_factory.getbasetemp() / "serve-runs"

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from digitlens import data, preprocess
 from digitlens.cli import app
 from digitlens.errors import DigitlensError
-from digitlens.evaluate import predict_proba
+from digitlens.inference import predict_proba
 from digitlens.predict import predict_images
 
 from training import ExpectsMnistNormalised, brief_mnist_run

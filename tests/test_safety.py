@@ -284,7 +284,6 @@ def _hold_lock_in_subprocess(folder: Path, stage: str = "train"):
     """A Python process holding run_lock(folder) until killed; returns it once the lock is held."""
     import subprocess
     import sys
-    import time
 
     code = ("import sys, time; from digitlens.runio import run_lock\n"
             f"with run_lock({str(folder)!r}, {stage!r}):\n    print('held', flush=True); time.sleep(600)")

@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 from digitlens import data, runio, userdata
 from digitlens.cli import app
 from digitlens.errors import DigitlensError
-from digitlens.evaluate import evaluate_model, predict_proba
+from digitlens.evaluate import evaluate_model
+from digitlens.inference import predict_proba
 
 from training import brief_mnist_run
 

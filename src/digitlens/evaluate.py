@@ -37,12 +37,11 @@ import torch
 from digitlens import data, insights, models, plots, runio
 from digitlens.device import resolve_device
 from digitlens.errors import DigitlensError
-from digitlens.external import (Preprocessing, UserModel, file_sha256, load_torchscript,  # noqa: F401 (re-exported)
-                                load_user_model, trusted_by_record)
+from digitlens.external import Preprocessing, UserModel, file_sha256, load_user_model, trusted_by_record
 from digitlens.figure_writer import FigureWriter
 from digitlens.groups import DIGIT_GROUPS
 from digitlens.history import load_history, normalise_history
-from digitlens.inference import as_model, on_device, predict_logits, predict_proba, softmax  # noqa: F401 (re-exported)
+from digitlens.inference import as_model, on_device, predict_logits, softmax
 from digitlens.intervals import DEFAULT_BOOTSTRAP, DEFAULT_SEED, check_bootstrap
 from digitlens.metrics import add_bootstrap_intervals, compute_metrics, temperature_metrics
 from digitlens.pyplot import pyplot

@@ -1,6 +1,6 @@
-"""digitlens.history: the one parser of training histories. Its row reader must behave as the
-report's reader did (the oracle: report.collect.read_history, a csv.DictReader loop), and the
-array reader must give the same numbers as the rows."""
+"""digitlens.history: the one parser of training histories (the report reads history.csv through
+it too). Its row reader is checked against a plain csv.DictReader loop, and the array reader must
+give the same numbers as the rows."""
 
 from __future__ import annotations
 
@@ -11,10 +11,32 @@ import pytest
 
 from digitlens.errors import DigitlensError
 from digitlens.history import detect_overfitting, load_history, read_history
-from digitlens.report.collect import read_history as report_read_history
 
 HEADER = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "train_eval_loss", "train_eval_accuracy", "lr",
           "seconds"]
+
+
+def report_read_history(path):
+    """The oracle: the report's reader before it used digitlens.history, a plain csv.DictReader
+    loop (rows of floats, empty cells left out, None when the file is absent or has no rows)."""
+    if not path.is_file():
+        return None
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DigitlensError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    rows = []
+    for line_no, row in enumerate(csv.DictReader(text.splitlines()), start=2):
+        parsed = {}
+        for key, value in row.items():
+            if key is None or value in (None, ""):
+                continue
+            try:
+                parsed[key.strip()] = float(value)
+            except ValueError:
+                raise DigitlensError(f"{path}: line {line_no}: column {key!r} is not a number ({value!r})") from None
+        rows.append(parsed)
+    return rows or None
 
 
 def _write(path, rows, header=HEADER):

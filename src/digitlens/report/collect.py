@@ -12,14 +12,11 @@ A figure that no manifest lists is not shown. Every reader returns ``None`` (or 
 dict) for a stage that was not run, so the report leaves that section out instead of breaking;
 a file that is there but broken is a one-line DigitlensError naming it.
 
-History: :func:`read_history` is the one history parser the report uses (``digitlens.history``
-replaces it once merged).
+History: ``history.csv`` is read by :func:`digitlens.history.read_history`, the one history parser.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from digitlens.errors import DigitlensError
+from digitlens.history import read_history
 from digitlens.figure_writer import ENTRY_KEYS, MANIFEST_NAME, read_figure_manifest
 from digitlens.runio import read_json, read_npz, read_text, require_run_dir
 
@@ -63,31 +61,6 @@ class RunData:
     subspace: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> {file name: subspace/<task>/*.json}
     figures: list[FigureRef] = field(default_factory=list)
     unlisted_figures: list[str] = field(default_factory=list)  # stage folders with figures, no figures.json
-
-
-def read_history(path: Path) -> list[dict[str, float]] | None:
-    """Rows of ``history.csv`` as dicts of floats (empty cells skipped); ``None`` when absent."""
-    if not path.is_file():
-        return None
-    rows = []
-    text = read_text(path)
-    try:
-        for line_no, row in enumerate(csv.DictReader(io.StringIO(text, newline="")), start=2):
-            parsed = {}
-            for key, value in row.items():
-                if key is None or value in (None, ""):
-                    continue
-                if isinstance(value, list):  # more cells than the header has columns
-                    raise DigitlensError(f"{path}: line {line_no}: {len(row) - 1 + len(value)} cells for "
-                                         f"{len(row) - 1} columns")
-                try:
-                    parsed[key.strip()] = float(value)
-                except ValueError:
-                    raise DigitlensError(f"{path}: line {line_no}: column {key!r} is not a number ({value!r})") from None
-            rows.append(parsed)
-    except csv.Error as exc:
-        raise DigitlensError(f"{path}: not a readable CSV file ({exc})") from None
-    return rows or None
 
 
 def check_predictions(path: Path, arrays: dict) -> dict:

@@ -2,7 +2,7 @@
 
 One source for every number: the readings only read what the stages wrote (``metrics.json``,
 ``insights.json``, ``explain/explain_metrics.json``, ``adapt/<TASK>/results.json``,
-``subspace/<TASK>/*.json``, and the training history through :func:`collect.read_history`); they
+``subspace/<TASK>/*.json``, and the training history through :func:`digitlens.history.read_history`); they
 recompute nothing those files hold. A reading returns an empty list when the numbers it needs are
 not there (a stage not run, an older run), and a file that is there but of the wrong shape is a
 one-line DigitlensError naming it (:func:`reading`), never a silently missing line.

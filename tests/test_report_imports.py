@@ -18,8 +18,8 @@ FLOOR = {"digitlens", "digitlens.errors", "digitlens.runio", "digitlens.figure_w
 KNOWN_EXCEPTIONS = {
     "digitlens.comparison": "compare_predictions (McNemar, paired bootstrap) for --compare: pure computation, a floor "
                             "module in all but name",
-    "digitlens.seeds": "is_group / summarise_group: a seed group's folder and its summary (a stage module; the group "
-                       "report evaluates seed runs that have no metrics.json yet)",
+    "digitlens.seeds": "is_group / summarise_group(evaluate=False): a seed group's folder and the summary of its "
+                       "seed runs' metrics.json files (a stage module; the report evaluates nothing)",
 }
 
 

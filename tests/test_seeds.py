@@ -56,6 +56,7 @@ def test_summary_mean_and_spread_equal_numpy(group):
 
 @pytest.mark.slow
 def test_report_of_the_group_holds_the_table(group):
+    summarise_group(group)  # the seed runs are evaluated (the report itself evaluates nothing)
     result = CliRunner().invoke(app, ["report", str(group)])
     assert result.exit_code == 0, result.output
     page = (group / "report.html").read_text()
@@ -104,3 +105,17 @@ def test_evaluate_on_a_group_evaluates_every_seed_and_prints_the_spread(group):
     summary = read_json(group / "group_summary.json")
     assert result.output.startswith(summary["sentence"])
     assert all((group / f"seed_{s}" / "metrics.json").is_file() for s in (0, 1))
+
+
+@pytest.mark.slow
+def test_the_report_of_a_group_evaluates_nothing(group, tmp_path):
+    import shutil
+
+    summarise_group(group)
+    copy = tmp_path / "group"
+    shutil.copytree(group, copy)
+    (copy / "seed_1" / "metrics.json").unlink()
+    result = CliRunner().invoke(app, ["report", str(copy)])
+    assert result.exit_code == 2
+    assert result.output.strip() == f"error: {copy / 'seed_1'}: not evaluated (run `digitlens evaluate {copy / 'seed_1'}` first)"
+    assert not (copy / "seed_1" / "metrics.json").exists()

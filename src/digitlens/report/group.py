@@ -51,12 +51,13 @@ def seeds_section(summary: dict) -> Section:
 def write_group_report(group_dir: str | Path, *, out: str | Path | None = None, compare=None,
                        bootstrap: int = DEFAULT_BOOTSTRAP) -> Path:
     """Write ``group_dir/report.html``: the "Across seeds" section, then the first seed's report.
-    Seed runs without ``metrics.json`` are evaluated first (``bootstrap`` resamples);
-    ``group_summary.json`` is (re)written."""
+    The report evaluates nothing: every seed run needs its ``metrics.json`` (``digitlens evaluate
+    GROUP`` writes them), else a one-line error; ``group_summary.json`` is (re)written from them.
+    ``bootstrap`` is checked for the command line's sake only."""
     group_dir = Path(group_dir)
     if compare is not None:
         raise DigitlensError(f"--compare: not available for the seed group {group_dir}; compare two seed runs instead")
-    summary = summarise_group(group_dir, bootstrap=bootstrap)
+    summary = summarise_group(group_dir, evaluate=False, bootstrap=bootstrap)
     first = collect_run(group_dir / summary["runs"][0]["run"])
     first.name = f"{group_dir.name}/{first.name}"
     sections = [seeds_section(summary)] + build_sections([first])

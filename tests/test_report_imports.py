@@ -7,13 +7,12 @@ import ast
 from pathlib import Path
 
 import digitlens
+from test_layers import LAYERS
 
 REPORT = Path(digitlens.__file__).parent / "report"
 
-#: Floor modules the report may import (issue #12's layer 0), and its own modules.
-FLOOR = {"digitlens", "digitlens.errors", "digitlens.runio", "digitlens.figure_writer", "digitlens.device",
-         "digitlens.progress", "digitlens.groups", "digitlens.metrics", "digitlens.history",
-         "digitlens.intervals", "digitlens.calibration", "digitlens.explain.maps", "digitlens.subspace.measures"}
+#: Floor modules the report may import: layer 0 of the package docstring's table (and the package itself).
+FLOOR = {"digitlens"} | {f"digitlens.{name}" for name, layer in LAYERS.items() if layer == 0 and name}
 #: Imports from above the floor that stay until their code moves down, each with the reason.
 KNOWN_EXCEPTIONS = {
     "digitlens.comparison": "compare_predictions (McNemar, paired bootstrap) for --compare: pure computation, a floor "

@@ -65,7 +65,7 @@ from digitlens.groups import DIGIT_GROUPS, GROUP_NAMES, GROUP_POSITIVE
 from digitlens.inference import predict_logits
 from digitlens.intervals import format_ci, wilson_interval
 from digitlens.models import load_model, save_model
-from digitlens.plots._common import pyplot
+from digitlens.pyplot import pyplot
 from digitlens.plots.per_digit_metrics import PerDigitMetricsDisplay
 from digitlens.runio import (finish_files, read_json, require_run_dir, staged_dir, write_json, write_npz, write_text,
                              writes_folders)

@@ -254,12 +254,6 @@ def has_content(folder: str | os.PathLike) -> bool:
     return folder.is_dir() and any(p.name != LOCK_NAME for p in folder.iterdir())
 
 
-def holds_lock(folder: str | os.PathLike) -> bool:
-    """True when this process holds :func:`run_lock` of ``folder`` or of a folder around it."""
-    path = Path(folder).resolve()
-    return any(str(p) in _HELD_LOCKS for p in (path, *path.parents))
-
-
 def clean_orphans(folder: str | os.PathLike) -> list[Path]:
     """Remove what killed writers left in ``folder`` (recursively): temporary files and folders
     named ``.NAME.*.tmp`` (from :func:`atomic_path`, :func:`staged_dir` and :func:`staged_files`); a

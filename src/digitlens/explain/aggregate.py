@@ -13,10 +13,10 @@ from torch import nn
 from digitlens.device import model_device
 from digitlens.distributed import all_reduce_sum
 from digitlens.errors import DigitlensError
-from digitlens.explain.maps import GROUP_BY, GroupedMaps, group_names, has_mass, image_groups, normalise_maps, pool_to_grid
+from digitlens.explain.maps import GroupedMaps, group_names, image_groups
 from digitlens.explain.methods import IGInfo, attribute, parse_methods
 
-__all__ = ["GROUP_BY", "PerDigitMaps", "group_names", "has_mass", "normalise_maps", "pool_to_grid"]
+__all__ = ["PerDigitMaps"]
 
 
 class PerDigitMaps(GroupedMaps):

@@ -14,7 +14,7 @@ from torch import nn
 
 from digitlens.explain.methods import abs_attribution_maps, prepare_model
 from digitlens.figure_writer import FigureWriter
-from digitlens.plots._common import pyplot
+from digitlens.pyplot import pyplot
 from digitlens.plots.faithfulness import FaithfulnessDisplay
 from digitlens.plots.filters import FeatureMapsDisplay, FiltersDisplay
 from digitlens.plots.heatmaps import PerDigitMapsComparisonDisplay, PerDigitMapsDisplay

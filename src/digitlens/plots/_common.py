@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from digitlens.errors import DigitlensError
-from digitlens.pyplot import pyplot  # noqa: F401 (the Display classes' import of it)
+from digitlens.pyplot import pyplot
 
 #: One colour per metric, the same in every figure.
 METRIC_COLOURS = {

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from digitlens.errors import DigitlensError
-from digitlens.plots._common import pyplot
+from digitlens.pyplot import pyplot
 from digitlens.runio import read_json
 
 

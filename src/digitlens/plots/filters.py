@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from digitlens.errors import DigitlensError
-from digitlens.plots._common import pyplot
+from digitlens.pyplot import pyplot
 
 
 class FiltersDisplay:

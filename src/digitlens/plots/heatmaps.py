@@ -15,7 +15,7 @@ import numpy as np
 
 from digitlens.errors import DigitlensError
 from digitlens.explain.maps import GroupedMaps, load_maps
-from digitlens.plots._common import pyplot
+from digitlens.pyplot import pyplot
 
 SEQUENTIAL_CMAP = "hot"  # black -> red -> yellow -> white
 DIVERGING_CMAP = "RdBu_r"

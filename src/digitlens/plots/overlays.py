@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 from digitlens.errors import DigitlensError
-from digitlens.plots._common import CORRECT_COLOUR, WRONG_COLOUR, as_image_stack, pyplot
+from digitlens.plots._common import CORRECT_COLOUR, WRONG_COLOUR, as_image_stack
+from digitlens.pyplot import pyplot
 
 
 def _unit(heatmaps: np.ndarray) -> np.ndarray:

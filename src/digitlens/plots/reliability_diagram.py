@@ -9,7 +9,8 @@ import numpy as np
 from digitlens.errors import DigitlensError
 from digitlens.intervals import wilson_interval
 from digitlens.metrics import calibration_bins
-from digitlens.plots._common import axes_grid, pyplot
+from digitlens.plots._common import axes_grid
+from digitlens.pyplot import pyplot
 
 RAW_COLOUR = "#1f77b4"
 CALIBRATED_COLOUR = "#ff7f0e"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from digitlens.plots._common import pyplot
+from digitlens.pyplot import pyplot
 from digitlens.subspace.measures import chance_corrected
 
 SPECTRA_TITLE = "Singular-value spectrum of the LoRA update dW = (alpha / r) B A"

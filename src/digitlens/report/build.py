@@ -301,13 +301,6 @@ def _user_model_text(cfg: dict) -> str | None:
 
 
 PERCENT_FACTS = {"Best validation accuracy (95% Wilson interval)", "Test accuracy (95% Wilson interval)"}
-
-
-def _interval_text(ci: Any, percent: bool = False) -> str | None:
-    """``"99.19-99.51%"`` (or ``"0.9915-0.9950"``) for a [low, high] pair from ``metrics.json``; None without one."""
-    if not (isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(v, (int, float)) for v in ci)):
-        return None
-    return f"{ci[0] * 100:.2f}-{ci[1] * 100:.2f}%" if percent else f"{ci[0]:.4f}-{ci[1]:.4f}"
 NO_DIFF_FACTS = {"Seed", "Overfits from epoch"}
 TEST_ACCURACY = "Test accuracy (95% Wilson interval)"
 

@@ -169,6 +169,5 @@ def collect_run(run_dir: str | Path) -> RunData:
             data.adapt_results[task] = read_json(folder / "results.json")
         if stage == "subspace":
             data.subspace[task] = _subspace_files(folder)
-    for stage, folder, task in stage_folders(run_dir):
         data.figures += stage_figures(data, stage, folder, task)
     return data

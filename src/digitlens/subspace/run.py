@@ -27,7 +27,7 @@ import numpy as np
 from digitlens.errors import DigitlensError
 from digitlens.figure_writer import FigureWriter
 from digitlens.plots import subspace as subspace_plots  # the module, not its names: see the note in __init__
-from digitlens.plots._common import pyplot
+from digitlens.pyplot import pyplot
 from digitlens.runio import has_content, read_json, require_run_dir, staged_dir, write_json, write_text, writes_folders
 from digitlens.subspace.adapters import LoraAdapter, LoraModule, load_base_weights, match_base_weight, read_lora_adapter
 from digitlens.subspace.measures import (ALPHA, NULL_DRAWS, PAPER_TABLE7_WQ, PROJECTION_DRAWS, amplification,
